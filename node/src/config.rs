@@ -1,0 +1,340 @@
+//! `meridian node` settings: etcd's flags, a TOML file, and `MERIDIAN_*`
+//! environment variables. Precedence: flags over environment over file over
+//! defaults. Defaults are etcd 3.4's, except that with no flags at all the
+//! member listens on 127.0.0.1 and keeps data in `./default.meridian`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use sha1::{Digest, Sha1};
+
+use crate::error::{Error, Result};
+
+/// Command-line flags, named as etcd's. Every field is optional so that an
+/// absent flag does not hide the file or the environment.
+#[derive(clap::Args, Debug, Default, Clone)]
+pub struct NodeFlags {
+    /// Human-readable name for this member.
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Path to the data directory (default: <name>.meridian).
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// URLs to listen on for client traffic (gRPC and HTTP), comma-separated.
+    #[arg(long)]
+    pub listen_client_urls: Option<String>,
+    /// Client URLs advertised to the rest of the cluster.
+    #[arg(long)]
+    pub advertise_client_urls: Option<String>,
+    /// URLs to listen on for peer (raft) traffic.
+    #[arg(long)]
+    pub listen_peer_urls: Option<String>,
+    /// Peer URLs advertised to the rest of the cluster.
+    #[arg(long)]
+    pub initial_advertise_peer_urls: Option<String>,
+    /// Initial cluster configuration: name=peerURL,... (default: this member alone).
+    #[arg(long)]
+    pub initial_cluster: Option<String>,
+    /// 'new' or 'existing'.
+    #[arg(long)]
+    pub initial_cluster_state: Option<String>,
+    /// Token that makes member and cluster ids unique to one bootstrap.
+    #[arg(long)]
+    pub initial_cluster_token: Option<String>,
+    /// Time (ms) of a heartbeat interval.
+    #[arg(long)]
+    pub heartbeat_interval: Option<u64>,
+    /// Time (ms) for an election to time out.
+    #[arg(long)]
+    pub election_timeout: Option<u64>,
+    /// Applied entries between raft log compactions.
+    #[arg(long)]
+    pub snapshot_count: Option<u64>,
+    /// Largest request a client may send, in bytes.
+    #[arg(long)]
+    pub max_request_bytes: Option<usize>,
+    /// Most operations in one txn.
+    #[arg(long)]
+    pub max_txn_ops: Option<usize>,
+    /// Extra URLs serving /metrics and /health over plain HTTP.
+    #[arg(long)]
+    pub listen_metrics_urls: Option<String>,
+    /// Space quota in bytes; 0 means the default of 2 GiB.
+    #[arg(long, allow_hyphen_values = true)]
+    pub quota_backend_bytes: Option<i64>,
+    /// Log level: error, warn, info, debug.
+    #[arg(long)]
+    pub log_level: Option<String>,
+    /// TOML file with any of the settings above (snake_case keys).
+    #[arg(long)]
+    pub config_file: Option<PathBuf>,
+}
+
+/// The resolved settings of one member.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct NodeConfig {
+    pub name: String,
+    pub data_dir: Option<PathBuf>,
+    pub listen_client_urls: String,
+    pub advertise_client_urls: String,
+    pub listen_peer_urls: String,
+    pub initial_advertise_peer_urls: String,
+    pub initial_cluster: Option<String>,
+    pub initial_cluster_state: String,
+    pub initial_cluster_token: String,
+    pub heartbeat_interval: u64,
+    pub election_timeout: u64,
+    pub snapshot_count: u64,
+    pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
+    pub listen_metrics_urls: String,
+    pub quota_backend_bytes: i64,
+    pub log_level: String,
+}
+
+/// etcd's default space quota.
+pub const DEFAULT_QUOTA_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            name: "default".into(),
+            data_dir: None,
+            listen_client_urls: "http://127.0.0.1:2379".into(),
+            advertise_client_urls: "http://127.0.0.1:2379".into(),
+            listen_peer_urls: "http://127.0.0.1:2380".into(),
+            initial_advertise_peer_urls: "http://127.0.0.1:2380".into(),
+            initial_cluster: None,
+            initial_cluster_state: "new".into(),
+            initial_cluster_token: "etcd-cluster".into(),
+            heartbeat_interval: 100,
+            election_timeout: 1000,
+            snapshot_count: 100_000,
+            max_request_bytes: 1536 * 1024,
+            max_txn_ops: 128,
+            listen_metrics_urls: String::new(),
+            quota_backend_bytes: 0,
+            log_level: "info".into(),
+        }
+    }
+}
+
+macro_rules! overlay {
+    ($cfg:ident, $flags:ident, $($field:ident),*) => {
+        $( if let Some(v) = &$flags.$field { $cfg.$field = v.clone().into(); } )*
+    };
+}
+
+/// Rewrites Go-style single-dash long flags (`-name x`) to `--name x`, so a
+/// unit file written for etcd works unchanged.
+pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
+    args.into_iter()
+        .map(|a| {
+            let b = a.as_bytes();
+            if b.len() > 2 && b[0] == b'-' && b[1] != b'-' && b[1].is_ascii_alphabetic() {
+                format!("-{a}")
+            } else {
+                a
+            }
+        })
+        .collect()
+}
+
+impl NodeConfig {
+    /// Resolves the settings from `flags`, the config file it names, and the
+    /// environment.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for an unreadable file or an invalid setting.
+    pub fn load(flags: &NodeFlags) -> Result<Self> {
+        let mut builder = config::Config::builder();
+        if let Some(file) = &flags.config_file {
+            builder = builder.add_source(config::File::from(file.as_path()).format(config::FileFormat::Toml));
+        }
+        builder = builder.add_source(config::Environment::with_prefix("MERIDIAN").try_parsing(true));
+        let mut cfg: NodeConfig = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| Error::Config(e.to_string()))?;
+        overlay!(
+            cfg, flags, name, listen_client_urls, advertise_client_urls, listen_peer_urls,
+            initial_advertise_peer_urls, initial_cluster_state, initial_cluster_token, heartbeat_interval,
+            election_timeout, snapshot_count, max_request_bytes, max_txn_ops, listen_metrics_urls,
+            quota_backend_bytes, log_level
+        );
+        if let Some(d) = &flags.data_dir {
+            cfg.data_dir = Some(d.clone());
+        }
+        if let Some(c) = &flags.initial_cluster {
+            cfg.initial_cluster = Some(c.clone());
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.heartbeat_interval == 0 {
+            return Err(Error::Config("--heartbeat-interval must be > 0".into()));
+        }
+        if self.election_timeout < 5 * self.heartbeat_interval {
+            return Err(Error::Config(format!(
+                "--election-timeout[{}ms] should be at least as 5 times as --heartbeat-interval[{}ms]",
+                self.election_timeout, self.heartbeat_interval
+            )));
+        }
+        if !matches!(self.initial_cluster_state.as_str(), "new" | "existing") {
+            return Err(Error::Config(format!(
+                "invalid value {:?} for --initial-cluster-state: valid values are \"new\" or \"existing\"",
+                self.initial_cluster_state
+            )));
+        }
+        if self.max_txn_ops == 0 || self.max_request_bytes == 0 || self.snapshot_count == 0 {
+            return Err(Error::Config("--max-txn-ops, --max-request-bytes and --snapshot-count must be > 0".into()));
+        }
+        Ok(())
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.meridian", self.name)))
+    }
+
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_interval)
+    }
+
+    pub fn election(&self) -> Duration {
+        Duration::from_millis(self.election_timeout)
+    }
+
+    /// The quota in bytes; `None` when disabled (negative, as etcd).
+    pub fn quota(&self) -> Option<u64> {
+        match self.quota_backend_bytes {
+            q if q < 0 => None,
+            0 => Some(DEFAULT_QUOTA_BYTES),
+            q => Some(q as u64),
+        }
+    }
+
+    /// The bootstrap cluster: name → peer URLs. Defaults to this member alone.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] when malformed or when this member is missing.
+    pub fn initial_members(&self) -> Result<BTreeMap<String, Vec<String>>> {
+        let spec = self
+            .initial_cluster
+            .clone()
+            .unwrap_or_else(|| format!("{}={}", self.name, self.initial_advertise_peer_urls));
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, url) = part
+                .split_once('=')
+                .ok_or_else(|| Error::Config(format!("bad --initial-cluster entry {part:?}: want name=URL")))?;
+            check_url(url)?;
+            out.entry(name.to_string()).or_default().push(url.to_string());
+        }
+        if !out.contains_key(&self.name) {
+            return Err(Error::Config(format!(
+                "couldn't find local name {:?} in the initial cluster configuration",
+                self.name
+            )));
+        }
+        Ok(out)
+    }
+}
+
+/// Splits a comma-separated URL list.
+pub fn split_urls(s: &str) -> Vec<String> {
+    s.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect()
+}
+
+/// `host:port` of an `http://` URL.
+///
+/// # Errors
+///
+/// [`Error::Config`] for another scheme or a malformed URL.
+pub fn url_host_port(url: &str) -> Result<String> {
+    check_url(url)?;
+    let rest = &url["http://".len()..];
+    Ok(rest.split('/').next().unwrap_or(rest).to_string())
+}
+
+fn check_url(url: &str) -> Result<()> {
+    if url.starts_with("https://") || url.starts_with("unixs://") {
+        return Err(Error::Config(format!("{url}: TLS is not supported yet; use http://")));
+    }
+    if !url.starts_with("http://") || !url["http://".len()..].contains(':') {
+        return Err(Error::Config(format!("URL {url:?} must look like http://host:port")));
+    }
+    Ok(())
+}
+
+/// etcd's member id: SHA-1 of the sorted peer URLs and the cluster token.
+pub fn member_id(peer_urls: &[String], token: &str) -> u64 {
+    let mut urls = peer_urls.to_vec();
+    urls.sort();
+    let mut h = Sha1::new();
+    h.update(urls.concat().as_bytes());
+    h.update(token.as_bytes());
+    let d = h.finalize();
+    u64::from_be_bytes(d[..8].try_into().expect("sha1 is 20 bytes"))
+}
+
+/// etcd's cluster id: SHA-1 of the sorted member ids.
+pub fn cluster_id(member_ids: &[u64]) -> u64 {
+    let mut ids = member_ids.to_vec();
+    ids.sort_unstable();
+    let mut h = Sha1::new();
+    for id in ids {
+        h.update(id.to_be_bytes());
+    }
+    let d = h.finalize();
+    u64::from_be_bytes(d[..8].try_into().expect("sha1 is 20 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_match_etcd_for_the_same_flags() {
+        // etcd 3.4 with --initial-cluster default=http://localhost:2380 and the
+        // default token reports member id 8e9e05c52164694d, cluster cdf818194e3a8c32.
+        let id = member_id(&["http://localhost:2380".to_string()], "etcd-cluster");
+        assert_eq!(format!("{id:x}"), "8e9e05c52164694d");
+        assert_eq!(format!("{:x}", cluster_id(&[id])), "cdf818194e3a8c32");
+    }
+
+    #[test]
+    fn go_style_flags_are_accepted() {
+        let args = ["meridian", "-name", "x", "--data-dir", "d", "-1"].map(String::from);
+        assert_eq!(normalize_args(args), ["meridian", "--name", "x", "--data-dir", "d", "-1"]);
+    }
+
+    #[test]
+    fn initial_cluster_parsing() {
+        let mut cfg = NodeConfig { name: "b".into(), ..Default::default() };
+        cfg.initial_cluster = Some("a=http://127.0.0.1:1,b=http://127.0.0.1:2,b=http://127.0.0.1:3".into());
+        let m = cfg.initial_members().unwrap();
+        assert_eq!(m["b"], vec!["http://127.0.0.1:2", "http://127.0.0.1:3"]);
+        cfg.name = "c".into();
+        assert!(cfg.initial_members().unwrap_err().to_string().contains("couldn't find local name"));
+        cfg.initial_cluster = Some("c=https://x:1".into());
+        assert!(cfg.initial_members().is_err());
+        let lone = NodeConfig::default();
+        assert_eq!(lone.initial_members().unwrap()["default"], vec!["http://127.0.0.1:2380"]);
+    }
+
+    #[test]
+    fn defaults_are_etcds() {
+        let c = NodeConfig::default();
+        assert_eq!((c.max_request_bytes, c.max_txn_ops, c.snapshot_count), (1_572_864, 128, 100_000));
+        assert_eq!((c.heartbeat_interval, c.election_timeout), (100, 1000));
+        assert_eq!(c.quota(), Some(DEFAULT_QUOTA_BYTES));
+        assert_eq!(c.data_dir(), PathBuf::from("default.meridian"));
+    }
+}

@@ -1,0 +1,227 @@
+//! One Meridian cluster member: raft-rs replicating a log of etcd requests,
+//! an MVCC state machine on fjall, and etcd's v3 gRPC services.
+//!
+//! Start at [`run`], which wires the pieces together:
+//! - [`raft`]: consensus, knows nothing about etcd;
+//! - [`mvcc`]: the versioned key-value store;
+//! - [`server`]: etcd semantics, the apply state machine and the services;
+//! - [`config`]: etcd-compatible flags, file and environment.
+
+pub mod config;
+pub mod error;
+pub mod metrics;
+pub mod mvcc;
+pub mod raft;
+pub mod server;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use meridian_proto::etcdserverpb::cluster_server::ClusterServer;
+use meridian_proto::etcdserverpb::kv_server::KvServer;
+use meridian_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use meridian_proto::meridian::v1::internal_request::Request as Internal;
+use meridian_proto::meridian::v1::raft_transport_server::RaftTransportServer;
+use meridian_proto::meridian::v1::MemberAttributes;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::service::Routes;
+
+use crate::config::{split_urls, url_host_port, NodeConfig};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::mvcc::Mvcc;
+use crate::raft::transport::{GrpcTransport, PeerService, MAX_PEER_MESSAGE};
+use crate::raft::{Input, RaftConfig, RaftNode};
+use crate::server::apply::{EtcdStateMachine, MvccSnapshots, Waiters};
+use crate::server::cluster::{ClusterService, MemberInfo, Members};
+use crate::server::kv::KvService;
+use crate::server::maintenance::{MaintenanceService, ETCD_VERSION};
+use crate::server::{EtcdServer, Limits, GRPC_OVERHEAD_BYTES};
+
+const META_CLUSTER_ID: &str = "cluster_id";
+
+/// Runs a member until `shutdown` resolves, then stops cleanly: listeners
+/// close, the raft thread finishes its cycle, and the database is flushed.
+///
+/// # Errors
+///
+/// Invalid configuration, a port that cannot be bound, or storage errors.
+pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let data_dir = cfg.data_dir();
+    std::fs::create_dir_all(&data_dir)?;
+    let db = fjall::Database::builder(data_dir.join("db")).open()?;
+    let metrics = Arc::new(Metrics::new());
+    let mvcc = Arc::new(Mvcc::open(db.clone())?);
+
+    // Membership: from --initial-cluster on first start, from the store after.
+    let mut members = Members::load(&mvcc);
+    let cluster_id = match mvcc.meta(META_CLUSTER_ID) {
+        Some(b) if !members.0.is_empty() => u64::from_be_bytes(b.as_slice().try_into().map_err(|_| Error::Corrupt("cluster id".into()))?),
+        _ => {
+            if cfg.initial_cluster_state == "existing" {
+                return Err(Error::Config("joining an existing cluster is not supported yet; use --initial-cluster-state new".into()));
+            }
+            members = Members(
+                cfg.initial_members()?
+                    .into_iter()
+                    .map(|(name, peer_urls)| MemberInfo {
+                        id: config::member_id(&peer_urls, &cfg.initial_cluster_token),
+                        name,
+                        peer_urls,
+                        client_urls: Vec::new(),
+                    })
+                    .collect(),
+            );
+            let ids: Vec<u64> = members.0.iter().map(|m| m.id).collect();
+            let cid = config::cluster_id(&ids);
+            members.store(&mvcc);
+            mvcc.set_meta(META_CLUSTER_ID, cid.to_be_bytes().to_vec());
+            let mut batch = db.batch();
+            mvcc.stage(&mut batch);
+            batch.commit()?;
+            mvcc.publish()?;
+            cid
+        }
+    };
+    let me = members
+        .0
+        .iter()
+        .find(|m| m.name == cfg.name)
+        .cloned()
+        .ok_or_else(|| Error::Config(format!("member {:?} is not in the stored cluster", cfg.name)))?;
+    tracing::info!(name = %cfg.name, member_id = format!("{:x}", me.id), cluster_id = format!("{cluster_id:x}"),
+        data_dir = %data_dir.display(), "starting member");
+    metrics.server_id.with_label_values(&[&format!("{:x}", me.id)]).set(1);
+    metrics.server_version.with_label_values(&[ETCD_VERSION]).set(1);
+    let quota = cfg.quota().unwrap_or(u64::MAX);
+    metrics.quota_backend_bytes.set(i64::try_from(quota).unwrap_or(i64::MAX));
+
+    // Raft.
+    let waiters = Arc::new(Waiters::default());
+    let sm = EtcdStateMachine::new(mvcc.clone(), waiters.clone(), metrics.clone());
+    let ticks = (cfg.election_timeout / cfg.heartbeat_interval) as usize;
+    let raft_cfg = RaftConfig {
+        id: me.id,
+        voters: members.0.iter().map(|m| m.id).collect(),
+        election_ticks: ticks,
+        heartbeat_ticks: 1,
+        snapshot_count: cfg.snapshot_count,
+        catchup_entries: cfg.snapshot_count.min(5000),
+    };
+    let node = RaftNode::open(raft_cfg, db.clone(), sm, Arc::new(MvccSnapshots(mvcc.clone())), metrics.clone(), &raft::logger::logger())?;
+    let chan = raft::driver::channel();
+    let raft_tx = chan.0.clone();
+    let peers: HashMap<u64, String> =
+        members.0.iter().filter_map(|m| m.peer_urls.first().map(|u| (m.id, u.clone()))).collect();
+    let transport = GrpcTransport::start(cluster_id, me.id, peers, raft_tx.clone(), metrics.clone());
+    let (handle, raft_thread) = raft::driver::spawn(node, chan, Arc::new(transport), cfg.heartbeat())?;
+
+    let limits = Limits {
+        max_request_bytes: cfg.max_request_bytes,
+        max_txn_ops: cfg.max_txn_ops,
+        quota_backend_bytes: quota,
+        election_timeout: cfg.election(),
+    };
+    let server = Arc::new(EtcdServer::new(me.id, cluster_id, cfg.name.clone(), handle, mvcc.clone(), waiters, metrics.clone(), limits));
+
+    // Listeners.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    let peer_service = PeerService {
+        cluster_id,
+        members: members.0.iter().map(|m| m.id).collect::<HashSet<_>>(),
+        raft_tx: raft_tx.clone(),
+        metrics: metrics.clone(),
+    };
+    let peer_routes = Routes::new(
+        RaftTransportServer::new(peer_service)
+            .max_decoding_message_size(MAX_PEER_MESSAGE)
+            .max_encoding_message_size(MAX_PEER_MESSAGE),
+    );
+    for url in split_urls(&cfg.listen_peer_urls) {
+        tasks.push(serve(&url, peer_routes.clone(), stop_rx.clone()).await?);
+    }
+    let client_routes = client_routes(&server, cfg.max_request_bytes);
+    for url in split_urls(&cfg.listen_client_urls) {
+        tasks.push(serve(&url, client_routes.clone(), stop_rx.clone()).await?);
+    }
+    let metrics_routes = Routes::from(server::http::routes(axum::Router::new(), server.clone()));
+    for url in split_urls(&cfg.listen_metrics_urls) {
+        tasks.push(serve(&url, metrics_routes.clone(), stop_rx.clone()).await?);
+    }
+    tokio::spawn(publish_attributes(server.clone(), MemberAttributes {
+        id: me.id,
+        name: cfg.name.clone(),
+        client_urls: split_urls(&cfg.advertise_client_urls),
+    }));
+    tracing::info!(urls = %cfg.listen_client_urls, "ready to serve client requests");
+
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(true);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let _ = raft_tx.send(Input::Shutdown);
+    let _ = tokio::task::spawn_blocking(move || raft_thread.join()).await;
+    db.persist(fjall::PersistMode::SyncAll)?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn client_routes(server: &Arc<EtcdServer>, max_request_bytes: usize) -> Routes {
+    // The transport admits far more than the limit so that the services can
+    // refuse oversized requests with etcd's own codes and messages.
+    let max = (max_request_bytes + GRPC_OVERHEAD_BYTES).max(64 << 20) * 2;
+    let routes = Routes::builder()
+        .add_service(KvServer::new(KvService { server: server.clone() }).max_decoding_message_size(max))
+        .add_service(MaintenanceServer::new(MaintenanceService { server: server.clone() }).max_decoding_message_size(max))
+        .add_service(ClusterServer::new(ClusterService { server: server.clone() }).max_decoding_message_size(max))
+        .clone()
+        .routes();
+    Routes::from(server::http::routes(routes.into_axum_router(), server.clone()))
+}
+
+async fn serve(url: &str, routes: Routes, mut stop: watch::Receiver<bool>) -> Result<tokio::task::JoinHandle<()>> {
+    let addr = url_host_port(url)?;
+    let listener = TcpListener::bind(&addr)
+        .await
+        .map_err(|e| Error::Config(format!("listen on {url}: {e}")))?;
+    let local: SocketAddr = listener.local_addr()?;
+    tracing::info!(%url, %local, "listening");
+    let incoming = TcpListenerStream::new(listener);
+    Ok(tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .accept_http1(true)
+            .tcp_nodelay(true)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, async move {
+                let _ = stop.wait_for(|s| *s).await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "listener failed");
+        }
+    }))
+}
+
+/// Publishes this member's name and client URLs through raft once a leader
+/// exists, as etcd does, so every member lists them.
+async fn publish_attributes(server: Arc<EtcdServer>, attrs: MemberAttributes) {
+    for attempt in 0..600u32 {
+        let current = Members::load(&server.mvcc);
+        if current.get(attrs.id).is_some_and(|m| m.client_urls == attrs.client_urls && m.name == attrs.name) {
+            return;
+        }
+        match server.propose(Internal::MemberAttributes(attrs.clone())).await {
+            Ok(_) => return,
+            Err(e) if attempt % 10 == 9 => tracing::warn!(error = %e, "still publishing member attributes"),
+            Err(_) => {}
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}

@@ -1,0 +1,541 @@
+//! The MVCC store: the key index in memory, every revision's record in fjall,
+//! and the staged/published split that lets apply build a write batch while
+//! readers keep a consistent view.
+
+use std::collections::BTreeMap;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch};
+use meridian_proto::meridian::v1::KvRecord;
+use meridian_proto::mvccpb::KeyValue;
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use prost::Message;
+
+use super::index::{KeyIndex, KeyRange, Version};
+use super::Revision;
+use crate::error::{Error, Result};
+
+const META_CURRENT: &[u8] = b"mvcc/current_revision";
+const META_COMPACTED: &[u8] = b"mvcc/compact_revision";
+const META_APPLIED: &[u8] = b"mvcc/applied_index";
+/// Prefix of the application's own replicated metadata (see [`Mvcc::set_meta`]).
+const META_APP_PREFIX: &[u8] = b"app/";
+
+/// What a read asks for beyond the key range.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct RangeOpts {
+    /// Revision to read at; 0 or less means the current one.
+    pub rev: i64,
+    /// Return at most this many key-values; 0 means no limit. `count` is
+    /// always the full number of keys in range.
+    pub limit: usize,
+    /// Return no key-values, only `count`.
+    pub count_only: bool,
+}
+
+/// The answer to a read.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct RangeResult {
+    pub kvs: Vec<KeyValue>,
+    /// Keys in range at the read revision, before any limit.
+    pub count: usize,
+    /// The store's revision that served the read (the header revision).
+    pub rev: i64,
+}
+
+/// Current, compact revision and applied index, as one unit.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Marks {
+    pub current: i64,
+    pub compacted: i64,
+    pub applied: u64,
+}
+
+#[derive(Default)]
+struct State {
+    index: KeyIndex,
+    /// What readers see; advanced only by `publish`, after the batch is durable in the journal.
+    published: Marks,
+    /// What apply has reached; equal to `published` between batches.
+    staged: Marks,
+    /// Records written by apply and not yet published, by revision.
+    pending: BTreeMap<Revision, KvRecord>,
+    /// A compaction applied but not yet carried out on the index and disk.
+    pending_compaction: Option<i64>,
+    /// Application metadata (published and staged values together; see `set_meta`).
+    meta: BTreeMap<String, Vec<u8>>,
+    meta_dirty: Vec<String>,
+    /// Encoded bytes of every retained record: the logical database size.
+    size: u64,
+}
+
+/// The multi-version key-value store of one member.
+pub struct Mvcc {
+    db: Database,
+    kv: Keyspace,
+    meta: Keyspace,
+    state: RwLock<State>,
+}
+
+impl Mvcc {
+    /// Opens the store in `db`, rebuilding the key index from the `kv` keyspace.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors, or a record that does not decode.
+    pub fn open(db: Database) -> Result<Self> {
+        let kv = db.keyspace("kv", KeyspaceCreateOptions::default)?;
+        let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+        let read_i64 = |k: &[u8]| -> Result<Option<i64>> {
+            Ok(meta.get(k)?.map(|v| decode_u64(&v).map(|x| x as i64)).transpose()?)
+        };
+        let marks = Marks {
+            current: read_i64(META_CURRENT)?.unwrap_or(1),
+            compacted: read_i64(META_COMPACTED)?.unwrap_or(0),
+            applied: read_i64(META_APPLIED)?.unwrap_or(0) as u64,
+        };
+        let mut st = State { published: marks, staged: marks, ..Default::default() };
+        for item in kv.iter() {
+            let (k, v) = item.into_inner()?;
+            let rev = Revision::from_key(&k).ok_or_else(|| Error::Corrupt("bad kv key".into()))?;
+            let rec = KvRecord::decode(v.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))?;
+            st.size += v.len() as u64;
+            st.index.restore(&rec.key, version_of(rev, &rec, v.len()));
+        }
+        for item in meta.prefix(META_APP_PREFIX) {
+            let (k, v) = item.into_inner()?;
+            let name = String::from_utf8_lossy(&k[META_APP_PREFIX.len()..]).into_owned();
+            st.meta.insert(name, v.to_vec());
+        }
+        let store = Self { db, kv, meta, state: RwLock::new(st) };
+        // A crash can fall between a compaction's commit and the removal of its
+        // records: finish the removal now.
+        if marks.compacted > 0 {
+            let mut st = store.state.write();
+            st.pending_compaction = Some(marks.compacted);
+            store.carry_out_compaction(&mut st)?;
+        }
+        Ok(store)
+    }
+
+    /// The database this store lives in (shared with the raft log).
+    pub fn db_handle(&self) -> Database {
+        self.db.clone()
+    }
+
+    /// The published marks: what a reader sees right now.
+    pub fn marks(&self) -> Marks {
+        self.state.read().published
+    }
+
+    /// Logical size of the retained records, in bytes.
+    pub fn size_in_use(&self) -> u64 {
+        self.state.read().size
+    }
+
+    /// Size of the whole database on disk, in bytes.
+    pub fn disk_size(&self) -> u64 {
+        self.db.disk_space().unwrap_or(0)
+    }
+
+    /// Rewrites the `kv` keyspace's files, reclaiming the space of removed
+    /// records (etcd's defragment).
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    pub fn defragment(&self) -> Result<()> {
+        self.kv.major_compact()?;
+        Ok(())
+    }
+
+    /// Number of keys with a retained version.
+    pub fn key_count(&self) -> usize {
+        self.state.read().index.key_count()
+    }
+
+    /// A replicated metadata value set through [`Mvcc::set_meta`].
+    pub fn meta(&self, name: &str) -> Option<Vec<u8>> {
+        self.state.read().meta.get(name).cloned()
+    }
+
+    /// Reads `range` at the published revision (or `opts.rev`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Compacted`] or [`Error::FutureRevision`] for a revision out of
+    /// the retained history; storage errors.
+    pub fn range(&self, range: &KeyRange, opts: RangeOpts) -> Result<RangeResult> {
+        self.read().range(range, opts)
+    }
+
+    /// A consistent read view at the published revision, for requests that
+    /// read more than once (read-only txns). It holds off publishing while
+    /// alive: keep it short.
+    pub fn read(&self) -> ReadTxn<'_> {
+        ReadTxn { mvcc: self, st: self.state.read() }
+    }
+
+    /// Starts a write transaction for apply. Only the apply thread writes.
+    pub fn write(&self) -> WriteTxn<'_> {
+        let st = self.state.write();
+        let begin = st.staged.current;
+        WriteTxn { mvcc: self, st, begin, sub: 0 }
+    }
+
+    /// Validates and records a compaction at `rev`; it takes effect at publish.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Compacted`] if `rev` is not above the compact revision,
+    /// [`Error::FutureRevision`] if it is past the current revision.
+    pub fn compact(&self, rev: i64) -> Result<()> {
+        let mut st = self.state.write();
+        if rev <= st.staged.compacted {
+            return Err(Error::Compacted);
+        }
+        if rev > st.staged.current {
+            return Err(Error::FutureRevision);
+        }
+        st.staged.compacted = rev;
+        st.pending_compaction = Some(rev);
+        Ok(())
+    }
+
+    /// Sets a replicated metadata value (for the application above: members,
+    /// alarms, ...). It is staged and persisted with the next batch.
+    pub fn set_meta(&self, name: &str, value: Vec<u8>) {
+        let mut st = self.state.write();
+        st.meta.insert(name.to_string(), value);
+        st.meta_dirty.push(name.to_string());
+    }
+
+    /// Marks raft entry `index` as applied; persisted with the data it produced.
+    pub fn set_applied(&self, index: u64) {
+        self.state.write().staged.applied = index;
+    }
+
+    /// Writes everything applied since the last publish into `batch`: new
+    /// records, the marks and dirty metadata, so they commit atomically.
+    pub fn stage(&self, batch: &mut OwnedWriteBatch) {
+        let mut st = self.state.write();
+        for (rev, rec) in &st.pending {
+            batch.insert(&self.kv, rev.to_key().to_vec(), rec.encode_to_vec());
+        }
+        let marks = st.staged;
+        batch.insert(&self.meta, META_CURRENT, (marks.current as u64).to_be_bytes().to_vec());
+        batch.insert(&self.meta, META_COMPACTED, (marks.compacted as u64).to_be_bytes().to_vec());
+        batch.insert(&self.meta, META_APPLIED, marks.applied.to_be_bytes().to_vec());
+        for name in std::mem::take(&mut st.meta_dirty) {
+            let mut key = META_APP_PREFIX.to_vec();
+            key.extend_from_slice(name.as_bytes());
+            match st.meta.get(&name) {
+                Some(v) => batch.insert(&self.meta, key, v.clone()),
+                None => batch.remove(&self.meta, key),
+            }
+        }
+    }
+
+    /// Makes staged changes visible to readers. Call only after the batch from
+    /// [`Mvcc::stage`] has committed. A pending compaction is carried out here.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors while removing compacted records.
+    pub fn publish(&self) -> Result<()> {
+        let mut st = self.state.write();
+        st.pending.clear();
+        st.published = st.staged;
+        self.carry_out_compaction(&mut st)
+    }
+
+    fn carry_out_compaction(&self, st: &mut State) -> Result<()> {
+        let Some(at) = st.pending_compaction.take() else { return Ok(()) };
+        let removed = st.index.compact(at);
+        if removed.is_empty() {
+            return Ok(());
+        }
+        let mut batch = self.db.batch();
+        for rev in &removed {
+            let key = rev.to_key();
+            if let Some(len) = self.kv.size_of(key)? {
+                st.size = st.size.saturating_sub(u64::from(len));
+            }
+            batch.remove(&self.kv, key.to_vec());
+        }
+        batch.commit()?;
+        tracing::debug!(at, removed = removed.len(), "compacted");
+        Ok(())
+    }
+
+    /// Every retained record with its revision, for a snapshot; with the
+    /// published marks and metadata they were read at.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    pub fn export(&self) -> Result<(Marks, Vec<KvRecord>, BTreeMap<String, Vec<u8>>)> {
+        let st = self.state.read();
+        let mut records = Vec::new();
+        for item in self.kv.iter() {
+            let (k, v) = item.into_inner()?;
+            let rev = Revision::from_key(&k).ok_or_else(|| Error::Corrupt("bad kv key".into()))?;
+            if rev.main > st.published.current {
+                break;
+            }
+            let mut rec = KvRecord::decode(v.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))?;
+            rec.main = rev.main;
+            rec.sub = rev.sub;
+            records.push(rec);
+        }
+        Ok((st.published, records, st.meta.clone()))
+    }
+
+    /// Replaces the whole store with a snapshot's contents, staged into
+    /// `batch`; visible after [`Mvcc::publish`].
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    pub fn import(
+        &self,
+        marks: Marks,
+        records: Vec<KvRecord>,
+        meta: BTreeMap<String, Vec<u8>>,
+        batch: &mut OwnedWriteBatch,
+    ) -> Result<()> {
+        let mut st = self.state.write();
+        for item in self.kv.iter() {
+            batch.remove(&self.kv, item.key()?);
+        }
+        for item in self.meta.prefix(META_APP_PREFIX) {
+            batch.remove(&self.meta, item.key()?);
+        }
+        let mut index = KeyIndex::default();
+        let mut size = 0;
+        for rec in records {
+            let rev = Revision::new(rec.main, rec.sub);
+            let bytes = rec.encode_to_vec();
+            size += bytes.len() as u64;
+            index.restore(&rec.key, version_of(rev, &rec, bytes.len()));
+            batch.insert(&self.kv, rev.to_key().to_vec(), bytes);
+        }
+        st.index = index;
+        st.size = size;
+        st.pending.clear();
+        st.pending_compaction = None;
+        st.staged = marks;
+        st.meta_dirty = meta.keys().cloned().collect();
+        st.meta = meta;
+        drop(st);
+        self.stage(batch);
+        Ok(())
+    }
+
+    /// A CRC-32C-style checksum of every record with `main <= rev`, and the
+    /// compact revision. Equal on every member that applied the same entries.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Compacted`]/[`Error::FutureRevision`] for a revision outside
+    /// the history; storage errors.
+    pub fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64)> {
+        let st = self.state.read();
+        let marks = st.published;
+        let rev = if rev <= 0 { marks.current } else { rev };
+        if rev > marks.current {
+            return Err(Error::FutureRevision);
+        }
+        if rev < marks.compacted {
+            return Err(Error::Compacted);
+        }
+        let mut hasher = crc32fast::Hasher::new();
+        let upper = Revision::new(rev + 1, 0).to_key();
+        for item in self.kv.range(..upper.as_slice()) {
+            let (k, v) = item.into_inner()?;
+            hasher.update(&k);
+            hasher.update(&v);
+        }
+        Ok((hasher.finalize(), marks.compacted, marks.current))
+    }
+
+    fn range_in(
+        &self,
+        st: &State,
+        range: &KeyRange,
+        opts: RangeOpts,
+        current: i64,
+        compacted: i64,
+    ) -> Result<RangeResult> {
+        let at = if opts.rev <= 0 { current } else { opts.rev };
+        if at > current {
+            return Err(Error::FutureRevision);
+        }
+        if at < compacted {
+            return Err(Error::Compacted);
+        }
+        let mut hits = Vec::new();
+        st.index.visit(range, at, |key, v| {
+            hits.push((key.to_vec(), v));
+            true
+        });
+        let count = hits.len();
+        if opts.count_only {
+            return Ok(RangeResult { kvs: Vec::new(), count, rev: current });
+        }
+        let take = if opts.limit == 0 { count } else { opts.limit.min(count) };
+        let mut kvs = Vec::with_capacity(take);
+        for (key, v) in hits.into_iter().take(take) {
+            let value = self.load(st, v.rev)?.value;
+            kvs.push(KeyValue {
+                key,
+                create_revision: v.create,
+                mod_revision: v.rev.main,
+                version: v.version,
+                value,
+                lease: v.lease,
+            });
+        }
+        Ok(RangeResult { kvs, count, rev: current })
+    }
+
+    fn load(&self, st: &State, rev: Revision) -> Result<KvRecord> {
+        if let Some(rec) = st.pending.get(&rev) {
+            return Ok(rec.clone());
+        }
+        let bytes = self
+            .kv
+            .get(rev.to_key())?
+            .ok_or_else(|| Error::Corrupt(format!("index names revision {rev} but no record is stored")))?;
+        KvRecord::decode(bytes.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))
+    }
+}
+
+/// A read-only view at one published revision.
+pub struct ReadTxn<'a> {
+    mvcc: &'a Mvcc,
+    st: RwLockReadGuard<'a, State>,
+}
+
+impl ReadTxn<'_> {
+    /// The revision this view reads at.
+    pub fn rev(&self) -> i64 {
+        self.st.published.current
+    }
+
+    /// The compact revision as of this view.
+    pub fn compacted(&self) -> i64 {
+        self.st.published.compacted
+    }
+
+    /// Reads `range` in this view.
+    ///
+    /// # Errors
+    ///
+    /// As [`Mvcc::range`].
+    pub fn range(&self, range: &KeyRange, opts: RangeOpts) -> Result<RangeResult> {
+        let marks = self.st.published;
+        self.mvcc.range_in(&self.st, range, opts, marks.current, marks.compacted)
+    }
+}
+
+/// One write transaction: every change gets the same main revision and the
+/// next sub revision. Reads inside it see its own earlier writes, as etcd's do.
+pub struct WriteTxn<'a> {
+    mvcc: &'a Mvcc,
+    st: RwLockWriteGuard<'a, State>,
+    begin: i64,
+    sub: i64,
+}
+
+impl WriteTxn<'_> {
+    /// The revision a read inside this transaction sees: the transaction's own
+    /// revision once it has written something, else the one it began at.
+    pub fn rev(&self) -> i64 {
+        if self.sub > 0 {
+            self.begin + 1
+        } else {
+            self.begin
+        }
+    }
+
+    /// The compact revision as of this transaction.
+    pub fn compacted(&self) -> i64 {
+        self.st.staged.compacted
+    }
+
+    /// Reads as of this transaction.
+    ///
+    /// # Errors
+    ///
+    /// As [`Mvcc::range`].
+    pub fn range(&self, range: &KeyRange, opts: RangeOpts) -> Result<RangeResult> {
+        let rev = self.rev();
+        self.mvcc.range_in(&self.st, range, opts, rev, self.st.staged.compacted)
+    }
+
+    /// Puts `key` = `value` and returns the revision it was written at.
+    pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> i64 {
+        let rev = self.next_rev();
+        let v = self.st.index.put(key, rev, lease);
+        let rec = KvRecord {
+            key: key.to_vec(),
+            main: rev.main,
+            sub: rev.sub,
+            tombstone: false,
+            value,
+            create_revision: v.create,
+            version: v.version,
+            lease,
+        };
+        self.st.size += rec.encoded_len() as u64;
+        self.st.pending.insert(rev, rec);
+        rev.main
+    }
+
+    /// Deletes every live key in `range`; returns the deleted key-values as
+    /// they were just before.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors while loading the previous values.
+    pub fn delete_range(&mut self, range: &KeyRange) -> Result<Vec<KeyValue>> {
+        let prev = self.range(range, RangeOpts::default())?.kvs;
+        for kv in &prev {
+            let rev = self.next_rev();
+            self.st.index.tombstone(&kv.key, rev);
+            let rec = KvRecord { key: kv.key.clone(), main: rev.main, sub: rev.sub, tombstone: true, ..Default::default() };
+            self.st.size += rec.encoded_len() as u64;
+            self.st.pending.insert(rev, rec);
+        }
+        Ok(prev)
+    }
+
+    fn next_rev(&mut self) -> Revision {
+        let rev = Revision::new(self.begin + 1, self.sub);
+        self.sub += 1;
+        rev
+    }
+
+    /// Ends the transaction; the store's revision moves on if it wrote
+    /// anything. Returns the revision after the transaction.
+    pub fn end(mut self) -> i64 {
+        let rev = self.rev();
+        self.st.staged.current = rev;
+        rev
+    }
+}
+
+fn version_of(rev: Revision, rec: &KvRecord, _len: usize) -> Version {
+    Version {
+        rev,
+        create: rec.create_revision,
+        version: rec.version,
+        lease: rec.lease,
+        tombstone: rec.tombstone,
+    }
+}
+
+fn decode_u64(v: &[u8]) -> Result<u64> {
+    let arr: [u8; 8] = v.try_into().map_err(|_| Error::Corrupt("bad u64 in meta".into()))?;
+    Ok(u64::from_be_bytes(arr))
+}

@@ -1,0 +1,151 @@
+//! Store-level tests: revision arithmetic, reads in history, compaction, and
+//! recovery after reopening the database.
+
+use fjall::Database;
+
+use super::*;
+use crate::error::Error;
+
+fn open(dir: &std::path::Path) -> Mvcc {
+    Mvcc::open(Database::builder(dir).open().unwrap()).unwrap()
+}
+
+/// Stages, commits and publishes everything applied so far, as the raft loop does.
+fn commit(store: &Mvcc, db_applied: u64) {
+    store.set_applied(db_applied);
+    let mut batch = store_db(store).batch();
+    store.stage(&mut batch);
+    batch.commit().unwrap();
+    store.publish().unwrap();
+}
+
+fn store_db(store: &Mvcc) -> Database {
+    store.db_handle()
+}
+
+fn put(store: &Mvcc, key: &str, value: &str) -> i64 {
+    let mut txn = store.write();
+    txn.put(key.as_bytes(), value.as_bytes().to_vec(), 0);
+    txn.end()
+}
+
+fn get(store: &Mvcc, key: &str, rev: i64) -> Result<Option<(String, i64, i64, i64)>, Error> {
+    let r = store.range(&KeyRange::new(key.as_bytes(), b""), RangeOpts { rev, ..Default::default() })?;
+    Ok(r.kvs.first().map(|kv| {
+        (String::from_utf8_lossy(&kv.value).into_owned(), kv.create_revision, kv.mod_revision, kv.version)
+    }))
+}
+
+#[test]
+fn revisions_advance_once_per_writing_txn() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    assert_eq!(store.marks().current, 1, "an empty store is at revision 1, as etcd");
+    assert_eq!(put(&store, "a", "1"), 2);
+    let mut txn = store.write();
+    txn.put(b"b", b"1".to_vec(), 0);
+    txn.delete_range(&KeyRange::new(b"a", b"")).unwrap();
+    assert_eq!(txn.rev(), 3, "reads inside a txn see its own revision once it wrote");
+    assert_eq!(txn.end(), 3);
+    let mut txn = store.write();
+    assert!(txn.delete_range(&KeyRange::new(b"zz", b"")).unwrap().is_empty());
+    assert_eq!(txn.end(), 3, "deleting nothing writes no revision");
+    commit(&store, 10);
+    assert_eq!(store.marks(), Marks { current: 3, compacted: 0, applied: 10 });
+    assert_eq!(get(&store, "a", 2).unwrap(), Some(("1".into(), 2, 2, 1)));
+    assert_eq!(get(&store, "a", 0).unwrap(), None);
+    assert!(matches!(get(&store, "a", 4), Err(Error::FutureRevision)));
+}
+
+#[test]
+fn readers_see_nothing_before_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    put(&store, "a", "1");
+    assert_eq!(get(&store, "a", 0).unwrap(), None);
+    assert_eq!(store.marks().current, 1);
+    commit(&store, 1);
+    assert_eq!(get(&store, "a", 0).unwrap().map(|v| v.0), Some("1".into()));
+}
+
+#[test]
+fn limit_and_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    for k in ["a", "b", "c", "d"] {
+        put(&store, k, "v");
+    }
+    commit(&store, 1);
+    let r = store.range(&KeyRange::new(b"a", b"\0"), RangeOpts { limit: 2, ..Default::default() }).unwrap();
+    assert_eq!((r.kvs.len(), r.count, r.rev), (2, 4, 5));
+    let r = store.range(&KeyRange::new(b"b", b"d"), RangeOpts { count_only: true, ..Default::default() }).unwrap();
+    assert_eq!((r.kvs.len(), r.count), (0, 2));
+}
+
+#[test]
+fn compaction_removes_history_and_survives_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let store = open(dir.path());
+        put(&store, "a", "1"); // 2
+        put(&store, "a", "2"); // 3
+        put(&store, "b", "1"); // 4
+        let mut txn = store.write();
+        txn.delete_range(&KeyRange::new(b"b", b"")).unwrap(); // 5
+        txn.end();
+        put(&store, "a", "3"); // 6
+        commit(&store, 5);
+        let before = store.size_in_use();
+        let (hash_before, _, _) = store.hash_kv(6).unwrap();
+
+        assert!(matches!(store.compact(7), Err(Error::FutureRevision)));
+        store.compact(5).unwrap();
+        assert!(matches!(store.compact(5), Err(Error::Compacted)));
+        commit(&store, 6);
+        assert!(store.size_in_use() < before, "compaction frees space");
+        assert!(matches!(get(&store, "a", 4), Err(Error::Compacted)));
+        assert_eq!(get(&store, "a", 5).unwrap().map(|v| v.0), Some("2".into()));
+        assert_eq!(get(&store, "b", 5).unwrap(), None);
+        assert_ne!(store.hash_kv(6).unwrap().0, hash_before);
+    }
+    // Reopen: nothing compacted comes back, and history after C is intact.
+    for _ in 0..3 {
+        let store = open(dir.path());
+        assert_eq!(store.marks(), Marks { current: 6, compacted: 5, applied: 6 });
+        assert!(matches!(get(&store, "a", 4), Err(Error::Compacted)));
+        assert_eq!(get(&store, "a", 5).unwrap().map(|v| v.0), Some("2".into()));
+        assert_eq!(get(&store, "a", 6).unwrap(), Some(("3".into(), 2, 6, 3)));
+        assert_eq!(store.export().unwrap().1.len(), 2, "only a@3 and a@6 remain on disk");
+    }
+}
+
+#[test]
+fn export_import_round_trip_gives_equal_hash() {
+    let a_dir = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let a = open(a_dir.path());
+    for i in 0..50 {
+        put(&a, &format!("k{}", i % 7), &format!("v{i}"));
+    }
+    a.set_meta("members", b"m1".to_vec());
+    commit(&a, 60);
+    a.compact(20).unwrap();
+    commit(&a, 61);
+
+    let b = open(b_dir.path());
+    put(&b, "junk", "x");
+    commit(&b, 1);
+    let (marks, records, meta) = a.export().unwrap();
+    let mut batch = b.db_handle().batch();
+    b.import(marks, records, meta, &mut batch).unwrap();
+    batch.commit().unwrap();
+    b.publish().unwrap();
+    assert_eq!(b.marks(), a.marks());
+    assert_eq!(b.hash_kv(0).unwrap(), a.hash_kv(0).unwrap());
+    assert_eq!(get(&b, "junk", 0).unwrap(), None);
+    assert_eq!(b.meta("members"), Some(b"m1".to_vec()));
+    drop(b);
+    let b = open(b_dir.path());
+    assert_eq!(b.hash_kv(0).unwrap(), a.hash_kv(0).unwrap());
+    assert_eq!(b.key_count(), 7);
+}

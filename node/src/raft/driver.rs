@@ -1,0 +1,160 @@
+//! The raft thread: a blocking loop around [`RaftNode`] that turns inputs
+//! from the rest of the process into Ready cycles.
+//!
+//! It runs on its own OS thread, not a tokio task: each cycle fsyncs, and a
+//! blocking fsync on a runtime worker would stall unrelated RPCs.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use raft::eraftpb::{Message, MessageType};
+use tokio::sync::oneshot;
+
+use super::node::{RaftNode, RaftStatus, ReadReply, StateMachine};
+use crate::error::{Error, Result};
+
+/// Most inputs folded into one Ready cycle.
+const MAX_INPUTS_PER_CYCLE: usize = 4096;
+
+/// What the rest of the process asks of the raft thread.
+pub enum Input {
+    /// Propose opaque data; `dropped` fires if raft refuses it outright.
+    Propose { data: Vec<u8>, dropped: oneshot::Sender<Error> },
+    /// A linearizable read barrier.
+    ReadIndex(ReadReply),
+    /// A message from a peer.
+    Step(Message),
+    /// The transport could not reach a peer.
+    Unreachable(u64),
+    /// Whether a snapshot message reached a peer.
+    SnapshotDelivered { to: u64, ok: bool },
+    /// Stop the raft thread after the current cycle.
+    Shutdown,
+}
+
+/// Sends raft messages to peers.
+pub trait Transport: Send + Sync + 'static {
+    fn send(&self, msgs: Vec<Message>);
+}
+
+/// A cheap, cloneable way into the raft thread.
+#[derive(Clone)]
+pub struct RaftHandle {
+    tx: Sender<Input>,
+    status: Arc<RaftStatus>,
+}
+
+impl RaftHandle {
+    pub fn status(&self) -> &Arc<RaftStatus> {
+        &self.status
+    }
+
+    /// Delivers an input; fails only when the raft thread has stopped.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Stopped`] after shutdown.
+    pub fn send(&self, input: Input) -> Result<()> {
+        self.tx.send(input).map_err(|_| Error::Stopped)
+    }
+
+    /// Waits until this member may serve a linearizable read.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoLeader`], [`Error::Timeout`] or [`Error::Stopped`].
+    pub async fn read_barrier(&self) -> Result<u64> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Input::ReadIndex(tx))?;
+        rx.await.map_err(|_| Error::Stopped)?
+    }
+}
+
+/// The input channel of a raft thread; create it first so the transport can
+/// hold a sender before the thread starts.
+pub fn channel() -> (Sender<Input>, Receiver<Input>) {
+    crossbeam_channel::unbounded()
+}
+
+/// Starts the raft thread. It stops on [`Input::Shutdown`] or when every
+/// sender is gone.
+///
+/// # Errors
+///
+/// [`Error::Io`] if the thread cannot be spawned.
+pub fn spawn<S: StateMachine>(
+    mut node: RaftNode<S>,
+    (tx, rx): (Sender<Input>, Receiver<Input>),
+    transport: Arc<dyn Transport>,
+    tick: Duration,
+) -> Result<(RaftHandle, JoinHandle<()>)> {
+    let handle = RaftHandle { tx, status: node.status() };
+    let thread = std::thread::Builder::new()
+        .name("raft".into())
+        .spawn(move || run(&mut node, &rx, transport.as_ref(), tick))?;
+    Ok((handle, thread))
+}
+
+fn run<S: StateMachine>(node: &mut RaftNode<S>, rx: &Receiver<Input>, transport: &dyn Transport, tick: Duration) {
+    let mut next_tick = Instant::now() + tick;
+    let mut out = Vec::new();
+    loop {
+        let wait = next_tick.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(wait) {
+            Ok(input) => {
+                let mut stop = !handle(node, input);
+                for input in rx.try_iter().take(MAX_INPUTS_PER_CYCLE) {
+                    stop |= !handle(node, input);
+                }
+                if stop {
+                    break;
+                }
+            }
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => break,
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            node.tick();
+            next_tick += tick;
+            if next_tick < now {
+                next_tick = now + tick;
+            }
+        }
+        node.flush_reads();
+        if let Err(e) = node.handle_ready(&mut out) {
+            // The durable state is unknown after a failed write: stop rather
+            // than let this replica diverge.
+            tracing::error!(error = %e, "raft storage failed; stopping the member");
+            std::process::abort();
+        }
+        if !out.is_empty() {
+            transport.send(std::mem::take(&mut out));
+        }
+    }
+    tracing::info!("raft thread stopped");
+}
+
+/// Handles one input; false means stop.
+fn handle<S: StateMachine>(node: &mut RaftNode<S>, input: Input) -> bool {
+    match input {
+        Input::Propose { data, dropped } => {
+            if let Err(e) = node.propose(data) {
+                let _ = dropped.send(e);
+            }
+        }
+        Input::ReadIndex(reply) => node.read_index(reply),
+        Input::Step(msg) => node.step(msg),
+        Input::Unreachable(id) => node.report_unreachable(id),
+        Input::SnapshotDelivered { to, ok } => node.report_snapshot(to, ok),
+        Input::Shutdown => return false,
+    }
+    true
+}
+
+/// True for messages that carry a snapshot, which the transport must confirm.
+pub fn is_snapshot(msg: &Message) -> bool {
+    msg.get_msg_type() == MessageType::MsgSnapshot
+}

@@ -1,0 +1,427 @@
+//! [`RaftNode`]: the one place that owns the `RawNode` and runs raft-rs's
+//! Ready cycle. It is driven step by step (tick, step, propose, handle_ready),
+//! by [`super::driver`] in production and by hand in the deterministic tests.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use fjall::{Database, OwnedWriteBatch, PersistMode};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
+use raft::{RawNode, ReadOnlyOption, StateRole};
+use tokio::sync::{oneshot, watch};
+
+use super::storage::{LogStore, SnapshotSource};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+
+/// Static raft settings of one member.
+#[derive(Clone, Debug)]
+pub struct RaftConfig {
+    pub id: u64,
+    /// Voters of a brand-new cluster; ignored once the log is initialized.
+    pub voters: Vec<u64>,
+    pub election_ticks: usize,
+    pub heartbeat_ticks: usize,
+    /// Applied entries between log compactions.
+    pub snapshot_count: u64,
+    /// Entries kept behind the applied index after a compaction, so a
+    /// slightly slow follower catches up from the log instead of a snapshot.
+    pub catchup_entries: u64,
+}
+
+/// A committed entry handed to the state machine. `data` is empty for
+/// raft's own entries (leader no-ops, configuration changes).
+pub struct Committed<'a> {
+    pub index: u64,
+    pub term: u64,
+    pub data: &'a [u8],
+}
+
+/// The replicated state machine raft drives. Raft knows nothing of its
+/// contents: entries are opaque bytes.
+pub trait StateMachine: Send + 'static {
+    /// Applies entries in log order, staging every write (and the applied
+    /// index) into `batch`. Must be deterministic; a non-deterministic failure
+    /// (I/O) must panic rather than skip an entry.
+    fn apply(&mut self, entries: &[Committed<'_>], batch: &mut OwnedWriteBatch);
+    /// The batch holding the last `apply`/`restore` has committed: publish the
+    /// new state and answer whoever waits on it.
+    fn on_commit(&mut self);
+    /// Replaces the whole state with a snapshot taken at raft index `index`.
+    fn restore(&mut self, index: u64, data: &[u8], batch: &mut OwnedWriteBatch);
+    /// The last applied raft index.
+    fn applied(&self) -> u64;
+}
+
+/// The member's raft state as the rest of the process sees it.
+pub struct RaftStatus {
+    pub id: u64,
+    leader: AtomicU64,
+    term: AtomicU64,
+    commit: AtomicU64,
+    applied: AtomicU64,
+    leader_tx: watch::Sender<u64>,
+}
+
+impl RaftStatus {
+    fn new(id: u64) -> Self {
+        Self {
+            id,
+            leader: AtomicU64::new(0),
+            term: AtomicU64::new(0),
+            commit: AtomicU64::new(0),
+            applied: AtomicU64::new(0),
+            leader_tx: watch::channel(0).0,
+        }
+    }
+    /// Current leader id, 0 when unknown.
+    pub fn leader(&self) -> u64 {
+        self.leader.load(Ordering::Relaxed)
+    }
+    pub fn term(&self) -> u64 {
+        self.term.load(Ordering::Relaxed)
+    }
+    pub fn commit(&self) -> u64 {
+        self.commit.load(Ordering::Relaxed)
+    }
+    pub fn applied(&self) -> u64 {
+        self.applied.load(Ordering::Relaxed)
+    }
+    pub fn is_leader(&self) -> bool {
+        self.leader() == self.id
+    }
+    /// A receiver that changes whenever the known leader does.
+    pub fn watch_leader(&self) -> watch::Receiver<u64> {
+        self.leader_tx.subscribe()
+    }
+}
+
+/// Answer to a linearizable read barrier: the index the read may be served at.
+pub type ReadReply = oneshot::Sender<Result<u64>>;
+
+/// ReadIndex requests, batched: every request that arrives while a batch is
+/// in flight joins the next one, so N concurrent reads cost one heartbeat
+/// round, not N.
+#[derive(Default)]
+struct Reads {
+    queued: Vec<ReadReply>,
+    in_flight: HashMap<u64, (u32, Vec<ReadReply>)>,
+    confirmed: Vec<(u64, Vec<ReadReply>)>,
+    next_ctx: u64,
+}
+
+pub struct RaftNode<S: StateMachine> {
+    raw: RawNode<LogStore>,
+    sm: S,
+    db: Database,
+    cfg: RaftConfig,
+    status: Arc<RaftStatus>,
+    metrics: Arc<Metrics>,
+    reads: Reads,
+    role: StateRole,
+}
+
+impl<S: StateMachine> RaftNode<S> {
+    /// Opens the member's raft state in `db`, bootstrapping a new cluster's
+    /// configuration on first start.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors, or raft refusing the stored state.
+    pub fn open(
+        cfg: RaftConfig,
+        db: Database,
+        sm: S,
+        source: Arc<dyn SnapshotSource>,
+        metrics: Arc<Metrics>,
+        logger: &slog::Logger,
+    ) -> Result<Self> {
+        let mut store = LogStore::open(&db, source)?;
+        if !store.is_initialized() {
+            let mut batch = db.batch();
+            store.bootstrap(cfg.voters.clone(), &mut batch);
+            batch.commit()?;
+            db.persist(PersistMode::SyncData)?;
+        }
+        let raft_cfg = raft::Config {
+            id: cfg.id,
+            election_tick: cfg.election_ticks,
+            heartbeat_tick: cfg.heartbeat_ticks,
+            applied: sm.applied(),
+            check_quorum: true,
+            pre_vote: true,
+            max_size_per_msg: 1024 * 1024,
+            max_inflight_msgs: 512,
+            read_only_option: ReadOnlyOption::Safe,
+            ..Default::default()
+        };
+        raft_cfg.validate()?;
+        let raw = RawNode::new(&raft_cfg, store, logger)?;
+        let status = Arc::new(RaftStatus::new(cfg.id));
+        status.applied.store(sm.applied(), Ordering::Relaxed);
+        status.term.store(raw.raft.term, Ordering::Relaxed);
+        // A one-member cluster elects itself at once instead of waiting out an election timeout.
+        let mut node = Self { raw, sm, db, cfg, status, metrics, reads: Reads::default(), role: StateRole::Follower };
+        if node.raw.raft.prs().conf().voters().ids().len() == 1 && node.raw.raft.promotable() {
+            node.raw.campaign()?;
+        }
+        Ok(node)
+    }
+
+    pub fn status(&self) -> Arc<RaftStatus> {
+        self.status.clone()
+    }
+
+    pub fn state_machine(&self) -> &S {
+        &self.sm
+    }
+
+    /// Advances raft's logical clock by one tick; expires stale reads.
+    pub fn tick(&mut self) {
+        self.raw.tick();
+        let limit = 2 * self.cfg.election_ticks as u32;
+        let mut expired = Vec::new();
+        for (ctx, (age, _)) in self.reads.in_flight.iter_mut() {
+            *age += 1;
+            if *age > limit {
+                expired.push(*ctx);
+            }
+        }
+        for ctx in expired {
+            if let Some((_, replies)) = self.reads.in_flight.remove(&ctx) {
+                self.metrics.read_indexes_failed.inc();
+                for r in replies {
+                    let _ = r.send(Err(Error::Timeout));
+                }
+            }
+        }
+    }
+
+    /// Feeds a message from a peer. Messages from members outside the
+    /// configuration are dropped.
+    pub fn step(&mut self, msg: Message) {
+        if !self.raw.raft.prs().conf().voters().contains(msg.from) {
+            tracing::warn!(from = msg.from, "dropping raft message from a non-member");
+            return;
+        }
+        if let Err(e) = self.raw.step(msg) {
+            tracing::debug!(error = %e, "raft step");
+        }
+    }
+
+    /// Proposes opaque data. Followers forward it to the leader.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoLeader`] when raft drops the proposal (no known leader, or
+    /// a leadership transfer in progress).
+    pub fn propose(&mut self, data: Vec<u8>) -> Result<()> {
+        self.raw.propose(vec![], data).map_err(|_| {
+            self.metrics.proposals_failed.inc();
+            Error::NoLeader
+        })
+    }
+
+    /// Queues a linearizable read barrier.
+    pub fn read_index(&mut self, reply: ReadReply) {
+        self.reads.queued.push(reply);
+    }
+
+    /// Sends the queued reads as one ReadIndex request.
+    pub fn flush_reads(&mut self) {
+        if self.reads.queued.is_empty() {
+            return;
+        }
+        let replies = std::mem::take(&mut self.reads.queued);
+        if self.raw.raft.leader_id == raft::INVALID_ID {
+            self.metrics.read_indexes_failed.inc();
+            for r in replies {
+                let _ = r.send(Err(Error::NoLeader));
+            }
+            return;
+        }
+        self.reads.next_ctx += 1;
+        let ctx = self.reads.next_ctx;
+        self.raw.read_index(ctx.to_be_bytes().to_vec());
+        self.reads.in_flight.insert(ctx, (0, replies));
+    }
+
+    pub fn has_ready(&self) -> bool {
+        self.raw.has_ready()
+    }
+
+    /// Runs one Ready cycle: persist, apply, and collect the messages to send
+    /// into `out`. One fjall commit and at most one fsync per call, however
+    /// many proposals it carries (group commit).
+    ///
+    /// # Errors
+    ///
+    /// Storage errors. The caller must treat them as fatal: the member's
+    /// durable state is then unknown.
+    pub fn handle_ready(&mut self, out: &mut Vec<Message>) -> Result<()> {
+        if !self.raw.has_ready() {
+            self.release_reads();
+            return Ok(());
+        }
+        let mut ready = self.raw.ready();
+        if let Some(ss) = ready.ss() {
+            self.on_soft_state(ss.leader_id, ss.raft_state);
+        }
+        out.extend(ready.take_messages());
+
+        let mut batch = self.db.batch();
+        let mut must_sync = ready.must_sync();
+        if !ready.snapshot().is_empty() {
+            let snap = ready.snapshot().clone();
+            let meta = snap.get_metadata();
+            tracing::info!(index = meta.index, term = meta.term, bytes = snap.data.len(), "restoring from snapshot");
+            self.metrics.snapshot_apply_in_progress.set(1);
+            self.sm.restore(meta.index, &snap.data, &mut batch);
+            self.raw.mut_store().apply_snapshot(meta, &mut batch);
+            must_sync = true;
+        }
+        let committed = ready.take_committed_entries();
+        self.apply(&committed, &mut batch)?;
+        if !ready.entries().is_empty() {
+            self.raw.mut_store().append(ready.entries(), &mut batch);
+        }
+        if let Some(hs) = ready.hs() {
+            self.raw.mut_store().set_hard_state(hs.clone(), &mut batch);
+        }
+        for rs in ready.take_read_states() {
+            let ctx = rs.request_ctx.as_slice().try_into().map(u64::from_be_bytes).unwrap_or(0);
+            if let Some((_, replies)) = self.reads.in_flight.remove(&ctx) {
+                self.reads.confirmed.push((rs.index, replies));
+            }
+        }
+        self.commit(batch, must_sync)?;
+        self.metrics.snapshot_apply_in_progress.set(0);
+        out.extend(ready.take_persisted_messages());
+
+        let mut light = self.raw.advance(ready);
+        let mut batch = self.db.batch();
+        if let Some(commit) = light.commit_index() {
+            self.raw.mut_store().set_commit(commit, &mut batch);
+        }
+        out.extend(light.take_messages());
+        let committed = light.take_committed_entries();
+        self.apply(&committed, &mut batch)?;
+        self.commit(batch, false)?;
+        self.raw.advance_apply();
+
+        let applied = self.sm.applied();
+        self.status.applied.store(applied, Ordering::Relaxed);
+        self.status.commit.store(self.raw.raft.raft_log.committed, Ordering::Relaxed);
+        self.status.term.store(self.raw.raft.term, Ordering::Relaxed);
+        self.metrics.proposals_committed.set(self.raw.raft.raft_log.committed as i64);
+        self.metrics.proposals_applied.set(applied as i64);
+        self.release_reads();
+        self.maybe_compact_log()
+    }
+
+    fn commit(&mut self, batch: OwnedWriteBatch, sync: bool) -> Result<()> {
+        if batch.is_empty() && !sync {
+            return Ok(());
+        }
+        let start = Instant::now();
+        batch.commit()?;
+        self.metrics.backend_commit.observe(start.elapsed().as_secs_f64());
+        if sync {
+            let start = Instant::now();
+            self.db.persist(PersistMode::SyncData)?;
+            self.metrics.wal_fsync.observe(start.elapsed().as_secs_f64());
+        }
+        self.sm.on_commit();
+        Ok(())
+    }
+
+    fn apply(&mut self, entries: &[Entry], batch: &mut OwnedWriteBatch) -> Result<()> {
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut committed = Vec::with_capacity(entries.len());
+        for e in entries {
+            match e.get_entry_type() {
+                EntryType::EntryNormal => {
+                    committed.push(Committed { index: e.index, term: e.term, data: &e.data });
+                }
+                EntryType::EntryConfChange => {
+                    let cc = ConfChange::parse_from_bytes(&e.data).map_err(|x| Error::Corrupt(x.to_string()))?;
+                    self.raw.apply_conf_change(&cc)?;
+                    committed.push(Committed { index: e.index, term: e.term, data: &[] });
+                }
+                EntryType::EntryConfChangeV2 => {
+                    let cc = ConfChangeV2::parse_from_bytes(&e.data).map_err(|x| Error::Corrupt(x.to_string()))?;
+                    self.raw.apply_conf_change(&cc)?;
+                    committed.push(Committed { index: e.index, term: e.term, data: &[] });
+                }
+            }
+        }
+        self.sm.apply(&committed, batch);
+        Ok(())
+    }
+
+    fn release_reads(&mut self) {
+        let applied = self.sm.applied();
+        if self.reads.confirmed.is_empty() {
+            return;
+        }
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.reads.confirmed).into_iter().partition(|(index, _)| *index <= applied);
+        self.reads.confirmed = waiting;
+        for (_, replies) in ready {
+            for r in replies {
+                let _ = r.send(Ok(applied));
+            }
+        }
+    }
+
+    fn on_soft_state(&mut self, leader: u64, role: StateRole) {
+        let old = self.status.leader.swap(leader, Ordering::Relaxed);
+        if old != leader {
+            if leader != raft::INVALID_ID {
+                self.metrics.leader_changes.inc();
+            }
+            self.metrics.has_leader.set(i64::from(leader != raft::INVALID_ID));
+            self.status.leader_tx.send_replace(leader);
+            tracing::info!(leader = format!("{leader:x}"), term = self.raw.raft.term, "leader changed");
+        }
+        if role != self.role {
+            self.role = role;
+            self.metrics.is_leader.set(i64::from(role == StateRole::Leader));
+        }
+    }
+
+    fn maybe_compact_log(&mut self) -> Result<()> {
+        let applied = self.sm.applied();
+        let store = self.raw.store();
+        if applied < store.start_index() + self.cfg.snapshot_count + self.cfg.catchup_entries {
+            return Ok(());
+        }
+        let to = applied - self.cfg.catchup_entries;
+        let mut batch = self.db.batch();
+        self.raw.mut_store().compact(to, &mut batch);
+        batch.commit()?;
+        tracing::info!(to, applied, "compacted raft log");
+        Ok(())
+    }
+
+    /// Tells raft a peer could not be reached, so it stops optimistic sends.
+    pub fn report_unreachable(&mut self, id: u64) {
+        self.raw.report_unreachable(id);
+    }
+
+    /// Tells raft whether a snapshot reached `id`.
+    pub fn report_snapshot(&mut self, id: u64, ok: bool) {
+        let status = if ok { raft::SnapshotStatus::Finish } else { raft::SnapshotStatus::Failure };
+        self.raw.report_snapshot(id, status);
+    }
+
+    /// Index of the last entry dropped from the log.
+    pub fn log_start(&self) -> u64 {
+        self.raw.store().start_index()
+    }
+}

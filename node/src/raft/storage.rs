@@ -1,0 +1,271 @@
+//! The durable raft log: entries, HardState, ConfState and the log's starting
+//! point, in fjall's `raft` keyspace, with an in-memory copy of the live
+//! entries for raft-rs's reads.
+//!
+//! Every change goes into a caller's [`OwnedWriteBatch`], so one Ready's log
+//! append, HardState and the state machine's writes commit together and are
+//! made durable by one fsync.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch};
+use protobuf::Message as _;
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot, SnapshotMetadata};
+use raft::{GetEntriesContext, RaftState, Storage, StorageError};
+
+use crate::error::{Error, Result};
+
+const KEY_HARD_STATE: &[u8] = b"hard_state";
+const KEY_CONF_STATE: &[u8] = b"conf_state";
+/// Index and term of the last entry dropped from the log (0,0 if none).
+const KEY_LOG_START: &[u8] = b"log_start";
+const ENTRY_PREFIX: u8 = b'e';
+
+/// Produces the state machine's snapshot on demand: the applied index it was
+/// taken at, and opaque data.
+pub trait SnapshotSource: Send + Sync {
+    /// # Errors
+    ///
+    /// Storage errors while reading the state.
+    fn snapshot(&self) -> Result<(u64, Vec<u8>)>;
+}
+
+/// Raft log storage for one member.
+pub struct LogStore {
+    ks: Keyspace,
+    hard_state: HardState,
+    conf_state: ConfState,
+    /// The entry just before `entries[0]`: index and term.
+    start: (u64, u64),
+    entries: VecDeque<Entry>,
+    source: Arc<dyn SnapshotSource>,
+    /// The last snapshot built for a follower, reused while it is fresh enough.
+    cached: parking_lot::Mutex<Option<Snapshot>>,
+}
+
+fn entry_key(index: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = ENTRY_PREFIX;
+    k[1..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn corrupt(e: impl std::fmt::Display) -> Error {
+    Error::Corrupt(format!("raft log: {e}"))
+}
+
+impl LogStore {
+    /// Opens (or creates) the log in `db`.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors, or a stored record that does not decode.
+    pub fn open(db: &Database, source: Arc<dyn SnapshotSource>) -> Result<Self> {
+        let ks = db.keyspace("raft", KeyspaceCreateOptions::default)?;
+        let hard_state = match ks.get(KEY_HARD_STATE)? {
+            Some(b) => HardState::parse_from_bytes(&b).map_err(corrupt)?,
+            None => HardState::default(),
+        };
+        let conf_state = match ks.get(KEY_CONF_STATE)? {
+            Some(b) => ConfState::parse_from_bytes(&b).map_err(corrupt)?,
+            None => ConfState::default(),
+        };
+        let start = match ks.get(KEY_LOG_START)? {
+            Some(b) if b.len() == 16 => (
+                u64::from_be_bytes(b[..8].try_into().expect("8 bytes")),
+                u64::from_be_bytes(b[8..].try_into().expect("8 bytes")),
+            ),
+            Some(_) => return Err(corrupt("bad log start")),
+            None => (0, 0),
+        };
+        let mut entries = VecDeque::new();
+        for item in ks.prefix([ENTRY_PREFIX]) {
+            let (_, v) = item.into_inner()?;
+            let e = Entry::parse_from_bytes(&v).map_err(corrupt)?;
+            if e.index <= start.0 {
+                continue; // dropped by a compaction whose deletes had not all landed
+            }
+            let expected = start.0 + entries.len() as u64 + 1;
+            if e.index != expected {
+                return Err(corrupt(format!("gap in log: found {} expected {}", e.index, expected)));
+            }
+            entries.push_back(e);
+        }
+        Ok(Self { ks, hard_state, conf_state, start, entries, source, cached: Default::default() })
+    }
+
+    /// True once the member has a configuration (bootstrapped or restored).
+    pub fn is_initialized(&self) -> bool {
+        !self.conf_state.voters.is_empty()
+    }
+
+    /// Sets the first configuration of a brand-new cluster.
+    pub fn bootstrap(&mut self, voters: Vec<u64>, batch: &mut OwnedWriteBatch) {
+        self.conf_state.voters = voters;
+        batch.insert(&self.ks, KEY_CONF_STATE, self.conf_state.write_to_bytes().expect("encode"));
+    }
+
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard_state
+    }
+
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf_state
+    }
+
+    fn last(&self) -> u64 {
+        self.start.0 + self.entries.len() as u64
+    }
+
+    /// Appends `ents`, replacing any conflicting suffix of the log.
+    pub fn append(&mut self, ents: &[Entry], batch: &mut OwnedWriteBatch) {
+        let Some(first) = ents.first() else { return };
+        let first_index = first.index;
+        assert!(first_index > self.start.0, "append below the log start {}: {}", self.start.0, first_index);
+        let last = self.last();
+        if first_index <= last {
+            for i in first_index..=last {
+                batch.remove(&self.ks, entry_key(i).to_vec());
+            }
+            self.entries.truncate((first_index - self.start.0 - 1) as usize);
+        }
+        assert_eq!(first_index, self.last() + 1, "log gap on append");
+        for e in ents {
+            batch.insert(&self.ks, entry_key(e.index).to_vec(), e.write_to_bytes().expect("encode"));
+            self.entries.push_back(e.clone());
+        }
+    }
+
+    pub fn set_hard_state(&mut self, hs: HardState, batch: &mut OwnedWriteBatch) {
+        batch.insert(&self.ks, KEY_HARD_STATE, hs.write_to_bytes().expect("encode"));
+        self.hard_state = hs;
+    }
+
+    /// Records that entries up to `commit` are committed (not fsync-critical:
+    /// raft re-learns the commit index from the leader).
+    pub fn set_commit(&mut self, commit: u64, batch: &mut OwnedWriteBatch) {
+        let mut hs = self.hard_state.clone();
+        hs.commit = commit;
+        self.set_hard_state(hs, batch);
+    }
+
+    /// Replaces the log with a snapshot's starting point.
+    pub fn apply_snapshot(&mut self, meta: &SnapshotMetadata, batch: &mut OwnedWriteBatch) {
+        for i in self.start.0 + 1..=self.last() {
+            batch.remove(&self.ks, entry_key(i).to_vec());
+        }
+        self.entries.clear();
+        self.set_start((meta.index, meta.term), batch);
+        self.conf_state = meta.get_conf_state().clone();
+        batch.insert(&self.ks, KEY_CONF_STATE, self.conf_state.write_to_bytes().expect("encode"));
+        let mut hs = self.hard_state.clone();
+        hs.commit = hs.commit.max(meta.index);
+        hs.term = hs.term.max(meta.term);
+        self.set_hard_state(hs, batch);
+    }
+
+    /// Drops entries up to and including `index`, which must be applied.
+    pub fn compact(&mut self, index: u64, batch: &mut OwnedWriteBatch) {
+        if index <= self.start.0 || index > self.last() {
+            return;
+        }
+        let term = self.entries[(index - self.start.0 - 1) as usize].term;
+        for i in self.start.0 + 1..=index {
+            batch.remove(&self.ks, entry_key(i).to_vec());
+        }
+        self.entries.drain(..(index - self.start.0) as usize);
+        self.set_start((index, term), batch);
+    }
+
+    fn set_start(&mut self, start: (u64, u64), batch: &mut OwnedWriteBatch) {
+        self.start = start;
+        let mut b = start.0.to_be_bytes().to_vec();
+        b.extend_from_slice(&start.1.to_be_bytes());
+        batch.insert(&self.ks, KEY_LOG_START, b);
+    }
+
+    /// Number of entries currently kept in the log.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Index of the last entry dropped by compaction or a snapshot.
+    pub fn start_index(&self) -> u64 {
+        self.start.0
+    }
+}
+
+impl Storage for LogStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(self.hard_state.clone(), self.conf_state.clone()))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low <= self.start.0 {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        assert!(high <= self.last() + 1, "entries [{low},{high}) past last index {}", self.last());
+        let from = (low - self.start.0 - 1) as usize;
+        let to = (high - self.start.0 - 1) as usize;
+        let mut out: Vec<Entry> = self.entries.range(from..to).cloned().collect();
+        raft::util::limit_size(&mut out, max_size.into());
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx == self.start.0 {
+            return Ok(self.start.1);
+        }
+        if idx < self.start.0 {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        match self.entries.get((idx - self.start.0 - 1) as usize) {
+            Some(e) => Ok(e.term),
+            None => Err(raft::Error::Store(StorageError::Unavailable)),
+        }
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(self.start.0 + 1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last())
+    }
+
+    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        let mut cached = self.cached.lock();
+        if let Some(s) = cached.as_ref() {
+            if s.get_metadata().index >= request_index && s.get_metadata().index >= self.start.0 {
+                return Ok(s.clone());
+            }
+        }
+        let (applied, data) = self
+            .source
+            .snapshot()
+            .map_err(|e| raft::Error::Store(StorageError::Other(Box::new(e))))?;
+        if applied < request_index {
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
+        }
+        let term = self.term(applied)?;
+        let mut snap = Snapshot::default();
+        snap.data = data.into();
+        let meta = snap.mut_metadata();
+        meta.index = applied;
+        meta.term = term;
+        meta.set_conf_state(self.conf_state.clone());
+        *cached = Some(snap.clone());
+        Ok(snap)
+    }
+}

@@ -1,0 +1,177 @@
+//! The peer transport: raft messages over gRPC (`meridian.v1.RaftTransport`).
+//!
+//! Each peer has one task and one in-flight RPC. Messages produced while an
+//! RPC is on the wire queue up and leave together in the next batch, so the
+//! batch size grows with load and the per-message cost falls. A failed send
+//! drops its batch (raft retransmits) and tells raft the peer is unreachable.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crossbeam_channel::Sender;
+use meridian_proto::meridian::v1::raft_transport_client::RaftTransportClient;
+use meridian_proto::meridian::v1::raft_transport_server::RaftTransport;
+use meridian_proto::meridian::v1::{RaftAck, RaftBatch};
+use prost::Message as _;
+use protobuf::Message as _;
+use raft::eraftpb::Message;
+use tokio::sync::mpsc;
+use tonic::transport::Endpoint;
+use tonic::{Request, Response, Status};
+
+use super::driver::{is_snapshot, Input, Transport};
+use crate::metrics::Metrics;
+
+/// Most messages in one batch.
+const MAX_BATCH: usize = 4096;
+/// Largest message a peer accepts: room for a whole-store snapshot.
+pub const MAX_PEER_MESSAGE: usize = 1 << 30;
+
+/// Sends to peers over gRPC.
+pub struct GrpcTransport {
+    peers: HashMap<u64, mpsc::UnboundedSender<Message>>,
+}
+
+impl GrpcTransport {
+    /// Starts one sender task per peer (`id -> peer URL`). Must be called
+    /// inside a tokio runtime.
+    pub fn start(
+        cluster_id: u64,
+        self_id: u64,
+        peers: HashMap<u64, String>,
+        raft_tx: Sender<Input>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let mut senders = HashMap::new();
+        for (id, url) in peers {
+            if id == self_id {
+                continue;
+            }
+            let (tx, rx) = mpsc::unbounded_channel();
+            senders.insert(id, tx);
+            let link = PeerLink { cluster_id, from: self_id, to: id, raft_tx: raft_tx.clone(), metrics: metrics.clone() };
+            tokio::spawn(link.run(url, rx));
+        }
+        Self { peers: senders }
+    }
+}
+
+impl Transport for GrpcTransport {
+    fn send(&self, msgs: Vec<Message>) {
+        for m in msgs {
+            if let Some(tx) = self.peers.get(&m.to) {
+                let _ = tx.send(m);
+            }
+        }
+    }
+}
+
+struct PeerLink {
+    cluster_id: u64,
+    from: u64,
+    to: u64,
+    raft_tx: Sender<Input>,
+    metrics: Arc<Metrics>,
+}
+
+impl PeerLink {
+    async fn run(self, url: String, mut rx: mpsc::UnboundedReceiver<Message>) {
+        let endpoint = match Endpoint::from_shared(url.clone()) {
+            Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
+            Err(e) => {
+                tracing::error!(peer = format!("{:x}", self.to), %url, error = %e, "bad peer URL");
+                return;
+            }
+        };
+        let mut client = RaftTransportClient::new(endpoint.connect_lazy())
+            .max_encoding_message_size(MAX_PEER_MESSAGE)
+            .max_decoding_message_size(MAX_PEER_MESSAGE);
+        let to_label = format!("{:x}", self.to);
+        let mut failing = false;
+        while let Some(first) = rx.recv().await {
+            let mut msgs = vec![first];
+            while msgs.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(m) => msgs.push(m),
+                    Err(_) => break,
+                }
+            }
+            let snapshot = msgs.iter().any(is_snapshot);
+            let batch = RaftBatch {
+                cluster_id: self.cluster_id,
+                from: self.from,
+                to: self.to,
+                messages: msgs.iter().map(|m| m.write_to_bytes().expect("encode raft message")).collect(),
+            };
+            let bytes = batch.encoded_len() as u64;
+            let timeout = if snapshot { Duration::from_secs(120) } else { Duration::from_secs(5) };
+            let mut req = Request::new(batch);
+            req.set_timeout(timeout);
+            match client.send(req).await {
+                Ok(_) => {
+                    if failing {
+                        tracing::info!(peer = %to_label, "peer reachable again");
+                        failing = false;
+                    }
+                    self.metrics.peer_sent_bytes.with_label_values(&[&to_label]).inc_by(bytes);
+                    if snapshot {
+                        let _ = self.raft_tx.send(Input::SnapshotDelivered { to: self.to, ok: true });
+                    }
+                }
+                Err(status) => {
+                    if !failing {
+                        tracing::warn!(peer = %to_label, error = %status.message(), "cannot reach peer");
+                        failing = true;
+                    }
+                    self.metrics.peer_sent_failures.with_label_values(&[&to_label]).inc();
+                    let _ = self.raft_tx.send(Input::Unreachable(self.to));
+                    if snapshot {
+                        let _ = self.raft_tx.send(Input::SnapshotDelivered { to: self.to, ok: false });
+                    }
+                    // Messages queued meanwhile are stale; raft resends what matters.
+                    while rx.try_recv().is_ok() {}
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// The receiving side: checks the sender is a configured member of this
+/// cluster before decoding anything, then feeds the raft thread.
+pub struct PeerService {
+    pub cluster_id: u64,
+    pub members: HashSet<u64>,
+    pub raft_tx: Sender<Input>,
+    pub metrics: Arc<Metrics>,
+}
+
+#[tonic::async_trait]
+impl RaftTransport for PeerService {
+    async fn send(&self, req: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
+        let batch = req.into_inner();
+        if batch.cluster_id != self.cluster_id {
+            return Err(Status::failed_precondition(format!(
+                "cluster ID mismatch: local {:x}, remote {:x}",
+                self.cluster_id, batch.cluster_id
+            )));
+        }
+        if !self.members.contains(&batch.from) {
+            return Err(Status::permission_denied(format!("{:x} is not a member of this cluster", batch.from)));
+        }
+        let from_label = format!("{:x}", batch.from);
+        let mut bytes = 0u64;
+        for raw in batch.messages {
+            bytes += raw.len() as u64;
+            let msg = Message::parse_from_bytes(&raw)
+                .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
+            if msg.from != batch.from {
+                return Err(Status::invalid_argument("raft message sender differs from the batch sender"));
+            }
+            self.raft_tx.send(Input::Step(msg)).map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
+        }
+        self.metrics.peer_received_bytes.with_label_values(&[&from_label]).inc_by(bytes);
+        Ok(Response::new(RaftAck {}))
+    }
+}

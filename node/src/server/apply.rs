@@ -1,0 +1,208 @@
+//! The etcd state machine that raft drives: decodes each committed
+//! [`InternalRequest`], executes it on the MVCC store, and hands the result
+//! to the gRPC call waiting for it (on the member that proposed it).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use fjall::OwnedWriteBatch;
+use meridian_proto::etcdserverpb::alarm_request::AlarmAction;
+use meridian_proto::etcdserverpb::{
+    AlarmMember, AlarmResponse, AlarmType, DeleteRangeResponse, PutResponse, TxnResponse,
+};
+use meridian_proto::meridian::v1::internal_request::Request;
+use meridian_proto::meridian::v1::{InternalRequest, SnapshotData};
+use parking_lot::Mutex;
+use prost::Message;
+use tokio::sync::oneshot;
+
+use super::cluster::{Alarms, Members};
+use super::ops;
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::mvcc::{Marks, Mvcc};
+use crate::raft::storage::SnapshotSource;
+use crate::raft::{Committed, StateMachine};
+
+/// What applying one request produced.
+#[derive(Debug)]
+pub enum Applied {
+    Put(PutResponse),
+    DeleteRange(DeleteRangeResponse),
+    Txn(TxnResponse),
+    /// A compaction; the revision of the store when it applied.
+    Compaction(i64),
+    Alarm(AlarmResponse),
+    Done,
+}
+
+/// Calls waiting for their proposal to apply, by request id.
+#[derive(Default)]
+pub struct Waiters {
+    map: Mutex<HashMap<u64, oneshot::Sender<Result<Applied>>>>,
+}
+
+impl Waiters {
+    pub fn register(&self, id: u64) -> oneshot::Receiver<Result<Applied>> {
+        let (tx, rx) = oneshot::channel();
+        self.map.lock().insert(id, tx);
+        rx
+    }
+
+    pub fn cancel(&self, id: u64) {
+        self.map.lock().remove(&id);
+    }
+
+    fn complete(&self, id: u64, result: Result<Applied>) {
+        if let Some(tx) = self.map.lock().remove(&id) {
+            let _ = tx.send(result);
+        }
+    }
+}
+
+pub struct EtcdStateMachine {
+    mvcc: Arc<Mvcc>,
+    waiters: Arc<Waiters>,
+    metrics: Arc<Metrics>,
+    /// Results of the entries in the batch being committed.
+    done: Vec<(u64, Result<Applied>)>,
+    nospace: bool,
+}
+
+impl EtcdStateMachine {
+    pub fn new(mvcc: Arc<Mvcc>, waiters: Arc<Waiters>, metrics: Arc<Metrics>) -> Self {
+        let nospace = Alarms::load(&mvcc).has(AlarmType::Nospace);
+        Self { mvcc, waiters, metrics, done: Vec::new(), nospace }
+    }
+
+    fn execute(&mut self, request: Request) -> Result<Applied> {
+        match request {
+            Request::Put(p) => {
+                if self.nospace {
+                    return Err(Error::NoSpace);
+                }
+                self.metrics.put_total.inc();
+                let mut w = self.mvcc.write();
+                let r = ops::put(&mut w, &p);
+                w.end();
+                r.map(Applied::Put)
+            }
+            Request::DeleteRange(d) => {
+                self.metrics.delete_total.inc();
+                let mut w = self.mvcc.write();
+                let r = ops::delete_range(&mut w, &d);
+                w.end();
+                r.map(Applied::DeleteRange)
+            }
+            Request::Txn(t) => {
+                if self.nospace && ops::txn_has_put(&t) {
+                    return Err(Error::NoSpace);
+                }
+                self.metrics.txn_total.inc();
+                let mut w = self.mvcc.write();
+                let r = ops::txn(&mut w, &t);
+                w.end();
+                r.map(Applied::Txn)
+            }
+            Request::Compaction(c) => {
+                self.mvcc.compact(c.revision)?;
+                Ok(Applied::Compaction(self.mvcc.write().rev()))
+            }
+            Request::Alarm(a) => {
+                let mut alarms = Alarms::load(&self.mvcc);
+                let member = AlarmMember { member_id: a.member_id, alarm: a.alarm };
+                let changed = match AlarmAction::try_from(a.action).unwrap_or(AlarmAction::Get) {
+                    AlarmAction::Get => Vec::new(),
+                    AlarmAction::Activate => {
+                        if a.alarm == AlarmType::None as i32 {
+                            Vec::new()
+                        } else {
+                            alarms.activate(member.clone()).then(|| vec![member]).unwrap_or_default()
+                        }
+                    }
+                    AlarmAction::Deactivate => alarms.deactivate(&member),
+                };
+                alarms.store(&self.mvcc);
+                self.nospace = alarms.has(AlarmType::Nospace);
+                Ok(Applied::Alarm(AlarmResponse { header: None, alarms: changed }))
+            }
+            Request::MemberAttributes(attrs) => {
+                let mut members = Members::load(&self.mvcc);
+                members.set_attributes(&attrs);
+                members.store(&self.mvcc);
+                Ok(Applied::Done)
+            }
+        }
+    }
+}
+
+impl StateMachine for EtcdStateMachine {
+    fn apply(&mut self, entries: &[Committed<'_>], batch: &mut OwnedWriteBatch) {
+        for e in entries {
+            if !e.data.is_empty() {
+                match InternalRequest::decode(e.data) {
+                    Ok(InternalRequest { id, request: Some(request) }) => {
+                        let result = self.execute(request);
+                        if let Err(err) = &result {
+                            if err.code() == tonic::Code::Internal {
+                                // Not deterministic: skipping would let replicas diverge.
+                                panic!("apply of entry {} failed: {err}", e.index);
+                            }
+                        }
+                        self.done.push((id, result));
+                    }
+                    // Every member rejects the same bytes the same way.
+                    Ok(_) | Err(_) => tracing::error!(index = e.index, "skipping an entry that does not decode"),
+                }
+            }
+            self.mvcc.set_applied(e.index);
+        }
+        self.mvcc.stage(batch);
+    }
+
+    fn on_commit(&mut self) {
+        if let Err(e) = self.mvcc.publish() {
+            panic!("publishing applied state failed: {e}");
+        }
+        let marks = self.mvcc.marks();
+        self.metrics.current_revision.set(marks.current);
+        self.metrics.compact_revision.set(marks.compacted);
+        for (id, result) in self.done.drain(..) {
+            self.waiters.complete(id, result);
+        }
+    }
+
+    fn restore(&mut self, index: u64, data: &[u8], batch: &mut OwnedWriteBatch) {
+        let snap = SnapshotData::decode(data).unwrap_or_else(|e| panic!("snapshot at {index} does not decode: {e}"));
+        let marks = Marks { current: snap.current_revision, compacted: snap.compact_revision, applied: index };
+        let meta = snap.meta.into_iter().collect();
+        if let Err(e) = self.mvcc.import(marks, snap.records, meta, batch) {
+            panic!("restoring snapshot at {index} failed: {e}");
+        }
+        self.nospace = self
+            .mvcc
+            .meta(Alarms::META_KEY)
+            .map(|b| Alarms::decode(&b).has(AlarmType::Nospace))
+            .unwrap_or(false);
+    }
+
+    fn applied(&self) -> u64 {
+        self.mvcc.marks().applied
+    }
+}
+
+/// Builds raft snapshots from the published MVCC state.
+pub struct MvccSnapshots(pub Arc<Mvcc>);
+
+impl SnapshotSource for MvccSnapshots {
+    fn snapshot(&self) -> Result<(u64, Vec<u8>)> {
+        let (marks, records, meta) = self.0.export()?;
+        let data = SnapshotData {
+            records,
+            current_revision: marks.current,
+            compact_revision: marks.compacted,
+            meta: meta.into_iter().collect(),
+        };
+        Ok((marks.applied, data.encode_to_vec()))
+    }
+}

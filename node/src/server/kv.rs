@@ -1,0 +1,141 @@
+//! etcd's KV service.
+
+use std::sync::Arc;
+
+use meridian_proto::etcdserverpb::kv_server::Kv;
+use meridian_proto::etcdserverpb::request_op::Request as Op;
+use meridian_proto::etcdserverpb::{
+    AlarmRequest, AlarmType, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
+    PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
+};
+use meridian_proto::etcdserverpb::alarm_request::AlarmAction;
+use meridian_proto::meridian::v1::internal_request::Request as Internal;
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use super::apply::Applied;
+use super::ops;
+use super::EtcdServer;
+use crate::error::{Error, Result};
+
+/// Bytes etcd charges per put on top of key and value when checking the quota.
+const KV_OVERHEAD: u64 = 256;
+
+pub struct KvService {
+    pub server: Arc<EtcdServer>,
+}
+
+impl KvService {
+    /// etcd's space quota: a write that would take the store past
+    /// `--quota-backend-bytes` raises the NOSPACE alarm (cluster-wide, through
+    /// raft) and is refused. Deletes, reads and compaction still pass.
+    fn check_quota(&self, cost: u64) -> Result<()> {
+        if cost == 0 {
+            return Ok(());
+        }
+        let quota = self.server.limits.quota_backend_bytes;
+        if self.server.mvcc.size_in_use() + cost > quota {
+            self.server.propose_detached(Internal::Alarm(AlarmRequest {
+                action: AlarmAction::Activate as i32,
+                member_id: self.server.member_id,
+                alarm: AlarmType::Nospace as i32,
+            }));
+            return Err(Error::NoSpace);
+        }
+        Ok(())
+    }
+
+    fn unexpected(a: Applied) -> Status {
+        Status::internal(format!("unexpected apply result {a:?}"))
+    }
+}
+
+fn put_cost(p: &PutRequest) -> u64 {
+    KV_OVERHEAD + (p.key.len() + p.value.len()) as u64
+}
+
+fn txn_cost(t: &TxnRequest) -> u64 {
+    let branch = |ops: &[meridian_proto::etcdserverpb::RequestOp]| -> u64 {
+        ops.iter()
+            .map(|op| match &op.request {
+                Some(Op::RequestPut(p)) => put_cost(p),
+                Some(Op::RequestTxn(t)) => txn_cost(t),
+                _ => 0,
+            })
+            .sum()
+    };
+    branch(&t.success).max(branch(&t.failure))
+}
+
+#[tonic::async_trait]
+impl Kv for KvService {
+    async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let r = req.into_inner();
+        self.server.check_message_size(r.encoded_len())?;
+        ops::check_range(&r)?;
+        if !r.serializable {
+            self.server.read_barrier().await?;
+        }
+        self.server.metrics.range_total.inc();
+        let mut resp = ops::range(&self.server.mvcc.read(), &r)?;
+        resp.header = Some(self.server.header(resp.header.map(|h| h.revision).unwrap_or_default()));
+        Ok(Response::new(resp))
+    }
+
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let r = req.into_inner();
+        self.server.check_message_size(r.encoded_len())?;
+        ops::check_put(&r)?;
+        self.check_quota(put_cost(&r))?;
+        match self.server.propose(Internal::Put(r)).await? {
+            Applied::Put(mut resp) => {
+                resp.header = Some(self.server.header(resp.header.map(|h| h.revision).unwrap_or_default()));
+                Ok(Response::new(resp))
+            }
+            other => Err(Self::unexpected(other)),
+        }
+    }
+
+    async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+        let r = req.into_inner();
+        self.server.check_message_size(r.encoded_len())?;
+        ops::check_delete(&r)?;
+        match self.server.propose(Internal::DeleteRange(r)).await? {
+            Applied::DeleteRange(mut resp) => {
+                resp.header = Some(self.server.header(resp.header.map(|h| h.revision).unwrap_or_default()));
+                Ok(Response::new(resp))
+            }
+            other => Err(Self::unexpected(other)),
+        }
+    }
+
+    async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let r = req.into_inner();
+        self.server.check_message_size(r.encoded_len())?;
+        ops::check_txn(&r, self.server.limits.max_txn_ops)?;
+        let mut resp = if ops::txn_is_read_only(&r) {
+            // Reads need no log entry: serve them here, after a barrier unless serializable.
+            if !ops::txn_is_serializable(&r) {
+                self.server.read_barrier().await?;
+            }
+            self.server.metrics.txn_total.inc();
+            ops::txn(&mut self.server.mvcc.read(), &r)?
+        } else {
+            self.check_quota(txn_cost(&r))?;
+            match self.server.propose(Internal::Txn(r)).await? {
+                Applied::Txn(resp) => resp,
+                other => return Err(Self::unexpected(other)),
+            }
+        };
+        resp.header = Some(self.server.header(resp.header.map(|h| h.revision).unwrap_or_default()));
+        Ok(Response::new(resp))
+    }
+
+    async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+        let r = req.into_inner();
+        match self.server.propose(Internal::Compaction(r)).await? {
+            Applied::Compaction(rev) => Ok(Response::new(CompactionResponse { header: Some(self.server.header(rev)) })),
+            other => Err(Self::unexpected(other)),
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! etcd's Maintenance service: status, hashes, alarms, defragmentation.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use meridian_proto::etcdserverpb::alarm_request::AlarmAction;
+use meridian_proto::etcdserverpb::maintenance_server::Maintenance;
+use meridian_proto::etcdserverpb::*;
+use meridian_proto::meridian::v1::internal_request::Request as Internal;
+use tonic::{Request, Response, Status};
+
+use super::apply::Applied;
+use super::cluster::Alarms;
+use super::EtcdServer;
+
+/// The etcd API version Meridian reproduces; clients and tools read it.
+pub const ETCD_VERSION: &str = "3.4.23";
+/// The cluster version etcd 3.4 reports.
+pub const ETCD_CLUSTER_VERSION: &str = "3.4.0";
+
+pub struct MaintenanceService {
+    pub server: Arc<EtcdServer>,
+}
+
+fn alarm_name(alarm: i32) -> &'static str {
+    AlarmType::try_from(alarm).map(|a| a.as_str_name()).unwrap_or("NONE")
+}
+
+#[tonic::async_trait]
+impl Maintenance for MaintenanceService {
+    async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let r = req.into_inner();
+        let rev = self.server.mvcc.marks().current;
+        if r.action == AlarmAction::Get as i32 {
+            let alarms = Alarms::load(&self.server.mvcc);
+            return Ok(Response::new(AlarmResponse { header: Some(self.server.header(rev)), alarms: alarms.0 }));
+        }
+        match self.server.propose(Internal::Alarm(r)).await? {
+            Applied::Alarm(mut resp) => {
+                resp.header = Some(self.server.header(self.server.mvcc.marks().current));
+                Ok(Response::new(resp))
+            }
+            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+        }
+    }
+
+    async fn status(&self, _: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let s = &self.server;
+        let status = s.raft.status();
+        let marks = s.mvcc.marks();
+        let mut errors = Vec::new();
+        if status.leader() == 0 {
+            errors.push(crate::error::Error::NoLeader.to_string());
+        }
+        for a in Alarms::load(&s.mvcc).0 {
+            errors.push(format!("memberID:{} alarm:{} ", a.member_id, alarm_name(a.alarm)));
+        }
+        let db_size = s.mvcc.disk_size() as i64;
+        let in_use = s.mvcc.size_in_use() as i64;
+        s.metrics.db_total_size.set(db_size);
+        s.metrics.db_in_use.set(in_use);
+        Ok(Response::new(StatusResponse {
+            header: Some(s.header(marks.current)),
+            version: ETCD_VERSION.to_string(),
+            db_size,
+            leader: status.leader(),
+            raft_index: status.commit(),
+            raft_term: status.term(),
+            raft_applied_index: status.applied(),
+            errors,
+            db_size_in_use: in_use,
+            is_learner: false,
+        }))
+    }
+
+    async fn defragment(&self, _: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+        let mvcc = self.server.mvcc.clone();
+        tokio::task::spawn_blocking(move || mvcc.defragment())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        let rev = self.server.mvcc.marks().current;
+        Ok(Response::new(DefragmentResponse { header: Some(self.server.header(rev)) }))
+    }
+
+    async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        let (hash, _, rev) = self.server.mvcc.hash_kv(0)?;
+        Ok(Response::new(HashResponse { header: Some(self.server.header(rev)), hash }))
+    }
+
+    async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        let (hash, compact_revision, rev) = self.server.mvcc.hash_kv(req.into_inner().revision)?;
+        Ok(Response::new(HashKvResponse { header: Some(self.server.header(rev)), hash, compact_revision }))
+    }
+
+    type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
+
+    async fn snapshot(&self, _: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(Status::unimplemented("meridian: snapshot is not supported yet"))
+    }
+
+    async fn move_leader(&self, _: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+        Err(Status::unimplemented("meridian: move-leader is not supported yet"))
+    }
+}

@@ -1,0 +1,205 @@
+//! The etcd v3 server: gRPC services over the raft log and the MVCC store.
+//!
+//! [`EtcdServer`] is the shared core every service calls: it proposes
+//! requests through raft and waits for their apply result, runs linearizable
+//! read barriers, and fills response headers.
+//!
+//! Paths, in order:
+//! - write: `kv::KvService::put` → checks (`ops::check_put`, size, quota) →
+//!   [`EtcdServer::propose`] → raft → `apply::EtcdStateMachine::apply` →
+//!   `ops::put` on a `WriteTxn` → published → the waiting call answers.
+//! - linearizable read: [`EtcdServer::read_barrier`] (batched ReadIndex) →
+//!   `ops::range` on a `ReadTxn` of this member.
+//! - serializable read: `ops::range` on this member's published state.
+
+pub mod apply;
+pub mod cluster;
+pub mod http;
+pub mod kv;
+pub mod maintenance;
+pub mod ops;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use meridian_proto::etcdserverpb::ResponseHeader;
+use meridian_proto::meridian::v1::internal_request::Request;
+use meridian_proto::meridian::v1::InternalRequest;
+use prost::Message;
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::mvcc::Mvcc;
+use crate::raft::{Input, RaftHandle};
+use apply::{Applied, Waiters};
+
+/// Extra room grpc-go grants above `--max-request-bytes` before refusing a
+/// message at the transport, as etcd configures it.
+pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+
+/// Settings the services need at request time.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
+    pub quota_backend_bytes: u64,
+    pub election_timeout: Duration,
+}
+
+/// The state every etcd service shares.
+pub struct EtcdServer {
+    pub member_id: u64,
+    pub cluster_id: u64,
+    pub name: String,
+    pub raft: RaftHandle,
+    pub mvcc: Arc<Mvcc>,
+    pub waiters: Arc<Waiters>,
+    pub metrics: Arc<Metrics>,
+    pub limits: Limits,
+    ids: IdGen,
+}
+
+impl EtcdServer {
+    pub fn new(
+        member_id: u64,
+        cluster_id: u64,
+        name: String,
+        raft: RaftHandle,
+        mvcc: Arc<Mvcc>,
+        waiters: Arc<Waiters>,
+        metrics: Arc<Metrics>,
+        limits: Limits,
+    ) -> Self {
+        Self { member_id, cluster_id, name, raft, mvcc, waiters, metrics, limits, ids: IdGen::new(member_id) }
+    }
+
+    /// A response header at `revision`, with this member's ids and raft term.
+    pub fn header(&self, revision: i64) -> ResponseHeader {
+        ResponseHeader {
+            cluster_id: self.cluster_id,
+            member_id: self.member_id,
+            revision,
+            raft_term: self.raft.status().term(),
+        }
+    }
+
+    /// How long a proposal may wait for its apply, as etcd: 5 s plus two
+    /// election timeouts.
+    fn request_timeout(&self) -> Duration {
+        Duration::from_secs(5) + 2 * self.limits.election_timeout
+    }
+
+    /// Refuses a message larger than the gRPC limit, with grpc-go's error.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MessageTooLarge`].
+    pub fn check_message_size(&self, len: usize) -> Result<()> {
+        let max = self.limits.max_request_bytes + GRPC_OVERHEAD_BYTES;
+        if len > max {
+            return Err(Error::MessageTooLarge(len, max));
+        }
+        Ok(())
+    }
+
+    /// Waits a bounded time for a known leader.
+    async fn wait_for_leader(&self) -> Result<()> {
+        let mut rx = self.raft.status().watch_leader();
+        let wait = async {
+            loop {
+                if *rx.borrow_and_update() != 0 {
+                    return;
+                }
+                if rx.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(2 * self.limits.election_timeout, wait).await.map_err(|_| Error::NoLeader)?;
+        if self.raft.status().leader() == 0 {
+            return Err(Error::NoLeader);
+        }
+        Ok(())
+    }
+
+    /// Replicates `request` through raft and returns what applying it produced.
+    ///
+    /// # Errors
+    ///
+    /// The request's own error from apply, [`Error::RequestTooLarge`],
+    /// [`Error::NoLeader`], [`Error::Timeout`] or [`Error::Stopped`].
+    pub async fn propose(&self, request: Request) -> Result<Applied> {
+        let id = self.ids.next();
+        let data = InternalRequest { id, request: Some(request) }.encode_to_vec();
+        if data.len() > self.limits.max_request_bytes {
+            return Err(Error::RequestTooLarge);
+        }
+        self.wait_for_leader().await?;
+        let applied = self.waiters.register(id);
+        let (dropped_tx, dropped) = oneshot::channel();
+        if let Err(e) = self.raft.send(Input::Propose { data, dropped: dropped_tx }) {
+            self.waiters.cancel(id);
+            return Err(e);
+        }
+        self.metrics.proposals_pending.inc();
+        let result = tokio::select! {
+            r = applied => r.unwrap_or(Err(Error::Stopped)),
+            Ok(e) = dropped => Err(e),
+            _ = tokio::time::sleep(self.request_timeout()) => Err(Error::Timeout),
+        };
+        self.metrics.proposals_pending.dec();
+        if result.is_err() {
+            self.waiters.cancel(id);
+        }
+        result
+    }
+
+    /// Waits until this member has applied everything committed before the
+    /// call (ReadIndex), so a local read is linearizable.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::NoLeader`], [`Error::Timeout`] or [`Error::Stopped`].
+    pub async fn read_barrier(&self) -> Result<()> {
+        self.wait_for_leader().await?;
+        tokio::time::timeout(self.request_timeout(), self.raft.read_barrier()).await.map_err(|_| Error::Timeout)??;
+        Ok(())
+    }
+
+    /// Proposes a request nobody waits for (alarms raised by this member).
+    pub fn propose_detached(self: &Arc<Self>, request: Request) {
+        let server = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = server.propose(request).await {
+                tracing::warn!(error = %e, "detached proposal failed");
+            }
+        });
+    }
+}
+
+/// Request ids unique across members and restarts, as etcd builds them:
+/// member bits, then start time in ms, then a counter.
+struct IdGen {
+    prefix: u64,
+    counter: AtomicU64,
+}
+
+impl IdGen {
+    fn new(member_id: u64) -> Self {
+        let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+        let prefix = ((member_id & 0xffff) << 48) | ((ms & 0xff_ffff_ffff) << 8);
+        Self { prefix, counter: AtomicU64::new(0) }
+    }
+
+    fn next(&self) -> u64 {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let id = self.prefix.wrapping_add(n);
+        if id == 0 {
+            1
+        } else {
+            id
+        }
+    }
+}

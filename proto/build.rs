@@ -1,0 +1,32 @@
+//! Compiles the `.proto` files under `proto/` into Rust.
+//!
+//! Parsing is done by `protox` (pure Rust), so no system `protoc` is needed;
+//! the resulting descriptor set is handed to `tonic-prost-build`, which emits
+//! prost messages plus tonic clients and servers into `OUT_DIR`.
+
+use std::path::PathBuf;
+
+const PROTO_FILES: &[&str] = &[
+    "mvccpb/kv.proto",
+    "authpb/auth.proto",
+    "etcdserverpb/rpc.proto",
+    "meridian/v1/raft.proto",
+    "meridian/v1/internal.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("proto");
+    println!("cargo:rerun-if-changed={}", root.display());
+    for file in PROTO_FILES {
+        println!("cargo:rerun-if-changed={}", root.join(file).display());
+    }
+
+    let files: Vec<PathBuf> = PROTO_FILES.iter().map(|f| root.join(f)).collect();
+    let fds = protox::compile(&files, [&root])?;
+
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,47 @@
+//! The `meridian` binary: parses arguments and dispatches to a subcommand.
+
+use clap::{Parser, Subcommand};
+use meridian_node::config::{normalize_args, NodeConfig, NodeFlags};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "meridian", version, about = "A multi-region key-value store that speaks the etcd v3 API")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one cluster member. Takes etcd's flags.
+    Node(NodeFlags),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse_from(normalize_args(std::env::args()));
+    match cli.command {
+        Command::Node(flags) => {
+            let cfg = NodeConfig::load(&flags)?;
+            init_logging(&cfg.log_level);
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(meridian_node::run(cfg, shutdown_signal()))?;
+        }
+    }
+    Ok(())
+}
+
+fn init_logging(level: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},raft=warn,h2=warn,hyper=warn,tower=warn")));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
