@@ -97,15 +97,47 @@ mod tests {
     #[test]
     fn wire_mapping_matches_etcd() {
         let table = [
-            (Error::EmptyKey, Code::InvalidArgument, "etcdserver: key is not provided"),
-            (Error::TooManyOps, Code::InvalidArgument, "etcdserver: too many operations in txn request"),
-            (Error::DuplicateKey, Code::InvalidArgument, "etcdserver: duplicate key given in txn request"),
-            (Error::RequestTooLarge, Code::InvalidArgument, "etcdserver: request is too large"),
-            (Error::Compacted, Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted"),
-            (Error::FutureRevision, Code::OutOfRange, "etcdserver: mvcc: required revision is a future revision"),
-            (Error::NoSpace, Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded"),
+            (
+                Error::EmptyKey,
+                Code::InvalidArgument,
+                "etcdserver: key is not provided",
+            ),
+            (
+                Error::TooManyOps,
+                Code::InvalidArgument,
+                "etcdserver: too many operations in txn request",
+            ),
+            (
+                Error::DuplicateKey,
+                Code::InvalidArgument,
+                "etcdserver: duplicate key given in txn request",
+            ),
+            (
+                Error::RequestTooLarge,
+                Code::InvalidArgument,
+                "etcdserver: request is too large",
+            ),
+            (
+                Error::Compacted,
+                Code::OutOfRange,
+                "etcdserver: mvcc: required revision has been compacted",
+            ),
+            (
+                Error::FutureRevision,
+                Code::OutOfRange,
+                "etcdserver: mvcc: required revision is a future revision",
+            ),
+            (
+                Error::NoSpace,
+                Code::ResourceExhausted,
+                "etcdserver: mvcc: database space exceeded",
+            ),
             (Error::NoLeader, Code::Unavailable, "etcdserver: no leader"),
-            (Error::LeaseNotFound, Code::NotFound, "etcdserver: requested lease not found"),
+            (
+                Error::LeaseNotFound,
+                Code::NotFound,
+                "etcdserver: requested lease not found",
+            ),
             (
                 Error::MessageTooLarge(3, 2),
                 Code::ResourceExhausted,

@@ -53,14 +53,19 @@ const META_CLUSTER_ID: &str = "cluster_id";
 pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     let data_dir = cfg.data_dir();
     std::fs::create_dir_all(&data_dir)?;
-    let db = fjall::Database::builder(data_dir.join("db")).open()?;
+    let db_dir = data_dir.join("db");
+    let db = fjall::Database::builder(&db_dir).open()?;
     let metrics = Arc::new(Metrics::new());
-    let mvcc = Arc::new(Mvcc::open(db.clone())?);
+    let mvcc = Arc::new(Mvcc::open(db.clone(), Some(&db_dir))?);
 
     // Membership: from --initial-cluster on first start, from the store after.
     let mut members = Members::load(&mvcc);
     let cluster_id = match mvcc.meta(META_CLUSTER_ID) {
-        Some(b) if !members.0.is_empty() => u64::from_be_bytes(b.as_slice().try_into().map_err(|_| Error::Corrupt("cluster id".into()))?),
+        Some(b) if !members.0.is_empty() => u64::from_be_bytes(
+            b.as_slice()
+                .try_into()
+                .map_err(|_| Error::Corrupt("cluster id".into()))?,
+        ),
         _ => {
             if cfg.initial_cluster_state == "existing" {
                 return Err(Error::Config("joining an existing cluster is not supported yet; use --initial-cluster-state new".into()));
@@ -92,13 +97,26 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         .iter()
         .find(|m| m.name == cfg.name)
         .cloned()
-        .ok_or_else(|| Error::Config(format!("member {:?} is not in the stored cluster", cfg.name)))?;
+        .ok_or_else(|| {
+            Error::Config(format!(
+                "member {:?} is not in the stored cluster",
+                cfg.name
+            ))
+        })?;
     tracing::info!(name = %cfg.name, member_id = format!("{:x}", me.id), cluster_id = format!("{cluster_id:x}"),
         data_dir = %data_dir.display(), "starting member");
-    metrics.server_id.with_label_values(&[&format!("{:x}", me.id)]).set(1);
-    metrics.server_version.with_label_values(&[ETCD_VERSION]).set(1);
+    metrics
+        .server_id
+        .with_label_values(&[&format!("{:x}", me.id)])
+        .set(1);
+    metrics
+        .server_version
+        .with_label_values(&[ETCD_VERSION])
+        .set(1);
     let quota = cfg.quota().unwrap_or(u64::MAX);
-    metrics.quota_backend_bytes.set(i64::try_from(quota).unwrap_or(i64::MAX));
+    metrics
+        .quota_backend_bytes
+        .set(i64::try_from(quota).unwrap_or(i64::MAX));
 
     // Raft.
     let waiters = Arc::new(Waiters::default());
@@ -112,13 +130,25 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         snapshot_count: cfg.snapshot_count,
         catchup_entries: cfg.snapshot_count.min(5000),
     };
-    let node = RaftNode::open(raft_cfg, db.clone(), sm, Arc::new(MvccSnapshots(mvcc.clone())), metrics.clone(), &raft::logger::logger())?;
+    let node = RaftNode::open(
+        raft_cfg,
+        db.clone(),
+        sm,
+        Arc::new(MvccSnapshots(mvcc.clone())),
+        metrics.clone(),
+        &raft::logger::logger(),
+    )?;
     let chan = raft::driver::channel();
     let raft_tx = chan.0.clone();
-    let peers: HashMap<u64, String> =
-        members.0.iter().filter_map(|m| m.peer_urls.first().map(|u| (m.id, u.clone()))).collect();
-    let transport = GrpcTransport::start(cluster_id, me.id, peers, raft_tx.clone(), metrics.clone());
-    let (handle, raft_thread) = raft::driver::spawn(node, chan, Arc::new(transport), cfg.heartbeat())?;
+    let peers: HashMap<u64, String> = members
+        .0
+        .iter()
+        .filter_map(|m| m.peer_urls.first().map(|u| (m.id, u.clone())))
+        .collect();
+    let transport =
+        GrpcTransport::start(cluster_id, me.id, peers, raft_tx.clone(), metrics.clone());
+    let (handle, raft_thread) =
+        raft::driver::spawn(node, chan, Arc::new(transport), cfg.heartbeat())?;
 
     let limits = Limits {
         max_request_bytes: cfg.max_request_bytes,
@@ -126,7 +156,16 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         quota_backend_bytes: quota,
         election_timeout: cfg.election(),
     };
-    let server = Arc::new(EtcdServer::new(me.id, cluster_id, cfg.name.clone(), handle, mvcc.clone(), waiters, metrics.clone(), limits));
+    let server = Arc::new(EtcdServer::new(
+        me.id,
+        cluster_id,
+        cfg.name.clone(),
+        handle,
+        mvcc.clone(),
+        waiters,
+        metrics.clone(),
+        limits,
+    ));
 
     // Listeners.
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -153,11 +192,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     for url in split_urls(&cfg.listen_metrics_urls) {
         tasks.push(serve(&url, metrics_routes.clone(), stop_rx.clone()).await?);
     }
-    tokio::spawn(publish_attributes(server.clone(), MemberAttributes {
-        id: me.id,
-        name: cfg.name.clone(),
-        client_urls: split_urls(&cfg.advertise_client_urls),
-    }));
+    tokio::spawn(publish_attributes(
+        server.clone(),
+        MemberAttributes {
+            id: me.id,
+            name: cfg.name.clone(),
+            client_urls: split_urls(&cfg.advertise_client_urls),
+        },
+    ));
     tracing::info!(urls = %cfg.listen_client_urls, "ready to serve client requests");
 
     shutdown.await;
@@ -178,15 +220,37 @@ fn client_routes(server: &Arc<EtcdServer>, max_request_bytes: usize) -> Routes {
     // refuse oversized requests with etcd's own codes and messages.
     let max = (max_request_bytes + GRPC_OVERHEAD_BYTES).max(64 << 20) * 2;
     let routes = Routes::builder()
-        .add_service(KvServer::new(KvService { server: server.clone() }).max_decoding_message_size(max))
-        .add_service(MaintenanceServer::new(MaintenanceService { server: server.clone() }).max_decoding_message_size(max))
-        .add_service(ClusterServer::new(ClusterService { server: server.clone() }).max_decoding_message_size(max))
+        .add_service(
+            KvServer::new(KvService {
+                server: server.clone(),
+            })
+            .max_decoding_message_size(max),
+        )
+        .add_service(
+            MaintenanceServer::new(MaintenanceService {
+                server: server.clone(),
+            })
+            .max_decoding_message_size(max),
+        )
+        .add_service(
+            ClusterServer::new(ClusterService {
+                server: server.clone(),
+            })
+            .max_decoding_message_size(max),
+        )
         .clone()
         .routes();
-    Routes::from(server::http::routes(routes.into_axum_router(), server.clone()))
+    Routes::from(server::http::routes(
+        routes.into_axum_router(),
+        server.clone(),
+    ))
 }
 
-async fn serve(url: &str, routes: Routes, mut stop: watch::Receiver<bool>) -> Result<tokio::task::JoinHandle<()>> {
+async fn serve(
+    url: &str,
+    routes: Routes,
+    mut stop: watch::Receiver<bool>,
+) -> Result<tokio::task::JoinHandle<()>> {
     let addr = url_host_port(url)?;
     let listener = TcpListener::bind(&addr)
         .await
@@ -214,12 +278,20 @@ async fn serve(url: &str, routes: Routes, mut stop: watch::Receiver<bool>) -> Re
 async fn publish_attributes(server: Arc<EtcdServer>, attrs: MemberAttributes) {
     for attempt in 0..600u32 {
         let current = Members::load(&server.mvcc);
-        if current.get(attrs.id).is_some_and(|m| m.client_urls == attrs.client_urls && m.name == attrs.name) {
+        if current
+            .get(attrs.id)
+            .is_some_and(|m| m.client_urls == attrs.client_urls && m.name == attrs.name)
+        {
             return;
         }
-        match server.propose(Internal::MemberAttributes(attrs.clone())).await {
+        match server
+            .propose(Internal::MemberAttributes(attrs.clone()))
+            .await
+        {
             Ok(_) => return,
-            Err(e) if attempt % 10 == 9 => tracing::warn!(error = %e, "still publishing member attributes"),
+            Err(e) if attempt % 10 == 9 => {
+                tracing::warn!(error = %e, "still publishing member attributes")
+            }
             Err(_) => {}
         }
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;

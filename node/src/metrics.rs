@@ -2,8 +2,8 @@
 //! and alerts work against Meridian unchanged.
 
 use prometheus::{
-    exponential_buckets, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    exponential_buckets, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric a member exports. Cheap to clone handles out of; shared by
@@ -39,20 +39,27 @@ pub struct Metrics {
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
-    r.register(Box::new(m.clone())).expect("metric names are unique");
+    r.register(Box::new(m.clone()))
+        .expect("metric names are unique");
     m
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
-        let gauge = |name: &str, help: &str| reg(&r, IntGauge::new(name, help).expect("valid metric"));
-        let counter = |name: &str, help: &str| reg(&r, IntCounter::new(name, help).expect("valid metric"));
+        let gauge =
+            |name: &str, help: &str| reg(&r, IntGauge::new(name, help).expect("valid metric"));
+        let counter =
+            |name: &str, help: &str| reg(&r, IntCounter::new(name, help).expect("valid metric"));
         let counter_vec = |name: &str, help: &str, label: &str| {
-            reg(&r, IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"))
+            reg(
+                &r,
+                IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"),
+            )
         };
         let disk_hist = |name: &str, help: &str| {
-            let opts = HistogramOpts::new(name, help).buckets(exponential_buckets(0.001, 2.0, 14).expect("buckets"));
+            let opts = HistogramOpts::new(name, help)
+                .buckets(exponential_buckets(0.001, 2.0, 14).expect("buckets"));
             reg(&r, Histogram::with_opts(opts).expect("valid metric"))
         };
         Self {
@@ -88,7 +95,9 @@ impl Metrics {
 
     /// All metrics in Prometheus text format.
     pub fn render(&self) -> String {
-        TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
+        TextEncoder::new()
+            .encode_to_string(&self.registry.gather())
+            .unwrap_or_default()
     }
 }
 

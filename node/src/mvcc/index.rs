@@ -92,7 +92,13 @@ impl KeyIndex {
                 lease,
                 tombstone: false,
             },
-            _ => Version { rev, create: rev.main, version: 1, lease, tombstone: false },
+            _ => Version {
+                rev,
+                create: rev.main,
+                version: 1,
+                lease,
+                tombstone: false,
+            },
         };
         history.push(version);
         version
@@ -103,7 +109,13 @@ impl KeyIndex {
     pub fn tombstone(&mut self, key: &[u8], rev: Revision) -> bool {
         match self.keys.get_mut(key) {
             Some(history) if history.last().is_some_and(|v| !v.tombstone) => {
-                history.push(Version { rev, create: 0, version: 0, lease: 0, tombstone: true });
+                history.push(Version {
+                    rev,
+                    create: 0,
+                    version: 0,
+                    lease: 0,
+                    tombstone: true,
+                });
                 true
             }
             _ => false,
@@ -137,7 +149,10 @@ impl KeyIndex {
                 if end <= start {
                     return;
                 }
-                let bounds = (Bound::Included(start.as_slice()), Bound::Excluded(end.as_slice()));
+                let bounds = (
+                    Bound::Included(start.as_slice()),
+                    Bound::Excluded(end.as_slice()),
+                );
                 for (key, history) in self.keys.range::<[u8], _>(bounds) {
                     if !each(key, history) {
                         return;
@@ -145,7 +160,10 @@ impl KeyIndex {
                 }
             }
             KeyRange::From(start) => {
-                for (key, history) in self.keys.range::<[u8], _>((Bound::Included(start.as_slice()), Bound::Unbounded)) {
+                for (key, history) in self
+                    .keys
+                    .range::<[u8], _>((Bound::Included(start.as_slice()), Bound::Unbounded))
+                {
                     if !each(key, history) {
                         return;
                     }
@@ -166,7 +184,11 @@ impl KeyIndex {
             if seen == 0 {
                 return true;
             }
-            let keep_from = if history[seen - 1].tombstone { seen } else { seen - 1 };
+            let keep_from = if history[seen - 1].tombstone {
+                seen
+            } else {
+                seen - 1
+            };
             removed.extend(history.drain(..keep_from).map(|v| v.rev));
             !history.is_empty()
         });
@@ -204,9 +226,16 @@ mod tests {
         let v = ix.put(b"a", r(3), 7);
         assert_eq!((v.create, v.version, v.lease), (2, 2, 7));
         assert!(ix.tombstone(b"a", r(4)));
-        assert!(!ix.tombstone(b"a", r(5)), "deleting a deleted key is a no-op");
+        assert!(
+            !ix.tombstone(b"a", r(5)),
+            "deleting a deleted key is a no-op"
+        );
         let v = ix.put(b"a", r(6), 0);
-        assert_eq!((v.create, v.version), (6, 1), "a new generation starts at version 1");
+        assert_eq!(
+            (v.create, v.version),
+            (6, 1),
+            "a new generation starts at version 1"
+        );
         assert_eq!(ix.get(b"a", 1), None);
         assert_eq!(ix.get(b"a", 3).map(|v| v.version), Some(2));
         assert_eq!(ix.get(b"a", 4), None);
@@ -230,10 +259,17 @@ mod tests {
             (b"zz", b"", &[]),
         ];
         for (key, end, want) in table {
-            let got: Vec<String> = live(&ix, &KeyRange::new(key, end), 100).into_iter().map(|(k, _)| k).collect();
+            let got: Vec<String> = live(&ix, &KeyRange::new(key, end), 100)
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
             assert_eq!(&got, want, "key={key:?} end={end:?}");
         }
-        assert_eq!(live(&ix, &KeyRange::new(b"\0", b"\0"), 3).len(), 2, "reads see only revisions <= at");
+        assert_eq!(
+            live(&ix, &KeyRange::new(b"\0", b"\0"), 3).len(),
+            2,
+            "reads see only revisions <= at"
+        );
     }
 
     #[test]
@@ -251,11 +287,19 @@ mod tests {
 
         let mut removed = ix.compact(4);
         removed.sort();
-        assert_eq!(removed, vec![r(3), r(4)], "the tombstone at the compact revision goes too");
+        assert_eq!(
+            removed,
+            vec![r(3), r(4)],
+            "the tombstone at the compact revision goes too"
+        );
         assert_eq!(ix.get(b"a", 4), None);
         assert_eq!(ix.get(b"a", 5).map(|v| (v.create, v.version)), Some((5, 1)));
 
         assert_eq!(ix.compact(7), vec![r(6), r(7)]);
-        assert_eq!(ix.key_count(), 1, "a key whose last change was a compacted delete is gone");
+        assert_eq!(
+            ix.key_count(),
+            1,
+            "a key whose last change was a compacted delete is gone"
+        );
     }
 }

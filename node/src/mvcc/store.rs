@@ -71,6 +71,8 @@ struct State {
 /// The multi-version key-value store of one member.
 pub struct Mvcc {
     db: Database,
+    /// The database directory, for on-disk size.
+    path: Option<std::path::PathBuf>,
     kv: Keyspace,
     meta: Keyspace,
     state: RwLock<State>,
@@ -82,18 +84,25 @@ impl Mvcc {
     /// # Errors
     ///
     /// Storage errors, or a record that does not decode.
-    pub fn open(db: Database) -> Result<Self> {
+    pub fn open(db: Database, path: Option<&std::path::Path>) -> Result<Self> {
         let kv = db.keyspace("kv", KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         let read_i64 = |k: &[u8]| -> Result<Option<i64>> {
-            Ok(meta.get(k)?.map(|v| decode_u64(&v).map(|x| x as i64)).transpose()?)
+            Ok(meta
+                .get(k)?
+                .map(|v| decode_u64(&v).map(|x| x as i64))
+                .transpose()?)
         };
         let marks = Marks {
             current: read_i64(META_CURRENT)?.unwrap_or(1),
             compacted: read_i64(META_COMPACTED)?.unwrap_or(0),
             applied: read_i64(META_APPLIED)?.unwrap_or(0) as u64,
         };
-        let mut st = State { published: marks, staged: marks, ..Default::default() };
+        let mut st = State {
+            published: marks,
+            staged: marks,
+            ..Default::default()
+        };
         for item in kv.iter() {
             let (k, v) = item.into_inner()?;
             let rev = Revision::from_key(&k).ok_or_else(|| Error::Corrupt("bad kv key".into()))?;
@@ -106,7 +115,13 @@ impl Mvcc {
             let name = String::from_utf8_lossy(&k[META_APP_PREFIX.len()..]).into_owned();
             st.meta.insert(name, v.to_vec());
         }
-        let store = Self { db, kv, meta, state: RwLock::new(st) };
+        let store = Self {
+            db,
+            path: path.map(|p| p.to_path_buf()),
+            kv,
+            meta,
+            state: RwLock::new(st),
+        };
         // A crash can fall between a compaction's commit and the removal of its
         // records: finish the removal now.
         if marks.compacted > 0 {
@@ -132,9 +147,11 @@ impl Mvcc {
         self.state.read().size
     }
 
-    /// Size of the whole database on disk, in bytes.
+    /// Bytes the database's files occupy on disk. Counted in allocated
+    /// blocks: fjall preallocates its journal sparsely, and its apparent size
+    /// would overstate the store by tens of megabytes.
     pub fn disk_size(&self) -> u64 {
-        self.db.disk_space().unwrap_or(0)
+        self.path.as_deref().map(allocated_bytes).unwrap_or(0)
     }
 
     /// Rewrites the `kv` keyspace's files, reclaiming the space of removed
@@ -172,14 +189,22 @@ impl Mvcc {
     /// read more than once (read-only txns). It holds off publishing while
     /// alive: keep it short.
     pub fn read(&self) -> ReadTxn<'_> {
-        ReadTxn { mvcc: self, st: self.state.read() }
+        ReadTxn {
+            mvcc: self,
+            st: self.state.read(),
+        }
     }
 
     /// Starts a write transaction for apply. Only the apply thread writes.
     pub fn write(&self) -> WriteTxn<'_> {
         let st = self.state.write();
         let begin = st.staged.current;
-        WriteTxn { mvcc: self, st, begin, sub: 0 }
+        WriteTxn {
+            mvcc: self,
+            st,
+            begin,
+            sub: 0,
+        }
     }
 
     /// Validates and records a compaction at `rev`; it takes effect at publish.
@@ -222,9 +247,21 @@ impl Mvcc {
             batch.insert(&self.kv, rev.to_key().to_vec(), rec.encode_to_vec());
         }
         let marks = st.staged;
-        batch.insert(&self.meta, META_CURRENT, (marks.current as u64).to_be_bytes().to_vec());
-        batch.insert(&self.meta, META_COMPACTED, (marks.compacted as u64).to_be_bytes().to_vec());
-        batch.insert(&self.meta, META_APPLIED, marks.applied.to_be_bytes().to_vec());
+        batch.insert(
+            &self.meta,
+            META_CURRENT,
+            (marks.current as u64).to_be_bytes().to_vec(),
+        );
+        batch.insert(
+            &self.meta,
+            META_COMPACTED,
+            (marks.compacted as u64).to_be_bytes().to_vec(),
+        );
+        batch.insert(
+            &self.meta,
+            META_APPLIED,
+            marks.applied.to_be_bytes().to_vec(),
+        );
         for name in std::mem::take(&mut st.meta_dirty) {
             let mut key = META_APP_PREFIX.to_vec();
             key.extend_from_slice(name.as_bytes());
@@ -249,7 +286,9 @@ impl Mvcc {
     }
 
     fn carry_out_compaction(&self, st: &mut State) -> Result<()> {
-        let Some(at) = st.pending_compaction.take() else { return Ok(()) };
+        let Some(at) = st.pending_compaction.take() else {
+            return Ok(());
+        };
         let removed = st.index.compact(at);
         if removed.is_empty() {
             return Ok(());
@@ -282,7 +321,8 @@ impl Mvcc {
             if rev.main > st.published.current {
                 break;
             }
-            let mut rec = KvRecord::decode(v.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))?;
+            let mut rec =
+                KvRecord::decode(v.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))?;
             rec.main = rev.main;
             rec.sub = rev.sub;
             records.push(rec);
@@ -380,9 +420,17 @@ impl Mvcc {
         });
         let count = hits.len();
         if opts.count_only {
-            return Ok(RangeResult { kvs: Vec::new(), count, rev: current });
+            return Ok(RangeResult {
+                kvs: Vec::new(),
+                count,
+                rev: current,
+            });
         }
-        let take = if opts.limit == 0 { count } else { opts.limit.min(count) };
+        let take = if opts.limit == 0 {
+            count
+        } else {
+            opts.limit.min(count)
+        };
         let mut kvs = Vec::with_capacity(take);
         for (key, v) in hits.into_iter().take(take) {
             let value = self.load(st, v.rev)?.value;
@@ -395,17 +443,22 @@ impl Mvcc {
                 lease: v.lease,
             });
         }
-        Ok(RangeResult { kvs, count, rev: current })
+        Ok(RangeResult {
+            kvs,
+            count,
+            rev: current,
+        })
     }
 
     fn load(&self, st: &State, rev: Revision) -> Result<KvRecord> {
         if let Some(rec) = st.pending.get(&rev) {
             return Ok(rec.clone());
         }
-        let bytes = self
-            .kv
-            .get(rev.to_key())?
-            .ok_or_else(|| Error::Corrupt(format!("index names revision {rev} but no record is stored")))?;
+        let bytes = self.kv.get(rev.to_key())?.ok_or_else(|| {
+            Error::Corrupt(format!(
+                "index names revision {rev} but no record is stored"
+            ))
+        })?;
         KvRecord::decode(bytes.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))
     }
 }
@@ -434,7 +487,8 @@ impl ReadTxn<'_> {
     /// As [`Mvcc::range`].
     pub fn range(&self, range: &KeyRange, opts: RangeOpts) -> Result<RangeResult> {
         let marks = self.st.published;
-        self.mvcc.range_in(&self.st, range, opts, marks.current, marks.compacted)
+        self.mvcc
+            .range_in(&self.st, range, opts, marks.current, marks.compacted)
     }
 }
 
@@ -470,7 +524,8 @@ impl WriteTxn<'_> {
     /// As [`Mvcc::range`].
     pub fn range(&self, range: &KeyRange, opts: RangeOpts) -> Result<RangeResult> {
         let rev = self.rev();
-        self.mvcc.range_in(&self.st, range, opts, rev, self.st.staged.compacted)
+        self.mvcc
+            .range_in(&self.st, range, opts, rev, self.st.staged.compacted)
     }
 
     /// Puts `key` = `value` and returns the revision it was written at.
@@ -503,7 +558,13 @@ impl WriteTxn<'_> {
         for kv in &prev {
             let rev = self.next_rev();
             self.st.index.tombstone(&kv.key, rev);
-            let rec = KvRecord { key: kv.key.clone(), main: rev.main, sub: rev.sub, tombstone: true, ..Default::default() };
+            let rec = KvRecord {
+                key: kv.key.clone(),
+                main: rev.main,
+                sub: rev.sub,
+                tombstone: true,
+                ..Default::default()
+            };
             self.st.size += rec.encoded_len() as u64;
             self.st.pending.insert(rev, rec);
         }
@@ -535,7 +596,24 @@ fn version_of(rev: Revision, rec: &KvRecord, _len: usize) -> Version {
     }
 }
 
+fn allocated_bytes(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => allocated_bytes(&e.path()),
+            Ok(m) => m.blocks() * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 fn decode_u64(v: &[u8]) -> Result<u64> {
-    let arr: [u8; 8] = v.try_into().map_err(|_| Error::Corrupt("bad u64 in meta".into()))?;
+    let arr: [u8; 8] = v
+        .try_into()
+        .map_err(|_| Error::Corrupt("bad u64 in meta".into()))?;
     Ok(u64::from_be_bytes(arr))
 }
