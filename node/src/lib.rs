@@ -28,6 +28,7 @@ use meridian_proto::meridian::v1::MemberAttributes;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::StreamExt;
 use tonic::service::Routes;
 
 use crate::config::{split_urls, url_host_port, NodeConfig};
@@ -257,7 +258,13 @@ async fn serve(
         .map_err(|e| Error::Config(format!("listen on {url}: {e}")))?;
     let local: SocketAddr = listener.local_addr()?;
     tracing::info!(%url, %local, "listening");
-    let incoming = TcpListenerStream::new(listener);
+    // A caller-supplied listener bypasses tonic's own nodelay setting; without
+    // it small responses wait out Nagle's algorithm (~40 ms).
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|s| {
+            let _ = s.set_nodelay(true);
+        })
+    });
     Ok(tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .accept_http1(true)
