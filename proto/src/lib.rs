@@ -89,7 +89,9 @@ mod tests {
                     ..Default::default()
                 }
                 .encode_to_vec(),
-                vec![0x0a, 1, b'a', 0x12, 1, b'b', 0x18, 7, 0x20, 9, 0x28, 2, 0x30, 3],
+                vec![
+                    0x0a, 1, b'a', 0x12, 1, b'b', 0x18, 7, 0x20, 9, 0x28, 2, 0x30, 3,
+                ],
             ),
             (
                 "RangeRequest serializable=7 keys_only=8 count_only=9",
