@@ -38,6 +38,7 @@ use crate::mvcc::Mvcc;
 use crate::raft::transport::{GrpcTransport, PeerService, MAX_PEER_MESSAGE};
 use crate::raft::{Input, RaftConfig, RaftNode};
 use crate::server::apply::{EtcdStateMachine, MvccSnapshots, Waiters};
+use crate::server::authority::AuthorityFix;
 use crate::server::cluster::{ClusterService, MemberInfo, Members};
 use crate::server::kv::KvService;
 use crate::server::maintenance::{MaintenanceService, ETCD_VERSION};
@@ -183,15 +184,15 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             .max_encoding_message_size(MAX_PEER_MESSAGE),
     );
     for url in split_urls(&cfg.listen_peer_urls) {
-        tasks.push(serve(&url, peer_routes.clone(), stop_rx.clone()).await?);
+        tasks.push(serve(&url, peer_routes.clone(), stop_rx.clone(), false).await?);
     }
     let client_routes = client_routes(&server, cfg.max_request_bytes);
     for url in split_urls(&cfg.listen_client_urls) {
-        tasks.push(serve(&url, client_routes.clone(), stop_rx.clone()).await?);
+        tasks.push(serve(&url, client_routes.clone(), stop_rx.clone(), true).await?);
     }
     let metrics_routes = Routes::from(server::http::routes(axum::Router::new(), server.clone()));
     for url in split_urls(&cfg.listen_metrics_urls) {
-        tasks.push(serve(&url, metrics_routes.clone(), stop_rx.clone()).await?);
+        tasks.push(serve(&url, metrics_routes.clone(), stop_rx.clone(), false).await?);
     }
     tokio::spawn(publish_attributes(
         server.clone(),
@@ -247,10 +248,13 @@ fn client_routes(server: &Arc<EtcdServer>, max_request_bytes: usize) -> Routes {
     ))
 }
 
+/// Serves `routes` on `url` until `stop`. Client listeners (`etcd_clients`)
+/// accept etcd Go clients' schemed `:authority` (see `server::authority`).
 async fn serve(
     url: &str,
     routes: Routes,
     mut stop: watch::Receiver<bool>,
+    etcd_clients: bool,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let addr = url_host_port(url)?;
     let listener = TcpListener::bind(&addr)
@@ -260,15 +264,19 @@ async fn serve(
     tracing::info!(%url, %local, "listening");
     // A caller-supplied listener bypasses tonic's own nodelay setting; without
     // it small responses wait out Nagle's algorithm (~40 ms).
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|s| {
+    let incoming = TcpListenerStream::new(listener).map(move |conn| {
+        conn.map(|s| {
             let _ = s.set_nodelay(true);
+            if etcd_clients {
+                Either::Fixed(AuthorityFix::new(s))
+            } else {
+                Either::Plain(s)
+            }
         })
     });
     Ok(tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .accept_http1(true)
-            .tcp_nodelay(true)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -278,6 +286,63 @@ async fn serve(
             tracing::error!(error = %e, "listener failed");
         }
     }))
+}
+
+/// An accepted connection, with or without the `:authority` fix.
+enum Either {
+    Plain(tokio::net::TcpStream),
+    Fixed(AuthorityFix<tokio::net::TcpStream>),
+}
+
+macro_rules! either {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Either::Plain($s) => $e,
+            Either::Fixed($s) => $e,
+        }
+    };
+}
+
+impl tokio::io::AsyncRead for Either {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        either!(self, s => std::pin::Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl tokio::io::AsyncWrite for Either {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        either!(self, s => std::pin::Pin::new(s).poll_write(cx, buf))
+    }
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        either!(self, s => std::pin::Pin::new(s).poll_flush(cx))
+    }
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        either!(self, s => std::pin::Pin::new(s).poll_shutdown(cx))
+    }
+}
+
+impl tonic::transport::server::Connected for Either {
+    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        match self {
+            Either::Plain(s) => s.connect_info(),
+            Either::Fixed(s) => s.get_ref().connect_info(),
+        }
+    }
 }
 
 /// Publishes this member's name and client URLs through raft once a leader

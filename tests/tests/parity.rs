@@ -231,9 +231,19 @@ fn every_member_serves_the_same_answers() -> anyhow::Result<()> {
         ));
     }
     assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
-    let out = meridian.etcdctl_ok(&["endpoint", "hashkv"])?;
+    let out = meridian.etcdctl_ok(&["endpoint", "hashkv", "--cluster"])?;
     let hashes: Vec<&str> = out.lines().filter_map(|l| l.split(", ").nth(1)).collect();
     assert_eq!(hashes.len(), 3, "{out}");
     assert!(hashes.windows(2).all(|w| w[0] == w[1]), "{out}");
+    // --cluster dials the advertised client URLs, as etcd's Go client does
+    // (with the scheme in the HTTP/2 authority).
+    let out = meridian.etcdctl_ok(&["endpoint", "status", "--cluster"])?;
+    assert_eq!(out.lines().count(), 3, "{out}");
+    let out = meridian.etcdctl_ok(&["endpoint", "health", "--cluster"])?;
+    assert_eq!(
+        out.lines().filter(|l| l.contains("is healthy")).count(),
+        3,
+        "{out}"
+    );
     Ok(())
 }
