@@ -239,11 +239,13 @@ fn every_member_serves_the_same_answers() -> anyhow::Result<()> {
     // (with the scheme in the HTTP/2 authority).
     let out = meridian.etcdctl_ok(&["endpoint", "status", "--cluster"])?;
     assert_eq!(out.lines().count(), 3, "{out}");
-    let out = meridian.etcdctl_ok(&["endpoint", "health", "--cluster"])?;
+    let out = meridian.etcdctl(&["endpoint", "health", "--cluster"])?;
+    let text = format!("{}{}", out.stdout, out.stderr);
+    assert!(out.success(), "{text}");
     assert_eq!(
-        out.lines().filter(|l| l.contains("is healthy")).count(),
+        text.lines().filter(|l| l.contains("is healthy")).count(),
         3,
-        "{out}"
+        "{text}"
     );
     Ok(())
 }
