@@ -968,33 +968,48 @@ fn find_tool(var: &str, name: &str) -> Result<PathBuf> {
 ///
 /// Connection failure, timeout (2 s), another status, or a body without `true`.
 pub fn check_health(addr: SocketAddr) -> Result<()> {
-    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
-    // One write: `write!` would issue one syscall per piece.
-    stream.write_all(
-        format!("GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )?;
-    let mut response = Vec::new();
-    // The server closes after the response (Connection: close); a timeout keeps what arrived.
-    if let Err(err) = stream.take(64 * 1024).read_to_end(&mut response) {
-        if response.is_empty() {
-            return Err(err.into());
-        }
-    }
-    let response = String::from_utf8_lossy(&response);
-    let status = response.lines().next().unwrap_or_default();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body)
-        .unwrap_or_default();
-    if !(status.starts_with("HTTP/1.") && status.split_whitespace().nth(1) == Some("200")) {
-        bail!("status {status:?}, body {body:?}");
+    let (status, body) = http_get(addr, "/health")?;
+    if status != 200 {
+        bail!("status {status}, body {body:?}");
     }
     if !body.contains("true") {
         bail!("unhealthy: {body:?}");
     }
     Ok(())
+}
+
+/// A plain HTTP/1.1 GET of `path` on `addr`: the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    // One write: `write!` would issue one syscall per piece.
+    stream.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
+    let mut response = Vec::new();
+    // The server closes after the response (Connection: close); a timeout keeps what arrived.
+    if let Err(err) = stream.take(4 * 1024 * 1024).read_to_end(&mut response) {
+        if response.is_empty() {
+            return Err(err.into());
+        }
+    }
+    let response = String::from_utf8_lossy(&response);
+    let status_line = response.lines().next().unwrap_or_default();
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body)
+        .unwrap_or_default()
+        .to_string();
+    if !status_line.starts_with("HTTP/1.") {
+        bail!("not an HTTP response: {status_line:?}");
+    }
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body))
 }
 
 /// A 127.0.0.1 port reserved for this process until dropped; see "Ports" in the module doc.

@@ -523,7 +523,12 @@ async fn space_quota_raises_nospace_alarm_until_disarmed() -> Result<()> {
         .delete("q/", Some(DeleteOptions::new().with_prefix()))
         .await?
         .deleted();
-    assert_eq!(deleted, stored);
+    // etcd applies the put that crosses the quota at apply time and still answers NOSPACE, so
+    // that one may or may not be stored.
+    assert!(
+        (stored..=stored + 1).contains(&deleted),
+        "deleted {deleted} keys, {stored} puts were acknowledged"
+    );
     assert_refused(
         "small put after deleting everything, alarm still on",
         client.put("small", "1", None).await,
