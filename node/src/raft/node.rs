@@ -146,6 +146,14 @@ impl<S: StateMachine> RaftNode<S> {
             batch.commit()?;
             db.persist(PersistMode::SyncData)?;
         }
+        // Everything applied was committed; a commit index persisted behind
+        // the applied one (it is not fsync-critical) must not make raft think
+        // it applied past its commit.
+        if store.hard_state().commit < sm.applied() {
+            let mut batch = db.batch();
+            store.set_commit(sm.applied(), &mut batch);
+            batch.commit()?;
+        }
         let raft_cfg = raft::Config {
             id: cfg.id,
             election_tick: cfg.election_ticks,

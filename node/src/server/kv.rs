@@ -15,6 +15,7 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::apply::Applied;
+use super::cluster::Alarms;
 use super::ops;
 use super::EtcdServer;
 use crate::error::{Error, Result};
@@ -36,6 +37,9 @@ impl KvService {
         }
         let quota = self.server.limits.quota_backend_bytes;
         if self.server.mvcc.size_in_use() + cost > quota {
+            if Alarms::load(&self.server.mvcc).has(AlarmType::Nospace) {
+                return Err(Error::NoSpace);
+            }
             self.server.propose_detached(Internal::Alarm(AlarmRequest {
                 action: AlarmAction::Activate as i32,
                 member_id: self.server.member_id,
