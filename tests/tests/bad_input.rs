@@ -104,7 +104,7 @@ fn puts(prefix: &str, n: usize) -> Vec<TxnOp> {
 /// ResourceExhausted.
 #[tokio::test]
 async fn oversized_requests_are_refused_with_default_limit() -> Result<()> {
-    let cluster = meridian_tests::EtcdCluster::start_with(3, ClusterOpts::fast())?;
+    let cluster = Cluster::start(3, ClusterOpts::fast())?;
     let mut client = cluster.client().await?;
 
     let fits = vec![b'x'; 1_468_006]; // 1.4 MiB
@@ -151,7 +151,7 @@ async fn oversized_requests_are_refused_with_default_limit() -> Result<()> {
 /// below the gRPC receive limit, 1024 + 512 KiB), a small one is stored.
 #[tokio::test]
 async fn oversized_requests_are_refused_with_custom_limit() -> Result<()> {
-    let cluster = meridian_tests::EtcdCluster::start_with(
+    let cluster = Cluster::start(
         3,
         ClusterOpts {
             max_request_bytes: Some(1024),
@@ -172,7 +172,7 @@ async fn oversized_requests_are_refused_with_custom_limit() -> Result<()> {
 /// 129 operations in one branch of a txn are refused (default --max-txn-ops 128); 128 apply.
 #[tokio::test]
 async fn too_many_txn_ops_are_refused() -> Result<()> {
-    let cluster = meridian_tests::EtcdCluster::start_with(3, ClusterOpts::fast())?;
+    let cluster = Cluster::start(3, ClusterOpts::fast())?;
     let mut client = cluster.client().await?;
 
     assert_refused(
@@ -210,7 +210,7 @@ async fn too_many_txn_ops_are_refused() -> Result<()> {
 /// `--max-txn-ops 4`: five operations are refused, four apply.
 #[tokio::test]
 async fn custom_max_txn_ops_is_enforced() -> Result<()> {
-    let cluster = meridian_tests::EtcdCluster::start_with(
+    let cluster = Cluster::start(
         3,
         ClusterOpts {
             max_txn_ops: Some(4),
@@ -233,7 +233,7 @@ async fn custom_max_txn_ops_is_enforced() -> Result<()> {
 /// An empty key is refused on put, get, delete, and in a txn compare or op.
 #[tokio::test]
 async fn empty_key_is_refused() -> Result<()> {
-    let cluster = meridian_tests::EtcdCluster::start_with(3, ClusterOpts::fast())?;
+    let cluster = Cluster::start(3, ClusterOpts::fast())?;
     let mut client = cluster.client().await?;
     client.put("k", "v", None).await?;
 
@@ -297,7 +297,7 @@ async fn empty_key_is_refused() -> Result<()> {
 /// deletes nothing and does not advance the revision.
 #[tokio::test]
 async fn range_end_before_key_is_an_empty_range() -> Result<()> {
-    let cluster = meridian_tests::EtcdCluster::start_with(3, ClusterOpts::fast())?;
+    let cluster = Cluster::start(3, ClusterOpts::fast())?;
     let mut client = cluster.client().await?;
     for k in ["a", "b", "c"] {
         client.put(k, "1", None).await?;
@@ -328,7 +328,7 @@ async fn range_end_before_key_is_an_empty_range() -> Result<()> {
 /// Reads and compactions at a revision that does not exist yet, or no longer exists.
 #[tokio::test]
 async fn future_and_compacted_revisions_are_refused() -> Result<()> {
-    let cluster = meridian_tests::EtcdCluster::start_with(3, ClusterOpts::fast())?;
+    let cluster = Cluster::start(3, ClusterOpts::fast())?;
     let mut client = cluster.client().await?;
     let mut rev = 0;
     for v in ["1", "2", "3", "4"] {
@@ -405,7 +405,7 @@ async fn future_and_compacted_revisions_are_refused() -> Result<()> {
 /// A txn that writes one key twice, or puts a key it also deletes, is refused whole.
 #[tokio::test]
 async fn duplicate_key_in_txn_is_refused() -> Result<()> {
-    let cluster = meridian_tests::EtcdCluster::start_with(3, ClusterOpts::fast())?;
+    let cluster = Cluster::start(3, ClusterOpts::fast())?;
     let mut client = cluster.client().await?;
     assert_refused(
         "txn putting one key twice",
@@ -437,7 +437,7 @@ async fn duplicate_key_in_txn_is_refused() -> Result<()> {
 /// value it keeps the value and bumps the version.
 #[tokio::test]
 async fn ignore_value_misuse_is_refused() -> Result<()> {
-    let cluster = meridian_tests::EtcdCluster::start_with(3, ClusterOpts::fast())?;
+    let cluster = Cluster::start(3, ClusterOpts::fast())?;
     let mut client = cluster.client().await?;
     client.put("iv", "kept", None).await?;
 
@@ -470,10 +470,10 @@ async fn ignore_value_misuse_is_refused() -> Result<()> {
 
 /// Filling a 256 KiB space quota: the put that does not fit is refused with NOSPACE and raises
 /// the alarm; reads and deletes still work; puts stay refused while the alarm is on, even after
-/// deleting and compacting; after `etcdctl alarm disarm` puts work again.
+/// deleting and compacting; after `etcdctl defrag` and `etcdctl alarm disarm` puts work again.
 #[tokio::test]
 async fn space_quota_raises_nospace_alarm_until_disarmed() -> Result<()> {
-    let cluster = meridian_tests::EtcdCluster::start_with(
+    let cluster = Cluster::start(
         3,
         ClusterOpts {
             quota_backend_bytes: Some(256 * 1024),
@@ -561,6 +561,14 @@ async fn space_quota_raises_nospace_alarm_until_disarmed() -> Result<()> {
     let out = cluster.etcdctl(&["alarm", "list"])?;
     assert!(out.stdout.contains("alarm:NOSPACE"), "{out:?}");
 
+    // etcd's recovery procedure: compact, defragment every member, disarm. (etcd 3.4 counts the
+    // backend file's size against the quota, so without the defrag it refuses puts again.)
+    let out = cluster.etcdctl_ok(&["defrag"])?;
+    assert_eq!(
+        out.matches("Finished defragmenting etcd member").count(),
+        3,
+        "{out}"
+    );
     let out = cluster.etcdctl(&["alarm", "disarm"])?;
     assert!(out.success(), "etcdctl alarm disarm: {out:?}");
     let out = cluster.etcdctl(&["alarm", "list"])?;
@@ -574,7 +582,7 @@ async fn space_quota_raises_nospace_alarm_until_disarmed() -> Result<()> {
 /// The same refusals through the real etcdctl 3.4: it exits non-zero and prints etcd's message.
 #[tokio::test]
 async fn etcdctl_reports_etcd_errors() -> Result<()> {
-    let cluster = meridian_tests::EtcdCluster::start_with(3, ClusterOpts::fast())?;
+    let cluster = Cluster::start(3, ClusterOpts::fast())?;
     let eps = cluster.endpoints();
     let refused = |args: &[&str], input: &str, message: &str| -> Result<()> {
         let out = etcdctl_with_input(&eps, args, input)?;
@@ -650,7 +658,7 @@ async fn patient_client(cluster: &Cluster, i: usize) -> Result<Client> {
 /// With two of three members killed, a put on the survivor fails within 15 s with Unavailable,
 /// and a serializable read on it still answers.
 async fn survivor_without_quorum(kill_leader: bool) -> Result<()> {
-    let mut cluster = meridian_tests::EtcdCluster::start_with(3, ClusterOpts::fast())?;
+    let mut cluster = Cluster::start(3, ClusterOpts::fast())?;
     cluster.client().await?.put("nl/k", "1", None).await?;
     let leader = cluster.leader().await?;
     let survivor = if kill_leader {
@@ -680,7 +688,6 @@ async fn survivor_without_quorum(kill_leader: bool) -> Result<()> {
     let result = client.put("nl/k", "2", None).await;
     let took = started.elapsed();
     let status = status("put without quorum", result);
-    eprintln!("no quorum: {status:?} after {took:?}");
     assert_eq!(
         status.code(),
         Code::Unavailable,
