@@ -4,6 +4,11 @@ use clap::{Parser, Subcommand};
 use meridian_node::config::{normalize_args, NodeConfig, NodeFlags};
 use tracing_subscriber::EnvFilter;
 
+/// The request path allocates small buffers on many threads; glibc's malloc
+/// spent a tenth of a member's CPU under load in profiles, mimalloc far less.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "meridian",

@@ -83,7 +83,12 @@ impl KeyIndex {
 
     /// Records a put of `key` at `rev` and returns the version written.
     pub fn put(&mut self, key: &[u8], rev: Revision, lease: i64) -> Version {
-        let history = self.keys.entry(key.to_vec()).or_default();
+        // Look up before inserting: most puts hit an existing key, and
+        // `entry` would allocate the key each time.
+        if !self.keys.contains_key(key) {
+            self.keys.insert(key.to_vec(), Vec::new());
+        }
+        let history = self.keys.get_mut(key).expect("inserted above");
         let version = match history.last() {
             Some(last) if !last.tombstone => Version {
                 rev,

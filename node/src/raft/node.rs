@@ -247,9 +247,11 @@ impl<S: StateMachine> RaftNode<S> {
         self.reads.queued.push(reply);
     }
 
-    /// Sends the queued reads as one ReadIndex request.
+    /// Sends the queued reads as one ReadIndex request, unless one is
+    /// already in flight: then they wait and ride in the next one, so a
+    /// stream of reads costs one heartbeat round per batch, not per read.
     pub fn flush_reads(&mut self) {
-        if self.reads.queued.is_empty() {
+        if self.reads.queued.is_empty() || !self.reads.in_flight.is_empty() {
             return;
         }
         let replies = std::mem::take(&mut self.reads.queued);
