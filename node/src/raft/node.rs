@@ -264,7 +264,11 @@ impl<S: StateMachine> RaftNode<S> {
         }
         self.reads.next_ctx += 1;
         let ctx = self.reads.next_ctx;
-        self.raw.read_index(ctx.to_be_bytes().to_vec());
+        // The leader keys pending reads by context, across all members: a
+        // bare counter would collide with another member's and be dropped.
+        let mut rctx = self.cfg.id.to_be_bytes().to_vec();
+        rctx.extend_from_slice(&ctx.to_be_bytes());
+        self.raw.read_index(rctx);
         self.reads.in_flight.insert(ctx, (0, replies));
     }
 
@@ -318,8 +322,8 @@ impl<S: StateMachine> RaftNode<S> {
         for rs in ready.take_read_states() {
             let ctx = rs
                 .request_ctx
-                .as_slice()
-                .try_into()
+                .get(8..)
+                .and_then(|b| b.try_into().ok())
                 .map(u64::from_be_bytes)
                 .unwrap_or(0);
             if let Some((_, replies)) = self.reads.in_flight.remove(&ctx) {

@@ -397,6 +397,21 @@ fn read_index_on_a_follower_waits_for_the_leaders_commit() {
     let index = rx.try_recv().expect("read confirmed").expect("read ok");
     assert!(index >= net.applied(leader).index);
 
+    // Reads from every member at once: none is lost at the leader.
+    let mut waiting = Vec::new();
+    for id in 1..=3 {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        net.node(id).read_index(tx);
+        waiting.push(rx);
+    }
+    net.settle();
+    for mut rx in waiting {
+        assert!(rx
+            .try_recv()
+            .expect("every member's read is confirmed")
+            .is_ok());
+    }
+
     // Without a quorum the read cannot be confirmed; it times out.
     net.cut.insert(leader);
     let other = (1..=3).find(|id| *id != leader && *id != follower).unwrap();
