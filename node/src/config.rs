@@ -64,6 +64,9 @@ pub struct NodeFlags {
     /// Space quota in bytes; 0 means the default of 2 GiB.
     #[arg(long, allow_hyphen_values = true)]
     pub quota_backend_bytes: Option<i64>,
+    /// Interval of watch progress notifications (etcd's flag; e.g. 10m, 30s, 500ms).
+    #[arg(long = "experimental-watch-progress-notify-interval")]
+    pub watch_progress_notify_interval: Option<String>,
     /// Log level: error, warn, info, debug.
     #[arg(long)]
     pub log_level: Option<String>,
@@ -92,6 +95,7 @@ pub struct NodeConfig {
     pub max_txn_ops: usize,
     pub listen_metrics_urls: String,
     pub quota_backend_bytes: i64,
+    pub watch_progress_notify_interval: String,
     pub log_level: String,
 }
 
@@ -117,6 +121,7 @@ impl Default for NodeConfig {
             max_txn_ops: 128,
             listen_metrics_urls: String::new(),
             quota_backend_bytes: 0,
+            watch_progress_notify_interval: "10m".into(),
             log_level: "info".into(),
         }
     }
@@ -179,7 +184,8 @@ impl NodeConfig {
             max_txn_ops,
             listen_metrics_urls,
             quota_backend_bytes,
-            log_level
+            log_level,
+            watch_progress_notify_interval
         );
         if let Some(d) = &flags.data_dir {
             cfg.data_dir = Some(d.clone());
@@ -207,12 +213,23 @@ impl NodeConfig {
                 self.initial_cluster_state
             )));
         }
+        if !parse_duration(&self.watch_progress_notify_interval).is_some_and(|d| !d.is_zero()) {
+            return Err(Error::Config(format!(
+                "invalid --experimental-watch-progress-notify-interval {:?}: want a duration like 10m, 30s or 500ms",
+                self.watch_progress_notify_interval
+            )));
+        }
         if self.max_txn_ops == 0 || self.max_request_bytes == 0 || self.snapshot_count == 0 {
             return Err(Error::Config(
                 "--max-txn-ops, --max-request-bytes and --snapshot-count must be > 0".into(),
             ));
         }
         Ok(())
+    }
+
+    /// The watch progress-notify interval.
+    pub fn progress_notify_interval(&self) -> Duration {
+        parse_duration(&self.watch_progress_notify_interval).unwrap_or(Duration::from_secs(600))
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -268,6 +285,22 @@ impl NodeConfig {
         }
         Ok(out)
     }
+}
+
+/// Parses Go-style durations as etcd's flags take them: `10m`, `30s`, `500ms`, `1h`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.')?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num.parse().ok()?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return None,
+    };
+    Some(Duration::from_secs_f64(secs))
 }
 
 /// Splits a comma-separated URL list.
@@ -372,6 +405,21 @@ mod tests {
             lone.initial_members().unwrap()["default"],
             vec!["http://127.0.0.1:2380"]
         );
+    }
+
+    #[test]
+    fn durations() {
+        for (s, ms) in [
+            ("10m", 600_000),
+            ("30s", 30_000),
+            ("500ms", 500),
+            ("1h", 3_600_000),
+            ("1.5s", 1500),
+        ] {
+            assert_eq!(parse_duration(s), Some(Duration::from_millis(ms)), "{s}");
+        }
+        assert_eq!(parse_duration("10"), None);
+        assert_eq!(parse_duration("10x"), None);
     }
 
     #[test]

@@ -17,11 +17,13 @@ pub mod server;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use meridian_proto::etcdserverpb::cluster_server::ClusterServer;
 use meridian_proto::etcdserverpb::kv_server::KvServer;
 use meridian_proto::etcdserverpb::maintenance_server::MaintenanceServer;
+use meridian_proto::etcdserverpb::watch_server::WatchServer;
+use meridian_proto::etcdserverpb::ResponseHeader;
 use meridian_proto::meridian::v1::internal_request::Request as Internal;
 use meridian_proto::meridian::v1::raft_transport_server::RaftTransportServer;
 use meridian_proto::meridian::v1::MemberAttributes;
@@ -36,12 +38,14 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::mvcc::Mvcc;
 use crate::raft::transport::{GrpcTransport, PeerService, MAX_PEER_MESSAGE};
-use crate::raft::{Input, RaftConfig, RaftNode};
+use crate::raft::{Input, RaftConfig, RaftNode, RaftStatus};
 use crate::server::apply::{EtcdStateMachine, MvccSnapshots, Waiters};
 use crate::server::authority::AuthorityFix;
 use crate::server::cluster::{ClusterService, MemberInfo, Members};
 use crate::server::kv::KvService;
 use crate::server::maintenance::{MaintenanceService, ETCD_VERSION};
+use crate::server::watch::hub::HeaderFn;
+use crate::server::watch::{WatchHub, WatchService};
 use crate::server::{EtcdServer, Limits, GRPC_OVERHEAD_BYTES};
 
 const META_CLUSTER_ID: &str = "cluster_id";
@@ -122,7 +126,24 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
 
     // Raft.
     let waiters = Arc::new(Waiters::default());
-    let sm = EtcdStateMachine::new(mvcc.clone(), waiters.clone(), metrics.clone());
+    // The watch hub reads the store's revision now, before apply can move it.
+    let raft_status: Arc<OnceLock<Arc<RaftStatus>>> = Arc::default();
+    let header: HeaderFn = {
+        let (member_id, status) = (me.id, raft_status.clone());
+        Arc::new(move |revision| ResponseHeader {
+            cluster_id,
+            member_id,
+            revision,
+            raft_term: status.get().map_or(0, |s| s.term()),
+        })
+    };
+    let (hub, feed) = WatchHub::start(
+        mvcc.clone(),
+        header.clone(),
+        cfg.max_request_bytes,
+        cfg.progress_notify_interval(),
+    );
+    let sm = EtcdStateMachine::new(mvcc.clone(), waiters.clone(), metrics.clone(), feed);
     let ticks = (cfg.election_timeout / cfg.heartbeat_interval) as usize;
     let raft_cfg = RaftConfig {
         id: me.id,
@@ -140,6 +161,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         metrics.clone(),
         &raft::logger::logger(),
     )?;
+    let _ = raft_status.set(node.status());
     let chan = raft::driver::channel();
     let raft_tx = chan.0.clone();
     let peers: HashMap<u64, String> = members
@@ -186,7 +208,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     for url in split_urls(&cfg.listen_peer_urls) {
         tasks.push(serve(&url, peer_routes.clone(), stop_rx.clone(), false).await?);
     }
-    let client_routes = client_routes(&server, cfg.max_request_bytes);
+    let watch = WatchService::new(hub, header);
+    let client_routes = client_routes(&server, watch, cfg.max_request_bytes);
     for url in split_urls(&cfg.listen_client_urls) {
         tasks.push(serve(&url, client_routes.clone(), stop_rx.clone(), true).await?);
     }
@@ -217,11 +240,16 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     Ok(())
 }
 
-fn client_routes(server: &Arc<EtcdServer>, max_request_bytes: usize) -> Routes {
+fn client_routes(
+    server: &Arc<EtcdServer>,
+    watch: WatchService,
+    max_request_bytes: usize,
+) -> Routes {
     // The transport admits far more than the limit so that the services can
     // refuse oversized requests with etcd's own codes and messages.
     let max = (max_request_bytes + GRPC_OVERHEAD_BYTES).max(64 << 20) * 2;
     let routes = Routes::builder()
+        .add_service(WatchServer::new(watch).max_decoding_message_size(max))
         .add_service(
             KvServer::new(KvService {
                 server: server.clone(),

@@ -1182,6 +1182,52 @@ fn wait_timeout(child: &mut Child, limit: Duration) -> Result<Option<ExitStatus>
 }
 
 /// Runs `cmd` with `input` on stdin, collecting stdout and stderr; kills it after `limit`.
+/// Runs a long-lived etcdctl command (such as `watch`) for `run_for`, then
+/// stops it, and returns what it printed: stdout, then stderr without
+/// etcdctl's own timestamped log lines.
+pub fn etcdctl_with_timeout(
+    endpoints: &[impl AsRef<str>],
+    args: &[&str],
+    run_for: Duration,
+) -> Result<String> {
+    let endpoints = endpoints
+        .iter()
+        .map(|e| e.as_ref())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut cmd = Command::new(etcdctl_bin()?);
+    cmd.arg(format!("--endpoints={endpoints}"))
+        .arg("--dial-timeout=3s")
+        .args(args);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("ETCDCTL_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.env("ETCDCTL_API", "3")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("spawn {:?}", cmd.get_program()))?;
+    let stdout = read_pipe(child.stdout.take());
+    let stderr = read_pipe(child.stderr.take());
+    if wait_timeout(&mut child, run_for)?.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let mut out = join_pipe(stdout);
+    for line in join_pipe(stderr)
+        .lines()
+        .filter(|l| !l.starts_with("{\"level\""))
+    {
+        out.push_str(line);
+        out.push('\n');
+    }
+    Ok(out)
+}
+
 fn run_bounded(mut cmd: Command, input: &str, limit: Duration) -> Result<CtlOutput> {
     cmd.stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -278,11 +278,56 @@ impl Mvcc {
     /// # Errors
     ///
     /// Storage errors while removing compacted records.
-    pub fn publish(&self) -> Result<()> {
+    ///
+    /// Returns the records that became visible, in revision order: the
+    /// change feed for watchers.
+    pub fn publish(&self) -> Result<Vec<KvRecord>> {
         let mut st = self.state.write();
-        st.pending.clear();
+        let published = std::mem::take(&mut st.pending).into_values().collect();
         st.published = st.staged;
-        self.carry_out_compaction(&mut st)
+        self.carry_out_compaction(&mut st)?;
+        Ok(published)
+    }
+
+    /// Published changes with main revision in `from..=to`, in revision
+    /// order, at most `limit` whole revisions (a revision's changes are never
+    /// split). Also returns the compact revision it read under.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Compacted`] if `from` is below the compact revision, since
+    /// those changes are gone; storage errors.
+    pub fn history(&self, from: i64, to: i64, limit: usize) -> Result<Vec<KvRecord>> {
+        let st = self.state.read();
+        if from < st.published.compacted {
+            return Err(Error::Compacted);
+        }
+        let to = to.min(st.published.current);
+        let mut out: Vec<KvRecord> = Vec::new();
+        if from > to {
+            return Ok(out);
+        }
+        let (lo, hi) = (
+            Revision::new(from, 0).to_key(),
+            Revision::new(to + 1, 0).to_key(),
+        );
+        let mut revisions = 0;
+        for item in self.kv.range(lo.as_slice()..hi.as_slice()) {
+            let (k, v) = item.into_inner()?;
+            let rev = Revision::from_key(&k).ok_or_else(|| Error::Corrupt("bad kv key".into()))?;
+            if out.last().is_none_or(|last| last.main != rev.main) {
+                if revisions == limit {
+                    break;
+                }
+                revisions += 1;
+            }
+            let mut rec =
+                KvRecord::decode(v.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))?;
+            rec.main = rev.main;
+            rec.sub = rev.sub;
+            out.push(rec);
+        }
+        Ok(out)
     }
 
     fn carry_out_compaction(&self, st: &mut State) -> Result<()> {

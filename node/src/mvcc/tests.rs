@@ -19,6 +19,39 @@ fn commit(store: &Mvcc, db_applied: u64) {
     store.publish().unwrap();
 }
 
+#[test]
+fn publish_returns_the_change_feed_and_history_replays_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    put(&store, "a", "1"); // 2
+    let mut txn = store.write();
+    txn.put(b"b", b"1".to_vec(), 0);
+    txn.delete_range(&KeyRange::new(b"a", b"")).unwrap();
+    txn.end(); // 3
+    store.set_applied(1);
+    let mut batch = store.db_handle().batch();
+    store.stage(&mut batch);
+    batch.commit().unwrap();
+    let feed = store.publish().unwrap();
+    let seen: Vec<(i64, i64, bool)> = feed.iter().map(|r| (r.main, r.sub, r.tombstone)).collect();
+    assert_eq!(seen, [(2, 0, false), (3, 0, false), (3, 1, true)]);
+    let hist = store.history(2, 3, 100).unwrap();
+    assert_eq!(hist, feed, "history equals what was published");
+    assert_eq!(
+        store.history(2, 3, 1).unwrap().len(),
+        1,
+        "limit counts whole revisions"
+    );
+    assert_eq!(
+        store.history(3, 10, 100).unwrap().len(),
+        2,
+        "a revision is never split"
+    );
+    store.compact(3).unwrap();
+    commit(&store, 2);
+    assert!(matches!(store.history(2, 3, 100), Err(Error::Compacted)));
+}
+
 fn store_db(store: &Mvcc) -> Database {
     store.db_handle()
 }

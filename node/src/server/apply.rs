@@ -18,6 +18,7 @@ use tokio::sync::oneshot;
 
 use super::cluster::{Alarms, Members};
 use super::ops;
+use super::watch::Feed;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::mvcc::{Marks, Mvcc};
@@ -62,22 +63,33 @@ impl Waiters {
 
 pub struct EtcdStateMachine {
     mvcc: Arc<Mvcc>,
+    /// Where published changes go (the watch hub).
+    feed: tokio::sync::mpsc::UnboundedSender<Feed>,
     waiters: Arc<Waiters>,
     metrics: Arc<Metrics>,
     /// Results of the entries in the batch being committed.
     done: Vec<(u64, Result<Applied>)>,
     nospace: bool,
+    /// A snapshot was restored in the batch being committed.
+    restored: bool,
 }
 
 impl EtcdStateMachine {
-    pub fn new(mvcc: Arc<Mvcc>, waiters: Arc<Waiters>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        mvcc: Arc<Mvcc>,
+        waiters: Arc<Waiters>,
+        metrics: Arc<Metrics>,
+        feed: tokio::sync::mpsc::UnboundedSender<Feed>,
+    ) -> Self {
         let nospace = Alarms::load(&mvcc).has(AlarmType::Nospace);
         Self {
             mvcc,
+            feed,
             waiters,
             metrics,
             done: Vec::new(),
             nospace,
+            restored: false,
         }
     }
 
@@ -181,10 +193,16 @@ impl StateMachine for EtcdStateMachine {
     }
 
     fn on_commit(&mut self) {
-        if let Err(e) = self.mvcc.publish() {
-            panic!("publishing applied state failed: {e}");
-        }
+        let feed = match self.mvcc.publish() {
+            Ok(feed) => feed,
+            Err(e) => panic!("publishing applied state failed: {e}"),
+        };
         let marks = self.mvcc.marks();
+        if std::mem::take(&mut self.restored) {
+            let _ = self.feed.send(Feed::Restored);
+        } else if !feed.is_empty() {
+            let _ = self.feed.send(Feed::Records(feed, marks.current));
+        }
         self.metrics.current_revision.set(marks.current);
         self.metrics.compact_revision.set(marks.compacted);
         for (id, result) in self.done.drain(..) {
@@ -204,6 +222,7 @@ impl StateMachine for EtcdStateMachine {
         if let Err(e) = self.mvcc.import(marks, snap.records, meta, batch) {
             panic!("restoring snapshot at {index} failed: {e}");
         }
+        self.restored = true;
         self.nospace = self
             .mvcc
             .meta(Alarms::META_KEY)

@@ -19,6 +19,7 @@ pub mod http;
 pub mod kv;
 pub mod maintenance;
 pub mod ops;
+pub mod watch;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,0 +1,685 @@
+//! The watch hub: one task that owns every watcher of the member, matches
+//! published changes against them and catches up the ones behind.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use meridian_proto::etcdserverpb::{ResponseHeader, WatchResponse};
+use meridian_proto::meridian::v1::KvRecord;
+use meridian_proto::mvccpb::{event::EventType, Event, KeyValue};
+use prost::Message;
+use tokio::sync::{mpsc, oneshot};
+use tonic::Status;
+
+use crate::error::Error;
+use crate::mvcc::{KeyRange, Mvcc, RangeOpts};
+
+/// What apply tells the hub after each publish.
+pub enum Feed {
+    /// Changes that just became visible, in revision order, and the store's
+    /// revision after them.
+    Records(Vec<KvRecord>, i64),
+    /// The store was replaced by a snapshot: every watcher must re-read.
+    Restored,
+}
+
+/// The outgoing side of one gRPC watch stream.
+pub type Outbox = mpsc::Sender<Result<WatchResponse, Status>>;
+
+/// A watch as the client asked for it, after etcd's key normalization.
+pub struct Spec {
+    pub watch_id: i64,
+    pub range: KeyRange,
+    pub start_revision: i64,
+    pub no_put: bool,
+    pub no_delete: bool,
+    pub prev_kv: bool,
+    pub progress_notify: bool,
+    pub fragment: bool,
+}
+
+enum Msg {
+    Feed(Feed),
+    Create {
+        stream: u64,
+        spec: Spec,
+        out: Outbox,
+        reply: oneshot::Sender<Result<(i64, i64), String>>,
+    },
+    Announce {
+        stream: u64,
+        id: i64,
+    },
+    Cancel {
+        stream: u64,
+        id: i64,
+        reply: oneshot::Sender<Option<i64>>,
+    },
+    Progress {
+        reply: oneshot::Sender<i64>,
+    },
+    Close {
+        stream: u64,
+    },
+}
+
+/// Fills response headers (ids and the raft term at send time).
+pub type HeaderFn = Arc<dyn Fn(i64) -> ResponseHeader + Send + Sync>;
+
+/// A handle to the hub task.
+#[derive(Clone)]
+pub struct WatchHub {
+    tx: mpsc::UnboundedSender<Msg>,
+}
+
+/// Most revisions one catch-up read covers.
+const SYNC_BATCH_REVISIONS: usize = 1000;
+const SYNC_INTERVAL: Duration = Duration::from_millis(100);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum State {
+    Pending,
+    Synced,
+    Unsynced,
+    /// Canceled by compaction; kept until the client cancels or leaves.
+    Compacted,
+}
+
+struct Watcher {
+    spec: Spec,
+    out: Outbox,
+    /// First revision not yet sent to this watcher.
+    next_rev: i64,
+    state: State,
+    /// An event went out since the last progress tick.
+    active: bool,
+}
+
+type Key = (u64, i64);
+
+struct Hub {
+    mvcc: Arc<Mvcc>,
+    header: HeaderFn,
+    max_response_bytes: usize,
+    /// The store revision the hub has processed.
+    rev: i64,
+    watchers: HashMap<Key, Watcher>,
+    next_auto_id: HashMap<u64, i64>,
+    /// Synced single-key watchers by key, and synced range watchers.
+    by_key: HashMap<Vec<u8>, HashSet<Key>>,
+    ranges: HashSet<Key>,
+    unsynced: HashSet<Key>,
+}
+
+impl WatchHub {
+    /// Starts the hub task. `rev` is the store's revision now; call before
+    /// apply can publish anything, so no change slips between the two.
+    pub fn start(
+        mvcc: Arc<Mvcc>,
+        header: HeaderFn,
+        max_response_bytes: usize,
+        progress_interval: Duration,
+    ) -> (Self, mpsc::UnboundedSender<Feed>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (feed_tx, feed_rx) = mpsc::unbounded_channel();
+        let rev = mvcc.marks().current;
+        let hub = Hub {
+            mvcc,
+            header,
+            max_response_bytes,
+            rev,
+            watchers: HashMap::new(),
+            next_auto_id: HashMap::new(),
+            by_key: HashMap::new(),
+            ranges: HashSet::new(),
+            unsynced: HashSet::new(),
+        };
+        tokio::spawn(hub.run(rx, feed_rx, progress_interval));
+        (Self { tx }, feed_tx)
+    }
+
+    /// Registers a watcher; returns its id and the revision for the Created
+    /// header, or etcd's reason for refusing it. The watcher gets nothing
+    /// until [`WatchHub::announce`].
+    pub async fn create(&self, stream: u64, spec: Spec, out: Outbox) -> Result<(i64, i64), String> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Msg::Create {
+            stream,
+            spec,
+            out,
+            reply,
+        });
+        rx.await.unwrap_or_else(|_| Err(Error::Stopped.to_string()))
+    }
+
+    /// The Created response is queued: the watcher may now receive events.
+    pub fn announce(&self, stream: u64, id: i64) {
+        let _ = self.tx.send(Msg::Announce { stream, id });
+    }
+
+    /// Removes a watcher; `Some(revision)` if it existed.
+    pub async fn cancel(&self, stream: u64, id: i64) -> Option<i64> {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Msg::Cancel { stream, id, reply });
+        rx.await.ok().flatten()
+    }
+
+    /// The revision up to which every synced watcher's events are queued.
+    pub async fn progress(&self) -> i64 {
+        let (reply, rx) = oneshot::channel();
+        let _ = self.tx.send(Msg::Progress { reply });
+        rx.await.unwrap_or(0)
+    }
+
+    /// Drops every watcher of a stream that ended.
+    pub fn close(&self, stream: u64) {
+        let _ = self.tx.send(Msg::Close { stream });
+    }
+}
+
+impl Hub {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Msg>,
+        mut feed: mpsc::UnboundedReceiver<Feed>,
+        progress_interval: Duration,
+    ) {
+        let mut sync_tick = tokio::time::interval(SYNC_INTERVAL);
+        let mut progress_tick = tokio::time::interval(progress_interval);
+        progress_tick.tick().await;
+        loop {
+            tokio::select! {
+                biased;
+                f = feed.recv() => match f {
+                    Some(f) => self.handle(Msg::Feed(f)),
+                    None => return,
+                },
+                m = rx.recv() => match m {
+                    Some(m) => self.handle(m),
+                    None => return,
+                },
+                _ = sync_tick.tick() => self.sync(),
+                _ = progress_tick.tick() => self.progress_notify(),
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Feed(Feed::Records(records, rev)) => self.publish(records, rev),
+            Msg::Feed(Feed::Restored) => {
+                // Synced watchers have everything up to the old revision; the
+                // snapshot's changes after it come from the store.
+                let synced: Vec<Key> = self
+                    .by_key
+                    .values()
+                    .flatten()
+                    .chain(&self.ranges)
+                    .copied()
+                    .collect();
+                for key in synced {
+                    if let Some(w) = self.watchers.get_mut(&key) {
+                        w.next_rev = self.rev + 1;
+                    }
+                    self.set_state(key, State::Unsynced);
+                }
+                self.rev = self.mvcc.marks().current;
+                self.sync();
+            }
+            Msg::Create {
+                stream,
+                spec,
+                out,
+                reply,
+            } => {
+                let _ = reply.send(self.create(stream, spec, out));
+            }
+            Msg::Announce { stream, id } => {
+                let key = (stream, id);
+                if let Some(w) = self.watchers.get(&key) {
+                    let state = if w.next_rev <= self.rev {
+                        State::Unsynced
+                    } else {
+                        State::Synced
+                    };
+                    self.set_state(key, state);
+                    if state == State::Unsynced {
+                        self.sync();
+                    }
+                }
+            }
+            Msg::Cancel { stream, id, reply } => {
+                let existed = self.remove((stream, id));
+                let _ = reply.send(existed.then_some(self.rev));
+            }
+            Msg::Progress { reply } => {
+                let _ = reply.send(self.rev);
+            }
+            Msg::Close { stream } => {
+                let keys: Vec<Key> = self
+                    .watchers
+                    .keys()
+                    .filter(|k| k.0 == stream)
+                    .copied()
+                    .collect();
+                for k in keys {
+                    self.remove(k);
+                }
+                self.next_auto_id.remove(&stream);
+            }
+        }
+    }
+
+    fn create(&mut self, stream: u64, spec: Spec, out: Outbox) -> Result<(i64, i64), String> {
+        if let KeyRange::Span(start, end) = &spec.range {
+            if start >= end {
+                return Err("mvcc: watcher range is empty".into());
+            }
+        }
+        let id = if spec.watch_id == 0 {
+            let next = self.next_auto_id.entry(stream).or_insert(0);
+            while self.watchers.contains_key(&(stream, *next)) {
+                *next += 1;
+            }
+            *next += 1;
+            *next - 1
+        } else {
+            if self.watchers.contains_key(&(stream, spec.watch_id)) {
+                return Err("mvcc: duplicate watch ID provided on the WatchStream".into());
+            }
+            spec.watch_id
+        };
+        let next_rev = if spec.start_revision <= 0 {
+            self.rev + 1
+        } else {
+            spec.start_revision
+        };
+        self.watchers.insert(
+            (stream, id),
+            Watcher {
+                spec,
+                out,
+                next_rev,
+                state: State::Pending,
+                active: false,
+            },
+        );
+        Ok((id, self.rev))
+    }
+
+    fn remove(&mut self, key: Key) -> bool {
+        if self.watchers.contains_key(&key) {
+            self.set_state(key, State::Pending);
+            self.watchers.remove(&key);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Moves a watcher between the synced index and the unsynced set.
+    fn set_state(&mut self, key: Key, state: State) {
+        let Some(w) = self.watchers.get_mut(&key) else {
+            return;
+        };
+        let old = w.state;
+        if old == state {
+            return;
+        }
+        if old == State::Synced {
+            match &w.spec.range {
+                KeyRange::Single(k) => {
+                    if let Some(set) = self.by_key.get_mut(k) {
+                        set.remove(&key);
+                        if set.is_empty() {
+                            self.by_key.remove(k);
+                        }
+                    }
+                }
+                _ => {
+                    self.ranges.remove(&key);
+                }
+            }
+        }
+        if old == State::Unsynced {
+            self.unsynced.remove(&key);
+        }
+        let w = self.watchers.get_mut(&key).expect("present");
+        w.state = state;
+        match state {
+            State::Synced => match &w.spec.range {
+                KeyRange::Single(k) => {
+                    self.by_key.entry(k.clone()).or_default().insert(key);
+                }
+                _ => {
+                    self.ranges.insert(key);
+                }
+            },
+            State::Unsynced => {
+                self.unsynced.insert(key);
+            }
+            State::Pending | State::Compacted => {}
+        }
+    }
+
+    /// Hands newly published revisions to the synced watchers they match.
+    fn publish(&mut self, records: Vec<KvRecord>, rev: i64) {
+        let mut at = 0;
+        while at < records.len() {
+            let main = records[at].main;
+            let end = records[at..]
+                .iter()
+                .position(|r| r.main != main)
+                .map_or(records.len(), |n| at + n);
+            self.publish_revision(main, &records[at..end]);
+            at = end;
+        }
+        self.rev = self.rev.max(rev);
+    }
+
+    fn publish_revision(&mut self, main: i64, records: &[KvRecord]) {
+        let mut matched: HashMap<Key, Vec<&KvRecord>> = HashMap::new();
+        for rec in records {
+            if let Some(keys) = self.by_key.get(&rec.key) {
+                for k in keys {
+                    matched.entry(*k).or_default().push(rec);
+                }
+            }
+            for k in &self.ranges {
+                if self.watchers[k].spec.range.contains(&rec.key) {
+                    matched.entry(*k).or_default().push(rec);
+                }
+            }
+        }
+        self.rev = main;
+        for (key, recs) in matched {
+            let w = &self.watchers[&key];
+            if main < w.next_rev {
+                continue;
+            }
+            match self.deliver(key, &recs, main) {
+                Delivery::Sent | Delivery::Nothing => {
+                    if let Some(w) = self.watchers.get_mut(&key) {
+                        w.next_rev = main + 1;
+                    }
+                }
+                Delivery::Full => {
+                    if let Some(w) = self.watchers.get_mut(&key) {
+                        w.next_rev = main;
+                    }
+                    self.set_state(key, State::Unsynced);
+                }
+                Delivery::Gone => {
+                    self.remove(key);
+                }
+            }
+        }
+    }
+
+    /// Sends `recs` to one watcher in one response (or fragments), applying
+    /// its filters and prev_kv.
+    fn deliver(&mut self, key: Key, recs: &[&KvRecord], header_rev: i64) -> Delivery {
+        let w = &self.watchers[&key];
+        let mut events = Vec::with_capacity(recs.len());
+        for rec in recs {
+            if (rec.tombstone && w.spec.no_delete) || (!rec.tombstone && w.spec.no_put) {
+                continue;
+            }
+            let prev_kv = if w.spec.prev_kv {
+                self.prev_kv(rec)
+            } else {
+                None
+            };
+            events.push(to_event(rec, prev_kv));
+        }
+        if events.is_empty() {
+            return Delivery::Nothing;
+        }
+        let resp = WatchResponse {
+            header: Some((self.header)(header_rev)),
+            watch_id: key.1,
+            events,
+            ..Default::default()
+        };
+        let parts = if w.spec.fragment {
+            fragment(resp, self.max_response_bytes)
+        } else {
+            vec![resp]
+        };
+        if w.out.is_closed() {
+            return Delivery::Gone;
+        }
+        if w.out.capacity() < parts.len() {
+            return Delivery::Full;
+        }
+        for p in parts {
+            if w.out.try_send(Ok(p)).is_err() {
+                return Delivery::Gone;
+            }
+        }
+        if let Some(w) = self.watchers.get_mut(&key) {
+            w.active = true;
+        }
+        Delivery::Sent
+    }
+
+    fn prev_kv(&self, rec: &KvRecord) -> Option<KeyValue> {
+        let r = self.mvcc.range(
+            &KeyRange::Single(rec.key.clone()),
+            RangeOpts {
+                rev: rec.main - 1,
+                ..Default::default()
+            },
+        );
+        r.ok().and_then(|r| r.kvs.into_iter().next())
+    }
+
+    /// Catches up unsynced watchers from the store: one history read for all
+    /// of them, from the oldest revision any of them needs.
+    fn sync(&mut self) {
+        if self.unsynced.is_empty() {
+            return;
+        }
+        let compacted = self.mvcc.marks().compacted;
+        let behind: Vec<Key> = self.unsynced.iter().copied().collect();
+        let mut readers = Vec::new();
+        for key in behind {
+            let w = &self.watchers[&key];
+            if w.next_rev < compacted {
+                let resp = WatchResponse {
+                    header: Some((self.header)(0)),
+                    watch_id: key.1,
+                    compact_revision: compacted,
+                    canceled: true,
+                    ..Default::default()
+                };
+                if w.out.try_send(Ok(resp)).is_ok() {
+                    self.set_state(key, State::Compacted);
+                }
+                continue;
+            }
+            if w.next_rev > self.rev {
+                self.set_state(key, State::Synced);
+                continue;
+            }
+            readers.push(key);
+        }
+        let Some(from) = readers.iter().map(|k| self.watchers[k].next_rev).min() else {
+            return;
+        };
+        let records = match self.mvcc.history(from, self.rev, SYNC_BATCH_REVISIONS) {
+            Ok(r) => r,
+            Err(Error::Compacted) => return, // compacted meanwhile: next sync cancels them
+            Err(e) => {
+                tracing::warn!(error = %e, "watch catch-up read failed");
+                return;
+            }
+        };
+        // A read cut at its revision limit covers up to its last revision;
+        // otherwise everything up to the hub's revision has been seen.
+        let mut revisions = 0;
+        for pair in records.windows(2) {
+            revisions += usize::from(pair[0].main != pair[1].main);
+        }
+        let upto = match records.last() {
+            Some(last) if revisions + 1 >= SYNC_BATCH_REVISIONS => last.main,
+            _ => self.rev,
+        };
+        for key in readers {
+            let next = self.watchers[&key].next_rev;
+            let range = self.watchers[&key].spec.range.clone();
+            let recs: Vec<&KvRecord> = records
+                .iter()
+                .filter(|r| r.main >= next && range.contains(&r.key))
+                .collect();
+            let outcome = if recs.is_empty() {
+                Delivery::Nothing
+            } else {
+                self.deliver(key, &recs, self.rev)
+            };
+            match outcome {
+                Delivery::Sent | Delivery::Nothing => {
+                    if let Some(w) = self.watchers.get_mut(&key) {
+                        w.next_rev = upto + 1;
+                    }
+                    if upto >= self.rev {
+                        self.set_state(key, State::Synced);
+                    }
+                }
+                Delivery::Full => {}
+                Delivery::Gone => {
+                    self.remove(key);
+                }
+            }
+        }
+    }
+
+    /// Sends an empty response to every synced watcher that asked for
+    /// progress notifications and got no event since the last tick.
+    fn progress_notify(&mut self) {
+        let rev = self.rev;
+        let header = self.header.clone();
+        for ((_, id), w) in self.watchers.iter_mut() {
+            if !w.spec.progress_notify || w.state != State::Synced {
+                continue;
+            }
+            if !w.active {
+                let resp = WatchResponse {
+                    header: Some(header(rev)),
+                    watch_id: *id,
+                    ..Default::default()
+                };
+                let _ = w.out.try_send(Ok(resp));
+            }
+            w.active = false;
+        }
+    }
+}
+
+enum Delivery {
+    Sent,
+    Nothing,
+    Full,
+    Gone,
+}
+
+/// An event as etcd sends it: a delete carries only the key and its revision.
+fn to_event(rec: &KvRecord, prev_kv: Option<KeyValue>) -> Event {
+    let (kind, kv) = if rec.tombstone {
+        (
+            EventType::Delete,
+            KeyValue {
+                key: rec.key.clone(),
+                mod_revision: rec.main,
+                ..Default::default()
+            },
+        )
+    } else {
+        (
+            EventType::Put,
+            KeyValue {
+                key: rec.key.clone(),
+                create_revision: rec.create_revision,
+                mod_revision: rec.main,
+                version: rec.version,
+                value: rec.value.clone(),
+                lease: rec.lease,
+            },
+        )
+    };
+    Event {
+        r#type: kind as i32,
+        kv: Some(kv),
+        prev_kv,
+    }
+}
+
+/// Splits a response whose encoding exceeds `limit` into several, each
+/// marked `fragment` but the last; an event is never split.
+fn fragment(resp: WatchResponse, limit: usize) -> Vec<WatchResponse> {
+    if resp.encoded_len() <= limit {
+        return vec![resp];
+    }
+    let mut parts = Vec::new();
+    let mut cur = WatchResponse {
+        events: Vec::new(),
+        ..resp.clone()
+    };
+    let mut size = cur.encoded_len();
+    for ev in resp.events {
+        let n = ev.encoded_len() + 8;
+        if !cur.events.is_empty() && size + n > limit {
+            let next = WatchResponse {
+                events: Vec::new(),
+                ..cur.clone()
+            };
+            parts.push(std::mem::replace(&mut cur, next));
+            size = cur.encoded_len();
+        }
+        size += n;
+        cur.events.push(ev);
+    }
+    parts.push(cur);
+    let last = parts.len() - 1;
+    for (i, p) in parts.iter_mut().enumerate() {
+        p.fragment = i != last;
+    }
+    parts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fragments_never_split_an_event_and_mark_all_but_the_last() {
+        let ev = |n: usize| Event {
+            r#type: 0,
+            kv: Some(KeyValue {
+                key: vec![b'k'; 10],
+                value: vec![0; n],
+                ..Default::default()
+            }),
+            prev_kv: None,
+        };
+        let resp = WatchResponse {
+            watch_id: 3,
+            events: vec![ev(400), ev(400), ev(400), ev(2000)],
+            ..Default::default()
+        };
+        let parts = fragment(resp.clone(), 1000);
+        assert_eq!(parts.len(), 3);
+        assert_eq!(
+            parts.iter().map(|p| p.fragment).collect::<Vec<_>>(),
+            [true, true, false]
+        );
+        assert_eq!(parts.iter().map(|p| p.events.len()).sum::<usize>(), 4);
+        assert!(parts.iter().all(|p| p.watch_id == 3));
+        assert_eq!(
+            fragment(resp, 1 << 20).len(),
+            1,
+            "small responses are not fragmented"
+        );
+    }
+}

@@ -1,0 +1,133 @@
+//! etcd's Watch service: one bidirectional stream carries many watchers.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use meridian_proto::etcdserverpb::watch_create_request::FilterType;
+use meridian_proto::etcdserverpb::watch_request::RequestUnion;
+use meridian_proto::etcdserverpb::watch_server::Watch;
+use meridian_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::hub::{HeaderFn, Spec, WatchHub};
+use crate::mvcc::KeyRange;
+
+/// Responses queued per stream before its watchers count as slow and fall
+/// back to catch-up from the store.
+const STREAM_BUFFER: usize = 256;
+
+pub struct WatchService {
+    pub hub: WatchHub,
+    pub header: HeaderFn,
+    next_stream: AtomicU64,
+}
+
+impl WatchService {
+    pub fn new(hub: WatchHub, header: HeaderFn) -> Self {
+        Self {
+            hub,
+            header,
+            next_stream: AtomicU64::new(1),
+        }
+    }
+}
+
+/// etcd's normalization of a create request's keys: an empty key is the
+/// smallest key, and a range end of `\0` means "every key from here".
+fn spec_of(c: &WatchCreateRequest) -> Spec {
+    let key = if c.key.is_empty() {
+        vec![0]
+    } else {
+        c.key.clone()
+    };
+    let range = KeyRange::new(&key, &c.range_end);
+    Spec {
+        watch_id: c.watch_id,
+        range,
+        start_revision: c.start_revision,
+        no_put: c.filters.contains(&(FilterType::Noput as i32)),
+        no_delete: c.filters.contains(&(FilterType::Nodelete as i32)),
+        prev_kv: c.prev_kv,
+        progress_notify: c.progress_notify,
+        fragment: c.fragment,
+    }
+}
+
+#[tonic::async_trait]
+impl Watch for WatchService {
+    type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
+
+    async fn watch(
+        &self,
+        req: Request<Streaming<WatchRequest>>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (out, rx) = mpsc::channel(STREAM_BUFFER);
+        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let hub = self.hub.clone();
+        let header = self.header.clone();
+        tokio::spawn(async move {
+            loop {
+                let msg = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = out.closed() => break,
+                };
+                let Ok(Some(msg)) = msg else { break };
+                let reply = match msg.request_union {
+                    Some(RequestUnion::CreateRequest(c)) => {
+                        match hub.create(stream, spec_of(&c), out.clone()).await {
+                            Ok((id, rev)) => {
+                                let created = WatchResponse {
+                                    header: Some(header(rev)),
+                                    watch_id: id,
+                                    created: true,
+                                    ..Default::default()
+                                };
+                                if out.send(Ok(created)).await.is_err() {
+                                    break;
+                                }
+                                hub.announce(stream, id);
+                                continue;
+                            }
+                            Err(reason) => WatchResponse {
+                                header: Some(header(0)),
+                                watch_id: -1,
+                                created: true,
+                                canceled: true,
+                                cancel_reason: reason,
+                                ..Default::default()
+                            },
+                        }
+                    }
+                    Some(RequestUnion::CancelRequest(c)) => {
+                        match hub.cancel(stream, c.watch_id).await {
+                            Some(rev) => WatchResponse {
+                                header: Some(header(rev)),
+                                watch_id: c.watch_id,
+                                canceled: true,
+                                ..Default::default()
+                            },
+                            None => continue,
+                        }
+                    }
+                    Some(RequestUnion::ProgressRequest(_)) => {
+                        // Broadcast to every watcher of the stream: no single watch id.
+                        let rev = hub.progress().await;
+                        WatchResponse {
+                            header: Some(header(rev)),
+                            watch_id: -1,
+                            ..Default::default()
+                        }
+                    }
+                    None => continue,
+                };
+                if out.send(Ok(reply)).await.is_err() {
+                    break;
+                }
+            }
+            hub.close(stream);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
