@@ -10,11 +10,7 @@ use tracing_subscriber::EnvFilter;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(
-    name = "meridian",
-    version,
-    about = "A multi-region key-value store that speaks the etcd v3 API"
-)]
+#[command(name = "meridian", version, about = "A multi-region key-value store that speaks the etcd v3 API")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,9 +28,7 @@ fn main() -> anyhow::Result<()> {
         Command::Node(flags) => {
             let cfg = NodeConfig::load(&flags)?;
             init_logging(&cfg.log_level);
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(meridian_node::run(cfg, shutdown_signal()))?;
         }
     }
@@ -42,13 +36,9 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn init_logging(level: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::new(format!("{level},raft=warn,h2=warn,hyper=warn,tower=warn"))
-    });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},raft=warn,h2=warn,hyper=warn,tower=warn")));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -158,15 +158,11 @@ impl NodeConfig {
     pub fn load(flags: &NodeFlags) -> Result<Self> {
         let mut builder = config::Config::builder();
         if let Some(file) = &flags.config_file {
-            builder = builder
-                .add_source(config::File::from(file.as_path()).format(config::FileFormat::Toml));
+            builder = builder.add_source(config::File::from(file.as_path()).format(config::FileFormat::Toml));
         }
-        builder =
-            builder.add_source(config::Environment::with_prefix("MERIDIAN").try_parsing(true));
-        let mut cfg: NodeConfig = builder
-            .build()
-            .and_then(|c| c.try_deserialize())
-            .map_err(|e| Error::Config(e.to_string()))?;
+        builder = builder.add_source(config::Environment::with_prefix("MERIDIAN").try_parsing(true));
+        let mut cfg: NodeConfig =
+            builder.build().and_then(|c| c.try_deserialize()).map_err(|e| Error::Config(e.to_string()))?;
         overlay!(
             cfg,
             flags,
@@ -220,9 +216,7 @@ impl NodeConfig {
             )));
         }
         if self.max_txn_ops == 0 || self.max_request_bytes == 0 || self.snapshot_count == 0 {
-            return Err(Error::Config(
-                "--max-txn-ops, --max-request-bytes and --snapshot-count must be > 0".into(),
-            ));
+            return Err(Error::Config("--max-txn-ops, --max-request-bytes and --snapshot-count must be > 0".into()));
         }
         Ok(())
     }
@@ -233,9 +227,7 @@ impl NodeConfig {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.data_dir
-            .clone()
-            .unwrap_or_else(|| PathBuf::from(format!("{}.meridian", self.name)))
+        self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.meridian", self.name)))
     }
 
     pub fn heartbeat(&self) -> Duration {
@@ -267,15 +259,11 @@ impl NodeConfig {
             .unwrap_or_else(|| format!("{}={}", self.name, self.initial_advertise_peer_urls));
         let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for part in spec.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (name, url) = part.split_once('=').ok_or_else(|| {
-                Error::Config(format!(
-                    "bad --initial-cluster entry {part:?}: want name=URL"
-                ))
-            })?;
+            let (name, url) = part
+                .split_once('=')
+                .ok_or_else(|| Error::Config(format!("bad --initial-cluster entry {part:?}: want name=URL")))?;
             check_url(url)?;
-            out.entry(name.to_string())
-                .or_default()
-                .push(url.to_string());
+            out.entry(name.to_string()).or_default().push(url.to_string());
         }
         if !out.contains_key(&self.name) {
             return Err(Error::Config(format!(
@@ -305,11 +293,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 
 /// Splits a comma-separated URL list.
 pub fn split_urls(s: &str) -> Vec<String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map(String::from)
-        .collect()
+    s.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect()
 }
 
 /// `host:port` of an `http://` URL.
@@ -325,14 +309,10 @@ pub fn url_host_port(url: &str) -> Result<String> {
 
 fn check_url(url: &str) -> Result<()> {
     if url.starts_with("https://") || url.starts_with("unixs://") {
-        return Err(Error::Config(format!(
-            "{url}: TLS is not supported yet; use http://"
-        )));
+        return Err(Error::Config(format!("{url}: TLS is not supported yet; use http://")));
     }
     if !url.starts_with("http://") || !url["http://".len()..].contains(':') {
-        return Err(Error::Config(format!(
-            "URL {url:?} must look like http://host:port"
-        )));
+        return Err(Error::Config(format!("URL {url:?} must look like http://host:port")));
     }
     Ok(())
 }
@@ -376,46 +356,26 @@ mod tests {
     #[test]
     fn go_style_flags_are_accepted() {
         let args = ["meridian", "-name", "x", "--data-dir", "d", "-1"].map(String::from);
-        assert_eq!(
-            normalize_args(args),
-            ["meridian", "--name", "x", "--data-dir", "d", "-1"]
-        );
+        assert_eq!(normalize_args(args), ["meridian", "--name", "x", "--data-dir", "d", "-1"]);
     }
 
     #[test]
     fn initial_cluster_parsing() {
-        let mut cfg = NodeConfig {
-            name: "b".into(),
-            ..Default::default()
-        };
-        cfg.initial_cluster =
-            Some("a=http://127.0.0.1:1,b=http://127.0.0.1:2,b=http://127.0.0.1:3".into());
+        let mut cfg = NodeConfig { name: "b".into(), ..Default::default() };
+        cfg.initial_cluster = Some("a=http://127.0.0.1:1,b=http://127.0.0.1:2,b=http://127.0.0.1:3".into());
         let m = cfg.initial_members().unwrap();
         assert_eq!(m["b"], vec!["http://127.0.0.1:2", "http://127.0.0.1:3"]);
         cfg.name = "c".into();
-        assert!(cfg
-            .initial_members()
-            .unwrap_err()
-            .to_string()
-            .contains("couldn't find local name"));
+        assert!(cfg.initial_members().unwrap_err().to_string().contains("couldn't find local name"));
         cfg.initial_cluster = Some("c=https://x:1".into());
         assert!(cfg.initial_members().is_err());
         let lone = NodeConfig::default();
-        assert_eq!(
-            lone.initial_members().unwrap()["default"],
-            vec!["http://127.0.0.1:2380"]
-        );
+        assert_eq!(lone.initial_members().unwrap()["default"], vec!["http://127.0.0.1:2380"]);
     }
 
     #[test]
     fn durations() {
-        for (s, ms) in [
-            ("10m", 600_000),
-            ("30s", 30_000),
-            ("500ms", 500),
-            ("1h", 3_600_000),
-            ("1.5s", 1500),
-        ] {
+        for (s, ms) in [("10m", 600_000), ("30s", 30_000), ("500ms", 500), ("1h", 3_600_000), ("1.5s", 1500)] {
             assert_eq!(parse_duration(s), Some(Duration::from_millis(ms)), "{s}");
         }
         assert_eq!(parse_duration("10"), None);
@@ -425,10 +385,7 @@ mod tests {
     #[test]
     fn defaults_are_etcds() {
         let c = NodeConfig::default();
-        assert_eq!(
-            (c.max_request_bytes, c.max_txn_ops, c.snapshot_count),
-            (1_572_864, 128, 100_000)
-        );
+        assert_eq!((c.max_request_bytes, c.max_txn_ops, c.snapshot_count), (1_572_864, 128, 100_000));
         assert_eq!((c.heartbeat_interval, c.election_timeout), (100, 1000));
         assert_eq!(c.quota(), Some(DEFAULT_QUOTA_BYTES));
         assert_eq!(c.data_dir(), PathBuf::from("default.meridian"));

@@ -71,8 +71,9 @@ impl Error {
     pub fn code(&self) -> Code {
         use Error::*;
         match self {
-            EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey
-            | RequestTooLarge => Code::InvalidArgument,
+            EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey | RequestTooLarge => {
+                Code::InvalidArgument
+            }
             MessageTooLarge(..) | NoSpace => Code::ResourceExhausted,
             Compacted | FutureRevision => Code::OutOfRange,
             LeaseNotFound | MemberNotFound => Code::NotFound,
@@ -97,52 +98,16 @@ mod tests {
     #[test]
     fn wire_mapping_matches_etcd() {
         let table = [
-            (
-                Error::EmptyKey,
-                Code::InvalidArgument,
-                "etcdserver: key is not provided",
-            ),
-            (
-                Error::TooManyOps,
-                Code::InvalidArgument,
-                "etcdserver: too many operations in txn request",
-            ),
-            (
-                Error::DuplicateKey,
-                Code::InvalidArgument,
-                "etcdserver: duplicate key given in txn request",
-            ),
-            (
-                Error::RequestTooLarge,
-                Code::InvalidArgument,
-                "etcdserver: request is too large",
-            ),
-            (
-                Error::Compacted,
-                Code::OutOfRange,
-                "etcdserver: mvcc: required revision has been compacted",
-            ),
-            (
-                Error::FutureRevision,
-                Code::OutOfRange,
-                "etcdserver: mvcc: required revision is a future revision",
-            ),
-            (
-                Error::NoSpace,
-                Code::ResourceExhausted,
-                "etcdserver: mvcc: database space exceeded",
-            ),
+            (Error::EmptyKey, Code::InvalidArgument, "etcdserver: key is not provided"),
+            (Error::TooManyOps, Code::InvalidArgument, "etcdserver: too many operations in txn request"),
+            (Error::DuplicateKey, Code::InvalidArgument, "etcdserver: duplicate key given in txn request"),
+            (Error::RequestTooLarge, Code::InvalidArgument, "etcdserver: request is too large"),
+            (Error::Compacted, Code::OutOfRange, "etcdserver: mvcc: required revision has been compacted"),
+            (Error::FutureRevision, Code::OutOfRange, "etcdserver: mvcc: required revision is a future revision"),
+            (Error::NoSpace, Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded"),
             (Error::NoLeader, Code::Unavailable, "etcdserver: no leader"),
-            (
-                Error::LeaseNotFound,
-                Code::NotFound,
-                "etcdserver: requested lease not found",
-            ),
-            (
-                Error::MessageTooLarge(3, 2),
-                Code::ResourceExhausted,
-                "grpc: received message larger than max (3 vs. 2)",
-            ),
+            (Error::LeaseNotFound, Code::NotFound, "etcdserver: requested lease not found"),
+            (Error::MessageTooLarge(3, 2), Code::ResourceExhausted, "grpc: received message larger than max (3 vs. 2)"),
         ];
         for (err, code, msg) in table {
             let status = Status::from(err);

@@ -67,14 +67,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     // Membership: from --initial-cluster on first start, from the store after.
     let mut members = Members::load(&mvcc);
     let cluster_id = match mvcc.meta(META_CLUSTER_ID) {
-        Some(b) if !members.0.is_empty() => u64::from_be_bytes(
-            b.as_slice()
-                .try_into()
-                .map_err(|_| Error::Corrupt("cluster id".into()))?,
-        ),
+        Some(b) if !members.0.is_empty() => {
+            u64::from_be_bytes(b.as_slice().try_into().map_err(|_| Error::Corrupt("cluster id".into()))?)
+        }
         _ => {
             if cfg.initial_cluster_state == "existing" {
-                return Err(Error::Config("joining an existing cluster is not supported yet; use --initial-cluster-state new".into()));
+                return Err(Error::Config(
+                    "joining an existing cluster is not supported yet; use --initial-cluster-state new".into(),
+                ));
             }
             members = Members(
                 cfg.initial_members()?
@@ -103,26 +103,13 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         .iter()
         .find(|m| m.name == cfg.name)
         .cloned()
-        .ok_or_else(|| {
-            Error::Config(format!(
-                "member {:?} is not in the stored cluster",
-                cfg.name
-            ))
-        })?;
+        .ok_or_else(|| Error::Config(format!("member {:?} is not in the stored cluster", cfg.name)))?;
     tracing::info!(name = %cfg.name, member_id = format!("{:x}", me.id), cluster_id = format!("{cluster_id:x}"),
         data_dir = %data_dir.display(), "starting member");
-    metrics
-        .server_id
-        .with_label_values(&[&format!("{:x}", me.id)])
-        .set(1);
-    metrics
-        .server_version
-        .with_label_values(&[ETCD_VERSION])
-        .set(1);
+    metrics.server_id.with_label_values(&[&format!("{:x}", me.id)]).set(1);
+    metrics.server_version.with_label_values(&[ETCD_VERSION]).set(1);
     let quota = cfg.quota().unwrap_or(u64::MAX);
-    metrics
-        .quota_backend_bytes
-        .set(i64::try_from(quota).unwrap_or(i64::MAX));
+    metrics.quota_backend_bytes.set(i64::try_from(quota).unwrap_or(i64::MAX));
 
     // Raft.
     let waiters = Arc::new(Waiters::default());
@@ -137,12 +124,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             raft_term: status.get().map_or(0, |s| s.term()),
         })
     };
-    let (hub, feed) = WatchHub::start(
-        mvcc.clone(),
-        header.clone(),
-        cfg.max_request_bytes,
-        cfg.progress_notify_interval(),
-    );
+    let (hub, feed) =
+        WatchHub::start(mvcc.clone(), header.clone(), cfg.max_request_bytes, cfg.progress_notify_interval());
     let sm = EtcdStateMachine::new(mvcc.clone(), waiters.clone(), metrics.clone(), feed);
     let ticks = (cfg.election_timeout / cfg.heartbeat_interval) as usize;
     let raft_cfg = RaftConfig {
@@ -164,15 +147,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let _ = raft_status.set(node.status());
     let chan = raft::driver::channel();
     let raft_tx = chan.0.clone();
-    let peers: HashMap<u64, String> = members
-        .0
-        .iter()
-        .filter_map(|m| m.peer_urls.first().map(|u| (m.id, u.clone())))
-        .collect();
-    let transport =
-        GrpcTransport::start(cluster_id, me.id, peers, raft_tx.clone(), metrics.clone());
-    let (handle, raft_thread) =
-        raft::driver::spawn(node, chan, Arc::new(transport), cfg.heartbeat())?;
+    let peers: HashMap<u64, String> =
+        members.0.iter().filter_map(|m| m.peer_urls.first().map(|u| (m.id, u.clone()))).collect();
+    let transport = GrpcTransport::start(cluster_id, me.id, peers, raft_tx.clone(), metrics.clone());
+    let (handle, raft_thread) = raft::driver::spawn(node, chan, Arc::new(transport), cfg.heartbeat())?;
 
     let limits = Limits {
         max_request_bytes: cfg.max_request_bytes,
@@ -219,11 +197,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     }
     tokio::spawn(publish_attributes(
         server.clone(),
-        MemberAttributes {
-            id: me.id,
-            name: cfg.name.clone(),
-            client_urls: split_urls(&cfg.advertise_client_urls),
-        },
+        MemberAttributes { id: me.id, name: cfg.name.clone(), client_urls: split_urls(&cfg.advertise_client_urls) },
     ));
     tracing::info!(urls = %cfg.listen_client_urls, "ready to serve client requests");
 
@@ -240,40 +214,20 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     Ok(())
 }
 
-fn client_routes(
-    server: &Arc<EtcdServer>,
-    watch: WatchService,
-    max_request_bytes: usize,
-) -> Routes {
+fn client_routes(server: &Arc<EtcdServer>, watch: WatchService, max_request_bytes: usize) -> Routes {
     // The transport admits far more than the limit so that the services can
     // refuse oversized requests with etcd's own codes and messages.
     let max = (max_request_bytes + GRPC_OVERHEAD_BYTES).max(64 << 20) * 2;
     let routes = Routes::builder()
         .add_service(WatchServer::new(watch).max_decoding_message_size(max))
+        .add_service(KvServer::new(KvService { server: server.clone() }).max_decoding_message_size(max))
         .add_service(
-            KvServer::new(KvService {
-                server: server.clone(),
-            })
-            .max_decoding_message_size(max),
+            MaintenanceServer::new(MaintenanceService { server: server.clone() }).max_decoding_message_size(max),
         )
-        .add_service(
-            MaintenanceServer::new(MaintenanceService {
-                server: server.clone(),
-            })
-            .max_decoding_message_size(max),
-        )
-        .add_service(
-            ClusterServer::new(ClusterService {
-                server: server.clone(),
-            })
-            .max_decoding_message_size(max),
-        )
+        .add_service(ClusterServer::new(ClusterService { server: server.clone() }).max_decoding_message_size(max))
         .clone()
         .routes();
-    Routes::from(server::http::routes(
-        routes.into_axum_router(),
-        server.clone(),
-    ))
+    Routes::from(server::http::routes(routes.into_axum_router(), server.clone()))
 }
 
 /// Serves `routes` on `url` until `stop`. Client listeners (`etcd_clients`)
@@ -285,9 +239,7 @@ async fn serve(
     etcd_clients: bool,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let addr = url_host_port(url)?;
-    let listener = TcpListener::bind(&addr)
-        .await
-        .map_err(|e| Error::Config(format!("listen on {url}: {e}")))?;
+    let listener = TcpListener::bind(&addr).await.map_err(|e| Error::Config(format!("listen on {url}: {e}")))?;
     let local: SocketAddr = listener.local_addr()?;
     tracing::info!(%url, %local, "listening");
     // A caller-supplied listener bypasses tonic's own nodelay setting; without
@@ -378,16 +330,10 @@ impl tonic::transport::server::Connected for Either {
 async fn publish_attributes(server: Arc<EtcdServer>, attrs: MemberAttributes) {
     for attempt in 0..600u32 {
         let current = Members::load(&server.mvcc);
-        if current
-            .get(attrs.id)
-            .is_some_and(|m| m.client_urls == attrs.client_urls && m.name == attrs.name)
-        {
+        if current.get(attrs.id).is_some_and(|m| m.client_urls == attrs.client_urls && m.name == attrs.name) {
             return;
         }
-        match server
-            .propose(Internal::MemberAttributes(attrs.clone()))
-            .await
-        {
+        match server.propose(Internal::MemberAttributes(attrs.clone())).await {
             Ok(_) => return,
             Err(e) if attempt % 10 == 9 => {
                 tracing::warn!(error = %e, "still publishing member attributes")

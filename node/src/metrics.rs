@@ -2,8 +2,8 @@
 //! and alerts work against Meridian unchanged.
 
 use prometheus::{
-    exponential_buckets, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 /// Every metric a member exports. Cheap to clone handles out of; shared by
@@ -39,65 +39,124 @@ pub struct Metrics {
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
-    r.register(Box::new(m.clone()))
-        .expect("metric names are unique");
+    r.register(Box::new(m.clone())).expect("metric names are unique");
     m
 }
 
 impl Metrics {
     pub fn new() -> Self {
         let r = Registry::new();
-        let gauge =
-            |name: &str, help: &str| reg(&r, IntGauge::new(name, help).expect("valid metric"));
-        let counter =
-            |name: &str, help: &str| reg(&r, IntCounter::new(name, help).expect("valid metric"));
+        let gauge = |name: &str, help: &str| reg(&r, IntGauge::new(name, help).expect("valid metric"));
+        let counter = |name: &str, help: &str| reg(&r, IntCounter::new(name, help).expect("valid metric"));
         let counter_vec = |name: &str, help: &str, label: &str| {
-            reg(
-                &r,
-                IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"),
-            )
+            reg(&r, IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"))
         };
         let disk_hist = |name: &str, help: &str| {
-            let opts = HistogramOpts::new(name, help)
-                .buckets(exponential_buckets(0.001, 2.0, 14).expect("buckets"));
+            let opts = HistogramOpts::new(name, help).buckets(exponential_buckets(0.001, 2.0, 14).expect("buckets"));
             reg(&r, Histogram::with_opts(opts).expect("valid metric"))
         };
         Self {
             has_leader: gauge("etcd_server_has_leader", "Whether or not a leader exists. 1 is existence, 0 is not."),
             is_leader: gauge("etcd_server_is_leader", "Whether or not this member is a leader. 1 if is, 0 otherwise."),
             leader_changes: counter("etcd_server_leader_changes_seen_total", "The number of leader changes seen."),
-            proposals_committed: gauge("etcd_server_proposals_committed_total", "The total number of consensus proposals committed."),
-            proposals_applied: gauge("etcd_server_proposals_applied_total", "The total number of consensus proposals applied."),
-            proposals_pending: gauge("etcd_server_proposals_pending", "The current number of pending proposals to commit."),
-            proposals_failed: counter("etcd_server_proposals_failed_total", "The total number of failed proposals seen."),
-            read_indexes_failed: counter("etcd_server_read_indexes_failed_total", "The total number of failed read indexes seen."),
-            wal_fsync: disk_hist("etcd_disk_wal_fsync_duration_seconds", "The latency distributions of fsync called by the raft log."),
-            backend_commit: disk_hist("etcd_disk_backend_commit_duration_seconds", "The latency distributions of commit called by the backend."),
-            db_total_size: gauge("etcd_mvcc_db_total_size_in_bytes", "Total size of the underlying database physically allocated in bytes."),
-            db_in_use: gauge("etcd_mvcc_db_total_size_in_use_in_bytes", "Total size of the underlying database logically in use in bytes."),
-            quota_backend_bytes: gauge("etcd_server_quota_backend_bytes", "Current backend storage quota size in bytes."),
+            proposals_committed: gauge(
+                "etcd_server_proposals_committed_total",
+                "The total number of consensus proposals committed.",
+            ),
+            proposals_applied: gauge(
+                "etcd_server_proposals_applied_total",
+                "The total number of consensus proposals applied.",
+            ),
+            proposals_pending: gauge(
+                "etcd_server_proposals_pending",
+                "The current number of pending proposals to commit.",
+            ),
+            proposals_failed: counter(
+                "etcd_server_proposals_failed_total",
+                "The total number of failed proposals seen.",
+            ),
+            read_indexes_failed: counter(
+                "etcd_server_read_indexes_failed_total",
+                "The total number of failed read indexes seen.",
+            ),
+            wal_fsync: disk_hist(
+                "etcd_disk_wal_fsync_duration_seconds",
+                "The latency distributions of fsync called by the raft log.",
+            ),
+            backend_commit: disk_hist(
+                "etcd_disk_backend_commit_duration_seconds",
+                "The latency distributions of commit called by the backend.",
+            ),
+            db_total_size: gauge(
+                "etcd_mvcc_db_total_size_in_bytes",
+                "Total size of the underlying database physically allocated in bytes.",
+            ),
+            db_in_use: gauge(
+                "etcd_mvcc_db_total_size_in_use_in_bytes",
+                "Total size of the underlying database logically in use in bytes.",
+            ),
+            quota_backend_bytes: gauge(
+                "etcd_server_quota_backend_bytes",
+                "Current backend storage quota size in bytes.",
+            ),
             keys_total: gauge("etcd_debugging_mvcc_keys_total", "Total number of keys."),
             current_revision: gauge("etcd_debugging_mvcc_current_revision", "The current revision of store."),
-            compact_revision: gauge("etcd_debugging_mvcc_compact_revision", "The revision of the last compaction in store."),
-            snapshot_apply_in_progress: gauge("etcd_server_snapshot_apply_in_progress_total", "1 if the server is applying the incoming snapshot. 0 if none."),
+            compact_revision: gauge(
+                "etcd_debugging_mvcc_compact_revision",
+                "The revision of the last compaction in store.",
+            ),
+            snapshot_apply_in_progress: gauge(
+                "etcd_server_snapshot_apply_in_progress_total",
+                "1 if the server is applying the incoming snapshot. 0 if none.",
+            ),
             put_total: counter("etcd_debugging_mvcc_put_total", "Total number of puts seen by this member."),
             delete_total: counter("etcd_debugging_mvcc_delete_total", "Total number of deletes seen by this member."),
             range_total: counter("etcd_debugging_mvcc_range_total", "Total number of ranges seen by this member."),
             txn_total: counter("etcd_debugging_mvcc_txn_total", "Total number of txns seen by this member."),
-            peer_sent_bytes: counter_vec("etcd_network_peer_sent_bytes_total", "The total number of bytes sent to peers.", "To"),
-            peer_received_bytes: counter_vec("etcd_network_peer_received_bytes_total", "The total number of bytes received from peers.", "From"),
-            peer_sent_failures: counter_vec("etcd_network_peer_sent_failures_total", "The total number of send failures from peers.", "To"),
-            server_id: reg(&r, IntGaugeVec::new(Opts::new("etcd_server_id", "Server or member ID in hexadecimal format. 1 for 'server_id' label with current ID."), &["server_id"]).expect("valid metric")),
-            server_version: reg(&r, IntGaugeVec::new(Opts::new("etcd_server_version", "Which version is running. 1 for 'server_version' label with current version."), &["server_version"]).expect("valid metric")),
+            peer_sent_bytes: counter_vec(
+                "etcd_network_peer_sent_bytes_total",
+                "The total number of bytes sent to peers.",
+                "To",
+            ),
+            peer_received_bytes: counter_vec(
+                "etcd_network_peer_received_bytes_total",
+                "The total number of bytes received from peers.",
+                "From",
+            ),
+            peer_sent_failures: counter_vec(
+                "etcd_network_peer_sent_failures_total",
+                "The total number of send failures from peers.",
+                "To",
+            ),
+            server_id: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "etcd_server_id",
+                        "Server or member ID in hexadecimal format. 1 for 'server_id' label with current ID.",
+                    ),
+                    &["server_id"],
+                )
+                .expect("valid metric"),
+            ),
+            server_version: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "etcd_server_version",
+                        "Which version is running. 1 for 'server_version' label with current version.",
+                    ),
+                    &["server_version"],
+                )
+                .expect("valid metric"),
+            ),
             registry: r,
         }
     }
 
     /// All metrics in Prometheus text format.
     pub fn render(&self) -> String {
-        TextEncoder::new()
-            .encode_to_string(&self.registry.gather())
-            .unwrap_or_default()
+        TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
     }
 }
 

@@ -57,24 +57,13 @@ mod tests {
         let cases: Vec<(&str, Vec<u8>, Vec<u8>)> = vec![
             (
                 "PutRequest key=1 value=2 lease=3 prev_kv=4",
-                PutRequest {
-                    key: b"k".to_vec(),
-                    value: b"v".to_vec(),
-                    lease: 5,
-                    prev_kv: true,
-                    ..Default::default()
-                }
-                .encode_to_vec(),
+                PutRequest { key: b"k".to_vec(), value: b"v".to_vec(), lease: 5, prev_kv: true, ..Default::default() }
+                    .encode_to_vec(),
                 vec![0x0a, 1, b'k', 0x12, 1, b'v', 0x18, 5, 0x20, 1],
             ),
             (
                 "PutRequest ignore_value=5 ignore_lease=6",
-                PutRequest {
-                    ignore_value: true,
-                    ignore_lease: true,
-                    ..Default::default()
-                }
-                .encode_to_vec(),
+                PutRequest { ignore_value: true, ignore_lease: true, ..Default::default() }.encode_to_vec(),
                 vec![0x28, 1, 0x30, 1],
             ),
             (
@@ -89,19 +78,12 @@ mod tests {
                     ..Default::default()
                 }
                 .encode_to_vec(),
-                vec![
-                    0x0a, 1, b'a', 0x12, 1, b'b', 0x18, 7, 0x20, 9, 0x28, 2, 0x30, 3,
-                ],
+                vec![0x0a, 1, b'a', 0x12, 1, b'b', 0x18, 7, 0x20, 9, 0x28, 2, 0x30, 3],
             ),
             (
                 "RangeRequest serializable=7 keys_only=8 count_only=9",
-                RangeRequest {
-                    serializable: true,
-                    keys_only: true,
-                    count_only: true,
-                    ..Default::default()
-                }
-                .encode_to_vec(),
+                RangeRequest { serializable: true, keys_only: true, count_only: true, ..Default::default() }
+                    .encode_to_vec(),
                 vec![0x38, 1, 0x40, 1, 0x48, 1],
             ),
             (
@@ -118,13 +100,7 @@ mod tests {
             ),
             (
                 "ResponseHeader cluster_id=1 member_id=2 revision=3 raft_term=4",
-                ResponseHeader {
-                    cluster_id: 1,
-                    member_id: 2,
-                    revision: 3,
-                    raft_term: 4,
-                }
-                .encode_to_vec(),
+                ResponseHeader { cluster_id: 1, member_id: 2, revision: 3, raft_term: 4 }.encode_to_vec(),
                 vec![0x08, 1, 0x10, 2, 0x18, 3, 0x20, 4],
             ),
         ];
@@ -145,10 +121,7 @@ mod tests {
         };
         // target=2 (varint 3), value=7 (bytes), range_end=64: key 64<<3|2 = 514
         // = varint [0x82, 0x04].
-        assert_eq!(
-            cmp.encode_to_vec(),
-            vec![0x10, 3, 0x3a, 1, b'x', 0x82, 0x04, 1, b'z']
-        );
+        assert_eq!(cmp.encode_to_vec(), vec![0x10, 3, 0x3a, 1, b'x', 0x82, 0x04, 1, b'z']);
     }
 
     #[test]
@@ -164,10 +137,7 @@ mod tests {
         // create_request=1 (len 2) containing fragment=8 -> 0x40 0x01.
         assert_eq!(req.encode_to_vec(), vec![0x0a, 2, 0x40, 1]);
 
-        let internal = InternalRequest {
-            id: 1,
-            request: Some(internal_request::Request::Put(PutRequest::default())),
-        };
+        let internal = InternalRequest { id: 1, request: Some(internal_request::Request::Put(PutRequest::default())) };
         assert_eq!(internal.encode_to_vec(), vec![0x08, 1, 0x12, 0]);
     }
 }

@@ -155,11 +155,7 @@ impl Default for ClusterOpts {
 impl ClusterOpts {
     /// Heartbeat 50 ms and election timeout 500 ms, so failover tests finish in about a second.
     pub fn fast() -> Self {
-        Self {
-            heartbeat_interval_ms: Some(50),
-            election_timeout_ms: Some(500),
-            ..Self::default()
-        }
+        Self { heartbeat_interval_ms: Some(50), election_timeout_ms: Some(500), ..Self::default() }
     }
 
     fn flags(&self) -> Vec<String> {
@@ -242,16 +238,10 @@ impl Cluster {
             Server::Meridian => (meridian_bin()?, vec!["node".to_string()]),
             Server::Etcd => (etcd_bin()?, Vec::new()),
         };
-        let dir = tempfile::Builder::new()
-            .prefix(&format!("{}-test-", server.name()))
-            .tempdir()?;
+        let dir = tempfile::Builder::new().prefix(&format!("{}-test-", server.name())).tempdir()?;
         let mut ports = Vec::with_capacity(n);
         for _ in 0..n {
-            let metrics = if opts.metrics {
-                Some(lease_port()?)
-            } else {
-                None
-            };
+            let metrics = if opts.metrics { Some(lease_port()?) } else { None };
             ports.push((lease_port()?, lease_port()?, metrics));
         }
         let initial_cluster = ports
@@ -290,10 +280,7 @@ impl Cluster {
                     token.clone(),
                 ];
                 if let Some(metrics) = &metrics {
-                    args.extend([
-                        "--listen-metrics-urls".into(),
-                        format!("http://127.0.0.1:{}", metrics.port()),
-                    ]);
+                    args.extend(["--listen-metrics-urls".into(), format!("http://127.0.0.1:{}", metrics.port())]);
                 }
                 args.extend(opts.flags());
                 Member {
@@ -308,14 +295,8 @@ impl Cluster {
                 }
             })
             .collect();
-        let mut cluster = Cluster {
-            server,
-            program,
-            subcommand,
-            members,
-            ready_timeout: opts.ready_timeout,
-            dir: Some(dir),
-        };
+        let mut cluster =
+            Cluster { server, program, subcommand, members, ready_timeout: opts.ready_timeout, dir: Some(dir) };
         // Spawn all before waiting for any: a member reports healthy only once a quorum is up.
         for i in 1..=n {
             cluster.spawn(i)?;
@@ -357,10 +338,7 @@ impl Cluster {
 
     /// `http://127.0.0.1:port` of member `i`'s metrics listener, if [`ClusterOpts::metrics`] was set.
     pub fn metrics_url(&self, i: usize) -> Option<String> {
-        self.member(i)
-            .metrics
-            .as_ref()
-            .map(|p| format!("http://127.0.0.1:{}", p.port()))
+        self.member(i).metrics.as_ref().map(|p| format!("http://127.0.0.1:{}", p.port()))
     }
 
     /// Data dir of member `i`, for tests that inspect or damage files between a stop and a restart.
@@ -392,11 +370,7 @@ impl Cluster {
     /// The member is not running, or the signal or the wait fails.
     pub fn kill9(&mut self, i: usize) -> Result<()> {
         let name = member_name(i);
-        let mut child = self
-            .member_mut(i)
-            .child
-            .take()
-            .ok_or_else(|| anyhow!("{name} is not running"))?;
+        let mut child = self.member_mut(i).child.take().ok_or_else(|| anyhow!("{name} is not running"))?;
         // Child::kill sends SIGKILL to this child's pid.
         child.kill().with_context(|| format!("SIGKILL {name}"))?;
         child.wait().with_context(|| format!("reap {name}"))?;
@@ -411,11 +385,7 @@ impl Cluster {
     /// so a test that expects a clean shutdown fails).
     pub fn stop(&mut self, i: usize) -> Result<ExitStatus> {
         let name = member_name(i);
-        let mut child = self
-            .member_mut(i)
-            .child
-            .take()
-            .ok_or_else(|| anyhow!("{name} is not running"))?;
+        let mut child = self.member_mut(i).child.take().ok_or_else(|| anyhow!("{name} is not running"))?;
         signal(&child, libc::SIGTERM).with_context(|| format!("SIGTERM {name}"))?;
         match wait_timeout(&mut child, STOP_TIMEOUT)? {
             Some(status) => Ok(status),
@@ -437,8 +407,7 @@ impl Cluster {
     /// The member is already running, or the log cannot be opened, or the spawn fails.
     pub fn spawn(&mut self, i: usize) -> Result<()> {
         let name = member_name(i);
-        let (program, subcommand, server) =
-            (self.program.clone(), self.subcommand.clone(), self.server);
+        let (program, subcommand, server) = (self.program.clone(), self.subcommand.clone(), self.server);
         let member = self.member_mut(i);
         if member.child.is_some() {
             bail!("{name} is already running");
@@ -472,9 +441,7 @@ impl Cluster {
                 cmd.env_remove(key);
             }
         }
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("spawn {} {name}", server.name()))?;
+        let child = cmd.spawn().with_context(|| format!("spawn {} {name}", server.name()))?;
         member.child = Some(child);
         Ok(())
     }
@@ -524,17 +491,10 @@ impl Cluster {
         let name = member_name(i);
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.member(i).client.port()));
         loop {
-            let child = self
-                .member_mut(i)
-                .child
-                .as_mut()
-                .ok_or_else(|| anyhow!("{name} is not running"))?;
+            let child = self.member_mut(i).child.as_mut().ok_or_else(|| anyhow!("{name} is not running"))?;
             if let Some(status) = child.try_wait()? {
                 self.member_mut(i).child = None;
-                bail!(
-                    "{name} exited with {status} before it was healthy\n{}",
-                    self.log_tail(i, log_lines())
-                );
+                bail!("{name} exited with {status} before it was healthy\n{}", self.log_tail(i, log_lines()));
             }
             let err = match check_health(addr) {
                 Ok(()) => return Ok(()),
@@ -598,10 +558,7 @@ impl Cluster {
         let mut leaders = HashSet::new();
         for &i in running {
             let status = self.member_client(i).await?.status().await?;
-            let id = status
-                .header()
-                .map(|h| h.member_id())
-                .ok_or_else(|| anyhow!("m{i}: no header"))?;
+            let id = status.header().map(|h| h.member_id()).ok_or_else(|| anyhow!("m{i}: no header"))?;
             ids.push((i, id));
             leaders.insert(status.leader());
         }
@@ -654,12 +611,7 @@ impl Cluster {
             }
             Err(err) => format!("(cannot read: {err})"),
         };
-        format!(
-            "----- {} {} ({}) -----\n{body}",
-            self.server.name(),
-            member_name(i),
-            path.display()
-        )
+        format!("----- {} {} ({}) -----\n{body}", self.server.name(), member_name(i), path.display())
     }
 
     /// Prints the tail of every member's log to stderr (`MERIDIAN_TEST_LOG_LINES`, default 40).
@@ -670,20 +622,12 @@ impl Cluster {
     }
 
     fn member(&self, i: usize) -> &Member {
-        assert!(
-            (1..=self.members.len()).contains(&i),
-            "no member {i} in a {}-member cluster",
-            self.members.len()
-        );
+        assert!((1..=self.members.len()).contains(&i), "no member {i} in a {}-member cluster", self.members.len());
         &self.members[i - 1]
     }
 
     fn member_mut(&mut self, i: usize) -> &mut Member {
-        assert!(
-            (1..=self.members.len()).contains(&i),
-            "no member {i} in a {}-member cluster",
-            self.members.len()
-        );
+        assert!((1..=self.members.len()).contains(&i), "no member {i} in a {}-member cluster", self.members.len());
         &mut self.members[i - 1]
     }
 }
@@ -790,23 +734,12 @@ pub fn etcdctl(endpoints: &[impl AsRef<str>], args: &[&str]) -> Result<CtlOutput
 /// # Errors
 ///
 /// As [`etcdctl`].
-pub fn etcdctl_with_input(
-    endpoints: &[impl AsRef<str>],
-    args: &[&str],
-    input: &str,
-) -> Result<CtlOutput> {
-    let endpoints = endpoints
-        .iter()
-        .map(|e| e.as_ref())
-        .collect::<Vec<_>>()
-        .join(",");
+pub fn etcdctl_with_input(endpoints: &[impl AsRef<str>], args: &[&str], input: &str) -> Result<CtlOutput> {
+    let endpoints = endpoints.iter().map(|e| e.as_ref()).collect::<Vec<_>>().join(",");
     let mut cmd = Command::new(etcdctl_bin()?);
     cmd.arg(format!("--endpoints={endpoints}"))
         .arg("--dial-timeout=3s")
-        .arg(format!(
-            "--command-timeout={}s",
-            ETCDCTL_COMMAND_TIMEOUT.as_secs()
-        ))
+        .arg(format!("--command-timeout={}s", ETCDCTL_COMMAND_TIMEOUT.as_secs()))
         .args(args);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("ETCDCTL_") {
@@ -814,12 +747,8 @@ pub fn etcdctl_with_input(
         }
     }
     cmd.env("ETCDCTL_API", "3");
-    run_bounded(
-        cmd,
-        input,
-        ETCDCTL_COMMAND_TIMEOUT + Duration::from_secs(10),
-    )
-    .with_context(|| format!("etcdctl {}", args.join(" ")))
+    run_bounded(cmd, input, ETCDCTL_COMMAND_TIMEOUT + Duration::from_secs(10))
+        .with_context(|| format!("etcdctl {}", args.join(" ")))
 }
 
 /// Runs [`etcdctl`] and returns its stdout.
@@ -830,13 +759,7 @@ pub fn etcdctl_with_input(
 pub fn etcdctl_ok(endpoints: &[impl AsRef<str>], args: &[&str]) -> Result<String> {
     let out = etcdctl(endpoints, args)?;
     if !out.success() {
-        bail!(
-            "etcdctl {} failed with {}: {}{}",
-            args.join(" "),
-            out.status,
-            out.stderr,
-            out.stdout
-        );
+        bail!("etcdctl {} failed with {}: {}{}", args.join(" "), out.status, out.stderr, out.stdout);
     }
     Ok(out.stdout)
 }
@@ -866,8 +789,7 @@ pub fn etcdctl_json(endpoints: &[impl AsRef<str>], args: &[&str]) -> Result<serd
     let mut args = args.to_vec();
     args.extend(["-w", "json"]);
     let stdout = etcdctl_ok(endpoints, &args)?;
-    serde_json::from_str(&stdout)
-        .with_context(|| format!("etcdctl {} printed no JSON: {stdout}", args.join(" ")))
+    serde_json::from_str(&stdout).with_context(|| format!("etcdctl {} printed no JSON: {stdout}", args.join(" ")))
 }
 
 /// Decodes standard base64, the encoding of keys and values in `etcdctl -w json`.
@@ -876,9 +798,7 @@ pub fn etcdctl_json(endpoints: &[impl AsRef<str>], args: &[&str]) -> Result<serd
 ///
 /// `s` is not valid base64.
 pub fn decode_b64(s: &str) -> Result<Vec<u8>> {
-    base64::engine::general_purpose::STANDARD
-        .decode(s)
-        .with_context(|| format!("not base64: {s:?}"))
+    base64::engine::general_purpose::STANDARD.decode(s).with_context(|| format!("not base64: {s:?}"))
 }
 
 /// Path of the `meridian` binary; the lookup order is in the module doc.
@@ -890,23 +810,15 @@ pub fn decode_b64(s: &str) -> Result<Vec<u8>> {
 pub fn meridian_bin() -> Result<PathBuf> {
     if let Some(path) = std::env::var_os("MERIDIAN_BIN") {
         let path = PathBuf::from(path);
-        return if path.is_file() {
-            Ok(path)
-        } else {
-            Err(anyhow!("MERIDIAN_BIN={} does not exist", path.display()))
-        };
+        return if path.is_file() { Ok(path) } else { Err(anyhow!("MERIDIAN_BIN={} does not exist", path.display())) };
     }
     let mut candidates = Vec::new();
     // <target>/<profile>/deps/<test-binary>
-    if let Some(profile_dir) = std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.to_path_buf()))
+    if let Some(profile_dir) = std::env::current_exe().ok().and_then(|exe| Some(exe.parent()?.parent()?.to_path_buf()))
     {
         candidates.push(profile_dir.join("meridian"));
     }
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent");
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent");
     let mut target_dirs = Vec::new();
     if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR") {
         target_dirs.push(workspace.join(dir)); // join keeps an absolute dir as is
@@ -949,10 +861,7 @@ fn find_tool(var: &str, name: &str) -> Result<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .map(|dir| dir.join(name))
-        .find(|p| {
-            p.metadata()
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
+        .find(|p| p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
         .ok_or_else(|| {
             anyhow!(
                 "`{name}` not found on PATH: the reference etcd 3.4 is needed; \
@@ -984,9 +893,7 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
     // One write: `write!` would issue one syscall per piece.
-    stream.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )?;
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
     let mut response = Vec::new();
     // The server closes after the response (Connection: close); a timeout keeps what arrived.
     if let Err(err) = stream.take(4 * 1024 * 1024).read_to_end(&mut response) {
@@ -996,19 +903,11 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     }
     let response = String::from_utf8_lossy(&response);
     let status_line = response.lines().next().unwrap_or_default();
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body)
-        .unwrap_or_default()
-        .to_string();
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body).unwrap_or_default().to_string();
     if !status_line.starts_with("HTTP/1.") {
         bail!("not an HTTP response: {status_line:?}");
     }
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
+    let status = status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     Ok((status, body))
 }
 
@@ -1093,30 +992,15 @@ fn registry() -> MutexGuard<'static, PortRegistry> {
             // SAFETY: getuid has no preconditions.
             let uid = unsafe { libc::getuid() };
             let path = std::env::temp_dir().join(format!("meridian-tests-ports-{uid}.lock"));
-            let lock_file = OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(&path);
+            let lock_file =
+                OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(&path);
             if let Err(err) = &lock_file {
-                eprintln!(
-                    "meridian-tests: cannot open {}: {err}; ports are only probed",
-                    path.display()
-                );
+                eprintln!("meridian-tests: cannot open {}: {err}; ports are only probed", path.display());
             }
-            let nanos = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.subsec_nanos())
-                .unwrap_or(0);
+            let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
             let seed = u64::from(std::process::id()) * 7919 + u64::from(nanos % 1000);
             let next = PORTS.start + (seed % u64::from(PORTS.end - PORTS.start)) as u16;
-            Mutex::new(PortRegistry {
-                lock_file: lock_file.ok(),
-                leased: HashSet::new(),
-                next,
-            })
+            Mutex::new(PortRegistry { lock_file: lock_file.ok(), leased: HashSet::new(), next })
         })
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -1125,16 +1009,8 @@ fn registry() -> MutexGuard<'static, PortRegistry> {
 /// A `--initial-cluster-token` no other cluster on this machine uses.
 fn unique_token(server: Server) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    format!(
-        "{}-test-{}-{}-{nanos}",
-        server.name(),
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    format!("{}-test-{}-{}-{nanos}", server.name(), std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 fn member_name(i: usize) -> String {
@@ -1142,10 +1018,7 @@ fn member_name(i: usize) -> String {
 }
 
 fn log_lines() -> usize {
-    std::env::var("MERIDIAN_TEST_LOG_LINES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(40)
+    std::env::var("MERIDIAN_TEST_LOG_LINES").ok().and_then(|v| v.parse().ok()).unwrap_or(40)
 }
 
 async fn connect(endpoints: Vec<String>) -> Result<etcd_client::Client> {
@@ -1185,32 +1058,17 @@ fn wait_timeout(child: &mut Child, limit: Duration) -> Result<Option<ExitStatus>
 /// Runs a long-lived etcdctl command (such as `watch`) for `run_for`, then
 /// stops it, and returns what it printed: stdout, then stderr without
 /// etcdctl's own timestamped log lines.
-pub fn etcdctl_with_timeout(
-    endpoints: &[impl AsRef<str>],
-    args: &[&str],
-    run_for: Duration,
-) -> Result<String> {
-    let endpoints = endpoints
-        .iter()
-        .map(|e| e.as_ref())
-        .collect::<Vec<_>>()
-        .join(",");
+pub fn etcdctl_with_timeout(endpoints: &[impl AsRef<str>], args: &[&str], run_for: Duration) -> Result<String> {
+    let endpoints = endpoints.iter().map(|e| e.as_ref()).collect::<Vec<_>>().join(",");
     let mut cmd = Command::new(etcdctl_bin()?);
-    cmd.arg(format!("--endpoints={endpoints}"))
-        .arg("--dial-timeout=3s")
-        .args(args);
+    cmd.arg(format!("--endpoints={endpoints}")).arg("--dial-timeout=3s").args(args);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("ETCDCTL_") {
             cmd.env_remove(key);
         }
     }
-    cmd.env("ETCDCTL_API", "3")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("spawn {:?}", cmd.get_program()))?;
+    cmd.env("ETCDCTL_API", "3").stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("spawn {:?}", cmd.get_program()))?;
     let stdout = read_pipe(child.stdout.take());
     let stderr = read_pipe(child.stderr.take());
     if wait_timeout(&mut child, run_for)?.is_none() {
@@ -1218,10 +1076,7 @@ pub fn etcdctl_with_timeout(
         let _ = child.wait();
     }
     let mut out = join_pipe(stdout);
-    for line in join_pipe(stderr)
-        .lines()
-        .filter(|l| !l.starts_with("{\"level\""))
-    {
+    for line in join_pipe(stderr).lines().filter(|l| !l.starts_with("{\"level\"")) {
         out.push_str(line);
         out.push('\n');
     }
@@ -1229,12 +1084,8 @@ pub fn etcdctl_with_timeout(
 }
 
 fn run_bounded(mut cmd: Command, input: &str, limit: Duration) -> Result<CtlOutput> {
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("spawn {:?}", cmd.get_program()))?;
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().with_context(|| format!("spawn {:?}", cmd.get_program()))?;
     // Readers run on threads so a full pipe cannot block the child while we wait for it.
     let stdout = read_pipe(child.stdout.take());
     let stderr = read_pipe(child.stderr.take());
@@ -1247,11 +1098,7 @@ fn run_bounded(mut cmd: Command, input: &str, limit: Duration) -> Result<CtlOutp
         let _ = child.wait();
         bail!("still running after {limit:?}; killed");
     };
-    Ok(CtlOutput {
-        status,
-        stdout: join_pipe(stdout),
-        stderr: join_pipe(stderr),
-    })
+    Ok(CtlOutput { status, stdout: join_pipe(stdout), stderr: join_pipe(stderr) })
 }
 
 fn read_pipe(pipe: Option<impl Read + Send + 'static>) -> JoinHandle<Vec<u8>> {
@@ -1286,22 +1133,10 @@ mod tests {
     #[test]
     fn health_check_accepts_only_200_with_true() {
         for (response, healthy) in [
-            (
-                "HTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\n{\"health\":\"true\"}",
-                true,
-            ),
-            (
-                "HTTP/1.1 200 OK\r\n\r\n{\"health\":\"false\",\"reason\":\"\"}",
-                false,
-            ),
-            (
-                "HTTP/1.1 503 Service Unavailable\r\n\r\n{\"health\":\"true\"}",
-                false,
-            ),
-            (
-                "HTTP/1.0 200 OK\r\n\r\n{\"health\":\"true\",\"reason\":\"\"}",
-                true,
-            ),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\n{\"health\":\"true\"}", true),
+            ("HTTP/1.1 200 OK\r\n\r\n{\"health\":\"false\",\"reason\":\"\"}", false),
+            ("HTTP/1.1 503 Service Unavailable\r\n\r\n{\"health\":\"true\"}", false),
+            ("HTTP/1.0 200 OK\r\n\r\n{\"health\":\"true\",\"reason\":\"\"}", true),
         ] {
             let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
             let addr = listener.local_addr().unwrap();
@@ -1315,10 +1150,7 @@ mod tests {
                     assert!(n > 0, "request ended early: {request:?}");
                     request.extend_from_slice(&buf[..n]);
                 }
-                assert!(
-                    request.starts_with(b"GET /health HTTP/1.1\r\n"),
-                    "{request:?}"
-                );
+                assert!(request.starts_with(b"GET /health HTTP/1.1\r\n"), "{request:?}");
                 conn.write_all(response.as_bytes()).unwrap();
             });
             let result = check_health(addr);
@@ -1329,22 +1161,10 @@ mod tests {
 
     #[test]
     fn opts_render_etcd_flags() {
-        let opts = ClusterOpts {
-            snapshot_count: Some(100),
-            extra_args: vec!["--x".into()],
-            ..ClusterOpts::fast()
-        };
+        let opts = ClusterOpts { snapshot_count: Some(100), extra_args: vec!["--x".into()], ..ClusterOpts::fast() };
         assert_eq!(
             opts.flags(),
-            [
-                "--heartbeat-interval",
-                "50",
-                "--election-timeout",
-                "500",
-                "--snapshot-count",
-                "100",
-                "--x"
-            ]
+            ["--heartbeat-interval", "50", "--election-timeout", "500", "--snapshot-count", "100", "--x"]
         );
     }
 }

@@ -10,9 +10,7 @@ use std::fmt::Debug;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp,
-};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, DeleteOptions, GetOptions, PutOptions, Txn, TxnOp};
 use meridian_tests::{etcdctl_with_input, Cluster, ClusterOpts};
 use tonic::Code;
 
@@ -40,36 +38,17 @@ fn status<T: Debug>(what: &str, result: Result<T, etcd_client::Error>) -> tonic:
 }
 
 /// Asserts `result` failed with exactly `code` and `message`.
-fn assert_refused<T: Debug>(
-    what: &str,
-    result: Result<T, etcd_client::Error>,
-    code: Code,
-    message: &str,
-) {
+fn assert_refused<T: Debug>(what: &str, result: Result<T, etcd_client::Error>, code: Code, message: &str) {
     let status = status(what, result);
-    assert_eq!(
-        (status.code(), status.message()),
-        (code, message),
-        "{what}: wrong error"
-    );
+    assert_eq!((status.code(), status.message()), (code, message), "{what}: wrong error");
 }
 
 /// A put then a linearizable get through `client` both succeed: the cluster still serves.
 async fn assert_serving(client: &mut Client, tag: &str) -> Result<()> {
     let key = format!("alive/{tag}");
-    client
-        .put(key.as_str(), tag, None)
-        .await
-        .with_context(|| format!("put after {tag}"))?;
-    let resp = client
-        .get(key.as_str(), None)
-        .await
-        .with_context(|| format!("get after {tag}"))?;
-    assert_eq!(
-        resp.kvs().first().map(|kv| kv.value()),
-        Some(tag.as_bytes()),
-        "read back after {tag}"
-    );
+    client.put(key.as_str(), tag, None).await.with_context(|| format!("put after {tag}"))?;
+    let resp = client.get(key.as_str(), None).await.with_context(|| format!("get after {tag}"))?;
+    assert_eq!(resp.kvs().first().map(|kv| kv.value()), Some(tag.as_bytes()), "read back after {tag}");
     Ok(())
 }
 
@@ -94,9 +73,7 @@ fn put_request_len(key: usize, value: usize) -> usize {
 }
 
 fn puts(prefix: &str, n: usize) -> Vec<TxnOp> {
-    (0..n)
-        .map(|i| TxnOp::put(format!("{prefix}{i:03}"), "v", None))
-        .collect()
+    (0..n).map(|i| TxnOp::put(format!("{prefix}{i:03}"), "v", None)).collect()
 }
 
 /// Default limits: a value just under --max-request-bytes is stored; over it, etcd's
@@ -110,10 +87,7 @@ async fn oversized_requests_are_refused_with_default_limit() -> Result<()> {
     let fits = vec![b'x'; 1_468_006]; // 1.4 MiB
     client.put("big/fits", fits.clone(), None).await?;
     let resp = client.get("big/fits", None).await?;
-    assert_eq!(
-        resp.kvs().first().map(|kv| kv.value().len()),
-        Some(fits.len())
-    );
+    assert_eq!(resp.kvs().first().map(|kv| kv.value().len()), Some(fits.len()));
 
     let over_limit = vec![b'x'; 1_677_722]; // 1.6 MiB
     assert!(put_request_len(10, over_limit.len()) < DEFAULT_MAX_REQUEST + GRPC_OVERHEAD);
@@ -125,10 +99,7 @@ async fn oversized_requests_are_refused_with_default_limit() -> Result<()> {
     );
 
     let over_grpc = vec![b'x'; 3 * 1024 * 1024];
-    let status = status(
-        "put of 3 MiB",
-        client.put("big/over-2", over_grpc.clone(), None).await,
-    );
+    let status = status("put of 3 MiB", client.put("big/over-2", over_grpc.clone(), None).await);
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert_eq!(
         status.message(),
@@ -151,13 +122,7 @@ async fn oversized_requests_are_refused_with_default_limit() -> Result<()> {
 /// below the gRPC receive limit, 1024 + 512 KiB), a small one is stored.
 #[tokio::test]
 async fn oversized_requests_are_refused_with_custom_limit() -> Result<()> {
-    let cluster = Cluster::start(
-        3,
-        ClusterOpts {
-            max_request_bytes: Some(1024),
-            ..ClusterOpts::fast()
-        },
-    )?;
+    let cluster = Cluster::start(3, ClusterOpts { max_request_bytes: Some(1024), ..ClusterOpts::fast() })?;
     let mut client = cluster.client().await?;
     assert_refused(
         "put of 2 KiB with --max-request-bytes 1024",
@@ -182,13 +147,7 @@ async fn too_many_txn_ops_are_refused() -> Result<()> {
         TOO_MANY_OPS,
     );
     assert_eq!(
-        client
-            .get(
-                "many/",
-                Some(GetOptions::new().with_prefix().with_count_only())
-            )
-            .await?
-            .count(),
+        client.get("many/", Some(GetOptions::new().with_prefix().with_count_only())).await?.count(),
         0,
         "a refused txn writes nothing"
     );
@@ -196,13 +155,7 @@ async fn too_many_txn_ops_are_refused() -> Result<()> {
     let resp = client.txn(Txn::new().and_then(puts("many/", 128))).await?;
     assert!(resp.succeeded());
     assert_eq!(resp.op_responses().len(), 128);
-    let count = client
-        .get(
-            "many/",
-            Some(GetOptions::new().with_prefix().with_count_only()),
-        )
-        .await?
-        .count();
+    let count = client.get("many/", Some(GetOptions::new().with_prefix().with_count_only())).await?.count();
     assert_eq!(count, 128);
     assert_serving(&mut client, "txn-ops").await
 }
@@ -210,13 +163,7 @@ async fn too_many_txn_ops_are_refused() -> Result<()> {
 /// `--max-txn-ops 4`: five operations are refused, four apply.
 #[tokio::test]
 async fn custom_max_txn_ops_is_enforced() -> Result<()> {
-    let cluster = Cluster::start(
-        3,
-        ClusterOpts {
-            max_txn_ops: Some(4),
-            ..ClusterOpts::fast()
-        },
-    )?;
+    let cluster = Cluster::start(3, ClusterOpts { max_txn_ops: Some(4), ..ClusterOpts::fast() })?;
     let mut client = cluster.client().await?;
     assert_refused(
         "txn of 5 puts with --max-txn-ops 4",
@@ -237,59 +184,32 @@ async fn empty_key_is_refused() -> Result<()> {
     let mut client = cluster.client().await?;
     client.put("k", "v", None).await?;
 
-    assert_refused(
-        "put with empty key",
-        client.put("", "v", None).await,
-        Code::InvalidArgument,
-        EMPTY_KEY,
-    );
-    assert_refused(
-        "get with empty key",
-        client.get("", None).await,
-        Code::InvalidArgument,
-        EMPTY_KEY,
-    );
+    assert_refused("put with empty key", client.put("", "v", None).await, Code::InvalidArgument, EMPTY_KEY);
+    assert_refused("get with empty key", client.get("", None).await, Code::InvalidArgument, EMPTY_KEY);
     assert_refused(
         "serializable get with empty key",
-        client
-            .get("", Some(GetOptions::new().with_serializable()))
-            .await,
+        client.get("", Some(GetOptions::new().with_serializable())).await,
         Code::InvalidArgument,
         EMPTY_KEY,
     );
-    assert_refused(
-        "delete with empty key",
-        client.delete("", None).await,
-        Code::InvalidArgument,
-        EMPTY_KEY,
-    );
+    assert_refused("delete with empty key", client.delete("", None).await, Code::InvalidArgument, EMPTY_KEY);
     assert_refused(
         "txn compare on empty key",
         client
-            .txn(
-                Txn::new()
-                    .when([Compare::value("", CompareOp::Equal, "v")])
-                    .and_then([TxnOp::put("k", "w", None)]),
-            )
+            .txn(Txn::new().when([Compare::value("", CompareOp::Equal, "v")]).and_then([TxnOp::put("k", "w", None)]))
             .await,
         Code::InvalidArgument,
         EMPTY_KEY,
     );
     assert_refused(
         "txn put of empty key",
-        client
-            .txn(Txn::new().and_then([TxnOp::put("", "w", None)]))
-            .await,
+        client.txn(Txn::new().and_then([TxnOp::put("", "w", None)])).await,
         Code::InvalidArgument,
         EMPTY_KEY,
     );
 
     let resp = client.get("k", None).await?;
-    assert_eq!(
-        resp.kvs().first().map(|kv| kv.value()),
-        Some(&b"v"[..]),
-        "the refused txns wrote nothing"
-    );
+    assert_eq!(resp.kvs().first().map(|kv| kv.value()), Some(&b"v"[..]), "the refused txns wrote nothing");
     assert_serving(&mut client, "empty-key").await
 }
 
@@ -302,24 +222,14 @@ async fn range_end_before_key_is_an_empty_range() -> Result<()> {
     for k in ["a", "b", "c"] {
         client.put(k, "1", None).await?;
     }
-    let resp = client
-        .get("b", Some(GetOptions::new().with_range("a")))
-        .await?;
+    let resp = client.get("b", Some(GetOptions::new().with_range("a"))).await?;
     assert_eq!((resp.count(), resp.kvs().len()), (0, 0), "{resp:?}");
     let before = revision(resp.header());
 
-    let resp = client
-        .delete("b", Some(DeleteOptions::new().with_range("a")))
-        .await?;
+    let resp = client.delete("b", Some(DeleteOptions::new().with_range("a"))).await?;
     assert_eq!(resp.deleted(), 0, "{resp:?}");
-    assert_eq!(
-        revision(resp.header()),
-        before,
-        "a delete of nothing must not create a revision"
-    );
-    let all = client
-        .get("a", Some(GetOptions::new().with_range("d")))
-        .await?;
+    assert_eq!(revision(resp.header()), before, "a delete of nothing must not create a revision");
+    let all = client.get("a", Some(GetOptions::new().with_range("d"))).await?;
     assert_eq!(all.count(), 3, "a, b and c are all still there");
     assert_eq!(revision(all.header()), before);
     assert_serving(&mut client, "range-end").await
@@ -337,63 +247,36 @@ async fn future_and_compacted_revisions_are_refused() -> Result<()> {
 
     assert_refused(
         "get at current + 100",
-        client
-            .get("k", Some(GetOptions::new().with_revision(rev + 100)))
-            .await,
+        client.get("k", Some(GetOptions::new().with_revision(rev + 100))).await,
         Code::OutOfRange,
         FUTURE_REV,
     );
     assert_refused(
         "serializable get at current + 100",
-        client
-            .get(
-                "k",
-                Some(
-                    GetOptions::new()
-                        .with_revision(rev + 100)
-                        .with_serializable(),
-                ),
-            )
-            .await,
+        client.get("k", Some(GetOptions::new().with_revision(rev + 100).with_serializable())).await,
         Code::OutOfRange,
         FUTURE_REV,
     );
-    assert_refused(
-        "compact at current + 100",
-        client.compact(rev + 100, None).await,
-        Code::OutOfRange,
-        FUTURE_REV,
-    );
+    assert_refused("compact at current + 100", client.compact(rev + 100, None).await, Code::OutOfRange, FUTURE_REV);
     // The current revision itself is readable.
-    let resp = client
-        .get("k", Some(GetOptions::new().with_revision(rev)))
-        .await?;
+    let resp = client.get("k", Some(GetOptions::new().with_revision(rev))).await?;
     assert_eq!(resp.kvs().first().map(|kv| kv.value()), Some(&b"4"[..]));
 
     client.compact(rev, None).await?;
     assert_refused(
         "get at compacted - 1",
-        client
-            .get("k", Some(GetOptions::new().with_revision(rev - 1)))
-            .await,
+        client.get("k", Some(GetOptions::new().with_revision(rev - 1))).await,
         Code::OutOfRange,
         COMPACTED,
     );
-    assert_refused(
-        "compact again at the same revision",
-        client.compact(rev, None).await,
-        Code::OutOfRange,
-        COMPACTED,
-    );
+    assert_refused("compact again at the same revision", client.compact(rev, None).await, Code::OutOfRange, COMPACTED);
     assert_refused(
         "compact below the compacted revision",
         client.compact(rev - 1, None).await,
         Code::OutOfRange,
         COMPACTED,
     );
-    let resp = client
-        .get("k", Some(GetOptions::new().with_revision(rev)))
-        .await?;
+    let resp = client.get("k", Some(GetOptions::new().with_revision(rev))).await?;
     assert_eq!(
         resp.kvs().first().map(|kv| kv.value()),
         Some(&b"4"[..]),
@@ -421,9 +304,7 @@ async fn duplicate_key_in_txn_is_refused() -> Result<()> {
     );
     assert_refused(
         "txn putting and deleting one key",
-        client
-            .txn(Txn::new().and_then([TxnOp::delete("dup", None), TxnOp::put("dup", "1", None)]))
-            .await,
+        client.txn(Txn::new().and_then([TxnOp::delete("dup", None), TxnOp::put("dup", "1", None)])).await,
         Code::InvalidArgument,
         DUPLICATE_KEY,
     );
@@ -443,25 +324,19 @@ async fn ignore_value_misuse_is_refused() -> Result<()> {
 
     assert_refused(
         "put ignore_value with a value",
-        client
-            .put("iv", "new", Some(PutOptions::new().with_ignore_value()))
-            .await,
+        client.put("iv", "new", Some(PutOptions::new().with_ignore_value())).await,
         Code::InvalidArgument,
         VALUE_PROVIDED,
     );
     assert_refused(
         "put ignore_value on a missing key",
-        client
-            .put("missing", "", Some(PutOptions::new().with_ignore_value()))
-            .await,
+        client.put("missing", "", Some(PutOptions::new().with_ignore_value())).await,
         Code::InvalidArgument,
         KEY_NOT_FOUND,
     );
     assert_eq!(client.get("missing", None).await?.count(), 0);
 
-    client
-        .put("iv", "", Some(PutOptions::new().with_ignore_value()))
-        .await?;
+    client.put("iv", "", Some(PutOptions::new().with_ignore_value())).await?;
     let resp = client.get("iv", None).await?;
     let kv = resp.kvs().first().context("iv")?;
     assert_eq!((kv.value(), kv.version()), (&b"kept"[..], 2));
@@ -473,13 +348,7 @@ async fn ignore_value_misuse_is_refused() -> Result<()> {
 /// deleting and compacting; after `etcdctl defrag` and `etcdctl alarm disarm` puts work again.
 #[tokio::test]
 async fn space_quota_raises_nospace_alarm_until_disarmed() -> Result<()> {
-    let cluster = Cluster::start(
-        3,
-        ClusterOpts {
-            quota_backend_bytes: Some(256 * 1024),
-            ..ClusterOpts::fast()
-        },
-    )?;
+    let cluster = Cluster::start(3, ClusterOpts { quota_backend_bytes: Some(256 * 1024), ..ClusterOpts::fast() })?;
     let mut client = cluster.client().await?;
     let value = vec![b'q'; 1024];
     let mut stored = 0;
@@ -494,11 +363,7 @@ async fn space_quota_raises_nospace_alarm_until_disarmed() -> Result<()> {
         }
     }
     let refused = refused.context("1000 puts of 1 KiB never exceeded a 256 KiB quota")?;
-    assert_eq!(
-        (refused.code(), refused.message()),
-        (Code::ResourceExhausted, NO_SPACE),
-        "after {stored} puts"
-    );
+    assert_eq!((refused.code(), refused.message()), (Code::ResourceExhausted, NO_SPACE), "after {stored} puts");
     assert!(stored > 0, "the quota refused even the first 1 KiB put");
 
     // Reads still work.
@@ -519,16 +384,10 @@ async fn space_quota_raises_nospace_alarm_until_disarmed() -> Result<()> {
     }
 
     // Deletes still work; puts are still refused, small or not.
-    let deleted = client
-        .delete("q/", Some(DeleteOptions::new().with_prefix()))
-        .await?
-        .deleted();
+    let deleted = client.delete("q/", Some(DeleteOptions::new().with_prefix())).await?.deleted();
     // etcd applies the put that crosses the quota at apply time and still answers NOSPACE, so
     // that one may or may not be stored.
-    assert!(
-        (stored..=stored + 1).contains(&deleted),
-        "deleted {deleted} keys, {stored} puts were acknowledged"
-    );
+    assert!((stored..=stored + 1).contains(&deleted), "deleted {deleted} keys, {stored} puts were acknowledged");
     assert_refused(
         "small put after deleting everything, alarm still on",
         client.put("small", "1", None).await,
@@ -537,20 +396,13 @@ async fn space_quota_raises_nospace_alarm_until_disarmed() -> Result<()> {
     );
     assert_refused(
         "txn put after deleting everything, alarm still on",
-        client
-            .txn(Txn::new().and_then([TxnOp::put("small", "1", None)]))
-            .await,
+        client.txn(Txn::new().and_then([TxnOp::put("small", "1", None)])).await,
         Code::ResourceExhausted,
         NO_SPACE,
     );
 
     // Compaction frees the history, but the alarm stays until disarmed.
-    let rev = revision(
-        client
-            .get("q/", Some(GetOptions::new().with_prefix()))
-            .await?
-            .header(),
-    );
+    let rev = revision(client.get("q/", Some(GetOptions::new().with_prefix())).await?.header());
     client.compact(rev, None).await?;
     assert_refused(
         "small put after compaction, alarm still on",
@@ -564,11 +416,7 @@ async fn space_quota_raises_nospace_alarm_until_disarmed() -> Result<()> {
     // etcd's recovery procedure: compact, defragment every member, disarm. (etcd 3.4 counts the
     // backend file's size against the quota, so without the defrag it refuses puts again.)
     let out = cluster.etcdctl_ok(&["defrag"])?;
-    assert_eq!(
-        out.matches("Finished defragmenting etcd member").count(),
-        3,
-        "{out}"
-    );
+    assert_eq!(out.matches("Finished defragmenting etcd member").count(), 3, "{out}");
     let out = cluster.etcdctl(&["alarm", "disarm"])?;
     assert!(out.success(), "etcdctl alarm disarm: {out:?}");
     let out = cluster.etcdctl(&["alarm", "list"])?;
@@ -586,15 +434,9 @@ async fn etcdctl_reports_etcd_errors() -> Result<()> {
     let eps = cluster.endpoints();
     let refused = |args: &[&str], input: &str, message: &str| -> Result<()> {
         let out = etcdctl_with_input(&eps, args, input)?;
-        assert!(
-            !out.success(),
-            "etcdctl {args:?} should fail with {message:?}: {out:?}"
-        );
+        assert!(!out.success(), "etcdctl {args:?} should fail with {message:?}: {out:?}");
         let expected = format!("Error: {message}");
-        assert!(
-            out.stderr.contains(&expected),
-            "etcdctl {args:?}: stderr lacks {expected:?}: {out:?}"
-        );
+        assert!(out.stderr.contains(&expected), "etcdctl {args:?}: stderr lacks {expected:?}: {out:?}");
         Ok(())
     };
 
@@ -618,40 +460,26 @@ async fn etcdctl_reports_etcd_errors() -> Result<()> {
         .as_i64()
         .context("revision in put -w json")?;
     let future = (rev + 100).to_string();
-    refused(
-        &["get", "ctl/k", &format!("--rev={future}")],
-        "",
-        FUTURE_REV,
-    )?;
+    refused(&["get", "ctl/k", &format!("--rev={future}")], "", FUTURE_REV)?;
     refused(&["compact", &future], "", FUTURE_REV)?;
     let out = cluster.etcdctl_ok(&["compact", &rev.to_string()])?;
     assert!(out.contains(&format!("compacted revision {rev}")), "{out}");
-    refused(
-        &["get", "ctl/k", &format!("--rev={}", rev - 1)],
-        "",
-        COMPACTED,
-    )?;
+    refused(&["get", "ctl/k", &format!("--rev={}", rev - 1)], "", COMPACTED)?;
     refused(&["compact", &rev.to_string()], "", COMPACTED)?;
 
     // Duplicate key in a txn.
     refused(&["txn"], "\nput ctl/d 1\nput ctl/d 2\n\n\n", DUPLICATE_KEY)?;
 
     assert_eq!(cluster.etcdctl_ok(&["put", "ctl/alive", "1"])?.trim(), "OK");
-    assert_eq!(
-        cluster
-            .etcdctl_ok(&["get", "ctl/alive", "--print-value-only"])?
-            .trim(),
-        "1"
-    );
+    assert_eq!(cluster.etcdctl_ok(&["get", "ctl/alive", "--print-value-only"])?.trim(), "1");
     Ok(())
 }
 
 /// A client on member `i` alone whose own timeout (30 s) is longer than any the server applies,
 /// so the error seen is the server's.
 async fn patient_client(cluster: &Cluster, i: usize) -> Result<Client> {
-    let options = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(5))
-        .with_timeout(Duration::from_secs(30));
+    let options =
+        ConnectOptions::new().with_connect_timeout(Duration::from_secs(5)).with_timeout(Duration::from_secs(30));
     Ok(Client::connect([cluster.endpoint(i)], Some(options)).await?)
 }
 
@@ -661,20 +489,11 @@ async fn survivor_without_quorum(kill_leader: bool) -> Result<()> {
     let mut cluster = Cluster::start(3, ClusterOpts::fast())?;
     cluster.client().await?.put("nl/k", "1", None).await?;
     let leader = cluster.leader().await?;
-    let survivor = if kill_leader {
-        (1..=3).find(|&i| i != leader).expect("3 members")
-    } else {
-        leader
-    };
+    let survivor = if kill_leader { (1..=3).find(|&i| i != leader).expect("3 members") } else { leader };
     let mut client = patient_client(&cluster, survivor).await?;
     // The survivor has applied the put before its peers die.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while client
-        .get("nl/k", Some(GetOptions::new().with_serializable()))
-        .await?
-        .count()
-        == 0
-    {
+    while client.get("nl/k", Some(GetOptions::new().with_serializable())).await?.count() == 0 {
         if Instant::now() >= deadline {
             bail!("m{survivor} never applied nl/k");
         }
@@ -688,20 +507,13 @@ async fn survivor_without_quorum(kill_leader: bool) -> Result<()> {
     let result = client.put("nl/k", "2", None).await;
     let took = started.elapsed();
     let status = status("put without quorum", result);
-    assert_eq!(
-        status.code(),
-        Code::Unavailable,
-        "{status:?} after {took:?}"
-    );
+    assert_eq!(status.code(), Code::Unavailable, "{status:?} after {took:?}");
     assert!(
         ["etcdserver: no leader", "etcdserver: request timed out"].contains(&status.message()),
         "unexpected message {:?} after {took:?}",
         status.message()
     );
-    assert!(
-        took < Duration::from_secs(15),
-        "the put took {took:?} to fail"
-    );
+    assert!(took < Duration::from_secs(15), "the put took {took:?} to fail");
 
     let resp = client
         .get("nl/k", Some(GetOptions::new().with_serializable()))

@@ -29,15 +29,7 @@ type Row = (Vec<u8>, Vec<u8>, i64, i64, i64);
 
 fn rows(kvs: &[KeyValue]) -> Vec<Row> {
     kvs.iter()
-        .map(|kv| {
-            (
-                kv.key().to_vec(),
-                kv.value().to_vec(),
-                kv.create_revision(),
-                kv.mod_revision(),
-                kv.version(),
-            )
-        })
+        .map(|kv| (kv.key().to_vec(), kv.value().to_vec(), kv.create_revision(), kv.mod_revision(), kv.version()))
         .collect()
 }
 
@@ -62,12 +54,7 @@ async fn wait_revision(cluster: &Cluster, i: usize, rev: i64) -> Result<i64> {
     let deadline = Instant::now() + CATCH_UP;
     let mut client = cluster.member_client(i).await?;
     loop {
-        let last = client
-            .get(
-                "rev-probe",
-                Some(GetOptions::new().with_serializable().with_count_only()),
-            )
-            .await;
+        let last = client.get("rev-probe", Some(GetOptions::new().with_serializable().with_count_only())).await;
         let seen = match &last {
             Ok(resp) => header_rev(resp.header())?,
             Err(_) => 0,
@@ -76,9 +63,7 @@ async fn wait_revision(cluster: &Cluster, i: usize, rev: i64) -> Result<i64> {
             return Ok(seen);
         }
         if Instant::now() >= deadline {
-            bail!(
-                "m{i} did not reach revision {rev} within {CATCH_UP:?}: at {seen}, last {last:?}"
-            );
+            bail!("m{i} did not reach revision {rev} within {CATCH_UP:?}: at {seen}, last {last:?}");
         }
         tokio::time::sleep(POLL).await;
     }
@@ -97,13 +82,7 @@ async fn local_rows(cluster: &Cluster, i: usize, prefix: &str) -> Result<(i64, V
         let resp = client
             .get(
                 from.clone(),
-                Some(
-                    GetOptions::new()
-                        .with_range(end.clone())
-                        .with_serializable()
-                        .with_limit(1000)
-                        .with_revision(at),
-                ),
+                Some(GetOptions::new().with_range(end.clone()).with_serializable().with_limit(1000).with_revision(at)),
             )
             .await
             .with_context(|| format!("serializable get {prefix:?} on m{i}"))?;
@@ -127,18 +106,11 @@ async fn assert_replicas_identical(cluster: &Cluster, rev: i64, prefix: &str) ->
     let mut first: Option<(Vec<Row>, u32)> = None;
     for i in 1..=cluster.len() {
         let reached = wait_revision(cluster, i, rev).await?;
-        ensure!(
-            reached == rev,
-            "m{i} is at revision {reached}, past {rev}, though nothing was written"
-        );
+        ensure!(reached == rev, "m{i} is at revision {reached}, past {rev}, though nothing was written");
         let (at, rows) = local_rows(cluster, i, prefix).await?;
         ensure!(at == rev, "m{i} answered at revision {at}, expected {rev}");
-        let hash = cluster
-            .member_client(i)
-            .await?
-            .hash_kv(rev)
-            .await
-            .with_context(|| format!("HashKV({rev}) on m{i}"))?;
+        let hash =
+            cluster.member_client(i).await?.hash_kv(rev).await.with_context(|| format!("HashKV({rev}) on m{i}"))?;
         ensure!(
             header_rev(hash.header())? == rev,
             "m{i}: HashKV header revision {} != {rev}",
@@ -159,12 +131,7 @@ async fn assert_replicas_identical(cluster: &Cluster, rev: i64, prefix: &str) ->
                         &only_m1[..only_m1.len().min(5)]
                     );
                 }
-                ensure!(
-                    hash.hash() == *hash1,
-                    "HashKV({rev}) of m{i} is {:#x}, of m1 {:#x}",
-                    hash.hash(),
-                    hash1
-                );
+                ensure!(hash.hash() == *hash1, "HashKV({rev}) of m{i} is {:#x}, of m1 {:#x}", hash.hash(), hash1);
             }
         }
     }
@@ -204,10 +171,7 @@ async fn wait_count(counter: &AtomicUsize, target: usize, limit: Duration) -> Re
     let deadline = Instant::now() + limit;
     while counter.load(Ordering::Relaxed) < target {
         if Instant::now() >= deadline {
-            bail!(
-                "only {} of {target} acknowledged within {limit:?}",
-                counter.load(Ordering::Relaxed)
-            );
+            bail!("only {} of {target} acknowledged within {limit:?}", counter.load(Ordering::Relaxed));
         }
         tokio::time::sleep(POLL).await;
     }
@@ -231,29 +195,17 @@ async fn kill9_leader_under_load_loses_no_acknowledged_write() -> Result<()> {
     let mut tasks = Vec::new();
     let mut bound = Vec::new();
     for id in 0..WRITERS {
-        let (client, member) = if id < 3 {
-            (cluster.member_client(id + 1).await?, Some(id + 1))
-        } else {
-            (cluster.client().await?, None)
-        };
+        let (client, member) =
+            if id < 3 { (cluster.member_client(id + 1).await?, Some(id + 1)) } else { (cluster.client().await?, None) };
         let acked = Arc::new(AtomicUsize::new(0));
         counters.push(acked.clone());
         bound.push(member);
-        tasks.push(tokio::spawn(writer(
-            id,
-            client,
-            stop.clone(),
-            acked,
-            deadline,
-            20_000,
-        )));
+        tasks.push(tokio::spawn(writer(id, client, stop.clone(), acked, deadline, 20_000)));
     }
 
     // Load is flowing through every writer before the crash.
     for acked in &counters {
-        wait_count(acked, 20, Duration::from_secs(10))
-            .await
-            .context("load before the crash")?;
+        wait_count(acked, 20, Duration::from_secs(10)).await.context("load before the crash")?;
     }
 
     let killed_at = Instant::now();
@@ -294,10 +246,7 @@ async fn kill9_leader_under_load_loses_no_acknowledged_write() -> Result<()> {
     let rows = assert_replicas_identical(&cluster, rev, "w").await?;
 
     let stored: BTreeMap<Vec<u8>, Vec<u8>> = rows.into_iter().map(|r| (r.0, r.1)).collect();
-    let missing: Vec<&String> = acked
-        .keys()
-        .filter(|k| stored.get(k.as_bytes()).is_none())
-        .collect();
+    let missing: Vec<&String> = acked.keys().filter(|k| stored.get(k.as_bytes()).is_none()).collect();
     assert!(
         missing.is_empty(),
         "{} of {} acknowledged puts are lost after the leader crash, e.g. {:?}",
@@ -306,22 +255,14 @@ async fn kill9_leader_under_load_loses_no_acknowledged_write() -> Result<()> {
         &missing[..missing.len().min(10)]
     );
     for (key, value) in &acked {
-        assert_eq!(
-            stored[key.as_bytes()],
-            value.as_bytes(),
-            "value of acknowledged key {key}"
-        );
+        assert_eq!(stored[key.as_bytes()], value.as_bytes(), "value of acknowledged key {key}");
     }
     // Unacknowledged puts may or may not have applied, but never with another value.
     for (key, value) in &stored {
         let key = String::from_utf8_lossy(key);
         let (id, n) = key[1..].split_once('-').expect("writer keys are w{id}-{n}");
         let n: usize = n.parse()?;
-        assert_eq!(
-            String::from_utf8_lossy(value),
-            format!("v{id}-{n}"),
-            "value of {key}"
-        );
+        assert_eq!(String::from_utf8_lossy(value), format!("v{id}-{n}"), "value of {key}");
     }
     Ok(())
 }
@@ -332,20 +273,10 @@ async fn kill9_leader_under_load_loses_no_acknowledged_write() -> Result<()> {
 async fn follower_behind_compacted_log_catches_up_by_snapshot() -> Result<()> {
     const KEYS: usize = 1000;
     const TASKS: usize = 8;
-    let mut cluster = Cluster::start(
-        3,
-        ClusterOpts {
-            snapshot_count: Some(100),
-            ..ClusterOpts::fast()
-        },
-    )?;
+    let mut cluster = Cluster::start(3, ClusterOpts { snapshot_count: Some(100), ..ClusterOpts::fast() })?;
     let leader = cluster.leader().await?;
     let follower = (1..=3).find(|&i| i != leader).expect("3 members");
-    cluster
-        .member_client(leader)
-        .await?
-        .put("s-first", "0", None)
-        .await?;
+    cluster.member_client(leader).await?.put("s-first", "0", None).await?;
     cluster.kill9(follower)?;
 
     // KEYS separate puts (so KEYS raft entries), from TASKS concurrent writers on the leader.
@@ -376,10 +307,7 @@ async fn follower_behind_compacted_log_catches_up_by_snapshot() -> Result<()> {
     assert_eq!(rows.len(), KEYS + 1, "keys under s- on every member");
     for n in 0..KEYS {
         let key = format!("s-{n:04}");
-        let row = rows
-            .iter()
-            .find(|r| r.0 == key.as_bytes())
-            .with_context(|| format!("{key} is missing"))?;
+        let row = rows.iter().find(|r| r.0 == key.as_bytes()).with_context(|| format!("{key} is missing"))?;
         assert_eq!(row.1, format!("value-{n}").as_bytes(), "value of {key}");
     }
 
@@ -399,11 +327,7 @@ async fn follower_behind_compacted_log_catches_up_by_snapshot() -> Result<()> {
     let put = cluster.client().await?.put("s-after", "1", None).await?;
     let after = header_rev(put.header())?;
     assert_eq!(after, rev + 1);
-    let resp = cluster
-        .member_client(follower)
-        .await?
-        .get("s-after", None)
-        .await?;
+    let resp = cluster.member_client(follower).await?.get("s-after", None).await?;
     assert_eq!(resp.kvs().first().map(KeyValue::value), Some(&b"1"[..]));
     assert_replicas_identical(&cluster, after, "s-").await?;
     Ok(())
@@ -429,20 +353,10 @@ async fn whole_cluster_restart_keeps_keys_history_and_revision() -> Result<()> {
     client.put("r/a", "4", None).await?;
     client.compact(compacted, None).await?;
 
-    let latest = client
-        .get("r/", Some(GetOptions::new().with_prefix()))
-        .await?;
+    let latest = client.get("r/", Some(GetOptions::new().with_prefix())).await?;
     let rev = header_rev(latest.header())?;
     let before = rows(latest.kvs());
-    let history = rows(
-        client
-            .get(
-                "r/",
-                Some(GetOptions::new().with_prefix().with_revision(older)),
-            )
-            .await?
-            .kvs(),
-    );
+    let history = rows(client.get("r/", Some(GetOptions::new().with_prefix().with_revision(older))).await?.kvs());
     assert_eq!(before.len(), 4, "{before:?}");
     assert_eq!(history.len(), 4, "{history:?}");
     assert_replicas_identical(&cluster, rev, "r/").await?;
@@ -465,48 +379,24 @@ async fn whole_cluster_restart_keeps_keys_history_and_revision() -> Result<()> {
             .get("r/", Some(GetOptions::new().with_prefix()))
             .await
             .with_context(|| format!("get r/ on m{i} after the restart"))?;
-        assert_eq!(
-            header_rev(latest.header())?,
-            rev,
-            "m{i}: revision after restart"
-        );
+        assert_eq!(header_rev(latest.header())?, rev, "m{i}: revision after restart");
         assert_eq!(rows(latest.kvs()), before, "m{i}: keys after restart");
-        let old = member
-            .get(
-                "r/",
-                Some(GetOptions::new().with_prefix().with_revision(older)),
-            )
-            .await?;
-        assert_eq!(
-            rows(old.kvs()),
-            history,
-            "m{i}: get --rev={older} after restart"
-        );
+        let old = member.get("r/", Some(GetOptions::new().with_prefix().with_revision(older))).await?;
+        assert_eq!(rows(old.kvs()), history, "m{i}: get --rev={older} after restart");
         let err = member
             .get("r/a", Some(GetOptions::new().with_revision(compacted - 1)))
             .await
             .expect_err("a revision below the compaction is gone after a restart too");
-        assert_eq!(
-            grpc_message(&err),
-            Some("etcdserver: mvcc: required revision has been compacted"),
-            "m{i}: {err}"
-        );
+        assert_eq!(grpc_message(&err), Some("etcdserver: mvcc: required revision has been compacted"), "m{i}: {err}");
     }
     assert_replicas_identical(&cluster, rev, "r/").await?;
 
     let mut client = cluster.client().await?;
     let put = client.put("r/f", "1", None).await?;
-    assert_eq!(
-        header_rev(put.header())?,
-        rev + 1,
-        "first write after the restart"
-    );
+    assert_eq!(header_rev(put.header())?, rev + 1, "first write after the restart");
     let resp = client.get("r/f", None).await?;
     let kv = resp.kvs().first().context("r/f after put")?;
-    assert_eq!(
-        (kv.create_revision(), kv.mod_revision(), kv.version()),
-        (rev + 1, rev + 1, 1)
-    );
+    assert_eq!((kv.create_revision(), kv.mod_revision(), kv.version()), (rev + 1, rev + 1, 1));
     assert_replicas_identical(&cluster, rev + 1, "r/").await?;
     Ok(())
 }

@@ -20,14 +20,8 @@ fn etcdctl_put_then_get_json() -> anyhow::Result<()> {
     let resp = etcd.etcdctl_json(&["get", "a"])?;
     assert_eq!(resp["count"], 1, "{resp}");
     let kv = &resp["kvs"][0];
-    assert_eq!(
-        decode_b64(kv["key"].as_str().expect("key is a string"))?,
-        b"a"
-    );
-    assert_eq!(
-        decode_b64(kv["value"].as_str().expect("value is a string"))?,
-        b"1"
-    );
+    assert_eq!(decode_b64(kv["key"].as_str().expect("key is a string"))?, b"a");
+    assert_eq!(decode_b64(kv["value"].as_str().expect("value is a string"))?, b"1");
     assert_eq!(kv["version"], 1, "{resp}");
     assert_eq!(kv["create_revision"], kv["mod_revision"], "{resp}");
     assert_eq!(resp["header"]["revision"], kv["mod_revision"], "{resp}");
@@ -62,10 +56,7 @@ async fn kill_leader_restart_catches_up() -> anyhow::Result<()> {
 
     // A graceful stop: exit within 10 s of SIGTERM. etcd re-raises SIGTERM after shutting down.
     let status = etcd.stop(new)?;
-    assert!(
-        status.success() || status.signal() == Some(SIGTERM),
-        "etcd exited with {status}"
-    );
+    assert!(status.success() || status.signal() == Some(SIGTERM), "etcd exited with {status}");
     assert!(!etcd.is_running(new));
     Ok(())
 }

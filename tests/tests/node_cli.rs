@@ -7,8 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use meridian_tests::{
-    check_health, etcdctl, etcdctl_with_input, http_get, lease_port, meridian_bin, Cluster,
-    ClusterOpts,
+    check_health, etcdctl, etcdctl_with_input, http_get, lease_port, meridian_bin, Cluster, ClusterOpts,
 };
 
 /// A node process started by this test; killed by PID on drop.
@@ -43,10 +42,7 @@ fn wait_healthy(addr: SocketAddr, node: &mut Node) -> anyhow::Result<()> {
         if let Some(status) = node.0.try_wait()? {
             anyhow::bail!("node exited with {status}");
         }
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "node at {addr} not healthy in time"
-        );
+        anyhow::ensure!(Instant::now() < deadline, "node at {addr} not healthy in time");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -84,13 +80,7 @@ fn flags_beat_environment_beats_file() -> anyhow::Result<()> {
     assert!(members.stdout.contains("from-file"), "{}", members.stdout);
     assert!(etcdctl_with_input(&ep, &["txn"], &txn_of(2))?.success());
     let refused = etcdctl_with_input(&ep, &["txn"], &txn_of(3))?;
-    assert!(
-        refused
-            .stderr
-            .contains("too many operations in txn request"),
-        "{}",
-        refused.stderr
-    );
+    assert!(refused.stderr.contains("too many operations in txn request"), "{}", refused.stderr);
     drop(node);
 
     // The environment beats the file.
@@ -107,10 +97,7 @@ fn flags_beat_environment_beats_file() -> anyhow::Result<()> {
     wait_healthy(addr, &mut node)?;
     assert!(etcdctl_with_input(&ep, &["txn"], &txn_of(4))?.success());
     assert!(!etcdctl_with_input(&ep, &["txn"], &txn_of(5))?.success());
-    assert!(
-        dir.path().join("from-file.meridian").is_dir(),
-        "data dir defaults to <name>.meridian"
-    );
+    assert!(dir.path().join("from-file.meridian").is_dir(), "data dir defaults to <name>.meridian");
     Ok(())
 }
 
@@ -123,10 +110,7 @@ fn with_no_flags_it_serves_on_2379_with_data_in_default_meridian() -> anyhow::Re
     assert_eq!(out.trim(), "OK");
     assert!(dir.path().join("default.meridian").is_dir());
     let list = meridian_tests::etcdctl_ok(&["127.0.0.1:2379"], &["member", "list"])?;
-    assert!(
-        list.contains("default, http://127.0.0.1:2380, http://127.0.0.1:2379"),
-        "{list}"
-    );
+    assert!(list.contains("default, http://127.0.0.1:2380, http://127.0.0.1:2379"), "{list}");
     Ok(())
 }
 
@@ -134,28 +118,12 @@ fn with_no_flags_it_serves_on_2379_with_data_in_default_meridian() -> anyhow::Re
 fn bad_configuration_is_refused_with_a_clear_message() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     for (args, want) in [
-        (
-            vec!["--name", "x", "--initial-cluster", "y=http://127.0.0.1:1"],
-            "couldn't find local name \"x\"",
-        ),
-        (
-            vec!["--heartbeat-interval", "100", "--election-timeout", "200"],
-            "should be at least as 5 times",
-        ),
-        (
-            vec!["--initial-cluster-state", "bogus"],
-            "initial-cluster-state",
-        ),
-        (
-            vec!["--listen-client-urls", "https://127.0.0.1:1"],
-            "TLS is not supported",
-        ),
+        (vec!["--name", "x", "--initial-cluster", "y=http://127.0.0.1:1"], "couldn't find local name \"x\""),
+        (vec!["--heartbeat-interval", "100", "--election-timeout", "200"], "should be at least as 5 times"),
+        (vec!["--initial-cluster-state", "bogus"], "initial-cluster-state"),
+        (vec!["--listen-client-urls", "https://127.0.0.1:1"], "TLS is not supported"),
     ] {
-        let out = Command::new(meridian_bin()?)
-            .current_dir(dir.path())
-            .arg("node")
-            .args(&args)
-            .output()?;
+        let out = Command::new(meridian_bin()?).current_dir(dir.path()).arg("node").args(&args).output()?;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} was accepted");
         assert!(stderr.contains(want), "{args:?}: {stderr}");
@@ -165,32 +133,17 @@ fn bad_configuration_is_refused_with_a_clear_message() -> anyhow::Result<()> {
 
 #[test]
 fn health_version_and_metrics_over_http() -> anyhow::Result<()> {
-    let cluster = Cluster::start(
-        3,
-        ClusterOpts {
-            metrics: true,
-            ..ClusterOpts::fast()
-        },
-    )?;
+    let cluster = Cluster::start(3, ClusterOpts { metrics: true, ..ClusterOpts::fast() })?;
     cluster.etcdctl_ok(&["put", "a", "1"])?;
     let client: SocketAddr = cluster.endpoint(1).parse()?;
-    let metrics: SocketAddr = cluster
-        .metrics_url(1)
-        .expect("metrics url")
-        .trim_start_matches("http://")
-        .parse()?;
+    let metrics: SocketAddr = cluster.metrics_url(1).expect("metrics url").trim_start_matches("http://").parse()?;
 
     let (code, body) = http_get(client, "/health")?;
     assert_eq!((code, body.as_str()), (200, r#"{"health":"true"}"#));
     let (code, body) = http_get(client, "/version")?;
     assert_eq!(code, 200);
     let v: serde_json::Value = serde_json::from_str(&body)?;
-    assert!(
-        v["etcdserver"]
-            .as_str()
-            .is_some_and(|s| s.starts_with("3.4.")),
-        "{body}"
-    );
+    assert!(v["etcdserver"].as_str().is_some_and(|s| s.starts_with("3.4.")), "{body}");
     assert!(v["etcdcluster"].as_str().is_some(), "{body}");
 
     for addr in [client, metrics] {
@@ -212,10 +165,7 @@ fn health_version_and_metrics_over_http() -> anyhow::Result<()> {
             "etcd_debugging_mvcc_keys_total",
             "etcd_server_id",
         ] {
-            assert!(
-                text.contains(name),
-                "{name} missing from /metrics on {addr}"
-            );
+            assert!(text.contains(name), "{name} missing from /metrics on {addr}");
         }
         let committed: i64 = text
             .lines()

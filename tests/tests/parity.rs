@@ -23,69 +23,21 @@ const SESSION: &[Step] = &[
     (&["put", "e2", "a"], None),
     (&["put", "e3", "b"], None),
     (&["get", "d", "--prefix", "-w", "json"], None),
-    (
-        &["get", "e", "--prefix", "--limit", "2", "-w", "json"],
-        None,
-    ),
-    (
-        &["get", "e", "--prefix", "--count-only", "-w", "json"],
-        None,
-    ),
+    (&["get", "e", "--prefix", "--limit", "2", "-w", "json"], None),
+    (&["get", "e", "--prefix", "--count-only", "-w", "json"], None),
     (&["get", "e", "--prefix", "--keys-only"], None),
     (&["get", "e", "--prefix", "--sort-by=VALUE"], None),
-    (
-        &[
-            "get",
-            "e",
-            "--prefix",
-            "--sort-by=MODIFY",
-            "--order=DESCEND",
-        ],
-        None,
-    ),
-    (
-        &[
-            "get",
-            "e",
-            "--prefix",
-            "--sort-by=CREATE",
-            "--order=ASCEND",
-            "--limit",
-            "2",
-            "-w",
-            "json",
-        ],
-        None,
-    ),
-    (
-        &["get", "e", "--prefix", "--sort-by=VERSION", "-w", "json"],
-        None,
-    ),
+    (&["get", "e", "--prefix", "--sort-by=MODIFY", "--order=DESCEND"], None),
+    (&["get", "e", "--prefix", "--sort-by=CREATE", "--order=ASCEND", "--limit", "2", "-w", "json"], None),
+    (&["get", "e", "--prefix", "--sort-by=VERSION", "-w", "json"], None),
     (&["get", "", "--from-key", "-w", "json"], None),
     (&["get", "e2", "--from-key", "--keys-only"], None),
     (&["get", "e1", "e3", "-w", "json"], None),
     (&["get", "e3", "e1", "-w", "json"], None),
     (&["get", "e", "--prefix", "--rev=6", "-w", "json"], None),
-    (
-        &["get", "e", "--prefix", "--max-mod-revision=7", "-w", "json"],
-        None,
-    ),
-    (
-        &["get", "e", "--prefix", "--min-mod-revision=8", "-w", "json"],
-        None,
-    ),
-    (
-        &[
-            "get",
-            "e",
-            "--prefix",
-            "--min-create-revision=8",
-            "--max-create-revision=8",
-            "-w",
-            "json",
-        ],
-        None,
-    ),
+    (&["get", "e", "--prefix", "--max-mod-revision=7", "-w", "json"], None),
+    (&["get", "e", "--prefix", "--min-mod-revision=8", "-w", "json"], None),
+    (&["get", "e", "--prefix", "--min-create-revision=8", "--max-create-revision=8", "-w", "json"], None),
     (&["get", "d1", "--consistency=s", "-w", "json"], None),
     (&["get", "missing", "-w", "json"], None),
     // Deletes.
@@ -100,34 +52,13 @@ const SESSION: &[Step] = &[
     (&["get", "f1", "-w", "json"], None),
     (&["put", "f1", "--ignore-lease", "z", "-w", "json"], None),
     // Txns: success and failure branches, compares of every kind.
-    (
-        &["txn", "-w", "json"],
-        Some("mod(\"zz\") = \"0\"\n\nput t1 1\nput t2 2\n\nget t1\n\n"),
-    ),
-    (
-        &["txn", "-w", "json"],
-        Some("version(\"t1\") = \"1\"\n\nget t --prefix\ndel t1\n\nput t3 x\n\n"),
-    ),
-    (
-        &["txn", "-w", "json"],
-        Some("value(\"t2\") = \"2\"\n\nput t4 1\nget t4\n\n\n"),
-    ),
-    (
-        &["txn", "-w", "json"],
-        Some("value(\"t2\") > \"5\"\n\nput t5 1\n\nget t2\nput t6 6\n\n"),
-    ),
-    (
-        &["txn", "-w", "json"],
-        Some("create(\"t2\") < \"100\"\nmod(\"t4\") > \"0\"\n\nget t --prefix --keys-only\n\n\n"),
-    ),
-    (
-        &["txn"],
-        Some("version(\"t2\") != \"1\"\n\nput t7 1\n\nput t8 1\n\n"),
-    ),
-    (
-        &["txn"],
-        Some("value(\"nope\") = \"\"\n\nput t9 1\n\nput t10 1\n\n"),
-    ),
+    (&["txn", "-w", "json"], Some("mod(\"zz\") = \"0\"\n\nput t1 1\nput t2 2\n\nget t1\n\n")),
+    (&["txn", "-w", "json"], Some("version(\"t1\") = \"1\"\n\nget t --prefix\ndel t1\n\nput t3 x\n\n")),
+    (&["txn", "-w", "json"], Some("value(\"t2\") = \"2\"\n\nput t4 1\nget t4\n\n\n")),
+    (&["txn", "-w", "json"], Some("value(\"t2\") > \"5\"\n\nput t5 1\n\nget t2\nput t6 6\n\n")),
+    (&["txn", "-w", "json"], Some("create(\"t2\") < \"100\"\nmod(\"t4\") > \"0\"\n\nget t --prefix --keys-only\n\n\n")),
+    (&["txn"], Some("version(\"t2\") != \"1\"\n\nput t7 1\n\nput t8 1\n\n")),
+    (&["txn"], Some("value(\"nope\") = \"\"\n\nput t9 1\n\nput t10 1\n\n")),
     // Errors.
     (&["put", "", "v"], None),
     (&["get", ""], None),
@@ -158,9 +89,7 @@ fn observed(out: &CtlOutput) -> String {
             let mut at = 0;
             while let Some(i) = s[at..].find(&pat) {
                 let start = at + i + pat.len();
-                let end = s[start..]
-                    .find(|c: char| !c.is_ascii_digit())
-                    .map_or(s.len(), |e| start + e);
+                let end = s[start..].find(|c: char| !c.is_ascii_digit()).map_or(s.len(), |e| start + e);
                 s.replace_range(start..end, "N");
                 at = start;
             }
@@ -168,17 +97,8 @@ fn observed(out: &CtlOutput) -> String {
         s
     };
     // etcdctl logs its retries as JSON lines on stderr; the user-facing part is "Error: ...".
-    let errors: Vec<&str> = out
-        .stderr
-        .lines()
-        .filter(|l| l.starts_with("Error:"))
-        .collect();
-    format!(
-        "exit={} stdout={} stderr={}",
-        out.status.code().unwrap_or(-1),
-        mask_ids(&out.stdout),
-        errors.join("\n")
-    )
+    let errors: Vec<&str> = out.stderr.lines().filter(|l| l.starts_with("Error:")).collect();
+    format!("exit={} stdout={} stderr={}", out.status.code().unwrap_or(-1), mask_ids(&out.stdout), errors.join("\n"))
 }
 
 #[test]
@@ -196,10 +116,7 @@ fn etcdctl_session_matches_etcd() -> anyhow::Result<()> {
         let want = observed(&run(&etcd)?);
         let got = observed(&run(&meridian)?);
         if want != got {
-            mismatches.push(format!(
-                "etcdctl {}\n  etcd:     {want}\n  meridian: {got}",
-                args.join(" ")
-            ));
+            mismatches.push(format!("etcdctl {}\n  etcd:     {want}\n  meridian: {got}", args.join(" ")));
         }
     }
     assert!(
@@ -219,16 +136,9 @@ fn every_member_serves_the_same_answers() -> anyhow::Result<()> {
     meridian.etcdctl_ok(&["put", "k", "v"])?;
     let mut seen = Vec::new();
     for i in 1..=3 {
-        let out = meridian_tests::etcdctl_ok(
-            &[meridian.endpoint(i)],
-            &["get", "k", "--consistency=l", "-w", "json"],
-        )?;
+        let out = meridian_tests::etcdctl_ok(&[meridian.endpoint(i)], &["get", "k", "--consistency=l", "-w", "json"])?;
         let v: serde_json::Value = serde_json::from_str(&out)?;
-        seen.push((
-            v["kvs"].clone(),
-            v["header"]["revision"].clone(),
-            v["header"]["cluster_id"].clone(),
-        ));
+        seen.push((v["kvs"].clone(), v["header"]["revision"].clone(), v["header"]["cluster_id"].clone()));
     }
     assert!(seen.windows(2).all(|w| w[0] == w[1]), "{seen:?}");
     let out = meridian.etcdctl_ok(&["endpoint", "hashkv", "--cluster"])?;
@@ -242,10 +152,6 @@ fn every_member_serves_the_same_answers() -> anyhow::Result<()> {
     let out = meridian.etcdctl(&["endpoint", "health", "--cluster"])?;
     let text = format!("{}{}", out.stdout, out.stderr);
     assert!(out.success(), "{text}");
-    assert_eq!(
-        text.lines().filter(|l| l.contains("is healthy")).count(),
-        3,
-        "{text}"
-    );
+    assert_eq!(text.lines().filter(|l| l.contains("is healthy")).count(), 3, "{text}");
     Ok(())
 }

@@ -38,12 +38,7 @@ fn events(resp: &WatchResponse) -> Vec<(EventType, String, String, i64)> {
 fn etcdctl_watch_matches_etcd() -> anyhow::Result<()> {
     fn session(c: &Cluster) -> anyhow::Result<String> {
         let mut out = String::new();
-        for args in [
-            ["put", "a", "1"],
-            ["put", "a", "2"],
-            ["put", "b", "1"],
-            ["del", "a", ""],
-        ] {
+        for args in [["put", "a", "1"], ["put", "a", "2"], ["put", "b", "1"], ["del", "a", ""]] {
             let args: Vec<&str> = args.iter().copied().filter(|a| !a.is_empty()).collect();
             c.etcdctl_ok(&args)?;
         }
@@ -58,11 +53,7 @@ fn etcdctl_watch_matches_etcd() -> anyhow::Result<()> {
             // etcdctl watch runs until killed; a history-only session ends at its timeout.
             let mut full = args.clone();
             full.extend(timeout);
-            let o = meridian_tests::etcdctl_with_timeout(
-                &c.endpoints(),
-                &full,
-                Duration::from_millis(1500),
-            )?;
+            let o = meridian_tests::etcdctl_with_timeout(&c.endpoints(), &full, Duration::from_millis(1500))?;
             out.push_str(&mask(&o));
             out.push('\n');
         }
@@ -82,9 +73,7 @@ fn etcdctl_watch_matches_etcd() -> anyhow::Result<()> {
             let mut at = 0;
             while let Some(i) = s[at..].find(&pat) {
                 let start = at + i + pat.len();
-                let end = s[start..]
-                    .find(|c: char| !c.is_ascii_digit())
-                    .map_or(s.len(), |e| start + e);
+                let end = s[start..].find(|c: char| !c.is_ascii_digit()).map_or(s.len(), |e| start + e);
                 s.replace_range(start..end, "N");
                 at = start;
             }
@@ -96,10 +85,7 @@ fn etcdctl_watch_matches_etcd() -> anyhow::Result<()> {
     let want = session(&etcd)?;
     let got = session(&meridian)?;
     assert_eq!(got, want);
-    assert!(
-        want.contains("required revision has been compacted"),
-        "{want}"
-    );
+    assert!(want.contains("required revision has been compacted"), "{want}");
     Ok(())
 }
 
@@ -110,12 +96,7 @@ async fn history_then_live_without_gap_or_duplicate() -> anyhow::Result<()> {
     for i in 0..5 {
         c.put("k", format!("v{i}"), None).await?; // revisions 2..=6
     }
-    let (_w, mut s) = c
-        .watch(
-            "k",
-            Some(WatchOptions::new().with_start_revision(3).with_prev_key()),
-        )
-        .await?;
+    let (_w, mut s) = c.watch("k", Some(WatchOptions::new().with_start_revision(3).with_prev_key())).await?;
     let writer = tokio::spawn(async move {
         for i in 5..10 {
             c.put("k", format!("v{i}"), None).await?;
@@ -134,15 +115,8 @@ async fn history_then_live_without_gap_or_duplicate() -> anyhow::Result<()> {
     }
     writer.await??;
     let revs: Vec<i64> = seen.iter().map(|s| s.0).collect();
-    assert_eq!(
-        revs,
-        (3..=12).collect::<Vec<_>>(),
-        "every revision once, in order"
-    );
-    assert!(
-        seen.iter().all(|s| s.2 == Some(s.0 - 1)),
-        "prev_kv is the version just before: {seen:?}"
-    );
+    assert_eq!(revs, (3..=12).collect::<Vec<_>>(), "every revision once, in order");
+    assert!(seen.iter().all(|s| s.2 == Some(s.0 - 1)), "prev_kv is the version just before: {seen:?}");
     assert_eq!(seen.last().unwrap().1, EventType::Delete);
     Ok(())
 }
@@ -150,58 +124,32 @@ async fn history_then_live_without_gap_or_duplicate() -> anyhow::Result<()> {
 #[tokio::test]
 async fn filters_progress_cancel_and_ids() -> anyhow::Result<()> {
     let opts = ClusterOpts {
-        extra_args: vec![
-            "--experimental-watch-progress-notify-interval".into(),
-            "300ms".into(),
-        ],
+        extra_args: vec!["--experimental-watch-progress-notify-interval".into(), "300ms".into()],
         ..ClusterOpts::fast()
     };
     let cluster = Cluster::start(1, opts)?;
     let mut c = cluster.client().await?;
 
     // NOPUT sees only deletes; NODELETE only puts.
-    let (mut w, mut s) = c
-        .watch(
-            "f",
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_filters([WatchFilterType::NoPut]),
-            ),
-        )
-        .await?;
+    let (mut w, mut s) =
+        c.watch("f", Some(WatchOptions::new().with_prefix().with_filters([WatchFilterType::NoPut]))).await?;
     assert_eq!(w.watch_id(), 0, "automatic ids start at 0, as etcd's");
-    w.watch(
-        "f",
-        Some(
-            WatchOptions::new()
-                .with_prefix()
-                .with_filters([WatchFilterType::NoDelete])
-                .with_watch_id(7),
-        ),
-    )
-    .await?;
+    w.watch("f", Some(WatchOptions::new().with_prefix().with_filters([WatchFilterType::NoDelete]).with_watch_id(7)))
+        .await?;
     let created = next(&mut s).await?;
     assert!(created.created() && created.watch_id() == 7, "{created:?}");
     // A duplicate client-chosen id is refused.
-    w.watch("x", Some(WatchOptions::new().with_watch_id(7)))
-        .await?;
+    w.watch("x", Some(WatchOptions::new().with_watch_id(7))).await?;
     let dup = next(&mut s).await?;
     assert!(dup.created() && dup.canceled(), "{dup:?}");
-    assert_eq!(
-        dup.cancel_reason(),
-        "mvcc: duplicate watch ID provided on the WatchStream"
-    );
+    assert_eq!(dup.cancel_reason(), "mvcc: duplicate watch ID provided on the WatchStream");
 
     c.put("f1", "v", None).await?;
     c.delete("f1", None).await?;
     let mut by_id: HashMap<i64, Vec<EventType>> = HashMap::new();
     while by_id.values().map(Vec::len).sum::<usize>() < 2 {
         let r = next(&mut s).await?;
-        by_id
-            .entry(r.watch_id())
-            .or_default()
-            .extend(r.events().iter().map(|e| e.event_type()));
+        by_id.entry(r.watch_id()).or_default().extend(r.events().iter().map(|e| e.event_type()));
     }
     assert_eq!(by_id[&0], [EventType::Delete]);
     assert_eq!(by_id[&7], [EventType::Put]);
@@ -227,15 +175,10 @@ async fn filters_progress_cancel_and_ids() -> anyhow::Result<()> {
     }
 
     // progress_notify: an idle watcher hears the current revision periodically.
-    let (_p, mut ps) = c
-        .watch("idle", Some(WatchOptions::new().with_progress_notify()))
-        .await?;
+    let (_p, mut ps) = c.watch("idle", Some(WatchOptions::new().with_progress_notify())).await?;
     let started = Instant::now();
     let r = next(&mut ps).await?;
-    assert!(
-        r.events().is_empty() && !r.created() && r.watch_id() == 0,
-        "{r:?}"
-    );
+    assert!(r.events().is_empty() && !r.created() && r.watch_id() == 0, "{r:?}");
     assert_eq!(r.header().unwrap().revision(), 3);
     assert!(started.elapsed() < Duration::from_secs(3));
     Ok(())
@@ -243,28 +186,17 @@ async fn filters_progress_cancel_and_ids() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn large_responses_fragment_when_asked() -> anyhow::Result<()> {
-    let cluster = Cluster::start(
-        1,
-        ClusterOpts {
-            max_request_bytes: Some(4096),
-            ..ClusterOpts::fast()
-        },
-    )?;
+    let cluster = Cluster::start(1, ClusterOpts { max_request_bytes: Some(4096), ..ClusterOpts::fast() })?;
     let mut c = cluster.client().await?;
     for i in 0..4 {
         c.put(format!("big{i}"), vec![b'x'; 900], None).await?;
     }
     // With prev_kv each event carries two 900-byte values: one revision of
     // four such events is over the 4 KiB limit, while its request was not.
-    let opts = WatchOptions::new()
-        .with_prefix()
-        .with_fragment()
-        .with_prev_key()
-        .with_start_revision(6);
+    let opts = WatchOptions::new().with_prefix().with_fragment().with_prev_key().with_start_revision(6);
     let (_w, mut s) = c.watch("big", Some(opts)).await?;
-    let ops: Vec<etcd_client::TxnOp> = (0..4)
-        .map(|i| etcd_client::TxnOp::put(format!("big{i}"), vec![b'y'; 900], None))
-        .collect();
+    let ops: Vec<etcd_client::TxnOp> =
+        (0..4).map(|i| etcd_client::TxnOp::put(format!("big{i}"), vec![b'y'; 900], None)).collect();
     c.txn(etcd_client::Txn::new().and_then(ops)).await?;
     let mut parts = Vec::new();
     loop {
@@ -274,10 +206,7 @@ async fn large_responses_fragment_when_asked() -> anyhow::Result<()> {
             break;
         }
     }
-    assert!(
-        parts.len() > 1,
-        "a 7 KB revision is split under a 4 KB limit: {parts:?}"
-    );
+    assert!(parts.len() > 1, "a 7 KB revision is split under a 4 KB limit: {parts:?}");
     assert_eq!(parts.iter().map(|p| p.0).sum::<usize>(), 4);
     Ok(())
 }
@@ -288,28 +217,18 @@ async fn large_responses_fragment_when_asked() -> anyhow::Result<()> {
 async fn a_stalled_watcher_blocks_nobody_and_loses_nothing() -> anyhow::Result<()> {
     let cluster = Cluster::start(1, ClusterOpts::fast())?;
     let mut c = cluster.client().await?;
-    let (_slow_w, mut slow) = c
-        .watch("s", Some(WatchOptions::new().with_prefix()))
-        .await?;
-    let (_fast_w, mut fast) = c
-        .watch("s", Some(WatchOptions::new().with_prefix()))
-        .await?;
+    let (_slow_w, mut slow) = c.watch("s", Some(WatchOptions::new().with_prefix())).await?;
+    let (_fast_w, mut fast) = c.watch("s", Some(WatchOptions::new().with_prefix())).await?;
     let value = vec![b'v'; 2048];
     let total = 1500;
     let started = Instant::now();
     let mut fast_seen = 0;
     for i in 0..total {
         c.put(format!("s{i:05}"), value.clone(), None).await?;
-        while let Ok(Some(r)) = tokio::time::timeout(Duration::ZERO, fast.message())
-            .await
-            .map(|r| r.ok().flatten())
-        {
+        while let Ok(Some(r)) = tokio::time::timeout(Duration::ZERO, fast.message()).await.map(|r| r.ok().flatten()) {
             fast_seen += r.events().len();
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "writes stalled"
-        );
+        assert!(started.elapsed() < Duration::from_secs(60), "writes stalled");
     }
     while fast_seen < total {
         fast_seen += next(&mut fast).await?.events().len();
@@ -317,13 +236,7 @@ async fn a_stalled_watcher_blocks_nobody_and_loses_nothing() -> anyhow::Result<(
     // Now drain the stalled one: everything, in order, exactly once.
     let mut revs = Vec::new();
     while revs.len() < total {
-        revs.extend(
-            next(&mut slow)
-                .await?
-                .events()
-                .iter()
-                .map(|e| e.kv().unwrap().mod_revision()),
-        );
+        revs.extend(next(&mut slow).await?.events().iter().map(|e| e.kv().unwrap().mod_revision()));
     }
     assert_eq!(revs, (2..2 + total as i64).collect::<Vec<_>>());
     Ok(())
@@ -337,13 +250,9 @@ async fn watch_survives_leader_failure() -> anyhow::Result<()> {
     let leader = cluster.leader().await?;
     let follower = (1..=3).find(|i| *i != leader).unwrap();
     let mut on_leader = cluster.member_client(leader).await?;
-    let (_a, mut sa) = on_leader
-        .watch("w", Some(WatchOptions::new().with_prefix()))
-        .await?;
+    let (_a, mut sa) = on_leader.watch("w", Some(WatchOptions::new().with_prefix())).await?;
     let mut on_follower = cluster.member_client(follower).await?;
-    let (_b, mut sb) = on_follower
-        .watch("w", Some(WatchOptions::new().with_prefix()))
-        .await?;
+    let (_b, mut sb) = on_follower.watch("w", Some(WatchOptions::new().with_prefix())).await?;
 
     let mut writer = cluster.member_client(follower).await?;
     for i in 0..10 {
@@ -356,24 +265,14 @@ async fn watch_survives_leader_failure() -> anyhow::Result<()> {
     cluster.kill9(leader)?;
     // Resume on the follower from the revision after the last one seen.
     let resume = got_a.last().unwrap() + 1;
-    let (_c, mut sc) = on_follower
-        .watch(
-            "w",
-            Some(
-                WatchOptions::new()
-                    .with_prefix()
-                    .with_start_revision(resume),
-            ),
-        )
-        .await?;
+    let (_c, mut sc) =
+        on_follower.watch("w", Some(WatchOptions::new().with_prefix().with_start_revision(resume))).await?;
     let deadline = Instant::now() + Duration::from_secs(20);
     let mut written = 10;
     while written < 20 {
         match writer.put(format!("w{written:02}"), "x", None).await {
             Ok(_) => written += 1,
-            Err(_) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(100)).await
-            }
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(100)).await,
             Err(e) => return Err(e.into()),
         }
     }
@@ -412,26 +311,17 @@ async fn ten_thousand_watchers() -> anyhow::Result<()> {
     let mut c = cluster.client().await?;
     // One txn per stream's keys: 100 revisions, 10,000 events.
     for s in 0..100 {
-        let ops: Vec<etcd_client::TxnOp> = (0..100)
-            .map(|i| etcd_client::TxnOp::put(format!("k{s:03}-{i:03}"), "v", None))
-            .collect();
+        let ops: Vec<etcd_client::TxnOp> =
+            (0..100).map(|i| etcd_client::TxnOp::put(format!("k{s:03}-{i:03}"), "v", None)).collect();
         c.txn(etcd_client::Txn::new().and_then(ops)).await?;
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     for (s, (_, _, st)) in streams.iter_mut().enumerate() {
         let mut ids = std::collections::HashSet::new();
         while ids.len() < 100 {
-            anyhow::ensure!(
-                Instant::now() < deadline,
-                "stream {s} got {} of 100 watchers' events",
-                ids.len()
-            );
+            anyhow::ensure!(Instant::now() < deadline, "stream {s} got {} of 100 watchers' events", ids.len());
             let r = next(st).await?;
-            assert_eq!(
-                r.events().len(),
-                1,
-                "a single-key watcher gets its own event only"
-            );
+            assert_eq!(r.events().len(), 1, "a single-key watcher gets its own event only");
             ids.insert(r.watch_id());
         }
     }

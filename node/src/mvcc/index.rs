@@ -90,20 +90,10 @@ impl KeyIndex {
         }
         let history = self.keys.get_mut(key).expect("inserted above");
         let version = match history.last() {
-            Some(last) if !last.tombstone => Version {
-                rev,
-                create: last.create,
-                version: last.version + 1,
-                lease,
-                tombstone: false,
-            },
-            _ => Version {
-                rev,
-                create: rev.main,
-                version: 1,
-                lease,
-                tombstone: false,
-            },
+            Some(last) if !last.tombstone => {
+                Version { rev, create: last.create, version: last.version + 1, lease, tombstone: false }
+            }
+            _ => Version { rev, create: rev.main, version: 1, lease, tombstone: false },
         };
         history.push(version);
         version
@@ -114,13 +104,7 @@ impl KeyIndex {
     pub fn tombstone(&mut self, key: &[u8], rev: Revision) -> bool {
         match self.keys.get_mut(key) {
             Some(history) if history.last().is_some_and(|v| !v.tombstone) => {
-                history.push(Version {
-                    rev,
-                    create: 0,
-                    version: 0,
-                    lease: 0,
-                    tombstone: true,
-                });
+                history.push(Version { rev, create: 0, version: 0, lease: 0, tombstone: true });
                 true
             }
             _ => false,
@@ -154,10 +138,7 @@ impl KeyIndex {
                 if end <= start {
                     return;
                 }
-                let bounds = (
-                    Bound::Included(start.as_slice()),
-                    Bound::Excluded(end.as_slice()),
-                );
+                let bounds = (Bound::Included(start.as_slice()), Bound::Excluded(end.as_slice()));
                 for (key, history) in self.keys.range::<[u8], _>(bounds) {
                     if !each(key, history) {
                         return;
@@ -165,9 +146,7 @@ impl KeyIndex {
                 }
             }
             KeyRange::From(start) => {
-                for (key, history) in self
-                    .keys
-                    .range::<[u8], _>((Bound::Included(start.as_slice()), Bound::Unbounded))
+                for (key, history) in self.keys.range::<[u8], _>((Bound::Included(start.as_slice()), Bound::Unbounded))
                 {
                     if !each(key, history) {
                         return;
@@ -189,11 +168,7 @@ impl KeyIndex {
             if seen == 0 {
                 return true;
             }
-            let keep_from = if history[seen - 1].tombstone {
-                seen
-            } else {
-                seen - 1
-            };
+            let keep_from = if history[seen - 1].tombstone { seen } else { seen - 1 };
             removed.extend(history.drain(..keep_from).map(|v| v.rev));
             !history.is_empty()
         });
@@ -231,16 +206,9 @@ mod tests {
         let v = ix.put(b"a", r(3), 7);
         assert_eq!((v.create, v.version, v.lease), (2, 2, 7));
         assert!(ix.tombstone(b"a", r(4)));
-        assert!(
-            !ix.tombstone(b"a", r(5)),
-            "deleting a deleted key is a no-op"
-        );
+        assert!(!ix.tombstone(b"a", r(5)), "deleting a deleted key is a no-op");
         let v = ix.put(b"a", r(6), 0);
-        assert_eq!(
-            (v.create, v.version),
-            (6, 1),
-            "a new generation starts at version 1"
-        );
+        assert_eq!((v.create, v.version), (6, 1), "a new generation starts at version 1");
         assert_eq!(ix.get(b"a", 1), None);
         assert_eq!(ix.get(b"a", 3).map(|v| v.version), Some(2));
         assert_eq!(ix.get(b"a", 4), None);
@@ -264,17 +232,10 @@ mod tests {
             (b"zz", b"", &[]),
         ];
         for (key, end, want) in table {
-            let got: Vec<String> = live(&ix, &KeyRange::new(key, end), 100)
-                .into_iter()
-                .map(|(k, _)| k)
-                .collect();
+            let got: Vec<String> = live(&ix, &KeyRange::new(key, end), 100).into_iter().map(|(k, _)| k).collect();
             assert_eq!(&got, want, "key={key:?} end={end:?}");
         }
-        assert_eq!(
-            live(&ix, &KeyRange::new(b"\0", b"\0"), 3).len(),
-            2,
-            "reads see only revisions <= at"
-        );
+        assert_eq!(live(&ix, &KeyRange::new(b"\0", b"\0"), 3).len(), 2, "reads see only revisions <= at");
     }
 
     #[test]
@@ -292,19 +253,11 @@ mod tests {
 
         let mut removed = ix.compact(4);
         removed.sort();
-        assert_eq!(
-            removed,
-            vec![r(3), r(4)],
-            "the tombstone at the compact revision goes too"
-        );
+        assert_eq!(removed, vec![r(3), r(4)], "the tombstone at the compact revision goes too");
         assert_eq!(ix.get(b"a", 4), None);
         assert_eq!(ix.get(b"a", 5).map(|v| (v.create, v.version)), Some((5, 1)));
 
         assert_eq!(ix.compact(7), vec![r(6), r(7)]);
-        assert_eq!(
-            ix.key_count(),
-            1,
-            "a key whose last change was a compacted delete is gone"
-        );
+        assert_eq!(ix.key_count(), 1, "a key whose last change was a compacted delete is gone");
     }
 }

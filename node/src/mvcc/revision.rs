@@ -63,12 +63,7 @@ mod tests {
         ];
         for pair in revs.windows(2) {
             assert!(pair[0] < pair[1]);
-            assert!(
-                pair[0].to_key() < pair[1].to_key(),
-                "{} vs {}",
-                pair[0],
-                pair[1]
-            );
+            assert!(pair[0].to_key() < pair[1].to_key(), "{} vs {}", pair[0], pair[1]);
         }
         for r in revs {
             assert_eq!(Revision::from_key(&r.to_key()), Some(r));

@@ -88,21 +88,14 @@ impl Mvcc {
         let kv = db.keyspace("kv", KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
         let read_i64 = |k: &[u8]| -> Result<Option<i64>> {
-            Ok(meta
-                .get(k)?
-                .map(|v| decode_u64(&v).map(|x| x as i64))
-                .transpose()?)
+            Ok(meta.get(k)?.map(|v| decode_u64(&v).map(|x| x as i64)).transpose()?)
         };
         let marks = Marks {
             current: read_i64(META_CURRENT)?.unwrap_or(1),
             compacted: read_i64(META_COMPACTED)?.unwrap_or(0),
             applied: read_i64(META_APPLIED)?.unwrap_or(0) as u64,
         };
-        let mut st = State {
-            published: marks,
-            staged: marks,
-            ..Default::default()
-        };
+        let mut st = State { published: marks, staged: marks, ..Default::default() };
         for item in kv.iter() {
             let (k, v) = item.into_inner()?;
             let rev = Revision::from_key(&k).ok_or_else(|| Error::Corrupt("bad kv key".into()))?;
@@ -115,13 +108,7 @@ impl Mvcc {
             let name = String::from_utf8_lossy(&k[META_APP_PREFIX.len()..]).into_owned();
             st.meta.insert(name, v.to_vec());
         }
-        let store = Self {
-            db,
-            path: path.map(|p| p.to_path_buf()),
-            kv,
-            meta,
-            state: RwLock::new(st),
-        };
+        let store = Self { db, path: path.map(|p| p.to_path_buf()), kv, meta, state: RwLock::new(st) };
         // A crash can fall between a compaction's commit and the removal of its
         // records: finish the removal now.
         if marks.compacted > 0 {
@@ -189,22 +176,14 @@ impl Mvcc {
     /// read more than once (read-only txns). It holds off publishing while
     /// alive: keep it short.
     pub fn read(&self) -> ReadTxn<'_> {
-        ReadTxn {
-            mvcc: self,
-            st: self.state.read(),
-        }
+        ReadTxn { mvcc: self, st: self.state.read() }
     }
 
     /// Starts a write transaction for apply. Only the apply thread writes.
     pub fn write(&self) -> WriteTxn<'_> {
         let st = self.state.write();
         let begin = st.staged.current;
-        WriteTxn {
-            mvcc: self,
-            st,
-            begin,
-            sub: 0,
-        }
+        WriteTxn { mvcc: self, st, begin, sub: 0 }
     }
 
     /// Validates and records a compaction at `rev`; it takes effect at publish.
@@ -247,21 +226,9 @@ impl Mvcc {
             batch.insert(&self.kv, rev.to_key().to_vec(), rec.encode_to_vec());
         }
         let marks = st.staged;
-        batch.insert(
-            &self.meta,
-            META_CURRENT,
-            (marks.current as u64).to_be_bytes().to_vec(),
-        );
-        batch.insert(
-            &self.meta,
-            META_COMPACTED,
-            (marks.compacted as u64).to_be_bytes().to_vec(),
-        );
-        batch.insert(
-            &self.meta,
-            META_APPLIED,
-            marks.applied.to_be_bytes().to_vec(),
-        );
+        batch.insert(&self.meta, META_CURRENT, (marks.current as u64).to_be_bytes().to_vec());
+        batch.insert(&self.meta, META_COMPACTED, (marks.compacted as u64).to_be_bytes().to_vec());
+        batch.insert(&self.meta, META_APPLIED, marks.applied.to_be_bytes().to_vec());
         for name in std::mem::take(&mut st.meta_dirty) {
             let mut key = META_APP_PREFIX.to_vec();
             key.extend_from_slice(name.as_bytes());
@@ -307,10 +274,7 @@ impl Mvcc {
         if from > to {
             return Ok(out);
         }
-        let (lo, hi) = (
-            Revision::new(from, 0).to_key(),
-            Revision::new(to + 1, 0).to_key(),
-        );
+        let (lo, hi) = (Revision::new(from, 0).to_key(), Revision::new(to + 1, 0).to_key());
         let mut revisions = 0;
         for item in self.kv.range(lo.as_slice()..hi.as_slice()) {
             let (k, v) = item.into_inner()?;
@@ -321,8 +285,7 @@ impl Mvcc {
                 }
                 revisions += 1;
             }
-            let mut rec =
-                KvRecord::decode(v.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))?;
+            let mut rec = KvRecord::decode(v.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))?;
             rec.main = rev.main;
             rec.sub = rev.sub;
             out.push(rec);
@@ -366,8 +329,7 @@ impl Mvcc {
             if rev.main > st.published.current {
                 break;
             }
-            let mut rec =
-                KvRecord::decode(v.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))?;
+            let mut rec = KvRecord::decode(v.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))?;
             rec.main = rev.main;
             rec.sub = rev.sub;
             records.push(rec);
@@ -465,17 +427,9 @@ impl Mvcc {
         });
         let count = hits.len();
         if opts.count_only {
-            return Ok(RangeResult {
-                kvs: Vec::new(),
-                count,
-                rev: current,
-            });
+            return Ok(RangeResult { kvs: Vec::new(), count, rev: current });
         }
-        let take = if opts.limit == 0 {
-            count
-        } else {
-            opts.limit.min(count)
-        };
+        let take = if opts.limit == 0 { count } else { opts.limit.min(count) };
         let mut kvs = Vec::with_capacity(take);
         for (key, v) in hits.into_iter().take(take) {
             let value = self.load(st, v.rev)?.value;
@@ -488,22 +442,17 @@ impl Mvcc {
                 lease: v.lease,
             });
         }
-        Ok(RangeResult {
-            kvs,
-            count,
-            rev: current,
-        })
+        Ok(RangeResult { kvs, count, rev: current })
     }
 
     fn load(&self, st: &State, rev: Revision) -> Result<KvRecord> {
         if let Some(rec) = st.pending.get(&rev) {
             return Ok(rec.clone());
         }
-        let bytes = self.kv.get(rev.to_key())?.ok_or_else(|| {
-            Error::Corrupt(format!(
-                "index names revision {rev} but no record is stored"
-            ))
-        })?;
+        let bytes = self
+            .kv
+            .get(rev.to_key())?
+            .ok_or_else(|| Error::Corrupt(format!("index names revision {rev} but no record is stored")))?;
         KvRecord::decode(bytes.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))
     }
 }
@@ -532,8 +481,7 @@ impl ReadTxn<'_> {
     /// As [`Mvcc::range`].
     pub fn range(&self, range: &KeyRange, opts: RangeOpts) -> Result<RangeResult> {
         let marks = self.st.published;
-        self.mvcc
-            .range_in(&self.st, range, opts, marks.current, marks.compacted)
+        self.mvcc.range_in(&self.st, range, opts, marks.current, marks.compacted)
     }
 }
 
@@ -569,8 +517,7 @@ impl WriteTxn<'_> {
     /// As [`Mvcc::range`].
     pub fn range(&self, range: &KeyRange, opts: RangeOpts) -> Result<RangeResult> {
         let rev = self.rev();
-        self.mvcc
-            .range_in(&self.st, range, opts, rev, self.st.staged.compacted)
+        self.mvcc.range_in(&self.st, range, opts, rev, self.st.staged.compacted)
     }
 
     /// Puts `key` = `value` and returns the revision it was written at.
@@ -603,13 +550,8 @@ impl WriteTxn<'_> {
         for kv in &prev {
             let rev = self.next_rev();
             self.st.index.tombstone(&kv.key, rev);
-            let rec = KvRecord {
-                key: kv.key.clone(),
-                main: rev.main,
-                sub: rev.sub,
-                tombstone: true,
-                ..Default::default()
-            };
+            let rec =
+                KvRecord { key: kv.key.clone(), main: rev.main, sub: rev.sub, tombstone: true, ..Default::default() };
             self.st.size += rec.encoded_len() as u64;
             self.st.pending.insert(rev, rec);
         }
@@ -632,13 +574,7 @@ impl WriteTxn<'_> {
 }
 
 fn version_of(rev: Revision, rec: &KvRecord, _len: usize) -> Version {
-    Version {
-        rev,
-        create: rec.create_revision,
-        version: rec.version,
-        lease: rec.lease,
-        tombstone: rec.tombstone,
-    }
+    Version { rev, create: rec.create_revision, version: rec.version, lease: rec.lease, tombstone: rec.tombstone }
 }
 
 fn allocated_bytes(dir: &std::path::Path) -> u64 {
@@ -657,8 +593,6 @@ fn allocated_bytes(dir: &std::path::Path) -> u64 {
 }
 
 fn decode_u64(v: &[u8]) -> Result<u64> {
-    let arr: [u8; 8] = v
-        .try_into()
-        .map_err(|_| Error::Corrupt("bad u64 in meta".into()))?;
+    let arr: [u8; 8] = v.try_into().map_err(|_| Error::Corrupt("bad u64 in meta".into()))?;
     Ok(u64::from_be_bytes(arr))
 }

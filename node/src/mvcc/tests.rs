@@ -37,16 +37,8 @@ fn publish_returns_the_change_feed_and_history_replays_it() {
     assert_eq!(seen, [(2, 0, false), (3, 0, false), (3, 1, true)]);
     let hist = store.history(2, 3, 100).unwrap();
     assert_eq!(hist, feed, "history equals what was published");
-    assert_eq!(
-        store.history(2, 3, 1).unwrap().len(),
-        1,
-        "limit counts whole revisions"
-    );
-    assert_eq!(
-        store.history(3, 10, 100).unwrap().len(),
-        2,
-        "a revision is never split"
-    );
+    assert_eq!(store.history(2, 3, 1).unwrap().len(), 1, "limit counts whole revisions");
+    assert_eq!(store.history(3, 10, 100).unwrap().len(), 2, "a revision is never split");
     store.compact(3).unwrap();
     commit(&store, 2);
     assert!(matches!(store.history(2, 3, 100), Err(Error::Compacted)));
@@ -63,57 +55,28 @@ fn put(store: &Mvcc, key: &str, value: &str) -> i64 {
 }
 
 fn get(store: &Mvcc, key: &str, rev: i64) -> Result<Option<(String, i64, i64, i64)>, Error> {
-    let r = store.range(
-        &KeyRange::new(key.as_bytes(), b""),
-        RangeOpts {
-            rev,
-            ..Default::default()
-        },
-    )?;
-    Ok(r.kvs.first().map(|kv| {
-        (
-            String::from_utf8_lossy(&kv.value).into_owned(),
-            kv.create_revision,
-            kv.mod_revision,
-            kv.version,
-        )
-    }))
+    let r = store.range(&KeyRange::new(key.as_bytes(), b""), RangeOpts { rev, ..Default::default() })?;
+    Ok(r.kvs
+        .first()
+        .map(|kv| (String::from_utf8_lossy(&kv.value).into_owned(), kv.create_revision, kv.mod_revision, kv.version)))
 }
 
 #[test]
 fn revisions_advance_once_per_writing_txn() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path());
-    assert_eq!(
-        store.marks().current,
-        1,
-        "an empty store is at revision 1, as etcd"
-    );
+    assert_eq!(store.marks().current, 1, "an empty store is at revision 1, as etcd");
     assert_eq!(put(&store, "a", "1"), 2);
     let mut txn = store.write();
     txn.put(b"b", b"1".to_vec(), 0);
     txn.delete_range(&KeyRange::new(b"a", b"")).unwrap();
-    assert_eq!(
-        txn.rev(),
-        3,
-        "reads inside a txn see its own revision once it wrote"
-    );
+    assert_eq!(txn.rev(), 3, "reads inside a txn see its own revision once it wrote");
     assert_eq!(txn.end(), 3);
     let mut txn = store.write();
-    assert!(txn
-        .delete_range(&KeyRange::new(b"zz", b""))
-        .unwrap()
-        .is_empty());
+    assert!(txn.delete_range(&KeyRange::new(b"zz", b"")).unwrap().is_empty());
     assert_eq!(txn.end(), 3, "deleting nothing writes no revision");
     commit(&store, 10);
-    assert_eq!(
-        store.marks(),
-        Marks {
-            current: 3,
-            compacted: 0,
-            applied: 10
-        }
-    );
+    assert_eq!(store.marks(), Marks { current: 3, compacted: 0, applied: 10 });
     assert_eq!(get(&store, "a", 2).unwrap(), Some(("1".into(), 2, 2, 1)));
     assert_eq!(get(&store, "a", 0).unwrap(), None);
     assert!(matches!(get(&store, "a", 4), Err(Error::FutureRevision)));
@@ -138,25 +101,9 @@ fn limit_and_count() {
         put(&store, k, "v");
     }
     commit(&store, 1);
-    let r = store
-        .range(
-            &KeyRange::new(b"a", b"\0"),
-            RangeOpts {
-                limit: 2,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let r = store.range(&KeyRange::new(b"a", b"\0"), RangeOpts { limit: 2, ..Default::default() }).unwrap();
     assert_eq!((r.kvs.len(), r.count, r.rev), (2, 4, 5));
-    let r = store
-        .range(
-            &KeyRange::new(b"b", b"d"),
-            RangeOpts {
-                count_only: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let r = store.range(&KeyRange::new(b"b", b"d"), RangeOpts { count_only: true, ..Default::default() }).unwrap();
     assert_eq!((r.kvs.len(), r.count), (0, 2));
 }
 
@@ -189,22 +136,11 @@ fn compaction_removes_history_and_survives_reopen() {
     // Reopen: nothing compacted comes back, and history after C is intact.
     for _ in 0..3 {
         let store = open(dir.path());
-        assert_eq!(
-            store.marks(),
-            Marks {
-                current: 6,
-                compacted: 5,
-                applied: 6
-            }
-        );
+        assert_eq!(store.marks(), Marks { current: 6, compacted: 5, applied: 6 });
         assert!(matches!(get(&store, "a", 4), Err(Error::Compacted)));
         assert_eq!(get(&store, "a", 5).unwrap().map(|v| v.0), Some("2".into()));
         assert_eq!(get(&store, "a", 6).unwrap(), Some(("3".into(), 2, 6, 3)));
-        assert_eq!(
-            store.export().unwrap().1.len(),
-            2,
-            "only a@3 and a@6 remain on disk"
-        );
+        assert_eq!(store.export().unwrap().1.len(), 2, "only a@3 and a@6 remain on disk");
     }
 }
 

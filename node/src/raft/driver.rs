@@ -21,10 +21,7 @@ const MAX_INPUTS_PER_CYCLE: usize = 4096;
 /// What the rest of the process asks of the raft thread.
 pub enum Input {
     /// Propose opaque data; `dropped` fires if raft refuses it outright.
-    Propose {
-        data: Vec<u8>,
-        dropped: oneshot::Sender<Error>,
-    },
+    Propose { data: Vec<u8>, dropped: oneshot::Sender<Error> },
     /// A linearizable read barrier.
     ReadIndex(ReadReply),
     /// A message from a peer.
@@ -93,22 +90,13 @@ pub fn spawn<S: StateMachine>(
     transport: Arc<dyn Transport>,
     tick: Duration,
 ) -> Result<(RaftHandle, JoinHandle<()>)> {
-    let handle = RaftHandle {
-        tx,
-        status: node.status(),
-    };
-    let thread = std::thread::Builder::new()
-        .name("raft".into())
-        .spawn(move || run(&mut node, &rx, transport.as_ref(), tick))?;
+    let handle = RaftHandle { tx, status: node.status() };
+    let thread =
+        std::thread::Builder::new().name("raft".into()).spawn(move || run(&mut node, &rx, transport.as_ref(), tick))?;
     Ok((handle, thread))
 }
 
-fn run<S: StateMachine>(
-    node: &mut RaftNode<S>,
-    rx: &Receiver<Input>,
-    transport: &dyn Transport,
-    tick: Duration,
-) {
+fn run<S: StateMachine>(node: &mut RaftNode<S>, rx: &Receiver<Input>, transport: &dyn Transport, tick: Duration) {
     let mut next_tick = Instant::now() + tick;
     let mut out = Vec::new();
     loop {

@@ -172,16 +172,7 @@ impl<S: StateMachine> RaftNode<S> {
         status.applied.store(sm.applied(), Ordering::Relaxed);
         status.term.store(raw.raft.term, Ordering::Relaxed);
         // A one-member cluster elects itself at once instead of waiting out an election timeout.
-        let mut node = Self {
-            raw,
-            sm,
-            db,
-            cfg,
-            status,
-            metrics,
-            reads: Reads::default(),
-            role: StateRole::Follower,
-        };
+        let mut node = Self { raw, sm, db, cfg, status, metrics, reads: Reads::default(), role: StateRole::Follower };
         if node.raw.raft.prs().conf().voters().ids().len() == 1 && node.raw.raft.promotable() {
             node.raw.campaign()?;
         }
@@ -300,12 +291,7 @@ impl<S: StateMachine> RaftNode<S> {
         if !ready.snapshot().is_empty() {
             let snap = ready.snapshot().clone();
             let meta = snap.get_metadata();
-            tracing::info!(
-                index = meta.index,
-                term = meta.term,
-                bytes = snap.data.len(),
-                "restoring from snapshot"
-            );
+            tracing::info!(index = meta.index, term = meta.term, bytes = snap.data.len(), "restoring from snapshot");
             self.metrics.snapshot_apply_in_progress.set(1);
             self.sm.restore(meta.index, &snap.data, &mut batch);
             self.raw.mut_store().apply_snapshot(meta, &mut batch);
@@ -320,12 +306,7 @@ impl<S: StateMachine> RaftNode<S> {
             self.raw.mut_store().set_hard_state(hs.clone(), &mut batch);
         }
         for rs in ready.take_read_states() {
-            let ctx = rs
-                .request_ctx
-                .get(8..)
-                .and_then(|b| b.try_into().ok())
-                .map(u64::from_be_bytes)
-                .unwrap_or(0);
+            let ctx = rs.request_ctx.get(8..).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
             if let Some((_, replies)) = self.reads.in_flight.remove(&ctx) {
                 self.reads.confirmed.push((rs.index, replies));
             }
@@ -347,15 +328,9 @@ impl<S: StateMachine> RaftNode<S> {
 
         let applied = self.sm.applied();
         self.status.applied.store(applied, Ordering::Relaxed);
-        self.status
-            .commit
-            .store(self.raw.raft.raft_log.committed, Ordering::Relaxed);
-        self.status
-            .term
-            .store(self.raw.raft.term, Ordering::Relaxed);
-        self.metrics
-            .proposals_committed
-            .set(self.raw.raft.raft_log.committed as i64);
+        self.status.commit.store(self.raw.raft.raft_log.committed, Ordering::Relaxed);
+        self.status.term.store(self.raw.raft.term, Ordering::Relaxed);
+        self.metrics.proposals_committed.set(self.raw.raft.raft_log.committed as i64);
         self.metrics.proposals_applied.set(applied as i64);
         self.release_reads();
         self.maybe_compact_log()
@@ -367,15 +342,11 @@ impl<S: StateMachine> RaftNode<S> {
         }
         let start = Instant::now();
         batch.commit()?;
-        self.metrics
-            .backend_commit
-            .observe(start.elapsed().as_secs_f64());
+        self.metrics.backend_commit.observe(start.elapsed().as_secs_f64());
         if sync {
             let start = Instant::now();
             self.db.persist(PersistMode::SyncData)?;
-            self.metrics
-                .wal_fsync
-                .observe(start.elapsed().as_secs_f64());
+            self.metrics.wal_fsync.observe(start.elapsed().as_secs_f64());
         }
         self.sm.on_commit();
         Ok(())
@@ -389,31 +360,17 @@ impl<S: StateMachine> RaftNode<S> {
         for e in entries {
             match e.get_entry_type() {
                 EntryType::EntryNormal => {
-                    committed.push(Committed {
-                        index: e.index,
-                        term: e.term,
-                        data: &e.data,
-                    });
+                    committed.push(Committed { index: e.index, term: e.term, data: &e.data });
                 }
                 EntryType::EntryConfChange => {
-                    let cc = ConfChange::parse_from_bytes(&e.data)
-                        .map_err(|x| Error::Corrupt(x.to_string()))?;
+                    let cc = ConfChange::parse_from_bytes(&e.data).map_err(|x| Error::Corrupt(x.to_string()))?;
                     self.raw.apply_conf_change(&cc)?;
-                    committed.push(Committed {
-                        index: e.index,
-                        term: e.term,
-                        data: &[],
-                    });
+                    committed.push(Committed { index: e.index, term: e.term, data: &[] });
                 }
                 EntryType::EntryConfChangeV2 => {
-                    let cc = ConfChangeV2::parse_from_bytes(&e.data)
-                        .map_err(|x| Error::Corrupt(x.to_string()))?;
+                    let cc = ConfChangeV2::parse_from_bytes(&e.data).map_err(|x| Error::Corrupt(x.to_string()))?;
                     self.raw.apply_conf_change(&cc)?;
-                    committed.push(Committed {
-                        index: e.index,
-                        term: e.term,
-                        data: &[],
-                    });
+                    committed.push(Committed { index: e.index, term: e.term, data: &[] });
                 }
             }
         }
@@ -426,9 +383,8 @@ impl<S: StateMachine> RaftNode<S> {
         if self.reads.confirmed.is_empty() {
             return;
         }
-        let (ready, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.reads.confirmed)
-            .into_iter()
-            .partition(|(index, _)| *index <= applied);
+        let (ready, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.reads.confirmed).into_iter().partition(|(index, _)| *index <= applied);
         self.reads.confirmed = waiting;
         for (_, replies) in ready {
             for r in replies {
@@ -443,21 +399,13 @@ impl<S: StateMachine> RaftNode<S> {
             if leader != raft::INVALID_ID {
                 self.metrics.leader_changes.inc();
             }
-            self.metrics
-                .has_leader
-                .set(i64::from(leader != raft::INVALID_ID));
+            self.metrics.has_leader.set(i64::from(leader != raft::INVALID_ID));
             self.status.leader_tx.send_replace(leader);
-            tracing::info!(
-                leader = format!("{leader:x}"),
-                term = self.raw.raft.term,
-                "leader changed"
-            );
+            tracing::info!(leader = format!("{leader:x}"), term = self.raw.raft.term, "leader changed");
         }
         if role != self.role {
             self.role = role;
-            self.metrics
-                .is_leader
-                .set(i64::from(role == StateRole::Leader));
+            self.metrics.is_leader.set(i64::from(role == StateRole::Leader));
         }
     }
 
@@ -482,11 +430,7 @@ impl<S: StateMachine> RaftNode<S> {
 
     /// Tells raft whether a snapshot reached `id`.
     pub fn report_snapshot(&mut self, id: u64, ok: bool) {
-        let status = if ok {
-            raft::SnapshotStatus::Finish
-        } else {
-            raft::SnapshotStatus::Failure
-        };
+        let status = if ok { raft::SnapshotStatus::Finish } else { raft::SnapshotStatus::Failure };
         self.raw.report_snapshot(id, status);
     }
 

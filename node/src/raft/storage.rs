@@ -88,22 +88,11 @@ impl LogStore {
             }
             let expected = start.0 + entries.len() as u64 + 1;
             if e.index != expected {
-                return Err(corrupt(format!(
-                    "gap in log: found {} expected {}",
-                    e.index, expected
-                )));
+                return Err(corrupt(format!("gap in log: found {} expected {}", e.index, expected)));
             }
             entries.push_back(e);
         }
-        Ok(Self {
-            ks,
-            hard_state,
-            conf_state,
-            start,
-            entries,
-            source,
-            cached: Default::default(),
-        })
+        Ok(Self { ks, hard_state, conf_state, start, entries, source, cached: Default::default() })
     }
 
     /// True once the member has a configuration (bootstrapped or restored).
@@ -114,11 +103,7 @@ impl LogStore {
     /// Sets the first configuration of a brand-new cluster.
     pub fn bootstrap(&mut self, voters: Vec<u64>, batch: &mut OwnedWriteBatch) {
         self.conf_state.voters = voters;
-        batch.insert(
-            &self.ks,
-            KEY_CONF_STATE,
-            self.conf_state.write_to_bytes().expect("encode"),
-        );
+        batch.insert(&self.ks, KEY_CONF_STATE, self.conf_state.write_to_bytes().expect("encode"));
     }
 
     pub fn hard_state(&self) -> &HardState {
@@ -137,37 +122,23 @@ impl LogStore {
     pub fn append(&mut self, ents: &[Entry], batch: &mut OwnedWriteBatch) {
         let Some(first) = ents.first() else { return };
         let first_index = first.index;
-        assert!(
-            first_index > self.start.0,
-            "append below the log start {}: {}",
-            self.start.0,
-            first_index
-        );
+        assert!(first_index > self.start.0, "append below the log start {}: {}", self.start.0, first_index);
         let last = self.last();
         if first_index <= last {
             for i in first_index..=last {
                 batch.remove(&self.ks, entry_key(i).to_vec());
             }
-            self.entries
-                .truncate((first_index - self.start.0 - 1) as usize);
+            self.entries.truncate((first_index - self.start.0 - 1) as usize);
         }
         assert_eq!(first_index, self.last() + 1, "log gap on append");
         for e in ents {
-            batch.insert(
-                &self.ks,
-                entry_key(e.index).to_vec(),
-                e.write_to_bytes().expect("encode"),
-            );
+            batch.insert(&self.ks, entry_key(e.index).to_vec(), e.write_to_bytes().expect("encode"));
             self.entries.push_back(e.clone());
         }
     }
 
     pub fn set_hard_state(&mut self, hs: HardState, batch: &mut OwnedWriteBatch) {
-        batch.insert(
-            &self.ks,
-            KEY_HARD_STATE,
-            hs.write_to_bytes().expect("encode"),
-        );
+        batch.insert(&self.ks, KEY_HARD_STATE, hs.write_to_bytes().expect("encode"));
         self.hard_state = hs;
     }
 
@@ -187,11 +158,7 @@ impl LogStore {
         self.entries.clear();
         self.set_start((meta.index, meta.term), batch);
         self.conf_state = meta.get_conf_state().clone();
-        batch.insert(
-            &self.ks,
-            KEY_CONF_STATE,
-            self.conf_state.write_to_bytes().expect("encode"),
-        );
+        batch.insert(&self.ks, KEY_CONF_STATE, self.conf_state.write_to_bytes().expect("encode"));
         let mut hs = self.hard_state.clone();
         hs.commit = hs.commit.max(meta.index);
         hs.term = hs.term.max(meta.term);
@@ -235,10 +202,7 @@ impl LogStore {
 
 impl Storage for LogStore {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        Ok(RaftState::new(
-            self.hard_state.clone(),
-            self.conf_state.clone(),
-        ))
+        Ok(RaftState::new(self.hard_state.clone(), self.conf_state.clone()))
     }
 
     fn entries(
@@ -251,11 +215,7 @@ impl Storage for LogStore {
         if low <= self.start.0 {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
-        assert!(
-            high <= self.last() + 1,
-            "entries [{low},{high}) past last index {}",
-            self.last()
-        );
+        assert!(high <= self.last() + 1, "entries [{low},{high}) past last index {}", self.last());
         let from = (low - self.start.0 - 1) as usize;
         let to = (high - self.start.0 - 1) as usize;
         let mut out: Vec<Entry> = self.entries.range(from..to).cloned().collect();
@@ -291,14 +251,10 @@ impl Storage for LogStore {
                 return Ok(s.clone());
             }
         }
-        let (applied, data) = self
-            .source
-            .snapshot()
-            .map_err(|e| raft::Error::Store(StorageError::Other(Box::new(e))))?;
+        let (applied, data) =
+            self.source.snapshot().map_err(|e| raft::Error::Store(StorageError::Other(Box::new(e))))?;
         if applied < request_index {
-            return Err(raft::Error::Store(
-                StorageError::SnapshotTemporarilyUnavailable,
-            ));
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
         }
         let term = self.term(applied)?;
         let mut snap = Snapshot::default();

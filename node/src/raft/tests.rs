@@ -40,16 +40,7 @@ impl LogSm {
         };
         let published = Arc::new(Mutex::new(applied.clone()));
         let restores = Arc::new(Mutex::new(0));
-        (
-            Self {
-                ks,
-                staged: applied,
-                published: published.clone(),
-                restores: restores.clone(),
-            },
-            published,
-            restores,
-        )
+        (Self { ks, staged: applied, published: published.clone(), restores: restores.clone() }, published, restores)
     }
 }
 
@@ -77,11 +68,7 @@ fn decode(b: &[u8]) -> Applied {
 impl StateMachine for LogSm {
     fn apply(&mut self, entries: &[Committed<'_>], batch: &mut OwnedWriteBatch) {
         for e in entries {
-            assert_eq!(
-                e.index,
-                self.staged.index + 1,
-                "entries apply in order, exactly once"
-            );
+            assert_eq!(e.index, self.staged.index + 1, "entries apply in order, exactly once");
             if !e.data.is_empty() {
                 self.staged.commands.push(e.data.to_vec());
             }
@@ -132,20 +119,10 @@ struct Net {
 impl Net {
     fn new(n: usize, snapshot_count: u64) -> Self {
         let ids: Vec<u64> = (1..=n as u64).collect();
-        let mut net = Net {
-            members: Vec::new(),
-            ids: ids.clone(),
-            cut: HashSet::new(),
-            snapshot_count,
-        };
+        let mut net = Net { members: Vec::new(), ids: ids.clone(), cut: HashSet::new(), snapshot_count };
         for _ in &ids {
             let dir = tempfile::tempdir().unwrap();
-            net.members.push(Member {
-                dir,
-                node: None,
-                applied: Default::default(),
-                restores: Default::default(),
-            });
+            net.members.push(Member { dir, node: None, applied: Default::default(), restores: Default::default() });
         }
         for id in ids {
             net.start(id);
@@ -167,8 +144,7 @@ impl Net {
         };
         let source = Arc::new(Source(applied.clone()));
         let logger = super::logger::logger();
-        m.node =
-            Some(RaftNode::open(cfg, db, sm, source, Arc::new(Metrics::new()), &logger).unwrap());
+        m.node = Some(RaftNode::open(cfg, db, sm, source, Arc::new(Metrics::new()), &logger).unwrap());
         m.applied = applied;
         m.restores = restores;
     }
@@ -179,10 +155,7 @@ impl Net {
     }
 
     fn node(&mut self, id: u64) -> &mut RaftNode<LogSm> {
-        self.members[(id - 1) as usize]
-            .node
-            .as_mut()
-            .expect("member is running")
+        self.members[(id - 1) as usize].node.as_mut().expect("member is running")
     }
 
     fn applied(&self, id: u64) -> Applied {
@@ -241,9 +214,7 @@ impl Net {
                 }
             }
         }
-        (seen.len() == 1)
-            .then(|| *seen.iter().next().unwrap())
-            .filter(|l| *l != 0)
+        (seen.len() == 1).then(|| *seen.iter().next().unwrap()).filter(|l| *l != 0)
     }
 
     fn elect(&mut self) -> u64 {
@@ -268,10 +239,7 @@ impl Net {
 }
 
 fn commands(a: &Applied) -> Vec<String> {
-    a.commands
-        .iter()
-        .map(|c| String::from_utf8_lossy(c).into_owned())
-        .collect()
+    a.commands.iter().map(|c| String::from_utf8_lossy(c).into_owned()).collect()
 }
 
 #[test]
@@ -299,26 +267,14 @@ fn minority_leader_cannot_commit_and_catches_up_after_heal() {
     net.settle();
     let new = net.elect_other_than(old);
     net.propose(new, "after");
-    assert_eq!(
-        commands(&net.applied(old)),
-        ["before"],
-        "a partitioned leader commits nothing"
-    );
+    assert_eq!(commands(&net.applied(old)), ["before"], "a partitioned leader commits nothing");
 
     net.cut.clear();
     net.tick(30);
     for id in 1..=3 {
-        assert_eq!(
-            commands(&net.applied(id)),
-            ["before", "after"],
-            "member {id}"
-        );
+        assert_eq!(commands(&net.applied(id)), ["before", "after"], "member {id}");
     }
-    assert_eq!(
-        net.leader(),
-        Some(new),
-        "check-quorum and pre-vote keep the healed member from disrupting"
-    );
+    assert_eq!(net.leader(), Some(new), "check-quorum and pre-vote keep the healed member from disrupting");
 }
 
 #[test]
@@ -331,11 +287,7 @@ fn restart_resumes_after_the_last_applied_entry() {
     net.propose(leader, "x2");
     net.propose(leader, "x3");
     net.start(victim);
-    assert_eq!(
-        commands(&net.applied(victim)),
-        ["x1"],
-        "applied state survives the restart"
-    );
+    assert_eq!(commands(&net.applied(victim)), ["x1"], "applied state survives the restart");
     net.tick(15);
     assert_eq!(commands(&net.applied(victim)), ["x1", "x2", "x3"]);
 
@@ -349,11 +301,7 @@ fn restart_resumes_after_the_last_applied_entry() {
     let leader = net.elect();
     net.propose(leader, "x4");
     for id in 1..=3 {
-        assert_eq!(
-            commands(&net.applied(id)),
-            ["x1", "x2", "x3", "x4"],
-            "member {id}"
-        );
+        assert_eq!(commands(&net.applied(id)), ["x1", "x2", "x3", "x4"], "member {id}");
     }
 }
 
@@ -366,19 +314,12 @@ fn member_behind_the_compacted_log_catches_up_by_snapshot() {
     for i in 0..30 {
         net.propose(leader, &format!("k{i}"));
     }
-    assert!(
-        net.node(leader).log_start() > 10,
-        "the leader compacted its log"
-    );
+    assert!(net.node(leader).log_start() > 10, "the leader compacted its log");
     net.cut.clear();
     net.tick(15);
     let want: Vec<String> = (0..30).map(|i| format!("k{i}")).collect();
     assert_eq!(commands(&net.applied(lagging)), want);
-    assert_eq!(
-        *net.members[(lagging - 1) as usize].restores.lock(),
-        1,
-        "caught up through a snapshot"
-    );
+    assert_eq!(*net.members[(lagging - 1) as usize].restores.lock(), 1, "caught up through a snapshot");
     // And the snapshot survives its restart.
     net.stop(lagging);
     net.start(lagging);
@@ -406,10 +347,7 @@ fn read_index_on_a_follower_waits_for_the_leaders_commit() {
     }
     net.settle();
     for mut rx in waiting {
-        assert!(rx
-            .try_recv()
-            .expect("every member's read is confirmed")
-            .is_ok());
+        assert!(rx.try_recv().expect("every member's read is confirmed").is_ok());
     }
 
     // Without a quorum the read cannot be confirmed; it times out.

@@ -50,13 +50,8 @@ impl GrpcTransport {
             }
             let (tx, rx) = mpsc::unbounded_channel();
             senders.insert(id, tx);
-            let link = PeerLink {
-                cluster_id,
-                from: self_id,
-                to: id,
-                raft_tx: raft_tx.clone(),
-                metrics: metrics.clone(),
-            };
+            let link =
+                PeerLink { cluster_id, from: self_id, to: id, raft_tx: raft_tx.clone(), metrics: metrics.clone() };
             tokio::spawn(link.run(url, rx));
         }
         Self { peers: senders }
@@ -108,17 +103,10 @@ impl PeerLink {
                 cluster_id: self.cluster_id,
                 from: self.from,
                 to: self.to,
-                messages: msgs
-                    .iter()
-                    .map(|m| m.write_to_bytes().expect("encode raft message"))
-                    .collect(),
+                messages: msgs.iter().map(|m| m.write_to_bytes().expect("encode raft message")).collect(),
             };
             let bytes = batch.encoded_len() as u64;
-            let timeout = if snapshot {
-                Duration::from_secs(120)
-            } else {
-                Duration::from_secs(5)
-            };
+            let timeout = if snapshot { Duration::from_secs(120) } else { Duration::from_secs(5) };
             let mut req = Request::new(batch);
             req.set_timeout(timeout);
             match client.send(req).await {
@@ -127,15 +115,9 @@ impl PeerLink {
                         tracing::info!(peer = %to_label, "peer reachable again");
                         failing = false;
                     }
-                    self.metrics
-                        .peer_sent_bytes
-                        .with_label_values(&[&to_label])
-                        .inc_by(bytes);
+                    self.metrics.peer_sent_bytes.with_label_values(&[&to_label]).inc_by(bytes);
                     if snapshot {
-                        let _ = self.raft_tx.send(Input::SnapshotDelivered {
-                            to: self.to,
-                            ok: true,
-                        });
+                        let _ = self.raft_tx.send(Input::SnapshotDelivered { to: self.to, ok: true });
                     }
                 }
                 Err(status) => {
@@ -143,16 +125,10 @@ impl PeerLink {
                         tracing::warn!(peer = %to_label, error = %status.message(), "cannot reach peer");
                         failing = true;
                     }
-                    self.metrics
-                        .peer_sent_failures
-                        .with_label_values(&[&to_label])
-                        .inc();
+                    self.metrics.peer_sent_failures.with_label_values(&[&to_label]).inc();
                     let _ = self.raft_tx.send(Input::Unreachable(self.to));
                     if snapshot {
-                        let _ = self.raft_tx.send(Input::SnapshotDelivered {
-                            to: self.to,
-                            ok: false,
-                        });
+                        let _ = self.raft_tx.send(Input::SnapshotDelivered { to: self.to, ok: false });
                     }
                     // Messages queued meanwhile are stale; raft resends what matters.
                     while rx.try_recv().is_ok() {}
@@ -183,10 +159,7 @@ impl RaftTransport for PeerService {
             )));
         }
         if !self.members.contains(&batch.from) {
-            return Err(Status::permission_denied(format!(
-                "{:x} is not a member of this cluster",
-                batch.from
-            )));
+            return Err(Status::permission_denied(format!("{:x} is not a member of this cluster", batch.from)));
         }
         let from_label = format!("{:x}", batch.from);
         let mut bytes = 0u64;
@@ -195,18 +168,11 @@ impl RaftTransport for PeerService {
             let msg = Message::parse_from_bytes(&raw)
                 .map_err(|e| Status::invalid_argument(format!("bad raft message: {e}")))?;
             if msg.from != batch.from {
-                return Err(Status::invalid_argument(
-                    "raft message sender differs from the batch sender",
-                ));
+                return Err(Status::invalid_argument("raft message sender differs from the batch sender"));
             }
-            self.raft_tx
-                .send(Input::Step(msg))
-                .map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
+            self.raft_tx.send(Input::Step(msg)).map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
         }
-        self.metrics
-            .peer_received_bytes
-            .with_label_values(&[&from_label])
-            .inc_by(bytes);
+        self.metrics.peer_received_bytes.with_label_values(&[&from_label]).inc_by(bytes);
         Ok(Response::new(RaftAck {}))
     }
 }

@@ -82,15 +82,7 @@ impl EtcdStateMachine {
         feed: tokio::sync::mpsc::UnboundedSender<Feed>,
     ) -> Self {
         let nospace = Alarms::load(&mvcc).has(AlarmType::Nospace);
-        Self {
-            mvcc,
-            feed,
-            waiters,
-            metrics,
-            done: Vec::new(),
-            nospace,
-            restored: false,
-        }
+        Self { mvcc, feed, waiters, metrics, done: Vec::new(), nospace, restored: false }
     }
 
     fn execute(&mut self, request: Request) -> Result<Applied> {
@@ -128,30 +120,21 @@ impl EtcdStateMachine {
             }
             Request::Alarm(a) => {
                 let mut alarms = Alarms::load(&self.mvcc);
-                let member = AlarmMember {
-                    member_id: a.member_id,
-                    alarm: a.alarm,
-                };
+                let member = AlarmMember { member_id: a.member_id, alarm: a.alarm };
                 let changed = match AlarmAction::try_from(a.action).unwrap_or(AlarmAction::Get) {
                     AlarmAction::Get => Vec::new(),
                     AlarmAction::Activate => {
                         if a.alarm == AlarmType::None as i32 {
                             Vec::new()
                         } else {
-                            alarms
-                                .activate(member.clone())
-                                .then(|| vec![member])
-                                .unwrap_or_default()
+                            alarms.activate(member.clone()).then(|| vec![member]).unwrap_or_default()
                         }
                     }
                     AlarmAction::Deactivate => alarms.deactivate(&member),
                 };
                 alarms.store(&self.mvcc);
                 self.nospace = alarms.has(AlarmType::Nospace);
-                Ok(Applied::Alarm(AlarmResponse {
-                    header: None,
-                    alarms: changed,
-                }))
+                Ok(Applied::Alarm(AlarmResponse { header: None, alarms: changed }))
             }
             Request::MemberAttributes(attrs) => {
                 let mut members = Members::load(&self.mvcc);
@@ -168,10 +151,7 @@ impl StateMachine for EtcdStateMachine {
         for e in entries {
             if !e.data.is_empty() {
                 match InternalRequest::decode(e.data) {
-                    Ok(InternalRequest {
-                        id,
-                        request: Some(request),
-                    }) => {
+                    Ok(InternalRequest { id, request: Some(request) }) => {
                         let result = self.execute(request);
                         if let Err(err) = &result {
                             if err.code() == tonic::Code::Internal {
@@ -211,23 +191,15 @@ impl StateMachine for EtcdStateMachine {
     }
 
     fn restore(&mut self, index: u64, data: &[u8], batch: &mut OwnedWriteBatch) {
-        let snap = SnapshotData::decode(data)
-            .unwrap_or_else(|e| panic!("snapshot at {index} does not decode: {e}"));
-        let marks = Marks {
-            current: snap.current_revision,
-            compacted: snap.compact_revision,
-            applied: index,
-        };
+        let snap = SnapshotData::decode(data).unwrap_or_else(|e| panic!("snapshot at {index} does not decode: {e}"));
+        let marks = Marks { current: snap.current_revision, compacted: snap.compact_revision, applied: index };
         let meta = snap.meta.into_iter().collect();
         if let Err(e) = self.mvcc.import(marks, snap.records, meta, batch) {
             panic!("restoring snapshot at {index} failed: {e}");
         }
         self.restored = true;
-        self.nospace = self
-            .mvcc
-            .meta(Alarms::META_KEY)
-            .map(|b| Alarms::decode(&b).has(AlarmType::Nospace))
-            .unwrap_or(false);
+        self.nospace =
+            self.mvcc.meta(Alarms::META_KEY).map(|b| Alarms::decode(&b).has(AlarmType::Nospace)).unwrap_or(false);
     }
 
     fn applied(&self) -> u64 {

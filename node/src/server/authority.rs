@@ -101,8 +101,7 @@ impl<S> AuthorityFix<S> {
                     if self.raw.len() < FRAME_HEADER {
                         return Ok(());
                     }
-                    let len =
-                        u32::from_be_bytes([0, self.raw[0], self.raw[1], self.raw[2]]) as usize;
+                    let len = u32::from_be_bytes([0, self.raw[0], self.raw[1], self.raw[2]]) as usize;
                     if self.raw.len() < FRAME_HEADER + len {
                         return Ok(());
                     }
@@ -135,9 +134,7 @@ impl<S> AuthorityFix<S> {
         let mut payload = &frame[FRAME_HEADER..];
         let mut pad = 0usize;
         if flags & PADDED != 0 {
-            let (&p, rest) = payload
-                .split_first()
-                .ok_or_else(|| bad("empty padded HEADERS"))?;
+            let (&p, rest) = payload.split_first().ok_or_else(|| bad("empty padded HEADERS"))?;
             pad = p as usize;
             payload = rest;
         }
@@ -150,20 +147,10 @@ impl<S> AuthorityFix<S> {
             payload = &payload[5..];
         }
         let fragment = payload
-            .get(
-                ..payload
-                    .len()
-                    .checked_sub(pad)
-                    .ok_or_else(|| bad("padding longer than frame"))?,
-            )
+            .get(..payload.len().checked_sub(pad).ok_or_else(|| bad("padding longer than frame"))?)
             .ok_or_else(|| bad("bad padding"))?
             .to_vec();
-        self.block = Some(Block {
-            stream,
-            flags,
-            priority,
-            fragment,
-        });
+        self.block = Some(Block { stream, flags, priority, fragment });
         if flags & END_HEADERS != 0 {
             self.finish_block()?;
         }
@@ -174,10 +161,7 @@ impl<S> AuthorityFix<S> {
         let Some(block) = self.block.take() else {
             return Ok(());
         };
-        let mut headers = self
-            .decoder
-            .decode(&block.fragment)
-            .map_err(|e| bad(&format!("HPACK: {e:?}")))?;
+        let mut headers = self.decoder.decode(&block.fragment).map_err(|e| bad(&format!("HPACK: {e:?}")))?;
         for (name, value) in &mut headers {
             if name.as_slice() == b":authority" {
                 if let Some(fixed) = strip_scheme(value) {
@@ -185,9 +169,7 @@ impl<S> AuthorityFix<S> {
                 }
             }
         }
-        let encoded = self
-            .encoder
-            .encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        let encoded = self.encoder.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
         let mut first_payload = Vec::with_capacity(encoded.len() + 5);
         if let Some(p) = block.priority {
             first_payload.extend_from_slice(&p);
@@ -232,11 +214,7 @@ fn bad(msg: &str) -> io::Error {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = &mut *self;
         loop {
             if !this.ready.is_empty() {
@@ -271,11 +249,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -353,11 +327,7 @@ mod tests {
     fn schemed_authority_is_cut_to_host_port_across_requests() {
         let mut enc = Encoder::new();
         let req = |enc: &mut Encoder<'_>, auth: &[u8]| {
-            enc.encode([
-                (&b":method"[..], &b"POST"[..]),
-                (b":path", b"/etcdserverpb.KV/Range"),
-                (b":authority", auth),
-            ])
+            enc.encode([(&b":method"[..], &b"POST"[..]), (b":path", b"/etcdserverpb.KV/Range"), (b":authority", auth)])
         };
         let b1 = req(&mut enc, b"http://127.0.0.1:2379");
         let b2 = req(&mut enc, b"http://127.0.0.1:2379");
@@ -379,16 +349,10 @@ mod tests {
         let blocks = headers_out(&out);
         assert_eq!(blocks.len(), 3);
         for b in &blocks {
-            let auth = b
-                .iter()
-                .find(|(n, _)| n == b":authority")
-                .map(|(_, v)| v.clone());
+            let auth = b.iter().find(|(n, _)| n == b":authority").map(|(_, v)| v.clone());
             assert_eq!(auth.as_deref(), Some(&b"127.0.0.1:2379"[..]));
         }
-        assert!(
-            out.windows(4).any(|w| w == b"data"),
-            "DATA frames pass through"
-        );
+        assert!(out.windows(4).any(|w| w == b"data"), "DATA frames pass through");
     }
 
     #[test]

@@ -5,9 +5,9 @@ use std::sync::Arc;
 
 use meridian_proto::etcdserverpb::cluster_server::Cluster;
 use meridian_proto::etcdserverpb::{
-    AlarmMember, AlarmType, Member, MemberAddRequest, MemberAddResponse, MemberListRequest,
-    MemberListResponse, MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest,
-    MemberRemoveResponse, MemberUpdateRequest, MemberUpdateResponse,
+    AlarmMember, AlarmType, Member, MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse,
+    MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest,
+    MemberUpdateResponse,
 };
 use meridian_proto::meridian::v1::MemberAttributes;
 use serde::{Deserialize, Serialize};
@@ -33,16 +33,11 @@ impl Members {
     pub const META_KEY: &'static str = "members";
 
     pub fn load(mvcc: &Mvcc) -> Self {
-        mvcc.meta(Self::META_KEY)
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default()
+        mvcc.meta(Self::META_KEY).and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
     }
 
     pub fn store(&self, mvcc: &Mvcc) {
-        mvcc.set_meta(
-            Self::META_KEY,
-            serde_json::to_vec(self).expect("members encode"),
-        );
+        mvcc.set_meta(Self::META_KEY, serde_json::to_vec(self).expect("members encode"));
     }
 
     /// Records a member's name and client URLs, published by the member itself.
@@ -67,26 +62,16 @@ impl Alarms {
 
     pub fn decode(b: &[u8]) -> Self {
         let pairs: Vec<(u64, i32)> = serde_json::from_slice(b).unwrap_or_default();
-        Self(
-            pairs
-                .into_iter()
-                .map(|(member_id, alarm)| AlarmMember { member_id, alarm })
-                .collect(),
-        )
+        Self(pairs.into_iter().map(|(member_id, alarm)| AlarmMember { member_id, alarm }).collect())
     }
 
     pub fn load(mvcc: &Mvcc) -> Self {
-        mvcc.meta(Self::META_KEY)
-            .map(|b| Self::decode(&b))
-            .unwrap_or_default()
+        mvcc.meta(Self::META_KEY).map(|b| Self::decode(&b)).unwrap_or_default()
     }
 
     pub fn store(&self, mvcc: &Mvcc) {
         let pairs: Vec<(u64, i32)> = self.0.iter().map(|a| (a.member_id, a.alarm)).collect();
-        mvcc.set_meta(
-            Self::META_KEY,
-            serde_json::to_vec(&pairs).expect("alarms encode"),
-        );
+        mvcc.set_meta(Self::META_KEY, serde_json::to_vec(&pairs).expect("alarms encode"));
     }
 
     pub fn has(&self, t: AlarmType) -> bool {
@@ -131,34 +116,16 @@ fn to_member(m: &MemberInfo) -> Member {
 
 #[tonic::async_trait]
 impl Cluster for ClusterService {
-    async fn member_add(
-        &self,
-        _: Request<MemberAddRequest>,
-    ) -> Result<Response<MemberAddResponse>, Status> {
-        Err(Status::unimplemented(
-            "meridian: membership changes are not supported yet",
-        ))
+    async fn member_add(&self, _: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+        Err(Status::unimplemented("meridian: membership changes are not supported yet"))
     }
-    async fn member_remove(
-        &self,
-        _: Request<MemberRemoveRequest>,
-    ) -> Result<Response<MemberRemoveResponse>, Status> {
-        Err(Status::unimplemented(
-            "meridian: membership changes are not supported yet",
-        ))
+    async fn member_remove(&self, _: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
+        Err(Status::unimplemented("meridian: membership changes are not supported yet"))
     }
-    async fn member_update(
-        &self,
-        _: Request<MemberUpdateRequest>,
-    ) -> Result<Response<MemberUpdateResponse>, Status> {
-        Err(Status::unimplemented(
-            "meridian: membership changes are not supported yet",
-        ))
+    async fn member_update(&self, _: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
+        Err(Status::unimplemented("meridian: membership changes are not supported yet"))
     }
-    async fn member_list(
-        &self,
-        _: Request<MemberListRequest>,
-    ) -> Result<Response<MemberListResponse>, Status> {
+    async fn member_list(&self, _: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
         let members = Members::load(&self.server.mvcc);
         let rev = self.server.mvcc.marks().current;
         Ok(Response::new(MemberListResponse {
@@ -170,8 +137,6 @@ impl Cluster for ClusterService {
         &self,
         _: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
-        Err(Status::unimplemented(
-            "meridian: membership changes are not supported yet",
-        ))
+        Err(Status::unimplemented("meridian: membership changes are not supported yet"))
     }
 }

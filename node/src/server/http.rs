@@ -28,10 +28,7 @@ pub fn routes(router: Router, server: Arc<EtcdServer>) -> Router {
 async fn health(server: Arc<EtcdServer>) -> impl IntoResponse {
     let ok = server.raft.status().leader() != 0
         && Alarms::load(&server.mvcc).0.is_empty()
-        && matches!(
-            tokio::time::timeout(Duration::from_secs(1), server.read_barrier()).await,
-            Ok(Ok(()))
-        );
+        && matches!(tokio::time::timeout(Duration::from_secs(1), server.read_barrier()).await, Ok(Ok(())));
     let (code, body) = if ok {
         (StatusCode::OK, r#"{"health":"true"}"#)
     } else {
@@ -49,20 +46,8 @@ async fn version() -> impl IntoResponse {
 }
 
 async fn metrics(server: Arc<EtcdServer>) -> impl IntoResponse {
-    server
-        .metrics
-        .db_total_size
-        .set(server.mvcc.disk_size() as i64);
-    server
-        .metrics
-        .db_in_use
-        .set(server.mvcc.size_in_use() as i64);
-    server
-        .metrics
-        .keys_total
-        .set(server.mvcc.key_count() as i64);
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        server.metrics.render(),
-    )
+    server.metrics.db_total_size.set(server.mvcc.disk_size() as i64);
+    server.metrics.db_in_use.set(server.mvcc.size_in_use() as i64);
+    server.metrics.keys_total.set(server.mvcc.key_count() as i64);
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], server.metrics.render())
 }

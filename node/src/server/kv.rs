@@ -6,9 +6,8 @@ use meridian_proto::etcdserverpb::alarm_request::AlarmAction;
 use meridian_proto::etcdserverpb::kv_server::Kv;
 use meridian_proto::etcdserverpb::request_op::Request as Op;
 use meridian_proto::etcdserverpb::{
-    AlarmRequest, AlarmType, CompactionRequest, CompactionResponse, DeleteRangeRequest,
-    DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest,
-    TxnResponse,
+    AlarmRequest, AlarmType, CompactionRequest, CompactionResponse, DeleteRangeRequest, DeleteRangeResponse,
+    PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
 use meridian_proto::meridian::v1::internal_request::Request as Internal;
 use prost::Message;
@@ -83,10 +82,7 @@ impl Kv for KvService {
         }
         self.server.metrics.range_total.inc();
         let mut resp = ops::range(&self.server.mvcc.read(), &r)?;
-        resp.header = Some(
-            self.server
-                .header(resp.header.map(|h| h.revision).unwrap_or_default()),
-        );
+        resp.header = Some(self.server.header(resp.header.map(|h| h.revision).unwrap_or_default()));
         Ok(Response::new(resp))
     }
 
@@ -97,29 +93,20 @@ impl Kv for KvService {
         self.check_quota(put_cost(&r))?;
         match self.server.propose(Internal::Put(r)).await? {
             Applied::Put(mut resp) => {
-                resp.header = Some(
-                    self.server
-                        .header(resp.header.map(|h| h.revision).unwrap_or_default()),
-                );
+                resp.header = Some(self.server.header(resp.header.map(|h| h.revision).unwrap_or_default()));
                 Ok(Response::new(resp))
             }
             other => Err(Self::unexpected(other)),
         }
     }
 
-    async fn delete_range(
-        &self,
-        req: Request<DeleteRangeRequest>,
-    ) -> Result<Response<DeleteRangeResponse>, Status> {
+    async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
         let r = req.into_inner();
         self.server.check_message_size(r.encoded_len())?;
         ops::check_delete(&r)?;
         match self.server.propose(Internal::DeleteRange(r)).await? {
             Applied::DeleteRange(mut resp) => {
-                resp.header = Some(
-                    self.server
-                        .header(resp.header.map(|h| h.revision).unwrap_or_default()),
-                );
+                resp.header = Some(self.server.header(resp.header.map(|h| h.revision).unwrap_or_default()));
                 Ok(Response::new(resp))
             }
             other => Err(Self::unexpected(other)),
@@ -144,22 +131,14 @@ impl Kv for KvService {
                 other => return Err(Self::unexpected(other)),
             }
         };
-        resp.header = Some(
-            self.server
-                .header(resp.header.map(|h| h.revision).unwrap_or_default()),
-        );
+        resp.header = Some(self.server.header(resp.header.map(|h| h.revision).unwrap_or_default()));
         Ok(Response::new(resp))
     }
 
-    async fn compact(
-        &self,
-        req: Request<CompactionRequest>,
-    ) -> Result<Response<CompactionResponse>, Status> {
+    async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
         let r = req.into_inner();
         match self.server.propose(Internal::Compaction(r)).await? {
-            Applied::Compaction(rev) => Ok(Response::new(CompactionResponse {
-                header: Some(self.server.header(rev)),
-            })),
+            Applied::Compaction(rev) => Ok(Response::new(CompactionResponse { header: Some(self.server.header(rev)) })),
             other => Err(Self::unexpected(other)),
         }
     }

@@ -24,9 +24,7 @@ pub struct MaintenanceService {
 }
 
 fn alarm_name(alarm: i32) -> &'static str {
-    AlarmType::try_from(alarm)
-        .map(|a| a.as_str_name())
-        .unwrap_or("NONE")
+    AlarmType::try_from(alarm).map(|a| a.as_str_name()).unwrap_or("NONE")
 }
 
 #[tonic::async_trait]
@@ -36,19 +34,14 @@ impl Maintenance for MaintenanceService {
         let rev = self.server.mvcc.marks().current;
         if r.action == AlarmAction::Get as i32 {
             let alarms = Alarms::load(&self.server.mvcc);
-            return Ok(Response::new(AlarmResponse {
-                header: Some(self.server.header(rev)),
-                alarms: alarms.0,
-            }));
+            return Ok(Response::new(AlarmResponse { header: Some(self.server.header(rev)), alarms: alarms.0 }));
         }
         match self.server.propose(Internal::Alarm(r)).await? {
             Applied::Alarm(mut resp) => {
                 resp.header = Some(self.server.header(self.server.mvcc.marks().current));
                 Ok(Response::new(resp))
             }
-            other => Err(Status::internal(format!(
-                "unexpected apply result {other:?}"
-            ))),
+            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
         }
     }
 
@@ -61,11 +54,7 @@ impl Maintenance for MaintenanceService {
             errors.push(crate::error::Error::NoLeader.to_string());
         }
         for a in Alarms::load(&s.mvcc).0 {
-            errors.push(format!(
-                "memberID:{} alarm:{} ",
-                a.member_id,
-                alarm_name(a.alarm)
-            ));
+            errors.push(format!("memberID:{} alarm:{} ", a.member_id, alarm_name(a.alarm)));
         }
         let db_size = s.mvcc.disk_size() as i64;
         let in_use = s.mvcc.size_in_use() as i64;
@@ -85,57 +74,30 @@ impl Maintenance for MaintenanceService {
         }))
     }
 
-    async fn defragment(
-        &self,
-        _: Request<DefragmentRequest>,
-    ) -> Result<Response<DefragmentResponse>, Status> {
+    async fn defragment(&self, _: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
         let mvcc = self.server.mvcc.clone();
-        tokio::task::spawn_blocking(move || mvcc.defragment())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))??;
+        tokio::task::spawn_blocking(move || mvcc.defragment()).await.map_err(|e| Status::internal(e.to_string()))??;
         let rev = self.server.mvcc.marks().current;
-        Ok(Response::new(DefragmentResponse {
-            header: Some(self.server.header(rev)),
-        }))
+        Ok(Response::new(DefragmentResponse { header: Some(self.server.header(rev)) }))
     }
 
     async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
         let (hash, _, rev) = self.server.mvcc.hash_kv(0)?;
-        Ok(Response::new(HashResponse {
-            header: Some(self.server.header(rev)),
-            hash,
-        }))
+        Ok(Response::new(HashResponse { header: Some(self.server.header(rev)), hash }))
     }
 
-    async fn hash_kv(
-        &self,
-        req: Request<HashKvRequest>,
-    ) -> Result<Response<HashKvResponse>, Status> {
+    async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
         let (hash, compact_revision, rev) = self.server.mvcc.hash_kv(req.into_inner().revision)?;
-        Ok(Response::new(HashKvResponse {
-            header: Some(self.server.header(rev)),
-            hash,
-            compact_revision,
-        }))
+        Ok(Response::new(HashKvResponse { header: Some(self.server.header(rev)), hash, compact_revision }))
     }
 
     type SnapshotStream = Pin<Box<dyn Stream<Item = Result<SnapshotResponse, Status>> + Send>>;
 
-    async fn snapshot(
-        &self,
-        _: Request<SnapshotRequest>,
-    ) -> Result<Response<Self::SnapshotStream>, Status> {
-        Err(Status::unimplemented(
-            "meridian: snapshot is not supported yet",
-        ))
+    async fn snapshot(&self, _: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        Err(Status::unimplemented("meridian: snapshot is not supported yet"))
     }
 
-    async fn move_leader(
-        &self,
-        _: Request<MoveLeaderRequest>,
-    ) -> Result<Response<MoveLeaderResponse>, Status> {
-        Err(Status::unimplemented(
-            "meridian: move-leader is not supported yet",
-        ))
+    async fn move_leader(&self, _: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+        Err(Status::unimplemented("meridian: move-leader is not supported yet"))
     }
 }

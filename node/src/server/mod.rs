@@ -74,17 +74,7 @@ impl EtcdServer {
         metrics: Arc<Metrics>,
         limits: Limits,
     ) -> Self {
-        Self {
-            member_id,
-            cluster_id,
-            name,
-            raft,
-            mvcc,
-            waiters,
-            metrics,
-            limits,
-            ids: IdGen::new(member_id),
-        }
+        Self { member_id, cluster_id, name, raft, mvcc, waiters, metrics, limits, ids: IdGen::new(member_id) }
     }
 
     /// A response header at `revision`, with this member's ids and raft term.
@@ -129,9 +119,7 @@ impl EtcdServer {
                 }
             }
         };
-        tokio::time::timeout(2 * self.limits.election_timeout, wait)
-            .await
-            .map_err(|_| Error::NoLeader)?;
+        tokio::time::timeout(2 * self.limits.election_timeout, wait).await.map_err(|_| Error::NoLeader)?;
         if self.raft.status().leader() == 0 {
             return Err(Error::NoLeader);
         }
@@ -146,21 +134,14 @@ impl EtcdServer {
     /// [`Error::NoLeader`], [`Error::Timeout`] or [`Error::Stopped`].
     pub async fn propose(&self, request: Request) -> Result<Applied> {
         let id = self.ids.next();
-        let data = InternalRequest {
-            id,
-            request: Some(request),
-        }
-        .encode_to_vec();
+        let data = InternalRequest { id, request: Some(request) }.encode_to_vec();
         if data.len() > self.limits.max_request_bytes {
             return Err(Error::RequestTooLarge);
         }
         self.wait_for_leader().await?;
         let applied = self.waiters.register(id);
         let (dropped_tx, dropped) = oneshot::channel();
-        if let Err(e) = self.raft.send(Input::Propose {
-            data,
-            dropped: dropped_tx,
-        }) {
+        if let Err(e) = self.raft.send(Input::Propose { data, dropped: dropped_tx }) {
             self.waiters.cancel(id);
             return Err(e);
         }
@@ -185,9 +166,7 @@ impl EtcdServer {
     /// [`Error::NoLeader`], [`Error::Timeout`] or [`Error::Stopped`].
     pub async fn read_barrier(&self) -> Result<()> {
         self.wait_for_leader().await?;
-        tokio::time::timeout(self.request_timeout(), self.raft.read_barrier())
-            .await
-            .map_err(|_| Error::Timeout)??;
+        tokio::time::timeout(self.request_timeout(), self.raft.read_barrier()).await.map_err(|_| Error::Timeout)??;
         Ok(())
     }
 
@@ -211,15 +190,9 @@ struct IdGen {
 
 impl IdGen {
     fn new(member_id: u64) -> Self {
-        let ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let ms = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
         let prefix = ((member_id & 0xffff) << 48) | ((ms & 0xff_ffff_ffff) << 8);
-        Self {
-            prefix,
-            counter: AtomicU64::new(0),
-        }
+        Self { prefix, counter: AtomicU64::new(0) }
     }
 
     fn next(&self) -> u64 {

@@ -12,8 +12,8 @@ use meridian_proto::etcdserverpb::range_request::{SortOrder, SortTarget};
 use meridian_proto::etcdserverpb::request_op::Request as Op;
 use meridian_proto::etcdserverpb::response_op::Response as OpResponse;
 use meridian_proto::etcdserverpb::{
-    Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest,
-    RangeResponse, RequestOp, ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
+    Compare, DeleteRangeRequest, DeleteRangeResponse, PutRequest, PutResponse, RangeRequest, RangeResponse, RequestOp,
+    ResponseHeader, ResponseOp, TxnRequest, TxnResponse,
 };
 use meridian_proto::mvccpb::KeyValue;
 
@@ -67,10 +67,7 @@ impl View for WriteTxn<'_> {
 }
 
 fn header(revision: i64) -> Option<ResponseHeader> {
-    Some(ResponseHeader {
-        revision,
-        ..Default::default()
-    })
+    Some(ResponseHeader { revision, ..Default::default() })
 }
 
 /// Executes a Range as etcd 3.4 does: `count` is taken before filters and
@@ -84,18 +81,10 @@ pub fn range(view: &impl View, req: &RangeRequest) -> Result<RangeResponse> {
         || req.min_create_revision != 0
         || req.max_create_revision != 0;
     let wanted = usize::try_from(req.limit).unwrap_or(0);
-    let fetch = if order != SortOrder::None || filtered || wanted == 0 {
-        0
-    } else {
-        wanted + 1
-    };
+    let fetch = if order != SortOrder::None || filtered || wanted == 0 { 0 } else { wanted + 1 };
     let rr = view.range(
         &KeyRange::new(&req.key, &req.range_end),
-        RangeOpts {
-            rev: req.revision,
-            limit: fetch,
-            count_only: req.count_only,
-        },
+        RangeOpts { rev: req.revision, limit: fetch, count_only: req.count_only },
     )?;
     let mut kvs = rr.kvs;
     if filtered {
@@ -107,11 +96,7 @@ pub fn range(view: &impl View, req: &RangeRequest) -> Result<RangeResponse> {
         });
     }
     // Results come sorted by key; any other target sorts ascending by default.
-    let order = if target != SortTarget::Key && order == SortOrder::None {
-        SortOrder::Ascend
-    } else {
-        order
-    };
+    let order = if target != SortTarget::Key && order == SortOrder::None { SortOrder::Ascend } else { order };
     if order != SortOrder::None {
         let cmp = |a: &KeyValue, b: &KeyValue| -> Ordering {
             match target {
@@ -137,22 +122,14 @@ pub fn range(view: &impl View, req: &RangeRequest) -> Result<RangeResponse> {
             kv.value.clear();
         }
     }
-    Ok(RangeResponse {
-        header: header(rr.rev),
-        kvs,
-        more,
-        count: rr.count as i64,
-    })
+    Ok(RangeResponse { header: header(rr.rev), kvs, more, count: rr.count as i64 })
 }
 
 /// Executes a Put. `ignore_value`/`ignore_lease` keep the previous value or
 /// lease, and need the key to exist.
 pub fn put(view: &mut impl View, req: &PutRequest) -> Result<PutResponse> {
     let prev = if req.prev_kv || req.ignore_value || req.ignore_lease {
-        view.range(&KeyRange::Single(req.key.clone()), RangeOpts::default())?
-            .kvs
-            .into_iter()
-            .next()
+        view.range(&KeyRange::Single(req.key.clone()), RangeOpts::default())?.kvs.into_iter().next()
     } else {
         None
     };
@@ -168,10 +145,7 @@ pub fn put(view: &mut impl View, req: &PutRequest) -> Result<PutResponse> {
         _ => req.lease,
     };
     let rev = view.put(&req.key, value, lease)?;
-    Ok(PutResponse {
-        header: header(rev),
-        prev_kv: if req.prev_kv { prev } else { None },
-    })
+    Ok(PutResponse { header: header(rev), prev_kv: if req.prev_kv { prev } else { None } })
 }
 
 /// Executes a DeleteRange.
@@ -228,13 +202,8 @@ fn check_path(view: &impl View, req: &TxnRequest, path: &[bool], at: &mut usize)
                 }
             }
             Some(Op::RequestPut(p)) if p.ignore_value || p.ignore_lease => {
-                let rr = view.range(
-                    &KeyRange::Single(p.key.clone()),
-                    RangeOpts {
-                        count_only: true,
-                        ..Default::default()
-                    },
-                )?;
+                let rr =
+                    view.range(&KeyRange::Single(p.key.clone()), RangeOpts { count_only: true, ..Default::default() })?;
                 if rr.count == 0 {
                     return Err(Error::KeyNotFound);
                 }
@@ -246,27 +215,16 @@ fn check_path(view: &impl View, req: &TxnRequest, path: &[bool], at: &mut usize)
     Ok(())
 }
 
-fn exec_txn(
-    view: &mut impl View,
-    req: &TxnRequest,
-    path: &[bool],
-    at: &mut usize,
-) -> Result<TxnResponse> {
+fn exec_txn(view: &mut impl View, req: &TxnRequest, path: &[bool], at: &mut usize) -> Result<TxnResponse> {
     let succeeded = path[*at];
     *at += 1;
-    let ops = if succeeded {
-        &req.success
-    } else {
-        &req.failure
-    };
+    let ops = if succeeded { &req.success } else { &req.failure };
     let mut responses = Vec::with_capacity(ops.len());
     for op in ops {
         let response = match &op.request {
             Some(Op::RequestRange(r)) => OpResponse::ResponseRange(range(view, r)?),
             Some(Op::RequestPut(p)) => OpResponse::ResponsePut(put(view, p)?),
-            Some(Op::RequestDeleteRange(d)) => {
-                OpResponse::ResponseDeleteRange(delete_range(view, d)?)
-            }
+            Some(Op::RequestDeleteRange(d)) => OpResponse::ResponseDeleteRange(delete_range(view, d)?),
             Some(Op::RequestTxn(t)) => {
                 let mut inner = exec_txn(view, t, path, at)?;
                 inner.header = Some(ResponseHeader::default());
@@ -274,15 +232,9 @@ fn exec_txn(
             }
             None => return Err(Error::KeyNotFound),
         };
-        responses.push(ResponseOp {
-            response: Some(response),
-        });
+        responses.push(ResponseOp { response: Some(response) });
     }
-    Ok(TxnResponse {
-        header: None,
-        succeeded,
-        responses,
-    })
+    Ok(TxnResponse { header: None, succeeded, responses })
 }
 
 /// One compare; over a range, every key in it must satisfy it. A missing key
@@ -303,39 +255,20 @@ fn compare(view: &impl View, c: &Compare) -> Result<bool> {
 fn compare_kv(c: &Compare, target: CompareTarget, kv: &KeyValue) -> bool {
     let int = |v: Option<i64>| v.unwrap_or(0);
     let ord = match (target, &c.target_union) {
-        (CompareTarget::Value, Some(TargetUnion::Value(v))) => {
-            kv.value.as_slice().cmp(v.as_slice())
-        }
+        (CompareTarget::Value, Some(TargetUnion::Value(v))) => kv.value.as_slice().cmp(v.as_slice()),
         (CompareTarget::Value, _) => kv.value.as_slice().cmp(&[]),
         (CompareTarget::Version, u) => {
-            kv.version
-                .cmp(&int(if let Some(TargetUnion::Version(v)) = u {
-                    Some(*v)
-                } else {
-                    None
-                }))
+            kv.version.cmp(&int(if let Some(TargetUnion::Version(v)) = u { Some(*v) } else { None }))
         }
         (CompareTarget::Create, u) => {
-            kv.create_revision
-                .cmp(&int(if let Some(TargetUnion::CreateRevision(v)) = u {
-                    Some(*v)
-                } else {
-                    None
-                }))
+            kv.create_revision.cmp(&int(if let Some(TargetUnion::CreateRevision(v)) = u { Some(*v) } else { None }))
         }
         (CompareTarget::Mod, u) => {
-            kv.mod_revision
-                .cmp(&int(if let Some(TargetUnion::ModRevision(v)) = u {
-                    Some(*v)
-                } else {
-                    None
-                }))
+            kv.mod_revision.cmp(&int(if let Some(TargetUnion::ModRevision(v)) = u { Some(*v) } else { None }))
         }
-        (CompareTarget::Lease, u) => kv.lease.cmp(&int(if let Some(TargetUnion::Lease(v)) = u {
-            Some(*v)
-        } else {
-            None
-        })),
+        (CompareTarget::Lease, u) => {
+            kv.lease.cmp(&int(if let Some(TargetUnion::Lease(v)) = u { Some(*v) } else { None }))
+        }
     };
     match CompareResult::try_from(c.result).unwrap_or(CompareResult::Equal) {
         CompareResult::Equal => ord == Ordering::Equal,
@@ -451,39 +384,30 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(Vec<Vec<u8>>, Vec<KeyRange>)> {
 
 /// True if the txn (on every branch, nested too) only reads.
 pub fn txn_is_read_only(r: &TxnRequest) -> bool {
-    r.success
-        .iter()
-        .chain(&r.failure)
-        .all(|op| match &op.request {
-            Some(Op::RequestRange(_)) | None => true,
-            Some(Op::RequestTxn(t)) => txn_is_read_only(t),
-            _ => false,
-        })
+    r.success.iter().chain(&r.failure).all(|op| match &op.request {
+        Some(Op::RequestRange(_)) | None => true,
+        Some(Op::RequestTxn(t)) => txn_is_read_only(t),
+        _ => false,
+    })
 }
 
 /// True if the txn only reads, and every read asks for serializable.
 pub fn txn_is_serializable(r: &TxnRequest) -> bool {
-    r.success
-        .iter()
-        .chain(&r.failure)
-        .all(|op| match &op.request {
-            Some(Op::RequestRange(x)) => x.serializable,
-            Some(Op::RequestTxn(t)) => txn_is_serializable(t),
-            None => true,
-            _ => false,
-        })
+    r.success.iter().chain(&r.failure).all(|op| match &op.request {
+        Some(Op::RequestRange(x)) => x.serializable,
+        Some(Op::RequestTxn(t)) => txn_is_serializable(t),
+        None => true,
+        _ => false,
+    })
 }
 
 /// True if the txn writes anything on any branch (what the space quota counts).
 pub fn txn_has_put(r: &TxnRequest) -> bool {
-    r.success
-        .iter()
-        .chain(&r.failure)
-        .any(|op| match &op.request {
-            Some(Op::RequestPut(_)) => true,
-            Some(Op::RequestTxn(t)) => txn_has_put(t),
-            _ => false,
-        })
+    r.success.iter().chain(&r.failure).any(|op| match &op.request {
+        Some(Op::RequestPut(_)) => true,
+        Some(Op::RequestTxn(t)) => txn_has_put(t),
+        _ => false,
+    })
 }
 
 #[cfg(test)]

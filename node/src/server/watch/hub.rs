@@ -41,27 +41,11 @@ pub struct Spec {
 
 enum Msg {
     Feed(Feed),
-    Create {
-        stream: u64,
-        spec: Spec,
-        out: Outbox,
-        reply: oneshot::Sender<Result<(i64, i64), String>>,
-    },
-    Announce {
-        stream: u64,
-        id: i64,
-    },
-    Cancel {
-        stream: u64,
-        id: i64,
-        reply: oneshot::Sender<Option<i64>>,
-    },
-    Progress {
-        reply: oneshot::Sender<i64>,
-    },
-    Close {
-        stream: u64,
-    },
+    Create { stream: u64, spec: Spec, out: Outbox, reply: oneshot::Sender<Result<(i64, i64), String>> },
+    Announce { stream: u64, id: i64 },
+    Cancel { stream: u64, id: i64, reply: oneshot::Sender<Option<i64>> },
+    Progress { reply: oneshot::Sender<i64> },
+    Close { stream: u64 },
 }
 
 /// Fills response headers (ids and the raft term at send time).
@@ -144,12 +128,7 @@ impl WatchHub {
     /// until [`WatchHub::announce`].
     pub async fn create(&self, stream: u64, spec: Spec, out: Outbox) -> Result<(i64, i64), String> {
         let (reply, rx) = oneshot::channel();
-        let _ = self.tx.send(Msg::Create {
-            stream,
-            spec,
-            out,
-            reply,
-        });
+        let _ = self.tx.send(Msg::Create { stream, spec, out, reply });
         rx.await.unwrap_or_else(|_| Err(Error::Stopped.to_string()))
     }
 
@@ -211,13 +190,7 @@ impl Hub {
             Msg::Feed(Feed::Restored) => {
                 // Synced watchers have everything up to the old revision; the
                 // snapshot's changes after it come from the store.
-                let synced: Vec<Key> = self
-                    .by_key
-                    .values()
-                    .flatten()
-                    .chain(&self.ranges)
-                    .copied()
-                    .collect();
+                let synced: Vec<Key> = self.by_key.values().flatten().chain(&self.ranges).copied().collect();
                 for key in synced {
                     if let Some(w) = self.watchers.get_mut(&key) {
                         w.next_rev = self.rev + 1;
@@ -227,22 +200,13 @@ impl Hub {
                 self.rev = self.mvcc.marks().current;
                 self.sync();
             }
-            Msg::Create {
-                stream,
-                spec,
-                out,
-                reply,
-            } => {
+            Msg::Create { stream, spec, out, reply } => {
                 let _ = reply.send(self.create(stream, spec, out));
             }
             Msg::Announce { stream, id } => {
                 let key = (stream, id);
                 if let Some(w) = self.watchers.get(&key) {
-                    let state = if w.next_rev <= self.rev {
-                        State::Unsynced
-                    } else {
-                        State::Synced
-                    };
+                    let state = if w.next_rev <= self.rev { State::Unsynced } else { State::Synced };
                     self.set_state(key, state);
                     if state == State::Unsynced {
                         self.sync();
@@ -257,12 +221,7 @@ impl Hub {
                 let _ = reply.send(self.rev);
             }
             Msg::Close { stream } => {
-                let keys: Vec<Key> = self
-                    .watchers
-                    .keys()
-                    .filter(|k| k.0 == stream)
-                    .copied()
-                    .collect();
+                let keys: Vec<Key> = self.watchers.keys().filter(|k| k.0 == stream).copied().collect();
                 for k in keys {
                     self.remove(k);
                 }
@@ -290,21 +249,8 @@ impl Hub {
             }
             spec.watch_id
         };
-        let next_rev = if spec.start_revision <= 0 {
-            self.rev + 1
-        } else {
-            spec.start_revision
-        };
-        self.watchers.insert(
-            (stream, id),
-            Watcher {
-                spec,
-                out,
-                next_rev,
-                state: State::Pending,
-                active: false,
-            },
-        );
+        let next_rev = if spec.start_revision <= 0 { self.rev + 1 } else { spec.start_revision };
+        self.watchers.insert((stream, id), Watcher { spec, out, next_rev, state: State::Pending, active: false });
         Ok((id, self.rev))
     }
 
@@ -368,10 +314,7 @@ impl Hub {
         let mut at = 0;
         while at < records.len() {
             let main = records[at].main;
-            let end = records[at..]
-                .iter()
-                .position(|r| r.main != main)
-                .map_or(records.len(), |n| at + n);
+            let end = records[at..].iter().position(|r| r.main != main).map_or(records.len(), |n| at + n);
             self.publish_revision(main, &records[at..end]);
             at = end;
         }
@@ -426,27 +369,15 @@ impl Hub {
             if (rec.tombstone && w.spec.no_delete) || (!rec.tombstone && w.spec.no_put) {
                 continue;
             }
-            let prev_kv = if w.spec.prev_kv {
-                self.prev_kv(rec)
-            } else {
-                None
-            };
+            let prev_kv = if w.spec.prev_kv { self.prev_kv(rec) } else { None };
             events.push(to_event(rec, prev_kv));
         }
         if events.is_empty() {
             return Delivery::Nothing;
         }
-        let resp = WatchResponse {
-            header: Some((self.header)(header_rev)),
-            watch_id: key.1,
-            events,
-            ..Default::default()
-        };
-        let parts = if w.spec.fragment {
-            fragment(resp, self.max_response_bytes)
-        } else {
-            vec![resp]
-        };
+        let resp =
+            WatchResponse { header: Some((self.header)(header_rev)), watch_id: key.1, events, ..Default::default() };
+        let parts = if w.spec.fragment { fragment(resp, self.max_response_bytes) } else { vec![resp] };
         if w.out.is_closed() {
             return Delivery::Gone;
         }
@@ -465,13 +396,8 @@ impl Hub {
     }
 
     fn prev_kv(&self, rec: &KvRecord) -> Option<KeyValue> {
-        let r = self.mvcc.range(
-            &KeyRange::Single(rec.key.clone()),
-            RangeOpts {
-                rev: rec.main - 1,
-                ..Default::default()
-            },
-        );
+        let r =
+            self.mvcc.range(&KeyRange::Single(rec.key.clone()), RangeOpts { rev: rec.main - 1, ..Default::default() });
         r.ok().and_then(|r| r.kvs.into_iter().next())
     }
 
@@ -529,15 +455,8 @@ impl Hub {
         for key in readers {
             let next = self.watchers[&key].next_rev;
             let range = self.watchers[&key].spec.range.clone();
-            let recs: Vec<&KvRecord> = records
-                .iter()
-                .filter(|r| r.main >= next && range.contains(&r.key))
-                .collect();
-            let outcome = if recs.is_empty() {
-                Delivery::Nothing
-            } else {
-                self.deliver(key, &recs, self.rev)
-            };
+            let recs: Vec<&KvRecord> = records.iter().filter(|r| r.main >= next && range.contains(&r.key)).collect();
+            let outcome = if recs.is_empty() { Delivery::Nothing } else { self.deliver(key, &recs, self.rev) };
             match outcome {
                 Delivery::Sent | Delivery::Nothing => {
                     if let Some(w) = self.watchers.get_mut(&key) {
@@ -565,11 +484,7 @@ impl Hub {
                 continue;
             }
             if !w.active {
-                let resp = WatchResponse {
-                    header: Some(header(rev)),
-                    watch_id: *id,
-                    ..Default::default()
-                };
+                let resp = WatchResponse { header: Some(header(rev)), watch_id: *id, ..Default::default() };
                 let _ = w.out.try_send(Ok(resp));
             }
             w.active = false;
@@ -587,14 +502,7 @@ enum Delivery {
 /// An event as etcd sends it: a delete carries only the key and its revision.
 fn to_event(rec: &KvRecord, prev_kv: Option<KeyValue>) -> Event {
     let (kind, kv) = if rec.tombstone {
-        (
-            EventType::Delete,
-            KeyValue {
-                key: rec.key.clone(),
-                mod_revision: rec.main,
-                ..Default::default()
-            },
-        )
+        (EventType::Delete, KeyValue { key: rec.key.clone(), mod_revision: rec.main, ..Default::default() })
     } else {
         (
             EventType::Put,
@@ -608,11 +516,7 @@ fn to_event(rec: &KvRecord, prev_kv: Option<KeyValue>) -> Event {
             },
         )
     };
-    Event {
-        r#type: kind as i32,
-        kv: Some(kv),
-        prev_kv,
-    }
+    Event { r#type: kind as i32, kv: Some(kv), prev_kv }
 }
 
 /// Splits a response whose encoding exceeds `limit` into several, each
@@ -622,18 +526,12 @@ fn fragment(resp: WatchResponse, limit: usize) -> Vec<WatchResponse> {
         return vec![resp];
     }
     let mut parts = Vec::new();
-    let mut cur = WatchResponse {
-        events: Vec::new(),
-        ..resp.clone()
-    };
+    let mut cur = WatchResponse { events: Vec::new(), ..resp.clone() };
     let mut size = cur.encoded_len();
     for ev in resp.events {
         let n = ev.encoded_len() + 8;
         if !cur.events.is_empty() && size + n > limit {
-            let next = WatchResponse {
-                events: Vec::new(),
-                ..cur.clone()
-            };
+            let next = WatchResponse { events: Vec::new(), ..cur.clone() };
             parts.push(std::mem::replace(&mut cur, next));
             size = cur.encoded_len();
         }
@@ -656,30 +554,16 @@ mod tests {
     fn fragments_never_split_an_event_and_mark_all_but_the_last() {
         let ev = |n: usize| Event {
             r#type: 0,
-            kv: Some(KeyValue {
-                key: vec![b'k'; 10],
-                value: vec![0; n],
-                ..Default::default()
-            }),
+            kv: Some(KeyValue { key: vec![b'k'; 10], value: vec![0; n], ..Default::default() }),
             prev_kv: None,
         };
-        let resp = WatchResponse {
-            watch_id: 3,
-            events: vec![ev(400), ev(400), ev(400), ev(2000)],
-            ..Default::default()
-        };
+        let resp =
+            WatchResponse { watch_id: 3, events: vec![ev(400), ev(400), ev(400), ev(2000)], ..Default::default() };
         let parts = fragment(resp.clone(), 1000);
         assert_eq!(parts.len(), 3);
-        assert_eq!(
-            parts.iter().map(|p| p.fragment).collect::<Vec<_>>(),
-            [true, true, false]
-        );
+        assert_eq!(parts.iter().map(|p| p.fragment).collect::<Vec<_>>(), [true, true, false]);
         assert_eq!(parts.iter().map(|p| p.events.len()).sum::<usize>(), 4);
         assert!(parts.iter().all(|p| p.watch_id == 3));
-        assert_eq!(
-            fragment(resp, 1 << 20).len(),
-            1,
-            "small responses are not fragmented"
-        );
+        assert_eq!(fragment(resp, 1 << 20).len(), 1, "small responses are not fragmented");
     }
 }

@@ -25,22 +25,14 @@ pub struct WatchService {
 
 impl WatchService {
     pub fn new(hub: WatchHub, header: HeaderFn) -> Self {
-        Self {
-            hub,
-            header,
-            next_stream: AtomicU64::new(1),
-        }
+        Self { hub, header, next_stream: AtomicU64::new(1) }
     }
 }
 
 /// etcd's normalization of a create request's keys: an empty key is the
 /// smallest key, and a range end of `\0` means "every key from here".
 fn spec_of(c: &WatchCreateRequest) -> Spec {
-    let key = if c.key.is_empty() {
-        vec![0]
-    } else {
-        c.key.clone()
-    };
+    let key = if c.key.is_empty() { vec![0] } else { c.key.clone() };
     let range = KeyRange::new(&key, &c.range_end);
     Spec {
         watch_id: c.watch_id,
@@ -58,10 +50,7 @@ fn spec_of(c: &WatchCreateRequest) -> Spec {
 impl Watch for WatchService {
     type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
 
-    async fn watch(
-        &self,
-        req: Request<Streaming<WatchRequest>>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
         let mut inbound = req.into_inner();
         let (out, rx) = mpsc::channel(STREAM_BUFFER);
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
@@ -75,50 +64,42 @@ impl Watch for WatchService {
                 };
                 let Ok(Some(msg)) = msg else { break };
                 let reply = match msg.request_union {
-                    Some(RequestUnion::CreateRequest(c)) => {
-                        match hub.create(stream, spec_of(&c), out.clone()).await {
-                            Ok((id, rev)) => {
-                                let created = WatchResponse {
-                                    header: Some(header(rev)),
-                                    watch_id: id,
-                                    created: true,
-                                    ..Default::default()
-                                };
-                                if out.send(Ok(created)).await.is_err() {
-                                    break;
-                                }
-                                hub.announce(stream, id);
-                                continue;
-                            }
-                            Err(reason) => WatchResponse {
-                                header: Some(header(0)),
-                                watch_id: -1,
-                                created: true,
-                                canceled: true,
-                                cancel_reason: reason,
-                                ..Default::default()
-                            },
-                        }
-                    }
-                    Some(RequestUnion::CancelRequest(c)) => {
-                        match hub.cancel(stream, c.watch_id).await {
-                            Some(rev) => WatchResponse {
+                    Some(RequestUnion::CreateRequest(c)) => match hub.create(stream, spec_of(&c), out.clone()).await {
+                        Ok((id, rev)) => {
+                            let created = WatchResponse {
                                 header: Some(header(rev)),
-                                watch_id: c.watch_id,
-                                canceled: true,
+                                watch_id: id,
+                                created: true,
                                 ..Default::default()
-                            },
-                            None => continue,
+                            };
+                            if out.send(Ok(created)).await.is_err() {
+                                break;
+                            }
+                            hub.announce(stream, id);
+                            continue;
                         }
-                    }
+                        Err(reason) => WatchResponse {
+                            header: Some(header(0)),
+                            watch_id: -1,
+                            created: true,
+                            canceled: true,
+                            cancel_reason: reason,
+                            ..Default::default()
+                        },
+                    },
+                    Some(RequestUnion::CancelRequest(c)) => match hub.cancel(stream, c.watch_id).await {
+                        Some(rev) => WatchResponse {
+                            header: Some(header(rev)),
+                            watch_id: c.watch_id,
+                            canceled: true,
+                            ..Default::default()
+                        },
+                        None => continue,
+                    },
                     Some(RequestUnion::ProgressRequest(_)) => {
                         // Broadcast to every watcher of the stream: no single watch id.
                         let rev = hub.progress().await;
-                        WatchResponse {
-                            header: Some(header(rev)),
-                            watch_id: -1,
-                            ..Default::default()
-                        }
+                        WatchResponse { header: Some(header(rev)), watch_id: -1, ..Default::default() }
                     }
                     None => continue,
                 };
