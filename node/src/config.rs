@@ -67,6 +67,9 @@ pub struct NodeFlags {
     /// Interval of watch progress notifications (etcd's flag; e.g. 10m, 30s, 500ms).
     #[arg(long = "experimental-watch-progress-notify-interval")]
     pub watch_progress_notify_interval: Option<String>,
+    /// How often the leader checkpoints remaining lease TTLs (etcd's flag), e.g. 5s.
+    #[arg(long = "experimental-lease-checkpoint-interval")]
+    pub lease_checkpoint_interval: Option<String>,
     /// Log level: error, warn, info, debug.
     #[arg(long)]
     pub log_level: Option<String>,
@@ -96,6 +99,7 @@ pub struct NodeConfig {
     pub listen_metrics_urls: String,
     pub quota_backend_bytes: i64,
     pub watch_progress_notify_interval: String,
+    pub lease_checkpoint_interval: String,
     pub log_level: String,
 }
 
@@ -122,6 +126,7 @@ impl Default for NodeConfig {
             listen_metrics_urls: String::new(),
             quota_backend_bytes: 0,
             watch_progress_notify_interval: "10m".into(),
+            lease_checkpoint_interval: "5s".into(),
             log_level: "info".into(),
         }
     }
@@ -181,7 +186,8 @@ impl NodeConfig {
             listen_metrics_urls,
             quota_backend_bytes,
             log_level,
-            watch_progress_notify_interval
+            watch_progress_notify_interval,
+            lease_checkpoint_interval
         );
         if let Some(d) = &flags.data_dir {
             cfg.data_dir = Some(d.clone());
@@ -215,6 +221,12 @@ impl NodeConfig {
                 self.watch_progress_notify_interval
             )));
         }
+        if !parse_duration(&self.lease_checkpoint_interval).is_some_and(|d| !d.is_zero()) {
+            return Err(Error::Config(format!(
+                "invalid --experimental-lease-checkpoint-interval {:?}: want a duration like 5s",
+                self.lease_checkpoint_interval
+            )));
+        }
         if self.max_txn_ops == 0 || self.max_request_bytes == 0 || self.snapshot_count == 0 {
             return Err(Error::Config("--max-txn-ops, --max-request-bytes and --snapshot-count must be > 0".into()));
         }
@@ -224,6 +236,11 @@ impl NodeConfig {
     /// The watch progress-notify interval.
     pub fn progress_notify_interval(&self) -> Duration {
         parse_duration(&self.watch_progress_notify_interval).unwrap_or(Duration::from_secs(600))
+    }
+
+    /// How often the leader checkpoints remaining lease TTLs.
+    pub fn lease_checkpoint_interval(&self) -> Duration {
+        parse_duration(&self.lease_checkpoint_interval).unwrap_or(Duration::from_secs(5))
     }
 
     pub fn data_dir(&self) -> PathBuf {

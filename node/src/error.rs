@@ -38,6 +38,10 @@ pub enum Error {
     NoSpace,
     #[error("etcdserver: requested lease not found")]
     LeaseNotFound,
+    #[error("etcdserver: lease already exists")]
+    LeaseExists,
+    #[error("etcdserver: too large lease TTL")]
+    LeaseTtlTooLarge,
     #[error("etcdserver: member not found")]
     MemberNotFound,
 
@@ -50,6 +54,8 @@ pub enum Error {
     LeaderChanged,
     #[error("etcdserver: server stopped")]
     Stopped,
+    #[error("etcdserver: not leader")]
+    NotLeader,
 
     // -- Internal: never deterministic; in the apply path these crash the node. --
     #[error("storage: {0}")]
@@ -77,6 +83,8 @@ impl Error {
             MessageTooLarge(..) | NoSpace => Code::ResourceExhausted,
             Compacted | FutureRevision => Code::OutOfRange,
             LeaseNotFound | MemberNotFound => Code::NotFound,
+            LeaseExists | NotLeader => Code::FailedPrecondition,
+            LeaseTtlTooLarge => Code::OutOfRange,
             NoLeader | Timeout | LeaderChanged | Stopped => Code::Unavailable,
             Config(_) => Code::InvalidArgument,
             Storage(_) | Corrupt(_) | Raft(_) | Io(_) | Internal(_) => Code::Internal,
@@ -107,6 +115,8 @@ mod tests {
             (Error::NoSpace, Code::ResourceExhausted, "etcdserver: mvcc: database space exceeded"),
             (Error::NoLeader, Code::Unavailable, "etcdserver: no leader"),
             (Error::LeaseNotFound, Code::NotFound, "etcdserver: requested lease not found"),
+            (Error::LeaseExists, Code::FailedPrecondition, "etcdserver: lease already exists"),
+            (Error::LeaseTtlTooLarge, Code::OutOfRange, "etcdserver: too large lease TTL"),
             (Error::MessageTooLarge(3, 2), Code::ResourceExhausted, "grpc: received message larger than max (3 vs. 2)"),
         ];
         for (err, code, msg) in table {

@@ -21,10 +21,12 @@ use std::sync::{Arc, OnceLock};
 
 use meridian_proto::etcdserverpb::cluster_server::ClusterServer;
 use meridian_proto::etcdserverpb::kv_server::KvServer;
+use meridian_proto::etcdserverpb::lease_server::LeaseServer;
 use meridian_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use meridian_proto::etcdserverpb::watch_server::WatchServer;
 use meridian_proto::etcdserverpb::ResponseHeader;
 use meridian_proto::meridian::v1::internal_request::Request as Internal;
+use meridian_proto::meridian::v1::lease_forward_server::LeaseForwardServer;
 use meridian_proto::meridian::v1::raft_transport_server::RaftTransportServer;
 use meridian_proto::meridian::v1::MemberAttributes;
 use tokio::net::TcpListener;
@@ -43,6 +45,8 @@ use crate::server::apply::{EtcdStateMachine, MvccSnapshots, Waiters};
 use crate::server::authority::AuthorityFix;
 use crate::server::cluster::{ClusterService, MemberInfo, Members};
 use crate::server::kv::KvService;
+use crate::server::lease::service::{run_leader_duties, LeaderLink, LeaseForwardService, LeaseService};
+use crate::server::lease::Lessor;
 use crate::server::maintenance::{MaintenanceService, ETCD_VERSION};
 use crate::server::watch::hub::HeaderFn;
 use crate::server::watch::{WatchHub, WatchService};
@@ -126,7 +130,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     };
     let (hub, feed) =
         WatchHub::start(mvcc.clone(), header.clone(), cfg.max_request_bytes, cfg.progress_notify_interval());
-    let sm = EtcdStateMachine::new(mvcc.clone(), waiters.clone(), metrics.clone(), feed);
+    let lessor = Arc::new(Lessor::new(cfg.election()));
+    let sm = EtcdStateMachine::new(mvcc.clone(), waiters.clone(), metrics.clone(), feed, lessor.clone());
     let ticks = (cfg.election_timeout / cfg.heartbeat_interval) as usize;
     let raft_cfg = RaftConfig {
         id: me.id,
@@ -182,12 +187,18 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         RaftTransportServer::new(peer_service)
             .max_decoding_message_size(MAX_PEER_MESSAGE)
             .max_encoding_message_size(MAX_PEER_MESSAGE),
-    );
+    )
+    .add_service(LeaseForwardServer::new(LeaseForwardService { server: server.clone(), lessor: lessor.clone() }));
     for url in split_urls(&cfg.listen_peer_urls) {
         tasks.push(serve(&url, peer_routes.clone(), stop_rx.clone(), false).await?);
     }
     let watch = WatchService::new(hub, header);
-    let client_routes = client_routes(&server, watch, cfg.max_request_bytes);
+    let leases = LeaseService {
+        server: server.clone(),
+        lessor: lessor.clone(),
+        leader: Arc::new(LeaderLink::new(server.clone(), lessor.clone())),
+    };
+    let client_routes = client_routes(&server, watch, leases, cfg.max_request_bytes);
     for url in split_urls(&cfg.listen_client_urls) {
         tasks.push(serve(&url, client_routes.clone(), stop_rx.clone(), true).await?);
     }
@@ -195,6 +206,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     for url in split_urls(&cfg.listen_metrics_urls) {
         tasks.push(serve(&url, metrics_routes.clone(), stop_rx.clone(), false).await?);
     }
+    tokio::spawn(run_leader_duties(server.clone(), lessor.clone(), cfg.lease_checkpoint_interval()));
     tokio::spawn(publish_attributes(
         server.clone(),
         MemberAttributes { id: me.id, name: cfg.name.clone(), client_urls: split_urls(&cfg.advertise_client_urls) },
@@ -214,12 +226,18 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     Ok(())
 }
 
-fn client_routes(server: &Arc<EtcdServer>, watch: WatchService, max_request_bytes: usize) -> Routes {
+fn client_routes(
+    server: &Arc<EtcdServer>,
+    watch: WatchService,
+    leases: LeaseService,
+    max_request_bytes: usize,
+) -> Routes {
     // The transport admits far more than the limit so that the services can
     // refuse oversized requests with etcd's own codes and messages.
     let max = (max_request_bytes + GRPC_OVERHEAD_BYTES).max(64 << 20) * 2;
     let routes = Routes::builder()
         .add_service(WatchServer::new(watch).max_decoding_message_size(max))
+        .add_service(LeaseServer::new(leases).max_decoding_message_size(max))
         .add_service(KvServer::new(KvService { server: server.clone() }).max_decoding_message_size(max))
         .add_service(
             MaintenanceServer::new(MaintenanceService { server: server.clone() }).max_decoding_message_size(max),

@@ -152,6 +152,37 @@ impl Mvcc {
         Ok(())
     }
 
+    /// Every live key that has a lease, with the lease, as of the staged
+    /// state (for rebuilding the lessor at startup or after a snapshot).
+    pub fn leased_keys(&self) -> Vec<(Vec<u8>, i64)> {
+        let st = self.state.read();
+        let mut out = Vec::new();
+        st.index.visit(&KeyRange::From(Vec::new()), st.staged.current, |k, v| {
+            if v.lease != 0 {
+                out.push((k.to_vec(), v.lease));
+            }
+            true
+        });
+        out
+    }
+
+    /// Replicated metadata entries whose names start with `prefix`.
+    pub fn meta_with_prefix(&self, prefix: &str) -> Vec<(String, Vec<u8>)> {
+        let st = self.state.read();
+        st.meta
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Removes a replicated metadata value; persisted with the next batch.
+    pub fn remove_meta(&self, name: &str) {
+        let mut st = self.state.write();
+        st.meta.remove(name);
+        st.meta_dirty.push(name.to_string());
+    }
+
     /// Number of keys with a retained version.
     pub fn key_count(&self) -> usize {
         self.state.read().index.key_count()
@@ -183,7 +214,7 @@ impl Mvcc {
     pub fn write(&self) -> WriteTxn<'_> {
         let st = self.state.write();
         let begin = st.staged.current;
-        WriteTxn { mvcc: self, st, begin, sub: 0 }
+        WriteTxn { mvcc: self, st, begin, sub: 0, lease_moves: Vec::new() }
     }
 
     /// Validates and records a compaction at `rev`; it takes effect at publish.
@@ -492,6 +523,16 @@ pub struct WriteTxn<'a> {
     st: RwLockWriteGuard<'a, State>,
     begin: i64,
     sub: i64,
+    lease_moves: Vec<LeaseMove>,
+}
+
+/// A key whose lease changed in a write: attached to `to`, detached from
+/// `from` (0 is no lease). The lessor keeps its key sets from these.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseMove {
+    pub key: Vec<u8>,
+    pub from: i64,
+    pub to: i64,
 }
 
 impl WriteTxn<'_> {
@@ -522,6 +563,10 @@ impl WriteTxn<'_> {
 
     /// Puts `key` = `value` and returns the revision it was written at.
     pub fn put(&mut self, key: &[u8], value: Vec<u8>, lease: i64) -> i64 {
+        let from = self.st.index.get(key, self.begin + 1).map_or(0, |v| v.lease);
+        if from != lease {
+            self.lease_moves.push(LeaseMove { key: key.to_vec(), from, to: lease });
+        }
         let rev = self.next_rev();
         let v = self.st.index.put(key, rev, lease);
         let rec = KvRecord {
@@ -548,6 +593,9 @@ impl WriteTxn<'_> {
     pub fn delete_range(&mut self, range: &KeyRange) -> Result<Vec<KeyValue>> {
         let prev = self.range(range, RangeOpts::default())?.kvs;
         for kv in &prev {
+            if kv.lease != 0 {
+                self.lease_moves.push(LeaseMove { key: kv.key.clone(), from: kv.lease, to: 0 });
+            }
             let rev = self.next_rev();
             self.st.index.tombstone(&kv.key, rev);
             let rec =
@@ -556,6 +604,11 @@ impl WriteTxn<'_> {
             self.st.pending.insert(rev, rec);
         }
         Ok(prev)
+    }
+
+    /// The lease changes this transaction made so far.
+    pub fn take_lease_moves(&mut self) -> Vec<LeaseMove> {
+        std::mem::take(&mut self.lease_moves)
     }
 
     fn next_rev(&mut self) -> Revision {

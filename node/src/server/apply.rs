@@ -8,7 +8,7 @@ use std::sync::Arc;
 use fjall::OwnedWriteBatch;
 use meridian_proto::etcdserverpb::alarm_request::AlarmAction;
 use meridian_proto::etcdserverpb::{
-    AlarmMember, AlarmResponse, AlarmType, DeleteRangeResponse, PutResponse, TxnResponse,
+    AlarmMember, AlarmResponse, AlarmType, DeleteRangeResponse, LeaseGrantResponse, PutResponse, TxnResponse,
 };
 use meridian_proto::meridian::v1::internal_request::Request;
 use meridian_proto::meridian::v1::{InternalRequest, SnapshotData};
@@ -17,11 +17,12 @@ use prost::Message;
 use tokio::sync::oneshot;
 
 use super::cluster::{Alarms, Members};
+use super::lease::Lessor;
 use super::ops;
 use super::watch::Feed;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::mvcc::{Marks, Mvcc};
+use crate::mvcc::{KeyRange, Marks, Mvcc};
 use crate::raft::storage::SnapshotSource;
 use crate::raft::{Committed, StateMachine};
 
@@ -29,6 +30,9 @@ use crate::raft::{Committed, StateMachine};
 #[derive(Debug)]
 pub enum Applied {
     Put(PutResponse),
+    LeaseGrant(LeaseGrantResponse),
+    /// A revoke; the revision after its deletes.
+    LeaseRevoke(i64),
     DeleteRange(DeleteRangeResponse),
     Txn(TxnResponse),
     /// A compaction; the revision of the store when it applied.
@@ -63,6 +67,7 @@ impl Waiters {
 
 pub struct EtcdStateMachine {
     mvcc: Arc<Mvcc>,
+    lessor: Arc<Lessor>,
     /// Where published changes go (the watch hub).
     feed: tokio::sync::mpsc::UnboundedSender<Feed>,
     waiters: Arc<Waiters>,
@@ -80,9 +85,11 @@ impl EtcdStateMachine {
         waiters: Arc<Waiters>,
         metrics: Arc<Metrics>,
         feed: tokio::sync::mpsc::UnboundedSender<Feed>,
+        lessor: Arc<Lessor>,
     ) -> Self {
         let nospace = Alarms::load(&mvcc).has(AlarmType::Nospace);
-        Self { mvcc, feed, waiters, metrics, done: Vec::new(), nospace, restored: false }
+        lessor.rebuild(&mvcc);
+        Self { mvcc, lessor, feed, waiters, metrics, done: Vec::new(), nospace, restored: false }
     }
 
     fn execute(&mut self, request: Request) -> Result<Applied> {
@@ -92,8 +99,10 @@ impl EtcdStateMachine {
                     return Err(Error::NoSpace);
                 }
                 self.metrics.put_total.inc();
+                let lessor = &self.lessor;
                 let mut w = self.mvcc.write();
-                let r = ops::put(&mut w, &p);
+                let r = ops::put(&mut w, &p, &|id| lessor.exists(id));
+                lessor.apply_moves(w.take_lease_moves());
                 w.end();
                 r.map(Applied::Put)
             }
@@ -101,6 +110,7 @@ impl EtcdStateMachine {
                 self.metrics.delete_total.inc();
                 let mut w = self.mvcc.write();
                 let r = ops::delete_range(&mut w, &d);
+                self.lessor.apply_moves(w.take_lease_moves());
                 w.end();
                 r.map(Applied::DeleteRange)
             }
@@ -109,8 +119,10 @@ impl EtcdStateMachine {
                     return Err(Error::NoSpace);
                 }
                 self.metrics.txn_total.inc();
+                let lessor = &self.lessor;
                 let mut w = self.mvcc.write();
-                let r = ops::txn(&mut w, &t);
+                let r = ops::txn(&mut w, &t, &|id| lessor.exists(id));
+                lessor.apply_moves(w.take_lease_moves());
                 w.end();
                 r.map(Applied::Txn)
             }
@@ -135,6 +147,30 @@ impl EtcdStateMachine {
                 alarms.store(&self.mvcc);
                 self.nospace = alarms.has(AlarmType::Nospace);
                 Ok(Applied::Alarm(AlarmResponse { header: None, alarms: changed }))
+            }
+            Request::LeaseGrant(g) => {
+                if self.nospace {
+                    return Err(Error::NoSpace);
+                }
+                let ttl = self.lessor.grant(&self.mvcc, g.id, g.ttl)?;
+                Ok(Applied::LeaseGrant(LeaseGrantResponse { header: None, id: g.id, ttl, error: String::new() }))
+            }
+            Request::LeaseRevoke(r) => {
+                let keys = self.lessor.keys(r.id)?;
+                let mut w = self.mvcc.write();
+                for key in keys {
+                    w.delete_range(&KeyRange::Single(key))?;
+                }
+                self.lessor.apply_moves(w.take_lease_moves());
+                let rev = w.end();
+                self.lessor.remove(&self.mvcc, r.id);
+                Ok(Applied::LeaseRevoke(rev))
+            }
+            Request::LeaseCheckpoint(c) => {
+                for cp in c.checkpoints {
+                    self.lessor.checkpoint(&self.mvcc, cp.id, cp.remaining_ttl);
+                }
+                Ok(Applied::Done)
             }
             Request::MemberAttributes(attrs) => {
                 let mut members = Members::load(&self.mvcc);
@@ -198,6 +234,7 @@ impl StateMachine for EtcdStateMachine {
             panic!("restoring snapshot at {index} failed: {e}");
         }
         self.restored = true;
+        self.lessor.rebuild(&self.mvcc);
         self.nospace =
             self.mvcc.meta(Alarms::META_KEY).map(|b| Alarms::decode(&b).has(AlarmType::Nospace)).unwrap_or(false);
     }

@@ -123,7 +123,7 @@ impl Kv for KvService {
                 self.server.read_barrier().await?;
             }
             self.server.metrics.txn_total.inc();
-            ops::txn(&mut self.server.mvcc.read(), &r)?
+            ops::txn(&mut self.server.mvcc.read(), &r, &|_| true)?
         } else {
             self.check_quota(txn_cost(&r))?;
             match self.server.propose(Internal::Txn(r)).await? {

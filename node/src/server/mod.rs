@@ -17,6 +17,7 @@ pub mod authority;
 pub mod cluster;
 pub mod http;
 pub mod kv;
+pub mod lease;
 pub mod maintenance;
 pub mod ops;
 pub mod watch;
@@ -168,6 +169,12 @@ impl EtcdServer {
         self.wait_for_leader().await?;
         tokio::time::timeout(self.request_timeout(), self.raft.read_barrier()).await.map_err(|_| Error::Timeout)??;
         Ok(())
+    }
+
+    /// A fresh lease id, positive and unique across members (etcd derives it
+    /// from its request-id generator the same way).
+    pub fn next_lease_id(&self) -> i64 {
+        (self.ids.next() & (i64::MAX as u64)) as i64
     }
 
     /// Proposes a request nobody waits for (alarms raised by this member).

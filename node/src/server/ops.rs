@@ -125,9 +125,15 @@ pub fn range(view: &impl View, req: &RangeRequest) -> Result<RangeResponse> {
     Ok(RangeResponse { header: header(rr.rev), kvs, more, count: rr.count as i64 })
 }
 
+/// Whether a lease id names a live lease (the lessor answers in apply).
+pub type LeaseCheck<'a> = &'a dyn Fn(i64) -> bool;
+
 /// Executes a Put. `ignore_value`/`ignore_lease` keep the previous value or
-/// lease, and need the key to exist.
-pub fn put(view: &mut impl View, req: &PutRequest) -> Result<PutResponse> {
+/// lease, and need the key to exist; a lease must exist.
+pub fn put(view: &mut impl View, req: &PutRequest, leases: LeaseCheck<'_>) -> Result<PutResponse> {
+    if req.lease != 0 && !leases(req.lease) {
+        return Err(Error::LeaseNotFound);
+    }
     let prev = if req.prev_kv || req.ignore_value || req.ignore_lease {
         view.range(&KeyRange::Single(req.key.clone()), RangeOpts::default())?.kvs.into_iter().next()
     } else {
@@ -162,11 +168,11 @@ pub fn delete_range(view: &mut impl View, req: &DeleteRangeRequest) -> Result<De
 /// chosen path is evaluated first, against the state before the txn; then
 /// every op on the path is checked; only then is anything written. So a txn
 /// either applies whole or fails with nothing written.
-pub fn txn(view: &mut impl View, req: &TxnRequest) -> Result<TxnResponse> {
+pub fn txn(view: &mut impl View, req: &TxnRequest, leases: LeaseCheck<'_>) -> Result<TxnResponse> {
     let mut path = Vec::new();
     compare_path(view, req, &mut path)?;
-    check_path(view, req, &path, &mut 0)?;
-    let mut resp = exec_txn(view, req, &path, &mut 0)?;
+    check_path(view, req, &path, &mut 0, leases)?;
+    let mut resp = exec_txn(view, req, &path, &mut 0, leases)?;
     resp.header = header(view.rev());
     Ok(resp)
 }
@@ -188,7 +194,7 @@ fn compare_path(view: &impl View, req: &TxnRequest, path: &mut Vec<bool>) -> Res
     Ok(())
 }
 
-fn check_path(view: &impl View, req: &TxnRequest, path: &[bool], at: &mut usize) -> Result<()> {
+fn check_path(view: &impl View, req: &TxnRequest, path: &[bool], at: &mut usize, leases: LeaseCheck<'_>) -> Result<()> {
     let ok = path[*at];
     *at += 1;
     for op in if ok { &req.success } else { &req.failure } {
@@ -201,6 +207,7 @@ fn check_path(view: &impl View, req: &TxnRequest, path: &[bool], at: &mut usize)
                     return Err(Error::Compacted);
                 }
             }
+            Some(Op::RequestPut(p)) if p.lease != 0 && !leases(p.lease) => return Err(Error::LeaseNotFound),
             Some(Op::RequestPut(p)) if p.ignore_value || p.ignore_lease => {
                 let rr =
                     view.range(&KeyRange::Single(p.key.clone()), RangeOpts { count_only: true, ..Default::default() })?;
@@ -208,14 +215,20 @@ fn check_path(view: &impl View, req: &TxnRequest, path: &[bool], at: &mut usize)
                     return Err(Error::KeyNotFound);
                 }
             }
-            Some(Op::RequestTxn(inner)) => check_path(view, inner, path, at)?,
+            Some(Op::RequestTxn(inner)) => check_path(view, inner, path, at, leases)?,
             _ => {}
         }
     }
     Ok(())
 }
 
-fn exec_txn(view: &mut impl View, req: &TxnRequest, path: &[bool], at: &mut usize) -> Result<TxnResponse> {
+fn exec_txn(
+    view: &mut impl View,
+    req: &TxnRequest,
+    path: &[bool],
+    at: &mut usize,
+    leases: LeaseCheck<'_>,
+) -> Result<TxnResponse> {
     let succeeded = path[*at];
     *at += 1;
     let ops = if succeeded { &req.success } else { &req.failure };
@@ -223,10 +236,10 @@ fn exec_txn(view: &mut impl View, req: &TxnRequest, path: &[bool], at: &mut usiz
     for op in ops {
         let response = match &op.request {
             Some(Op::RequestRange(r)) => OpResponse::ResponseRange(range(view, r)?),
-            Some(Op::RequestPut(p)) => OpResponse::ResponsePut(put(view, p)?),
+            Some(Op::RequestPut(p)) => OpResponse::ResponsePut(put(view, p, leases)?),
             Some(Op::RequestDeleteRange(d)) => OpResponse::ResponseDeleteRange(delete_range(view, d)?),
             Some(Op::RequestTxn(t)) => {
-                let mut inner = exec_txn(view, t, path, at)?;
+                let mut inner = exec_txn(view, t, path, at, leases)?;
                 inner.header = Some(ResponseHeader::default());
                 OpResponse::ResponseTxn(inner)
             }

@@ -119,7 +119,7 @@ fn commit(m: &Mvcc) {
 
 fn write(m: &Mvcc, req: &TxnRequest) -> Result<TxnResponse> {
     let mut w = m.write();
-    let r = txn(&mut w, req);
+    let r = txn(&mut w, req, &|_| true);
     w.end();
     commit(m);
     r
@@ -156,7 +156,7 @@ fn compares_follow_etcd() {
     ];
     for (c, want) in table {
         let req = TxnRequest { compare: vec![c.clone()], success: vec![get_op("a")], failure: vec![] };
-        let resp = txn(&mut m.read(), &req).unwrap();
+        let resp = txn(&mut m.read(), &req, &|_| true).unwrap();
         assert_eq!(resp.succeeded, want, "{c:?}");
     }
 }
