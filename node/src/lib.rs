@@ -53,6 +53,8 @@ use crate::server::watch::{WatchHub, WatchService};
 use crate::server::{EtcdServer, Limits, GRPC_OVERHEAD_BYTES};
 
 const META_CLUSTER_ID: &str = "cluster_id";
+/// How long a stopping member lets in-flight requests finish.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs a member until `shutdown` resolves, then stops cleanly: listeners
 /// close, the raft thread finishes its cycle, and the database is flushed.
@@ -216,8 +218,16 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop_tx.send(true);
+    // Graceful shutdown waits for open connections, and clients keep theirs
+    // open: give in-flight calls a moment, then cut the rest.
+    let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
+    for t in &mut tasks {
+        if tokio::time::timeout_at(deadline, &mut *t).await.is_err() {
+            break;
+        }
+    }
     for t in tasks {
-        let _ = t.await;
+        t.abort();
     }
     let _ = raft_tx.send(Input::Shutdown);
     let _ = tokio::task::spawn_blocking(move || raft_thread.join()).await;

@@ -65,6 +65,8 @@ const SESSION: &[Step] = &[
     (&["get", "d1", "--rev=1000"], None),
     (&["put", "f1", "v", "--ignore-value"], None),
     (&["put", "nokey", "--ignore-value"], None),
+    (&["put", "leased", "v", "--lease=1234"], None),
+    (&["txn"], Some("\nput t11 1\nput t12 1 --lease=1234\n\n\n")),
     (&["txn"], Some("\nput dup 1\nput dup 2\n\n\n")),
     (&["txn"], Some("\ndel k a\nput b 1\n\n\n")),
     // Compaction.

@@ -69,6 +69,7 @@ impl LeaderLink {
 
     /// Renews on the leader; returns the TTL (0 for an unknown lease).
     pub async fn renew(&self, id: i64) -> Result<i64> {
+        promote_if_leader(&self.server, &self.lessor);
         match self.lessor.renew(id) {
             Ok((ttl, clear_checkpoint)) => {
                 if clear_checkpoint {
@@ -80,7 +81,7 @@ impl LeaderLink {
             }
             Err(Error::NotLeader) => {
                 let mut c = self.leader_client()?;
-                let resp = c.renew(LeaseKeepAliveRequest { id }).await.map_err(|_| Error::LeaderChanged)?;
+                let resp = c.renew(LeaseKeepAliveRequest { id }).await.map_err(forward_error)?;
                 Ok(resp.into_inner().ttl)
             }
             Err(e) => Err(e),
@@ -89,19 +90,30 @@ impl LeaderLink {
 
     /// Remaining TTL, granted TTL and keys, as the leader sees them.
     pub async fn time_to_live(&self, id: i64, keys: bool) -> Result<(i64, i64, Vec<Vec<u8>>)> {
+        promote_if_leader(&self.server, &self.lessor);
         match self.lessor.time_to_live(id, keys) {
             Err(Error::NotLeader) => {
                 let mut c = self.leader_client()?;
-                let resp = c
-                    .time_to_live(LeaseTimeToLiveRequest { id, keys })
-                    .await
-                    .map_err(|_| Error::LeaderChanged)?
-                    .into_inner();
+                let resp =
+                    c.time_to_live(LeaseTimeToLiveRequest { id, keys }).await.map_err(forward_error)?.into_inner();
                 Ok((resp.ttl, resp.granted_ttl, resp.keys))
             }
             other => other,
         }
     }
+}
+
+/// A leader whose duty loop has not run yet still answers lease calls.
+fn promote_if_leader(server: &EtcdServer, lessor: &Lessor) {
+    if server.raft.status().is_leader() && lessor.promote() {
+        tracing::info!("lessor promoted on demand");
+    }
+}
+
+/// A forwarded call that failed: the leader moved or is unreachable.
+fn forward_error(status: Status) -> Error {
+    tracing::debug!(code = ?status.code(), message = status.message(), "lease call forwarded to the leader failed");
+    Error::LeaderChanged
 }
 
 /// etcd's Lease service.
@@ -200,6 +212,7 @@ pub struct LeaseForwardService {
 impl LeaseForward for LeaseForwardService {
     async fn renew(&self, req: Request<LeaseKeepAliveRequest>) -> Result<Response<LeaseKeepAliveResponse>, Status> {
         let id = req.into_inner().id;
+        promote_if_leader(&self.server, &self.lessor);
         let (ttl, clear) = self.lessor.renew(id)?;
         if clear {
             self.server.propose_detached(Internal::LeaseCheckpoint(LeaseCheckpointRequest {
@@ -214,6 +227,7 @@ impl LeaseForward for LeaseForwardService {
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
         let r = req.into_inner();
+        promote_if_leader(&self.server, &self.lessor);
         let (ttl, granted_ttl, keys) = self.lessor.time_to_live(r.id, r.keys)?;
         Ok(Response::new(LeaseTimeToLiveResponse { header: None, id: r.id, ttl, granted_ttl, keys }))
     }
