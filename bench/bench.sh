@@ -10,7 +10,8 @@
 #   BENCH_TARGETS      servers to measure, in order                  (default "etcd meridian")
 #   BENCH_PUT_TOTAL_1  --total for put with 1 client                 (default 2000)
 #   BENCH_PUT_TOTAL    --total for put with 16, 64 and 256 clients   (default 20000)
-#   BENCH_RANGE_TOTAL  --total for each range workload               (default 20000)
+#   BENCH_RANGE_TOTAL  --total for each range and lease-keepalive workload (default 20000)
+#   BENCH_WATCH_PUTS   puts driving the watch workloads              (default 2000)
 #   BENCH_KEY_SPACE    --key-space-size for put: distinct keys       (default 100000)
 #   BENCH_TOOL         a prebuilt etcd benchmark binary              (default target/etcd-benchmark/benchmark)
 #   MERIDIAN_BIN       a prebuilt meridian binary; unset: this script runs `cargo build --release`
@@ -35,6 +36,7 @@ TARGETS=${BENCH_TARGETS:-etcd meridian}
 PUT_TOTAL_1=${BENCH_PUT_TOTAL_1:-2000}
 PUT_TOTAL=${BENCH_PUT_TOTAL:-20000}
 RANGE_TOTAL=${BENCH_RANGE_TOTAL:-20000}
+WATCH_PUTS=${BENCH_WATCH_PUTS:-2000}
 KEY_SPACE=${BENCH_KEY_SPACE:-100000}
 KEY_SIZE=8
 VAL_SIZE=256
@@ -42,7 +44,7 @@ MEMBERS=3
 READY_TIMEOUT_S=30
 RANGE_KEY=bench-range-key
 # Workloads in table order: name, then the benchmark arguments after the global flags.
-WORKLOADS=(put-c1 put-c16 put-c64 put-c256 range-l-c64 range-s-c64)
+WORKLOADS=(put-c1 put-c16 put-c64 put-c256 range-l-c64 range-s-c64 watch-events watch-latency lease-keepalive-c64)
 
 export DEBIAN_FRONTEND=noninteractive ETCDCTL_API=3
 
@@ -191,6 +193,17 @@ workload_args() {
     range-[ls]-c*) clients=${1##*-c}
       printf '%s\n' "--clients=$clients" "--conns=$(( clients / 8 > 0 ? clients / 8 : 1 ))" range "$RANGE_KEY" \
         "--consistency=$(cut -d- -f2 <<<"$1")" "--total=$RANGE_TOTAL" ;;
+    # 1,000 watchers (10 streams x 100) on 10 keys; 2,000 puts at 1,000/s: 200,000 events.
+    # The tool's last summary is event delivery (events/s and delivery latency).
+    watch-events)
+      printf '%s\n' --clients=10 --conns=10 watch --streams=10 --watch-per-stream=100 \
+        --put-total="$WATCH_PUTS" --put-rate=1000 --watched-key-total=10 ;;
+    # One watcher; latency from a put's response to its event (req/s is just the put rate).
+    watch-latency)
+      printf '%s\n' --clients=1 --conns=1 watch-latency --put-rate=500 --total="$WATCH_PUTS" ;;
+    lease-keepalive-c*) clients=${1##*-c}
+      printf '%s\n' "--clients=$clients" "--conns=$(( clients / 8 > 0 ? clients / 8 : 1 ))" lease-keepalive \
+        "--total=$RANGE_TOTAL" ;;
     *) die "unknown workload $1" ;;
   esac
 }
@@ -207,8 +220,9 @@ run_workloads() {
     log "$server $w: benchmark ${args[*]}"
     "$BENCH_TOOL" --endpoints="$ENDPOINTS" "${args[@]}" >"$raw" 2>&1 \
       || { tail -n 20 "$raw" >&2; die "$server $w: benchmark failed (see $raw)"; }
-    RPS[$server,$w]=$(awk '$1 == "Requests/sec:" { printf "%.0f", $2 }' "$raw")
-    P99[$server,$w]=$(awk '$1 == "99%" && $2 == "in" { printf "%.2f", $3 * 1000 }' "$raw")
+    # The last summary counts (watch prints creation first, then delivery).
+    RPS[$server,$w]=$(awk '$1 == "Requests/sec:" { v = $2 } END { if (v != "") printf "%.0f", v }' "$raw")
+    P99[$server,$w]=$(awk '$1 == "99%" && $2 == "in" { v = $3 } END { if (v != "") printf "%.2f", v * 1000 }' "$raw")
     [ -n "${RPS[$server,$w]}" ] || die "$server $w: no Requests/sec in $raw"
   done
 }

@@ -130,10 +130,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             raft_term: status.get().map_or(0, |s| s.term()),
         })
     };
-    let (hub, feed) =
-        WatchHub::start(mvcc.clone(), header.clone(), cfg.max_request_bytes, cfg.progress_notify_interval());
+    let hub = WatchHub::start(mvcc.clone(), header.clone(), cfg.max_request_bytes, cfg.progress_notify_interval());
     let lessor = Arc::new(Lessor::new(cfg.election()));
-    let sm = EtcdStateMachine::new(mvcc.clone(), waiters.clone(), metrics.clone(), feed, lessor.clone());
+    let sm = EtcdStateMachine::new(mvcc.clone(), waiters.clone(), metrics.clone(), hub.clone(), lessor.clone());
     let ticks = (cfg.election_timeout / cfg.heartbeat_interval) as usize;
     let raft_cfg = RaftConfig {
         id: me.id,

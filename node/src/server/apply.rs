@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use super::cluster::{Alarms, Members};
 use super::lease::Lessor;
 use super::ops;
-use super::watch::Feed;
+use super::watch::WatchHub;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::mvcc::{KeyRange, Marks, Mvcc};
@@ -68,8 +68,8 @@ impl Waiters {
 pub struct EtcdStateMachine {
     mvcc: Arc<Mvcc>,
     lessor: Arc<Lessor>,
-    /// Where published changes go (the watch hub).
-    feed: tokio::sync::mpsc::UnboundedSender<Feed>,
+    /// Where published changes go.
+    watch: WatchHub,
     waiters: Arc<Waiters>,
     metrics: Arc<Metrics>,
     /// Results of the entries in the batch being committed.
@@ -84,12 +84,12 @@ impl EtcdStateMachine {
         mvcc: Arc<Mvcc>,
         waiters: Arc<Waiters>,
         metrics: Arc<Metrics>,
-        feed: tokio::sync::mpsc::UnboundedSender<Feed>,
+        watch: WatchHub,
         lessor: Arc<Lessor>,
     ) -> Self {
         let nospace = Alarms::load(&mvcc).has(AlarmType::Nospace);
         lessor.rebuild(&mvcc);
-        Self { mvcc, lessor, feed, waiters, metrics, done: Vec::new(), nospace, restored: false }
+        Self { mvcc, lessor, watch, waiters, metrics, done: Vec::new(), nospace, restored: false }
     }
 
     fn execute(&mut self, request: Request) -> Result<Applied> {
@@ -215,9 +215,9 @@ impl StateMachine for EtcdStateMachine {
         };
         let marks = self.mvcc.marks();
         if std::mem::take(&mut self.restored) {
-            let _ = self.feed.send(Feed::Restored);
+            self.watch.restored();
         } else if !feed.is_empty() {
-            let _ = self.feed.send(Feed::Records(feed, marks.current));
+            self.watch.publish(feed, marks.current);
         }
         self.metrics.current_revision.set(marks.current);
         self.metrics.compact_revision.set(marks.compacted);

@@ -8,21 +8,13 @@ use std::time::Duration;
 use meridian_proto::etcdserverpb::{ResponseHeader, WatchResponse};
 use meridian_proto::meridian::v1::KvRecord;
 use meridian_proto::mvccpb::{event::EventType, Event, KeyValue};
+use parking_lot::Mutex;
 use prost::Message;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, Notify};
 use tonic::Status;
 
 use crate::error::Error;
 use crate::mvcc::{KeyRange, Mvcc, RangeOpts};
-
-/// What apply tells the hub after each publish.
-pub enum Feed {
-    /// Changes that just became visible, in revision order, and the store's
-    /// revision after them.
-    Records(Vec<KvRecord>, i64),
-    /// The store was replaced by a snapshot: every watcher must re-read.
-    Restored,
-}
 
 /// The outgoing side of one gRPC watch stream.
 pub type Outbox = mpsc::Sender<Result<WatchResponse, Status>>;
@@ -39,22 +31,15 @@ pub struct Spec {
     pub fragment: bool,
 }
 
-enum Msg {
-    Feed(Feed),
-    Create { stream: u64, spec: Spec, out: Outbox, reply: oneshot::Sender<Result<(i64, i64), String>> },
-    Announce { stream: u64, id: i64 },
-    Cancel { stream: u64, id: i64, reply: oneshot::Sender<Option<i64>> },
-    Progress { reply: oneshot::Sender<i64> },
-    Close { stream: u64 },
-}
-
 /// Fills response headers (ids and the raft term at send time).
 pub type HeaderFn = Arc<dyn Fn(i64) -> ResponseHeader + Send + Sync>;
 
-/// A handle to the hub task.
+/// A handle to the member's watchers. Apply publishes into it directly, so a
+/// watcher's event is queued before the write's own response, as in etcd.
 #[derive(Clone)]
 pub struct WatchHub {
-    tx: mpsc::UnboundedSender<Msg>,
+    hub: Arc<Mutex<Hub>>,
+    wake_sync: Arc<Notify>,
 }
 
 /// Most revisions one catch-up read covers.
@@ -97,19 +82,13 @@ struct Hub {
 }
 
 impl WatchHub {
-    /// Starts the hub task. `rev` is the store's revision now; call before
-    /// apply can publish anything, so no change slips between the two.
-    pub fn start(
-        mvcc: Arc<Mvcc>,
-        header: HeaderFn,
-        max_response_bytes: usize,
-        progress_interval: Duration,
-    ) -> (Self, mpsc::UnboundedSender<Feed>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let (feed_tx, feed_rx) = mpsc::unbounded_channel();
+    /// Creates the hub and starts its catch-up and progress task. Call
+    /// before apply can publish anything, so no change slips between the
+    /// store revision read here and the first publish.
+    pub fn start(mvcc: Arc<Mvcc>, header: HeaderFn, max_response_bytes: usize, progress_interval: Duration) -> Self {
         let rev = mvcc.marks().current;
         let hub = Hub {
-            mvcc,
+            mvcc: mvcc.clone(),
             header,
             max_response_bytes,
             rev,
@@ -119,117 +98,118 @@ impl WatchHub {
             ranges: HashSet::new(),
             unsynced: HashSet::new(),
         };
-        tokio::spawn(hub.run(rx, feed_rx, progress_interval));
-        (Self { tx }, feed_tx)
+        let this = Self { hub: Arc::new(Mutex::new(hub)), wake_sync: Arc::new(Notify::new()) };
+        tokio::spawn(this.clone().run(mvcc, progress_interval));
+        this
+    }
+
+    /// Hands changes that just became visible (in revision order) to the
+    /// synced watchers; `rev` is the store's revision after them.
+    pub fn publish(&self, records: Vec<KvRecord>, rev: i64) {
+        self.hub.lock().publish(records, rev);
+    }
+
+    /// The store was replaced by a snapshot: every watcher re-reads from it.
+    pub fn restored(&self) {
+        let mut hub = self.hub.lock();
+        let synced: Vec<Key> = hub.by_key.values().flatten().chain(&hub.ranges).copied().collect();
+        let old = hub.rev;
+        for key in synced {
+            if let Some(w) = hub.watchers.get_mut(&key) {
+                w.next_rev = old + 1;
+            }
+            hub.set_state(key, State::Unsynced);
+        }
+        hub.rev = hub.mvcc.marks().current;
+        drop(hub);
+        self.wake_sync.notify_one();
     }
 
     /// Registers a watcher; returns its id and the revision for the Created
     /// header, or etcd's reason for refusing it. The watcher gets nothing
     /// until [`WatchHub::announce`].
-    pub async fn create(&self, stream: u64, spec: Spec, out: Outbox) -> Result<(i64, i64), String> {
-        let (reply, rx) = oneshot::channel();
-        let _ = self.tx.send(Msg::Create { stream, spec, out, reply });
-        rx.await.unwrap_or_else(|_| Err(Error::Stopped.to_string()))
+    pub fn create(&self, stream: u64, spec: Spec, out: Outbox) -> Result<(i64, i64), String> {
+        self.hub.lock().create(stream, spec, out)
     }
 
     /// The Created response is queued: the watcher may now receive events.
     pub fn announce(&self, stream: u64, id: i64) {
-        let _ = self.tx.send(Msg::Announce { stream, id });
+        let mut hub = self.hub.lock();
+        let key = (stream, id);
+        if let Some(w) = hub.watchers.get(&key) {
+            let state = if w.next_rev <= hub.rev { State::Unsynced } else { State::Synced };
+            hub.set_state(key, state);
+            if state == State::Unsynced {
+                drop(hub);
+                self.wake_sync.notify_one();
+            }
+        }
     }
 
     /// Removes a watcher; `Some(revision)` if it existed.
-    pub async fn cancel(&self, stream: u64, id: i64) -> Option<i64> {
-        let (reply, rx) = oneshot::channel();
-        let _ = self.tx.send(Msg::Cancel { stream, id, reply });
-        rx.await.ok().flatten()
+    pub fn cancel(&self, stream: u64, id: i64) -> Option<i64> {
+        let mut hub = self.hub.lock();
+        hub.remove((stream, id)).then_some(hub.rev)
     }
 
     /// The revision up to which every synced watcher's events are queued.
-    pub async fn progress(&self) -> i64 {
-        let (reply, rx) = oneshot::channel();
-        let _ = self.tx.send(Msg::Progress { reply });
-        rx.await.unwrap_or(0)
+    pub fn progress(&self) -> i64 {
+        self.hub.lock().rev
     }
 
     /// Drops every watcher of a stream that ended.
     pub fn close(&self, stream: u64) {
-        let _ = self.tx.send(Msg::Close { stream });
+        let mut hub = self.hub.lock();
+        let keys: Vec<Key> = hub.watchers.keys().filter(|k| k.0 == stream).copied().collect();
+        for k in keys {
+            hub.remove(k);
+        }
+        hub.next_auto_id.remove(&stream);
     }
-}
 
-impl Hub {
-    async fn run(
-        mut self,
-        mut rx: mpsc::UnboundedReceiver<Msg>,
-        mut feed: mpsc::UnboundedReceiver<Feed>,
-        progress_interval: Duration,
-    ) {
+    /// Catch-up and progress notifications. The store read of a catch-up
+    /// happens outside the lock, so apply never waits on it.
+    async fn run(self, mvcc: Arc<Mvcc>, progress_interval: Duration) {
         let mut sync_tick = tokio::time::interval(SYNC_INTERVAL);
         let mut progress_tick = tokio::time::interval(progress_interval);
         progress_tick.tick().await;
         loop {
             tokio::select! {
-                biased;
-                f = feed.recv() => match f {
-                    Some(f) => self.handle(Msg::Feed(f)),
-                    None => return,
-                },
-                m = rx.recv() => match m {
-                    Some(m) => self.handle(m),
-                    None => return,
-                },
-                _ = sync_tick.tick() => self.sync(),
-                _ = progress_tick.tick() => self.progress_notify(),
+                _ = self.wake_sync.notified() => {}
+                _ = sync_tick.tick() => {}
+                _ = progress_tick.tick() => {
+                    self.hub.lock().progress_notify();
+                    continue;
+                }
+            }
+            // Rounds until nobody is behind or a round makes no progress.
+            for _ in 0..64 {
+                let Some(plan) = self.hub.lock().plan_sync() else { break };
+                let records = match mvcc.history(plan.from, plan.to, SYNC_BATCH_REVISIONS) {
+                    Ok(r) => r,
+                    Err(Error::Compacted) => continue, // the next plan cancels them
+                    Err(e) => {
+                        tracing::warn!(error = %e, "watch catch-up read failed");
+                        break;
+                    }
+                };
+                if !self.hub.lock().finish_sync(plan, records) {
+                    break;
+                }
             }
         }
     }
+}
 
-    fn handle(&mut self, msg: Msg) {
-        match msg {
-            Msg::Feed(Feed::Records(records, rev)) => self.publish(records, rev),
-            Msg::Feed(Feed::Restored) => {
-                // Synced watchers have everything up to the old revision; the
-                // snapshot's changes after it come from the store.
-                let synced: Vec<Key> = self.by_key.values().flatten().chain(&self.ranges).copied().collect();
-                for key in synced {
-                    if let Some(w) = self.watchers.get_mut(&key) {
-                        w.next_rev = self.rev + 1;
-                    }
-                    self.set_state(key, State::Unsynced);
-                }
-                self.rev = self.mvcc.marks().current;
-                self.sync();
-            }
-            Msg::Create { stream, spec, out, reply } => {
-                let _ = reply.send(self.create(stream, spec, out));
-            }
-            Msg::Announce { stream, id } => {
-                let key = (stream, id);
-                if let Some(w) = self.watchers.get(&key) {
-                    let state = if w.next_rev <= self.rev { State::Unsynced } else { State::Synced };
-                    self.set_state(key, state);
-                    if state == State::Unsynced {
-                        self.sync();
-                    }
-                }
-            }
-            Msg::Cancel { stream, id, reply } => {
-                let existed = self.remove((stream, id));
-                let _ = reply.send(existed.then_some(self.rev));
-            }
-            Msg::Progress { reply } => {
-                let _ = reply.send(self.rev);
-            }
-            Msg::Close { stream } => {
-                let keys: Vec<Key> = self.watchers.keys().filter(|k| k.0 == stream).copied().collect();
-                for k in keys {
-                    self.remove(k);
-                }
-                self.next_auto_id.remove(&stream);
-            }
-        }
-    }
+/// One catch-up round: who reads, and which revisions.
+struct SyncPlan {
+    from: i64,
+    to: i64,
+    /// Each watcher with the `next_rev` it had when planned.
+    readers: Vec<(Key, i64)>,
+}
 
+impl Hub {
     fn create(&mut self, stream: u64, spec: Spec, out: Outbox) -> Result<(i64, i64), String> {
         if let KeyRange::Span(start, end) = &spec.range {
             if start >= end {
@@ -401,11 +381,12 @@ impl Hub {
         r.ok().and_then(|r| r.kvs.into_iter().next())
     }
 
-    /// Catches up unsynced watchers from the store: one history read for all
-    /// of them, from the oldest revision any of them needs.
-    fn sync(&mut self) {
+    /// Plans a catch-up round for the unsynced watchers: one history read
+    /// for all of them, from the oldest revision any of them needs. Watchers
+    /// behind the compact revision get etcd's compaction cancel instead.
+    fn plan_sync(&mut self) -> Option<SyncPlan> {
         if self.unsynced.is_empty() {
-            return;
+            return None;
         }
         let compacted = self.mvcc.marks().compacted;
         let behind: Vec<Key> = self.unsynced.iter().copied().collect();
@@ -429,36 +410,38 @@ impl Hub {
                 self.set_state(key, State::Synced);
                 continue;
             }
-            readers.push(key);
+            readers.push((key, w.next_rev));
         }
-        let Some(from) = readers.iter().map(|k| self.watchers[k].next_rev).min() else {
-            return;
-        };
-        let records = match self.mvcc.history(from, self.rev, SYNC_BATCH_REVISIONS) {
-            Ok(r) => r,
-            Err(Error::Compacted) => return, // compacted meanwhile: next sync cancels them
-            Err(e) => {
-                tracing::warn!(error = %e, "watch catch-up read failed");
-                return;
-            }
-        };
+        let from = readers.iter().map(|r| r.1).min()?;
+        Some(SyncPlan { from, to: self.rev, readers })
+    }
+
+    /// Delivers a catch-up read to the planned watchers that are still where
+    /// the plan found them. Returns true if any watcher moved forward.
+    fn finish_sync(&mut self, plan: SyncPlan, records: Vec<KvRecord>) -> bool {
         // A read cut at its revision limit covers up to its last revision;
-        // otherwise everything up to the hub's revision has been seen.
+        // otherwise everything up to the planned revision has been seen.
         let mut revisions = 0;
         for pair in records.windows(2) {
             revisions += usize::from(pair[0].main != pair[1].main);
         }
         let upto = match records.last() {
             Some(last) if revisions + 1 >= SYNC_BATCH_REVISIONS => last.main,
-            _ => self.rev,
+            _ => plan.to,
         };
-        for key in readers {
-            let next = self.watchers[&key].next_rev;
-            let range = self.watchers[&key].spec.range.clone();
-            let recs: Vec<&KvRecord> = records.iter().filter(|r| r.main >= next && range.contains(&r.key)).collect();
-            let outcome = if recs.is_empty() { Delivery::Nothing } else { self.deliver(key, &recs, self.rev) };
+        let mut progressed = false;
+        for (key, planned_next) in plan.readers {
+            let Some(w) = self.watchers.get(&key) else { continue };
+            if w.state != State::Unsynced || w.next_rev != planned_next {
+                continue;
+            }
+            let range = w.spec.range.clone();
+            let recs: Vec<&KvRecord> =
+                records.iter().filter(|r| r.main >= planned_next && r.main <= upto && range.contains(&r.key)).collect();
+            let outcome = if recs.is_empty() { Delivery::Nothing } else { self.deliver(key, &recs, upto) };
             match outcome {
                 Delivery::Sent | Delivery::Nothing => {
+                    progressed = true;
                     if let Some(w) = self.watchers.get_mut(&key) {
                         w.next_rev = upto + 1;
                     }
@@ -472,6 +455,7 @@ impl Hub {
                 }
             }
         }
+        progressed
     }
 
     /// Sends an empty response to every synced watcher that asked for

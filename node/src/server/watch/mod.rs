@@ -2,16 +2,19 @@
 //! stream protocol.
 //!
 //! ```text
-//!   apply (raft thread) ── Feed::Records ──▶ hub task ──try_send──▶ stream channel ─▶ gRPC stream
-//!                                             ▲   │                      ▲
-//!   service::stream task ── Create/Cancel ────┘   └─ sync tick: history  │ Created/Canceled/progress
-//!                                                    from the store ─────┘ (sent by the stream task)
+//!   apply (raft thread) ── WatchHub::publish ──try_send──▶ stream channel ─▶ gRPC stream
+//!                              │ (hub under a mutex)           ▲
+//!   service::stream task ── create/cancel                      │ Created/Canceled/progress
+//!                              │                               │ (sent by the stream task)
+//!   hub task: sync tick ── plan ─ history read (unlocked) ─ finish ─┘
 //! ```
 //!
 //! Every watcher is in one of three states inside [`hub`]:
 //! - *pending*: registered, its Created response not yet queued; gets nothing;
-//! - *synced*: caught up; the hub hands it each new revision as it is
-//!   published, with a non-blocking send;
+//! - *synced*: caught up; apply hands it each new revision as it is
+//!   published, with a non-blocking send, before the write's own response
+//!   goes out (so a writer watching its own keys sees the event first, as
+//!   with etcd);
 //! - *unsynced*: behind (new with an old start revision, or its stream was
 //!   full, or the member restored a snapshot); a periodic sync reads its
 //!   missing revisions from the store, and it rejoins the synced set once
@@ -31,5 +34,5 @@
 pub mod hub;
 pub mod service;
 
-pub use hub::{Feed, WatchHub};
+pub use hub::WatchHub;
 pub use service::WatchService;

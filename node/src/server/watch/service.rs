@@ -64,7 +64,7 @@ impl Watch for WatchService {
                 };
                 let Ok(Some(msg)) = msg else { break };
                 let reply = match msg.request_union {
-                    Some(RequestUnion::CreateRequest(c)) => match hub.create(stream, spec_of(&c), out.clone()).await {
+                    Some(RequestUnion::CreateRequest(c)) => match hub.create(stream, spec_of(&c), out.clone()) {
                         Ok((id, rev)) => {
                             let created = WatchResponse {
                                 header: Some(header(rev)),
@@ -87,7 +87,7 @@ impl Watch for WatchService {
                             ..Default::default()
                         },
                     },
-                    Some(RequestUnion::CancelRequest(c)) => match hub.cancel(stream, c.watch_id).await {
+                    Some(RequestUnion::CancelRequest(c)) => match hub.cancel(stream, c.watch_id) {
                         Some(rev) => WatchResponse {
                             header: Some(header(rev)),
                             watch_id: c.watch_id,
@@ -98,7 +98,7 @@ impl Watch for WatchService {
                     },
                     Some(RequestUnion::ProgressRequest(_)) => {
                         // Broadcast to every watcher of the stream: no single watch id.
-                        let rev = hub.progress().await;
+                        let rev = hub.progress();
                         WatchResponse { header: Some(header(rev)), watch_id: -1, ..Default::default() }
                     }
                     None => continue,
