@@ -70,6 +70,15 @@ pub struct NodeFlags {
     /// How often the leader checkpoints remaining lease TTLs (etcd's flag), e.g. 5s.
     #[arg(long = "experimental-lease-checkpoint-interval")]
     pub lease_checkpoint_interval: Option<String>,
+    /// Region this cluster belongs to.
+    #[arg(long)]
+    pub region: Option<String>,
+    /// Role of a new cluster: primary (takes writes) or secondary (read-only mirror target).
+    #[arg(long)]
+    pub initial_role: Option<String>,
+    /// For a secondary: the region whose primary it mirrors (named when refusing writes).
+    #[arg(long)]
+    pub primary_region: Option<String>,
     /// Log level: error, warn, info, debug.
     #[arg(long)]
     pub log_level: Option<String>,
@@ -100,6 +109,9 @@ pub struct NodeConfig {
     pub quota_backend_bytes: i64,
     pub watch_progress_notify_interval: String,
     pub lease_checkpoint_interval: String,
+    pub region: String,
+    pub initial_role: String,
+    pub primary_region: String,
     pub log_level: String,
 }
 
@@ -127,6 +139,9 @@ impl Default for NodeConfig {
             quota_backend_bytes: 0,
             watch_progress_notify_interval: "10m".into(),
             lease_checkpoint_interval: "5s".into(),
+            region: "default".into(),
+            initial_role: "primary".into(),
+            primary_region: String::new(),
             log_level: "info".into(),
         }
     }
@@ -187,7 +202,10 @@ impl NodeConfig {
             quota_backend_bytes,
             log_level,
             watch_progress_notify_interval,
-            lease_checkpoint_interval
+            lease_checkpoint_interval,
+            region,
+            initial_role,
+            primary_region
         );
         if let Some(d) = &flags.data_dir {
             cfg.data_dir = Some(d.clone());
@@ -225,6 +243,12 @@ impl NodeConfig {
             return Err(Error::Config(format!(
                 "invalid --experimental-lease-checkpoint-interval {:?}: want a duration like 5s",
                 self.lease_checkpoint_interval
+            )));
+        }
+        if !matches!(self.initial_role.as_str(), "primary" | "secondary") {
+            return Err(Error::Config(format!(
+                "invalid value {:?} for --initial-role: valid values are \"primary\" or \"secondary\"",
+                self.initial_role
             )));
         }
         if self.max_txn_ops == 0 || self.max_request_bytes == 0 || self.snapshot_count == 0 {

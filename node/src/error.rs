@@ -44,6 +44,10 @@ pub enum Error {
     LeaseTtlTooLarge,
     #[error("etcdserver: member not found")]
     MemberNotFound,
+    /// A client write on a read-only secondary; names the primary's region.
+    /// FAILED_PRECONDITION, a code etcd clients do not retry.
+    #[error("meridian: read-only secondary of region {0:?}; send writes to the primary or a gateway")]
+    ReadOnly(String),
 
     // -- Availability: the request may succeed if retried. --
     #[error("etcdserver: no leader")]
@@ -83,7 +87,7 @@ impl Error {
             MessageTooLarge(..) | NoSpace => Code::ResourceExhausted,
             Compacted | FutureRevision => Code::OutOfRange,
             LeaseNotFound | MemberNotFound => Code::NotFound,
-            LeaseExists | NotLeader => Code::FailedPrecondition,
+            LeaseExists | NotLeader | ReadOnly(_) => Code::FailedPrecondition,
             LeaseTtlTooLarge => Code::OutOfRange,
             NoLeader | Timeout | LeaderChanged | Stopped => Code::Unavailable,
             Config(_) => Code::InvalidArgument,
@@ -116,6 +120,11 @@ mod tests {
             (Error::NoLeader, Code::Unavailable, "etcdserver: no leader"),
             (Error::LeaseNotFound, Code::NotFound, "etcdserver: requested lease not found"),
             (Error::LeaseExists, Code::FailedPrecondition, "etcdserver: lease already exists"),
+            (
+                Error::ReadOnly("us-east".into()),
+                Code::FailedPrecondition,
+                "meridian: read-only secondary of region \"us-east\"; send writes to the primary or a gateway",
+            ),
             (Error::LeaseTtlTooLarge, Code::OutOfRange, "etcdserver: too large lease TTL"),
             (Error::MessageTooLarge(3, 2), Code::ResourceExhausted, "grpc: received message larger than max (3 vs. 2)"),
         ];

@@ -48,6 +48,7 @@ use crate::server::kv::KvService;
 use crate::server::lease::service::{run_leader_duties, LeaderLink, LeaseForwardService, LeaseService};
 use crate::server::lease::Lessor;
 use crate::server::maintenance::{MaintenanceService, ETCD_VERSION};
+use crate::server::region::{Role, RoleCell, RoleState};
 use crate::server::watch::hub::HeaderFn;
 use crate::server::watch::{WatchHub, WatchService};
 use crate::server::{EtcdServer, Limits, GRPC_OVERHEAD_BYTES};
@@ -97,6 +98,18 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             let cid = config::cluster_id(&ids);
             members.store(&mvcc);
             mvcc.set_meta(META_CLUSTER_ID, cid.to_be_bytes().to_vec());
+            RoleState {
+                role: if cfg.initial_role == "secondary" { Role::Secondary } else { Role::Primary },
+                region: cfg.region.clone(),
+                primary_region: if cfg.primary_region.is_empty() {
+                    cfg.region.clone()
+                } else {
+                    cfg.primary_region.clone()
+                },
+                source_cluster_id: 0,
+                epoch: 0,
+            }
+            .store(&mvcc);
             let mut batch = db.batch();
             mvcc.stage(&mut batch);
             batch.commit()?;
@@ -117,6 +130,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let quota = cfg.quota().unwrap_or(u64::MAX);
     metrics.quota_backend_bytes.set(i64::try_from(quota).unwrap_or(i64::MAX));
 
+    let role = RoleCell::new(RoleState::load(&mvcc).ok_or_else(|| Error::Corrupt("no role record".into()))?);
+    tracing::info!(role = ?role.get().role, region = %role.get().region, "region role");
+
     // Raft.
     let waiters = Arc::new(Waiters::default());
     // The watch hub reads the store's revision now, before apply can move it.
@@ -132,7 +148,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     };
     let hub = WatchHub::start(mvcc.clone(), header.clone(), cfg.max_request_bytes, cfg.progress_notify_interval());
     let lessor = Arc::new(Lessor::new(cfg.election()));
-    let sm = EtcdStateMachine::new(mvcc.clone(), waiters.clone(), metrics.clone(), hub.clone(), lessor.clone());
+    let sm = EtcdStateMachine::new(
+        mvcc.clone(),
+        waiters.clone(),
+        metrics.clone(),
+        hub.clone(),
+        lessor.clone(),
+        role.clone(),
+    );
     let ticks = (cfg.election_timeout / cfg.heartbeat_interval) as usize;
     let raft_cfg = RaftConfig {
         id: me.id,
@@ -173,6 +196,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         waiters,
         metrics.clone(),
         limits,
+        role.clone(),
     ));
 
     // Listeners.

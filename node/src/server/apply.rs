@@ -19,6 +19,7 @@ use tokio::sync::oneshot;
 use super::cluster::{Alarms, Members};
 use super::lease::Lessor;
 use super::ops;
+use super::region::{RoleCell, RoleState};
 use super::watch::WatchHub;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -67,6 +68,7 @@ impl Waiters {
 
 pub struct EtcdStateMachine {
     mvcc: Arc<Mvcc>,
+    role: RoleCell,
     lessor: Arc<Lessor>,
     /// Where published changes go.
     watch: WatchHub,
@@ -86,13 +88,25 @@ impl EtcdStateMachine {
         metrics: Arc<Metrics>,
         watch: WatchHub,
         lessor: Arc<Lessor>,
+        role: RoleCell,
     ) -> Self {
         let nospace = Alarms::load(&mvcc).has(AlarmType::Nospace);
         lessor.rebuild(&mvcc);
-        Self { mvcc, lessor, watch, waiters, metrics, done: Vec::new(), nospace, restored: false }
+        Self { mvcc, role, lessor, watch, waiters, metrics, done: Vec::new(), nospace, restored: false }
     }
 
     fn execute(&mut self, request: Request) -> Result<Applied> {
+        // A secondary takes no client writes, even one proposed just before
+        // it became a secondary: the check is part of apply.
+        let client_write = match &request {
+            Request::Put(_) | Request::DeleteRange(_) | Request::Compaction(_) => true,
+            Request::LeaseGrant(_) | Request::LeaseRevoke(_) => true,
+            Request::Txn(t) => !ops::txn_is_read_only(t),
+            _ => false,
+        };
+        if client_write {
+            self.role.check_writable()?;
+        }
         match request {
             Request::Put(p) => {
                 if self.nospace {
@@ -235,6 +249,9 @@ impl StateMachine for EtcdStateMachine {
         }
         self.restored = true;
         self.lessor.rebuild(&self.mvcc);
+        if let Some(role) = RoleState::load(&self.mvcc) {
+            self.role.set(role);
+        }
         self.nospace =
             self.mvcc.meta(Alarms::META_KEY).map(|b| Alarms::decode(&b).has(AlarmType::Nospace)).unwrap_or(false);
     }

@@ -20,6 +20,7 @@ pub mod kv;
 pub mod lease;
 pub mod maintenance;
 pub mod ops;
+pub mod region;
 pub mod watch;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,6 +38,7 @@ use crate::metrics::Metrics;
 use crate::mvcc::Mvcc;
 use crate::raft::{Input, RaftHandle};
 use apply::{Applied, Waiters};
+use region::RoleCell;
 
 /// Extra room grpc-go grants above `--max-request-bytes` before refusing a
 /// message at the transport, as etcd configures it.
@@ -61,6 +63,8 @@ pub struct EtcdServer {
     pub waiters: Arc<Waiters>,
     pub metrics: Arc<Metrics>,
     pub limits: Limits,
+    /// Primary or read-only secondary; kept current by apply.
+    pub role: RoleCell,
     ids: IdGen,
 }
 
@@ -74,8 +78,9 @@ impl EtcdServer {
         waiters: Arc<Waiters>,
         metrics: Arc<Metrics>,
         limits: Limits,
+        role: RoleCell,
     ) -> Self {
-        Self { member_id, cluster_id, name, raft, mvcc, waiters, metrics, limits, ids: IdGen::new(member_id) }
+        Self { member_id, cluster_id, name, raft, mvcc, waiters, metrics, limits, role, ids: IdGen::new(member_id) }
     }
 
     /// A response header at `revision`, with this member's ids and raft term.

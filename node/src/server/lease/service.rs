@@ -105,7 +105,7 @@ impl LeaderLink {
 
 /// A leader whose duty loop has not run yet still answers lease calls.
 fn promote_if_leader(server: &EtcdServer, lessor: &Lessor) {
-    if server.raft.status().is_leader() && lessor.promote() {
+    if server.raft.status().is_leader() && !server.role.is_secondary() && lessor.promote() {
         tracing::info!("lessor promoted on demand");
     }
 }
@@ -127,6 +127,7 @@ pub struct LeaseService {
 impl Lease for LeaseService {
     async fn lease_grant(&self, req: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
         let mut r = req.into_inner();
+        self.server.role.check_writable()?;
         if r.ttl > MAX_LEASE_TTL {
             return Err(Error::LeaseTtlTooLarge.into());
         }
@@ -143,6 +144,7 @@ impl Lease for LeaseService {
     }
 
     async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
+        self.server.role.check_writable()?;
         match self.server.propose(Internal::LeaseRevoke(req.into_inner())).await? {
             Applied::LeaseRevoke(rev) => {
                 Ok(Response::new(LeaseRevokeResponse { header: Some(self.server.header(rev)) }))
@@ -241,7 +243,8 @@ pub async fn run_leader_duties(server: Arc<EtcdServer>, lessor: Arc<Lessor>, che
     let mut last_checkpoint = Instant::now();
     loop {
         tick.tick().await;
-        if !server.raft.status().is_leader() {
+        // A secondary's leases expire on its source; their revokes arrive by mirror.
+        if !server.raft.status().is_leader() || server.role.is_secondary() {
             lessor.demote();
             continue;
         }
