@@ -11,7 +11,9 @@ const PROTO_FILES: &[&str] = &[
     "authpb/auth.proto",
     "etcdserverpb/rpc.proto",
     "meridian/v1/raft.proto",
+    "meridian/v1/record.proto",
     "meridian/v1/internal.proto",
+    "meridian/v1/mirror.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -48,6 +48,9 @@ pub enum Error {
     /// FAILED_PRECONDITION, a code etcd clients do not retry.
     #[error("meridian: read-only secondary of region {0:?}; send writes to the primary or a gateway")]
     ReadOnly(String),
+    /// A mirror write refused by fencing (foreign source, stale epoch, not a secondary).
+    #[error("meridian: {0}")]
+    Fenced(String),
 
     // -- Availability: the request may succeed if retried. --
     #[error("etcdserver: no leader")]
@@ -87,7 +90,7 @@ impl Error {
             MessageTooLarge(..) | NoSpace => Code::ResourceExhausted,
             Compacted | FutureRevision => Code::OutOfRange,
             LeaseNotFound | MemberNotFound => Code::NotFound,
-            LeaseExists | NotLeader | ReadOnly(_) => Code::FailedPrecondition,
+            LeaseExists | NotLeader | ReadOnly(_) | Fenced(_) => Code::FailedPrecondition,
             LeaseTtlTooLarge => Code::OutOfRange,
             NoLeader | Timeout | LeaderChanged | Stopped => Code::Unavailable,
             Config(_) => Code::InvalidArgument,

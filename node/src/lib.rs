@@ -27,6 +27,7 @@ use meridian_proto::etcdserverpb::watch_server::WatchServer;
 use meridian_proto::etcdserverpb::ResponseHeader;
 use meridian_proto::meridian::v1::internal_request::Request as Internal;
 use meridian_proto::meridian::v1::lease_forward_server::LeaseForwardServer;
+use meridian_proto::meridian::v1::mirror_server::MirrorServer;
 use meridian_proto::meridian::v1::raft_transport_server::RaftTransportServer;
 use meridian_proto::meridian::v1::MemberAttributes;
 use tokio::net::TcpListener;
@@ -48,6 +49,7 @@ use crate::server::kv::KvService;
 use crate::server::lease::service::{run_leader_duties, LeaderLink, LeaseForwardService, LeaseService};
 use crate::server::lease::Lessor;
 use crate::server::maintenance::{MaintenanceService, ETCD_VERSION};
+use crate::server::mirror::MirrorService;
 use crate::server::region::{Role, RoleCell, RoleState};
 use crate::server::watch::hub::HeaderFn;
 use crate::server::watch::{WatchHub, WatchService};
@@ -271,6 +273,11 @@ fn client_routes(
     let routes = Routes::builder()
         .add_service(WatchServer::new(watch).max_decoding_message_size(max))
         .add_service(LeaseServer::new(leases).max_decoding_message_size(max))
+        .add_service(
+            MirrorServer::new(MirrorService::new(server.clone()))
+                .max_decoding_message_size(max)
+                .max_encoding_message_size(usize::MAX),
+        )
         .add_service(KvServer::new(KvService { server: server.clone() }).max_decoding_message_size(max))
         .add_service(
             MaintenanceServer::new(MaintenanceService { server: server.clone() }).max_decoding_message_size(max),

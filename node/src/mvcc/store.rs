@@ -124,6 +124,16 @@ impl Mvcc {
         self.db.clone()
     }
 
+    /// The marks apply has reached (equal to the published ones between batches).
+    pub fn staged_marks(&self) -> Marks {
+        self.state.read().staged
+    }
+
+    /// All replicated metadata, as staged.
+    pub fn all_meta(&self) -> BTreeMap<String, Vec<u8>> {
+        self.state.read().meta.clone()
+    }
+
     /// The published marks: what a reader sees right now.
     pub fn marks(&self) -> Marks {
         self.state.read().published
@@ -215,6 +225,33 @@ impl Mvcc {
         let st = self.state.write();
         let begin = st.staged.current;
         WriteTxn { mvcc: self, st, begin, sub: 0, lease_moves: Vec::new() }
+    }
+
+    /// Applies a mirrored revision: `records` are the source's changes of
+    /// revision `rev`, kept as they are (sub-revisions, create revision,
+    /// version, lease). The store's revision becomes `rev`. Returns the lease
+    /// changes, or `None` if `rev` is not above the current revision (a
+    /// retried batch).
+    pub fn apply_revision(&self, rev: i64, records: Vec<KvRecord>) -> Option<Vec<LeaseMove>> {
+        let mut st = self.state.write();
+        if rev <= st.staged.current {
+            return None;
+        }
+        let mut moves = Vec::new();
+        for mut rec in records {
+            rec.main = rev;
+            let from = st.index.get(&rec.key, rev).map_or(0, |v| v.lease);
+            let to = if rec.tombstone { 0 } else { rec.lease };
+            if from != to {
+                moves.push(LeaseMove { key: rec.key.clone(), from, to });
+            }
+            let r = Revision::new(rev, rec.sub);
+            st.index.restore(&rec.key, version_of(r, &rec, 0));
+            st.size += rec.encoded_len() as u64;
+            st.pending.insert(r, rec);
+        }
+        st.staged.current = rev;
+        Some(moves)
     }
 
     /// Validates and records a compaction at `rev`; it takes effect at publish.

@@ -11,15 +11,16 @@ use meridian_proto::etcdserverpb::{
     AlarmMember, AlarmResponse, AlarmType, DeleteRangeResponse, LeaseGrantResponse, PutResponse, TxnResponse,
 };
 use meridian_proto::meridian::v1::internal_request::Request;
-use meridian_proto::meridian::v1::{InternalRequest, SnapshotData};
+use meridian_proto::meridian::v1::{InternalRequest, KvRecord, MirrorApplyRequest, SnapshotData};
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::sync::oneshot;
 
 use super::cluster::{Alarms, Members};
 use super::lease::Lessor;
+use super::lease::LEASE_META_PREFIX;
 use super::ops;
-use super::region::{RoleCell, RoleState};
+use super::region::{Role, RoleCell, RoleState};
 use super::watch::WatchHub;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -34,6 +35,8 @@ pub enum Applied {
     LeaseGrant(LeaseGrantResponse),
     /// A revoke; the revision after its deletes.
     LeaseRevoke(i64),
+    /// A mirror batch; the secondary's revision after it (the checkpoint).
+    Mirror(i64),
     DeleteRange(DeleteRangeResponse),
     Txn(TxnResponse),
     /// A compaction; the revision of the store when it applied.
@@ -95,7 +98,7 @@ impl EtcdStateMachine {
         Self { mvcc, role, lessor, watch, waiters, metrics, done: Vec::new(), nospace, restored: false }
     }
 
-    fn execute(&mut self, request: Request) -> Result<Applied> {
+    fn execute(&mut self, request: Request, batch: &mut OwnedWriteBatch) -> Result<Applied> {
         // A secondary takes no client writes, even one proposed just before
         // it became a secondary: the check is part of apply.
         let client_write = match &request {
@@ -180,6 +183,7 @@ impl EtcdStateMachine {
                 self.lessor.remove(&self.mvcc, r.id);
                 Ok(Applied::LeaseRevoke(rev))
             }
+            Request::MirrorApply(m) => self.mirror_apply(m, batch),
             Request::LeaseCheckpoint(c) => {
                 for cp in c.checkpoints {
                     self.lessor.checkpoint(&self.mvcc, cp.id, cp.remaining_ttl);
@@ -196,13 +200,93 @@ impl EtcdStateMachine {
     }
 }
 
+impl EtcdStateMachine {
+    /// Applies a batch of source revisions on a secondary, after fencing:
+    /// the source cluster must be the one this secondary follows, and the
+    /// epoch must not be older than the newest seen.
+    fn mirror_apply(&mut self, m: MirrorApplyRequest, batch: &mut OwnedWriteBatch) -> Result<Applied> {
+        let mut role = self.role.get();
+        if role.role != Role::Secondary {
+            return Err(Error::Fenced("mirror writes go to a secondary; this cluster is a primary".into()));
+        }
+        if role.source_cluster_id != 0 && role.source_cluster_id != m.source_cluster_id {
+            return Err(Error::Fenced(format!(
+                "mirror source cluster {:x} is not this secondary's source {:x}",
+                m.source_cluster_id, role.source_cluster_id
+            )));
+        }
+        if m.epoch < role.epoch {
+            return Err(Error::Fenced(format!("stale mirror epoch {} (current {})", m.epoch, role.epoch)));
+        }
+        let adopted = RoleState {
+            source_cluster_id: m.source_cluster_id,
+            epoch: m.epoch,
+            primary_region: if m.source_region.is_empty() {
+                role.primary_region.clone()
+            } else {
+                m.source_region.clone()
+            },
+            ..role.clone()
+        };
+        if adopted != role {
+            role = adopted;
+            role.store(&self.mvcc);
+            self.role.set(role);
+        }
+        if m.reset {
+            // The source's retained history replaces the store: state at its
+            // compact revision, then every revision after it.
+            let records: Vec<KvRecord> = m
+                .revisions
+                .into_iter()
+                .flat_map(|r| {
+                    r.changes.into_iter().map(move |mut c| {
+                        c.main = r.revision;
+                        c
+                    })
+                })
+                .collect();
+            // Later batches continue the copy above the last revision here;
+            // a final empty revision lifts the store to the source's.
+            let current = records.last().map_or(1, |r| r.main).max(1);
+            let applied = self.mvcc.staged_marks().applied;
+            let mut meta = self.mvcc.all_meta();
+            meta.retain(|name, _| !name.starts_with(LEASE_META_PREFIX));
+            self.mvcc.import(Marks { current, compacted: m.compact_revision, applied }, records, meta, batch)?;
+            self.lessor.rebuild(&self.mvcc);
+            for l in m.granted_leases {
+                self.lessor.adopt(&self.mvcc, l.id, l.ttl);
+            }
+            self.lessor.rebuild(&self.mvcc);
+            self.restored = true;
+            return Ok(Applied::Mirror(current));
+        }
+        for l in m.granted_leases {
+            self.lessor.adopt(&self.mvcc, l.id, l.ttl);
+        }
+        for r in m.revisions {
+            if let Some(moves) = self.mvcc.apply_revision(r.revision, r.changes) {
+                self.lessor.apply_moves(moves);
+            }
+        }
+        for id in m.revoked_leases {
+            self.lessor.remove(&self.mvcc, id);
+        }
+        let marks = self.mvcc.staged_marks();
+        if m.compact_revision > marks.compacted && m.compact_revision <= marks.current {
+            self.mvcc.compact(m.compact_revision)?;
+        }
+        Ok(Applied::Mirror(marks.current))
+    }
+}
+
 impl StateMachine for EtcdStateMachine {
     fn apply(&mut self, entries: &[Committed<'_>], batch: &mut OwnedWriteBatch) {
         for e in entries {
             if !e.data.is_empty() {
                 match InternalRequest::decode(e.data) {
                     Ok(InternalRequest { id, request: Some(request) }) => {
-                        let result = self.execute(request);
+                        let result = self.execute(request, batch);
                         if let Err(err) = &result {
                             if err.code() == tonic::Code::Internal {
                                 // Not deterministic: skipping would let replicas diverge.

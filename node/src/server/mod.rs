@@ -19,6 +19,7 @@ pub mod http;
 pub mod kv;
 pub mod lease;
 pub mod maintenance;
+pub mod mirror;
 pub mod ops;
 pub mod region;
 pub mod watch;
@@ -139,9 +140,18 @@ impl EtcdServer {
     /// The request's own error from apply, [`Error::RequestTooLarge`],
     /// [`Error::NoLeader`], [`Error::Timeout`] or [`Error::Stopped`].
     pub async fn propose(&self, request: Request) -> Result<Applied> {
+        self.propose_sized(request, self.limits.max_request_bytes).await
+    }
+
+    /// [`EtcdServer::propose`] with its own size limit (mirror batches).
+    ///
+    /// # Errors
+    ///
+    /// As [`EtcdServer::propose`].
+    pub async fn propose_sized(&self, request: Request, limit: usize) -> Result<Applied> {
         let id = self.ids.next();
         let data = InternalRequest { id, request: Some(request) }.encode_to_vec();
-        if data.len() > self.limits.max_request_bytes {
+        if data.len() > limit {
             return Err(Error::RequestTooLarge);
         }
         self.wait_for_leader().await?;

@@ -30,7 +30,9 @@ use crate::mvcc::{LeaseMove, Mvcc};
 
 /// etcd's largest TTL, in seconds.
 pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
-const META_PREFIX: &str = "lease/";
+/// Metadata names of leases start with this.
+pub const LEASE_META_PREFIX: &str = "lease/";
+const META_PREFIX: &str = LEASE_META_PREFIX;
 /// How long a proposed revoke is given before the leader proposes it again.
 const REVOKE_RETRY: Duration = Duration::from_secs(3);
 
@@ -128,6 +130,18 @@ impl Lessor {
         Self::store(mvcc, id, &lease);
         st.leases.insert(id, lease);
         Ok(ttl)
+    }
+
+    /// Creates a mirrored lease with its source's id and TTL, unless it
+    /// exists. A secondary never expires it; its revoke arrives by mirror.
+    pub fn adopt(&self, mvcc: &Mvcc, id: i64, ttl: i64) {
+        let mut st = self.state.lock();
+        if id == 0 || st.leases.contains_key(&id) {
+            return;
+        }
+        let lease = Lease { ttl, ..Default::default() };
+        Self::store(mvcc, id, &lease);
+        st.leases.insert(id, lease);
     }
 
     /// The keys attached to `id`, in key order, for its revoke.

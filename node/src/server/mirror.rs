@@ -1,0 +1,105 @@
+//! `meridian.v1.Mirror`: what the mirror process calls. On a secondary,
+//! `Apply` writes source revisions at their own revision numbers (through
+//! raft, like any write); on any member, `Status` reports the revision the
+//! mirror resumes from, and `RangeStream` hands out raw history for a
+//! first copy.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use meridian_proto::meridian::v1::internal_request::Request as Internal;
+use meridian_proto::meridian::v1::mirror_server::Mirror;
+use meridian_proto::meridian::v1::{
+    MirrorApplyRequest, MirrorApplyResponse, MirrorStatusRequest, MirrorStatusResponse, RangeStreamChunk,
+    RangeStreamRequest,
+};
+use tonic::{Request, Response, Status};
+
+use super::apply::Applied;
+use super::region::Role;
+use super::EtcdServer;
+use crate::mvcc::KeyRange;
+
+/// Records per `RangeStream` chunk.
+const CHUNK_RECORDS: usize = 1000;
+
+pub struct MirrorService {
+    pub server: Arc<EtcdServer>,
+    /// (source revision, lag in ms) as the mirror last reported them here.
+    pub lag: parking_lot::Mutex<(i64, i64)>,
+}
+
+impl MirrorService {
+    pub fn new(server: Arc<EtcdServer>) -> Self {
+        Self { server, lag: parking_lot::Mutex::new((0, 0)) }
+    }
+}
+
+#[tonic::async_trait]
+impl Mirror for MirrorService {
+    async fn apply(&self, req: Request<MirrorApplyRequest>) -> Result<Response<MirrorApplyResponse>, Status> {
+        // One source revision may carry as much as one source request, plus
+        // the record fields etcd keeps per key; allow twice the client limit.
+        let limit = 2 * self.server.limits.max_request_bytes;
+        let req = req.into_inner();
+        *self.lag.lock() = (req.source_revision, req.lag_ms);
+        match self.server.propose_sized(Internal::MirrorApply(req), limit).await? {
+            Applied::Mirror(rev) => {
+                Ok(Response::new(MirrorApplyResponse { header: Some(self.server.header(rev)), applied_revision: rev }))
+            }
+            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+        }
+    }
+
+    async fn status(&self, _: Request<MirrorStatusRequest>) -> Result<Response<MirrorStatusResponse>, Status> {
+        let marks = self.server.mvcc.marks();
+        let role = self.server.role.get();
+        let (source_revision, lag_ms) = *self.lag.lock();
+        Ok(Response::new(MirrorStatusResponse {
+            header: Some(self.server.header(marks.current)),
+            revision: marks.current,
+            compact_revision: marks.compacted,
+            role: match role.role {
+                Role::Primary => "primary".into(),
+                Role::Secondary => "secondary".into(),
+            },
+            region: role.region,
+            source_cluster_id: role.source_cluster_id,
+            epoch: role.epoch,
+            primary_region: role.primary_region,
+            source_revision,
+            lag_revisions: (source_revision - marks.current).max(0),
+            lag_ms: if source_revision > marks.current { lag_ms } else { 0 },
+        }))
+    }
+
+    type RangeStreamStream = Pin<Box<dyn Stream<Item = Result<RangeStreamChunk, Status>> + Send>>;
+
+    async fn range_stream(
+        &self,
+        req: Request<RangeStreamRequest>,
+    ) -> Result<Response<Self::RangeStreamStream>, Status> {
+        let r = req.into_inner();
+        let key = if r.key.is_empty() { vec![0] } else { r.key };
+        let range = KeyRange::new(&key, &r.range_end);
+        let mvcc = self.server.mvcc.clone();
+        let (marks, records, _) =
+            tokio::task::spawn_blocking(move || mvcc.export()).await.map_err(|e| Status::internal(e.to_string()))??;
+        let records: Vec<_> = records.into_iter().filter(|rec| range.contains(&rec.key)).collect();
+        let mut chunks: Vec<Result<RangeStreamChunk, Status>> = records
+            .chunks(CHUNK_RECORDS)
+            .map(|c| {
+                Ok(RangeStreamChunk { records: c.to_vec(), compact_revision: marks.compacted, revision: marks.current })
+            })
+            .collect();
+        if chunks.is_empty() {
+            chunks.push(Ok(RangeStreamChunk {
+                records: Vec::new(),
+                compact_revision: marks.compacted,
+                revision: marks.current,
+            }));
+        }
+        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+    }
+}
