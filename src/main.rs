@@ -1,6 +1,7 @@
 //! The `meridian` binary: parses arguments and dispatches to a subcommand.
 
 use clap::{Parser, Subcommand};
+use meridian_mirror::{MirrorConfig, MirrorFlags, StatusFlags};
 use meridian_node::config::{normalize_args, NodeConfig, NodeFlags};
 use tracing_subscriber::EnvFilter;
 
@@ -20,6 +21,23 @@ struct Cli {
 enum Command {
     /// Run one cluster member. Takes etcd's flags.
     Node(NodeFlags),
+    /// Copy every revision of a source cluster into a read-only secondary.
+    Mirror(MirrorCommand),
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct MirrorCommand {
+    #[command(subcommand)]
+    action: Option<MirrorAction>,
+    #[command(flatten)]
+    flags: MirrorFlags,
+}
+
+#[derive(Subcommand)]
+enum MirrorAction {
+    /// Print the secondary's applied revision and lag, and a running mirror's counters.
+    Status(StatusFlags),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,6 +48,16 @@ fn main() -> anyhow::Result<()> {
             init_logging(&cfg.log_level);
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(meridian_node::run(cfg, shutdown_signal()))?;
+        }
+        Command::Mirror(MirrorCommand { action: Some(MirrorAction::Status(flags)), .. }) => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(meridian_mirror::print_status(&flags))?;
+        }
+        Command::Mirror(MirrorCommand { action: None, flags }) => {
+            let cfg = MirrorConfig::load(&flags)?;
+            init_logging("info");
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(meridian_mirror::run(cfg, shutdown_signal()))?;
         }
     }
     Ok(())

@@ -1,0 +1,146 @@
+//! `meridian mirror` flags, with the same file and environment layering as
+//! the node (`MERIDIAN_MIRROR_*` variables, `--config-file`).
+
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct MirrorFlags {
+    /// Source endpoints (Meridian or etcd), comma-separated host:port or URLs.
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Target (secondary) endpoints, comma-separated.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Mirror only keys with this prefix.
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Replace the source prefix with this one on the target.
+    #[arg(long)]
+    pub dest_prefix: Option<String>,
+    /// host:port serving /metrics (Prometheus text) and /status (JSON).
+    #[arg(long)]
+    pub listen_metrics: Option<String>,
+    /// TOML file with any of the settings above (snake_case keys).
+    #[arg(long)]
+    pub config_file: Option<PathBuf>,
+}
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct StatusFlags {
+    /// Target (secondary) endpoints to ask for the applied revision and lag.
+    #[arg(long)]
+    pub target: Option<String>,
+    /// A running mirror's --listen-metrics address, for its counters.
+    #[arg(long)]
+    pub metrics: Option<String>,
+}
+
+/// The resolved mirror settings.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default)]
+pub struct MirrorConfig {
+    pub source: Vec<String>,
+    pub target: Vec<String>,
+    pub prefix: String,
+    pub dest_prefix: Option<String>,
+    pub listen_metrics: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct FileConfig {
+    source: Option<String>,
+    target: Option<String>,
+    prefix: Option<String>,
+    dest_prefix: Option<String>,
+    listen_metrics: Option<String>,
+}
+
+/// Splits a comma-separated endpoint list into URLs.
+pub fn endpoints(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(|e| if e.contains("://") { e.to_string() } else { format!("http://{e}") })
+        .collect()
+}
+
+impl MirrorConfig {
+    /// Flags over `MERIDIAN_MIRROR_*` environment over the file.
+    ///
+    /// # Errors
+    ///
+    /// An unreadable file, or no source or target.
+    pub fn load(flags: &MirrorFlags) -> anyhow::Result<Self> {
+        let mut b = config::Config::builder();
+        if let Some(f) = &flags.config_file {
+            b = b.add_source(config::File::from(f.as_path()).format(config::FileFormat::Toml));
+        }
+        b = b.add_source(config::Environment::with_prefix("MERIDIAN_MIRROR"));
+        let file: FileConfig = b.build()?.try_deserialize()?;
+        let pick = |flag: &Option<String>, file: Option<String>| flag.clone().or(file);
+        let source = pick(&flags.source, file.source).unwrap_or_default();
+        let target = pick(&flags.target, file.target).unwrap_or_default();
+        let cfg = Self {
+            source: endpoints(&source),
+            target: endpoints(&target),
+            prefix: pick(&flags.prefix, file.prefix).unwrap_or_default(),
+            dest_prefix: pick(&flags.dest_prefix, file.dest_prefix),
+            listen_metrics: pick(&flags.listen_metrics, file.listen_metrics),
+        };
+        anyhow::ensure!(!cfg.source.is_empty(), "--source is required");
+        anyhow::ensure!(!cfg.target.is_empty(), "--target is required");
+        Ok(cfg)
+    }
+
+    /// The source key range: the prefix's range, or every key.
+    pub fn source_range(&self) -> (Vec<u8>, Vec<u8>) {
+        if self.prefix.is_empty() {
+            return (vec![0], vec![0]);
+        }
+        let key = self.prefix.as_bytes().to_vec();
+        (key.clone(), prefix_end(&key))
+    }
+
+    /// A source key as it is written on the target.
+    pub fn target_key(&self, key: &[u8]) -> Vec<u8> {
+        match &self.dest_prefix {
+            Some(dest) if key.starts_with(self.prefix.as_bytes()) => {
+                let mut k = dest.as_bytes().to_vec();
+                k.extend_from_slice(&key[self.prefix.len()..]);
+                k
+            }
+            _ => key.to_vec(),
+        }
+    }
+}
+
+/// The first key after every key with `prefix`.
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_and_key_rewrites() {
+        assert_eq!(prefix_end(b"a/"), b"a0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff"), [0]);
+        let cfg = MirrorConfig { prefix: "app/".into(), dest_prefix: Some("dr/app/".into()), ..Default::default() };
+        assert_eq!(cfg.target_key(b"app/x"), b"dr/app/x");
+        assert_eq!(cfg.source_range(), (b"app/".to_vec(), b"app0".to_vec()));
+        assert_eq!(endpoints("127.0.0.1:1, http://h:2"), ["http://127.0.0.1:1", "http://h:2"]);
+    }
+}

@@ -1,0 +1,445 @@
+//! One mirror session: connect, resume from the secondary's checkpoint,
+//! follow the source's Watch, and resync when the source has compacted past
+//! the checkpoint. Any error ends the session; `run` in lib.rs retries.
+
+use std::collections::HashSet;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use meridian_proto::etcdserverpb::kv_client::KvClient;
+use meridian_proto::etcdserverpb::lease_client::LeaseClient;
+use meridian_proto::etcdserverpb::watch_client::WatchClient;
+use meridian_proto::etcdserverpb::watch_request::RequestUnion;
+use meridian_proto::etcdserverpb::{
+    LeaseLeasesRequest, LeaseTimeToLiveRequest, RangeRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest,
+};
+use meridian_proto::meridian::v1::mirror_client::MirrorClient;
+use meridian_proto::meridian::v1::{
+    KvRecord, MirrorApplyRequest, MirrorLease, MirrorRevision, MirrorStatusRequest, RangeStreamRequest,
+};
+use meridian_proto::mvccpb::event::EventType;
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::MirrorConfig;
+use crate::metrics::Metrics;
+
+/// Bytes of changes per Apply call; well under the secondary's limit.
+const BATCH_BYTES: usize = 512 * 1024;
+/// Keys per page when reading an etcd source's state.
+const PAGE: i64 = 1000;
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(2);
+
+enum Kind {
+    /// A Meridian primary: raw history through RangeStream, compactions repeated.
+    Meridian,
+    /// etcd: the public v3 API only.
+    Etcd,
+}
+
+struct Session<'a> {
+    cfg: &'a MirrorConfig,
+    m: &'a Metrics,
+    src: Channel,
+    kind: Kind,
+    cluster_id: u64,
+    epoch: u64,
+    region: String,
+    target: MirrorClient<Channel>,
+    checkpoint: i64,
+    /// Source compact revision last repeated on the target.
+    compacted: i64,
+    known_leases: HashSet<i64>,
+}
+
+/// Connects to the first endpoint that answers.
+async fn connect(endpoints: &[String]) -> anyhow::Result<Channel> {
+    let mut last = None;
+    for ep in endpoints {
+        match Endpoint::from_shared(ep.clone())?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true)
+            .connect()
+            .await
+        {
+            Ok(ch) => return Ok(ch),
+            Err(e) => last = Some(anyhow::anyhow!("{ep}: {e}")),
+        }
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no endpoints")))
+}
+
+pub async fn run(cfg: &MirrorConfig, m: &Metrics) -> anyhow::Result<()> {
+    let src = connect(&cfg.source).await.context("source")?;
+    let dst = connect(&cfg.target).await.context("target")?;
+    let mut target =
+        MirrorClient::new(dst.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+    let ts = target.status(MirrorStatusRequest {}).await.context("target status")?.into_inner();
+    anyhow::ensure!(ts.role == "secondary", "the target is a {}, not a secondary", ts.role);
+
+    let (kind, cluster_id, epoch, region) = match MirrorClient::new(src.clone()).status(MirrorStatusRequest {}).await {
+        Ok(s) => {
+            let s = s.into_inner();
+            (Kind::Meridian, s.header.map_or(0, |h| h.cluster_id), s.epoch, s.region)
+        }
+        Err(s) if s.code() == tonic::Code::Unimplemented => {
+            let r = KvClient::new(src.clone())
+                .range(RangeRequest { key: vec![0], count_only: true, ..Default::default() })
+                .await
+                .context("source range")?
+                .into_inner();
+            (Kind::Etcd, r.header.map_or(0, |h| h.cluster_id), 0, String::new())
+        }
+        Err(e) => return Err(e).context("source status"),
+    };
+    let known_leases: HashSet<i64> = LeaseClient::new(dst)
+        .lease_leases(LeaseLeasesRequest {})
+        .await?
+        .into_inner()
+        .leases
+        .iter()
+        .map(|l| l.id)
+        .collect();
+    m.applied_revision.store(ts.revision, Ordering::Relaxed);
+    tracing::info!(
+        source = match kind {
+            Kind::Meridian => "meridian",
+            Kind::Etcd => "etcd",
+        },
+        source_cluster = format!("{cluster_id:x}"),
+        checkpoint = ts.revision,
+        "mirror session started; resuming after the target's revision"
+    );
+    let mut s = Session {
+        cfg,
+        m,
+        src,
+        kind,
+        cluster_id,
+        epoch,
+        region,
+        target,
+        checkpoint: ts.revision,
+        compacted: ts.compact_revision,
+        known_leases,
+    };
+    loop {
+        let compacted = s.follow().await?;
+        tracing::warn!(
+            compacted,
+            checkpoint = s.checkpoint,
+            "the source compacted past the checkpoint: copying its history again"
+        );
+        s.m.resyncs.fetch_add(1, Ordering::Relaxed);
+        s.resync(compacted).await?;
+    }
+}
+
+impl Session<'_> {
+    fn record(
+        &self,
+        key: &[u8],
+        main: i64,
+        sub: i64,
+        tombstone: bool,
+        kv: Option<&meridian_proto::mvccpb::KeyValue>,
+    ) -> KvRecord {
+        let mut rec = KvRecord { key: self.cfg.target_key(key), main, sub, tombstone, ..Default::default() };
+        if let (false, Some(kv)) = (tombstone, kv) {
+            rec.value = kv.value.clone();
+            rec.create_revision = kv.create_revision;
+            rec.version = kv.version;
+            rec.lease = kv.lease;
+        }
+        rec
+    }
+
+    /// Follows the source's Watch from the checkpoint until an error, or
+    /// until the source reports the start revision compacted (returned).
+    async fn follow(&mut self) -> anyhow::Result<i64> {
+        let (key, range_end) = self.cfg.source_range();
+        let (tx, rx) = mpsc::channel(4);
+        let create = WatchCreateRequest { key, range_end, start_revision: self.checkpoint + 1, ..Default::default() };
+        tx.send(WatchRequest { request_union: Some(RequestUnion::CreateRequest(create)) }).await?;
+        let mut stream = WatchClient::new(self.src.clone())
+            .max_decoding_message_size(usize::MAX)
+            .watch(ReceiverStream::new(rx))
+            .await
+            .context("source watch")?
+            .into_inner();
+        let mut progress = tokio::time::interval(PROGRESS_EVERY);
+        let mut housekeeping = tokio::time::interval(HOUSEKEEPING_EVERY);
+        let mut batch: Vec<MirrorRevision> = Vec::new();
+        let mut bytes = 0;
+        loop {
+            let next = if batch.is_empty() {
+                tokio::select! {
+                    r = stream.message() => Some(r?),
+                    _ = progress.tick() => {
+                        let _ = tx.try_send(WatchRequest { request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})) });
+                        None
+                    }
+                    _ = housekeeping.tick() => {
+                        self.housekeeping().await?;
+                        None
+                    }
+                }
+            } else {
+                match tokio::time::timeout(Duration::ZERO, stream.message()).await {
+                    Ok(r) => Some(r?),
+                    Err(_) => {
+                        self.flush(std::mem::take(&mut batch)).await?;
+                        bytes = 0;
+                        None
+                    }
+                }
+            };
+            let Some(resp) = next else { continue };
+            let Some(resp) = resp else { bail!("the source closed the watch") };
+            if resp.canceled {
+                if resp.compact_revision > 0 {
+                    return Ok(resp.compact_revision);
+                }
+                bail!("the source canceled the watch: {}", resp.cancel_reason);
+            }
+            if let Some(h) = &resp.header {
+                self.m.source_revision.fetch_max(h.revision, Ordering::Relaxed);
+            }
+            if resp.events.is_empty() {
+                continue;
+            }
+            self.m.oldest_unapplied.lock().get_or_insert_with(Instant::now);
+            for ev in &resp.events {
+                let Some(kv) = &ev.kv else { continue };
+                let rev = kv.mod_revision;
+                self.m.source_revision.fetch_max(rev, Ordering::Relaxed);
+                if batch.last().is_none_or(|b| b.revision != rev) {
+                    batch.push(MirrorRevision { revision: rev, changes: Vec::new() });
+                }
+                let last = batch.last_mut().expect("pushed");
+                let sub = last.changes.len() as i64;
+                let tombstone = ev.r#type == EventType::Delete as i32;
+                let rec = self.record(&kv.key, rev, sub, tombstone, Some(kv));
+                bytes += rec.encoded_len();
+                batch.last_mut().expect("pushed").changes.push(rec);
+            }
+            if bytes >= BATCH_BYTES {
+                self.flush(std::mem::take(&mut batch)).await?;
+                bytes = 0;
+            }
+        }
+    }
+
+    /// Applies revisions on the target, granting any lease they use first.
+    async fn flush(&mut self, revisions: Vec<MirrorRevision>) -> anyhow::Result<()> {
+        let Some(last) = revisions.last().map(|r| r.revision) else { return Ok(()) };
+        let granted = self.leases_for(&revisions).await?;
+        let n = revisions.len() as u64;
+        let lag_ms = self.m.lag_seconds() * 1000.0;
+        let req = MirrorApplyRequest {
+            source_cluster_id: self.cluster_id,
+            epoch: self.epoch,
+            source_region: self.region.clone(),
+            revisions,
+            granted_leases: granted.clone(),
+            source_revision: self.m.source_revision.load(Ordering::Relaxed),
+            lag_ms: lag_ms as i64,
+            ..Default::default()
+        };
+        let resp = self.target.apply(req).await.context("apply on the target")?.into_inner();
+        self.checkpoint = resp.applied_revision;
+        self.known_leases.extend(granted.iter().map(|l| l.id));
+        self.m.applied_revision.store(resp.applied_revision, Ordering::Relaxed);
+        self.m.applied_total.fetch_add(n, Ordering::Relaxed);
+        if resp.applied_revision >= last {
+            *self.m.oldest_unapplied.lock() = None;
+        }
+        Ok(())
+    }
+
+    /// Leases used by `revisions` that the target does not have yet, with
+    /// their TTLs as granted on the source.
+    async fn leases_for(&mut self, revisions: &[MirrorRevision]) -> anyhow::Result<Vec<MirrorLease>> {
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for rec in revisions.iter().flat_map(|r| &r.changes) {
+            if rec.lease == 0 || self.known_leases.contains(&rec.lease) || !seen.insert(rec.lease) {
+                continue;
+            }
+            let ttl = LeaseClient::new(self.src.clone())
+                .lease_time_to_live(LeaseTimeToLiveRequest { id: rec.lease, keys: false })
+                .await
+                .context("source lease TTL")?
+                .into_inner();
+            out.push(MirrorLease { id: rec.lease, ttl: if ttl.granted_ttl > 0 { ttl.granted_ttl } else { 1 } });
+        }
+        Ok(out)
+    }
+
+    /// Drops leases the source no longer has, and repeats the source's
+    /// compactions (Meridian sources; etcd sources compact on their own).
+    async fn housekeeping(&mut self) -> anyhow::Result<()> {
+        let mut req = MirrorApplyRequest {
+            source_cluster_id: self.cluster_id,
+            epoch: self.epoch,
+            source_region: self.region.clone(),
+            source_revision: self.m.source_revision.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        if !self.known_leases.is_empty() {
+            let live: HashSet<i64> = LeaseClient::new(self.src.clone())
+                .lease_leases(LeaseLeasesRequest {})
+                .await?
+                .into_inner()
+                .leases
+                .iter()
+                .map(|l| l.id)
+                .collect();
+            req.revoked_leases = self.known_leases.iter().filter(|id| !live.contains(id)).copied().collect();
+        }
+        if matches!(self.kind, Kind::Meridian) {
+            let s = MirrorClient::new(self.src.clone()).status(MirrorStatusRequest {}).await?.into_inner();
+            if s.compact_revision > self.compacted && s.compact_revision <= self.checkpoint {
+                req.compact_revision = s.compact_revision;
+            }
+        }
+        if req.revoked_leases.is_empty() && req.compact_revision == 0 {
+            return Ok(());
+        }
+        self.target.apply(req.clone()).await.context("housekeeping apply")?;
+        for id in &req.revoked_leases {
+            self.known_leases.remove(id);
+        }
+        self.compacted = self.compacted.max(req.compact_revision);
+        Ok(())
+    }
+
+    /// Copies the source's retained history into the target, replacing what
+    /// the target had, then lifts it to the source's revision at the copy.
+    async fn resync(&mut self, compacted: i64) -> anyhow::Result<()> {
+        let started = Instant::now();
+        let (records, compact, rev) = match self.kind {
+            Kind::Meridian => self.read_meridian_history().await?,
+            Kind::Etcd => self.read_etcd_state(compacted).await?,
+        };
+        tracing::info!(records = records.len(), compact, revision = rev, "copying history to the target");
+        let mut revisions: Vec<MirrorRevision> = Vec::new();
+        for rec in records {
+            if revisions.last().is_none_or(|r| r.revision != rec.main) {
+                revisions.push(MirrorRevision { revision: rec.main, changes: Vec::new() });
+            }
+            revisions.last_mut().expect("pushed").changes.push(rec);
+        }
+        if revisions.last().is_none_or(|r| r.revision < rev) {
+            revisions.push(MirrorRevision { revision: rev, changes: Vec::new() });
+        }
+        self.known_leases.clear();
+        let mut first = true;
+        let mut copied = 0usize;
+        let mut chunk = Vec::new();
+        let mut bytes = 0;
+        let total = revisions.len();
+        for r in revisions {
+            bytes += r.changes.iter().map(Message::encoded_len).sum::<usize>();
+            chunk.push(r);
+            if bytes >= BATCH_BYTES {
+                copied += chunk.len();
+                self.apply_copy(std::mem::take(&mut chunk), first, compact).await?;
+                first = false;
+                bytes = 0;
+                tracing::info!(copied, total, "copy in progress");
+            }
+        }
+        self.apply_copy(chunk, first, compact).await?;
+        self.compacted = compact;
+        tracing::info!(revision = self.checkpoint, took = ?started.elapsed(), "copy done; following the source");
+        Ok(())
+    }
+
+    async fn apply_copy(&mut self, revisions: Vec<MirrorRevision>, reset: bool, compact: i64) -> anyhow::Result<()> {
+        let granted = self.leases_for(&revisions).await?;
+        let n = revisions.len() as u64;
+        let req = MirrorApplyRequest {
+            source_cluster_id: self.cluster_id,
+            epoch: self.epoch,
+            source_region: self.region.clone(),
+            revisions,
+            granted_leases: granted.clone(),
+            compact_revision: if reset { compact } else { 0 },
+            reset,
+            source_revision: self.m.source_revision.load(Ordering::Relaxed),
+            ..Default::default()
+        };
+        let resp = self.target.apply(req).await.context("copy apply on the target")?.into_inner();
+        self.checkpoint = resp.applied_revision;
+        self.known_leases.extend(granted.iter().map(|l| l.id));
+        self.m.applied_revision.store(resp.applied_revision, Ordering::Relaxed);
+        self.m.applied_total.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Every retained raw record (with sub-revisions and tombstones) of a
+    /// Meridian source, its compact revision and its revision.
+    async fn read_meridian_history(&self) -> anyhow::Result<(Vec<KvRecord>, i64, i64)> {
+        let (key, range_end) = self.cfg.source_range();
+        let mut stream = MirrorClient::new(self.src.clone())
+            .max_decoding_message_size(usize::MAX)
+            .range_stream(RangeStreamRequest { key, range_end })
+            .await?
+            .into_inner();
+        let (mut records, mut compact, mut rev) = (Vec::new(), 0, 0);
+        while let Some(chunk) = stream.message().await? {
+            compact = chunk.compact_revision;
+            rev = chunk.revision;
+            records.extend(chunk.records.into_iter().map(|mut r| {
+                r.key = self.cfg.target_key(&r.key);
+                r
+            }));
+        }
+        Ok((records, compact, rev))
+    }
+
+    /// An etcd source's state at its compact revision, as records: each key
+    /// at its own mod revision, sub-revisions in key order.
+    async fn read_etcd_state(&self, at: i64) -> anyhow::Result<(Vec<KvRecord>, i64, i64)> {
+        let (mut key, range_end) = self.cfg.source_range();
+        let mut kv = KvClient::new(self.src.clone()).max_decoding_message_size(usize::MAX);
+        let mut kvs = Vec::new();
+        loop {
+            let r = kv
+                .range(RangeRequest {
+                    key: key.clone(),
+                    range_end: range_end.clone(),
+                    revision: at,
+                    limit: PAGE,
+                    ..Default::default()
+                })
+                .await
+                .context("source range at the compact revision")?
+                .into_inner();
+            let more = r.more;
+            if let Some(last) = r.kvs.last() {
+                key = last.key.clone();
+                key.push(0);
+            }
+            kvs.extend(r.kvs);
+            if !more {
+                break;
+            }
+        }
+        kvs.sort_by(|a, b| (a.mod_revision, &a.key).cmp(&(b.mod_revision, &b.key)));
+        let mut records: Vec<KvRecord> = Vec::with_capacity(kvs.len());
+        for kv in &kvs {
+            let sub = match records.last() {
+                Some(prev) if prev.main == kv.mod_revision => prev.sub + 1,
+                _ => 0,
+            };
+            records.push(self.record(&kv.key, kv.mod_revision, sub, false, Some(kv)));
+        }
+        Ok((records, at, at))
+    }
+}
