@@ -79,6 +79,9 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod mirror;
+pub use mirror::MirrorProcess;
+
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
 use tempfile::TempDir;

@@ -1,0 +1,115 @@
+//! A `meridian mirror` process for tests: spawned with a log file and a
+//! leased metrics port, killed by PID on drop.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tempfile::TempDir;
+
+use crate::{http_get, lease_port, meridian_bin, Cluster, PortLease};
+
+pub struct MirrorProcess {
+    args: Vec<String>,
+    child: Option<Child>,
+    metrics: PortLease,
+    dir: TempDir,
+    starts: u32,
+}
+
+impl MirrorProcess {
+    /// Starts `meridian mirror --source <source> --target <target> <extra>`.
+    pub fn start(source: &[String], target: &Cluster, extra: &[&str]) -> Result<Self> {
+        let metrics = lease_port()?;
+        let mut args = vec![
+            "mirror".to_string(),
+            "--source".into(),
+            source.join(","),
+            "--target".into(),
+            target.endpoints().join(","),
+            "--listen-metrics".into(),
+            format!("127.0.0.1:{}", metrics.port()),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut m = Self { args, child: None, metrics, dir: tempfile::tempdir()?, starts: 0 };
+        m.spawn()?;
+        Ok(m)
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("mirror.log")
+    }
+
+    /// (Re)starts the process; its log accumulates across starts.
+    pub fn spawn(&mut self) -> Result<()> {
+        self.starts += 1;
+        let log = File::options().create(true).append(true).open(self.log_path())?;
+        let child = Command::new(meridian_bin()?)
+            .args(&self.args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn meridian mirror")?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut c) = self.child.take() {
+            c.kill()?;
+            c.wait()?;
+        }
+        Ok(())
+    }
+
+    /// The mirror's /status JSON, once its listener is up.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.metrics.port()).parse()?;
+        let (code, body) = http_get(addr, "/status")?;
+        if code != 200 {
+            bail!("status {code}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Prometheus text from /metrics.
+    pub fn metrics(&self) -> Result<String> {
+        let addr: SocketAddr = format!("127.0.0.1:{}", self.metrics.port()).parse()?;
+        Ok(http_get(addr, "/metrics")?.1)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Waits (bounded) until the target has applied `revision`.
+    pub fn wait_applied(&self, revision: i64, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(s) = self.status() {
+                if s["applied_revision"].as_i64().unwrap_or(0) >= revision {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("mirror did not reach revision {revision} in {timeout:?}; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for MirrorProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("----- mirror log -----\n{}", self.log());
+        }
+        let _ = self.kill9();
+    }
+}
