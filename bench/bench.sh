@@ -264,4 +264,7 @@ main() {
   log "raw outputs in $OUT"
 }
 
-main "$@"
+# Sourced by bench/mirror-bench.sh for its helpers; run directly for the KV benchmark.
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+  main "$@"
+fi

@@ -33,6 +33,7 @@ const BATCH_BYTES: usize = 512 * 1024;
 const PAGE: i64 = 1000;
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(2);
+const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(5);
 
 enum Kind {
     /// A Meridian primary: raw history through RangeStream, compactions repeated.
@@ -54,6 +55,7 @@ struct Session<'a> {
     /// Source compact revision last repeated on the target.
     compacted: i64,
     known_leases: HashSet<i64>,
+    last_progress: Instant,
 }
 
 /// Connects to the first endpoint that answers.
@@ -126,6 +128,7 @@ pub async fn run(cfg: &MirrorConfig, m: &Metrics) -> anyhow::Result<()> {
         checkpoint: ts.revision,
         compacted: ts.compact_revision,
         known_leases,
+        last_progress: Instant::now(),
     };
     loop {
         let compacted = s.follow().await?;
@@ -185,6 +188,7 @@ impl Session<'_> {
                     }
                     _ = housekeeping.tick() => {
                         self.housekeeping().await?;
+                        self.log_progress();
                         None
                     }
                 }
@@ -234,6 +238,15 @@ impl Session<'_> {
         }
     }
 
+    /// Logs how far behind the target is (a long first copy says so every few seconds).
+    fn log_progress(&mut self) {
+        self.last_progress = Instant::now();
+        let source = self.m.source_revision.load(Ordering::Relaxed);
+        if source > self.checkpoint {
+            tracing::info!(applied = self.checkpoint, source, behind = source - self.checkpoint, "mirroring");
+        }
+    }
+
     /// Applies revisions on the target, granting any lease they use first.
     async fn flush(&mut self, revisions: Vec<MirrorRevision>) -> anyhow::Result<()> {
         let Some(last) = revisions.last().map(|r| r.revision) else { return Ok(()) };
@@ -252,6 +265,9 @@ impl Session<'_> {
         };
         let resp = self.target.apply(req).await.context("apply on the target")?.into_inner();
         self.checkpoint = resp.applied_revision;
+        if self.last_progress.elapsed() >= PROGRESS_LOG_EVERY {
+            self.log_progress();
+        }
         self.known_leases.extend(granted.iter().map(|l| l.id));
         self.m.applied_revision.store(resp.applied_revision, Ordering::Relaxed);
         self.m.applied_total.fetch_add(n, Ordering::Relaxed);

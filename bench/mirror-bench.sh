@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Mirror benchmark beside etcdctl make-mirror, same machine, same run, same source (a 1-member
+# etcd 3.4 with 100k keys of 256 bytes):
+#   copy:  time until the destination holds every key (make-mirror into etcd; meridian mirror into a
+#          Meridian secondary, which also keeps every revision);
+#   lag:   time-stamped probes while etcd's benchmark writes 2,000 puts/s into the source.
+# Prints a markdown table (also target/bench/mirror-results.md). Env: MIRROR_KEYS (100000),
+# LAG_SECONDS (10), MERIDIAN_BIN (else cargo build --release).
+set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=bench.sh
+source "$HERE/bench.sh"
+MEMBERS=1
+KEYS=${MIRROR_KEYS:-100000}
+LAG_SECONDS=${LAG_SECONDS:-10}
+declare -A R
+
+# Keys on EP (etcdctl 3.4 has no --count-only; a limited get still reports the full count).
+count() { etcdctl --endpoints="$1" --command-timeout=30s get "" --from-key --limit=1 -w json 2>/dev/null \
+  | grep -o '"count":[0-9]*' | cut -d: -f2 || true; }
+
+# wait_count EP N: seconds (decimal) until EP holds at least N keys, polling every 50 ms.
+wait_count() {
+  local start=$EPOCHREALTIME n
+  while :; do
+    n=$(count "$1"); n=${n:-0}
+    ((n >= $2)) && break
+    sleep 0.05
+  done
+  awk -v a="$start" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.2f", b - a }'
+}
+
+# lag NAME: probes against SRC_EP -> DST_EP while etcd's benchmark writes 2,000 puts/s.
+lag() {
+  "$BENCH_TOOL" --endpoints="$SRC_EP" --clients=16 --conns=4 put --rate=2000 --total=$((2000 * (LAG_SECONDS + 3))) \
+    --key-size=8 --val-size=256 --key-space-size=100000 >"$OUT/mirror-$1-load.txt" 2>&1 &
+  local load=$!
+  read -r n p50 p99 max < <(python3 "$HERE/lag_probe.py" "$SRC_EP" "$DST_EP" "$LAG_SECONDS" 10)
+  wait "$load" || true
+  R[$1,lag_n]=$n; R[$1,p50]=$p50; R[$1,p99]=$p99; R[$1,max]=$max
+}
+
+main_mirror() {
+  mkdir -p "$OUT"
+  apt_install etcd-server etcd-client
+  build_benchmark
+  build_meridian
+
+  start_cluster etcd-src etcd; SRC_EP=$ENDPOINTS
+  log "loading $KEYS keys into the source"
+  "$BENCH_TOOL" --endpoints="$SRC_EP" --clients=64 --conns=8 put --total="$KEYS" --key-space-size="$KEYS" \
+    --sequential-keys --key-size=8 --val-size=256 >"$OUT/mirror-load.txt" 2>&1
+  local keys; keys=$(count "$SRC_EP")
+
+  # etcdctl make-mirror into a fresh etcd.
+  start_cluster etcd-dst etcd; DST_EP=$ENDPOINTS; local dst_pids=("${CLUSTER_PIDS[@]}")
+  etcdctl make-mirror --endpoints="$SRC_EP" "$DST_EP" >"$OUT/make-mirror.log" 2>&1 &
+  local mm=$!; PIDS+=("$mm")
+  R[make,copy]=$(wait_count "$DST_EP" "$keys")
+  log "make-mirror copied $keys keys in ${R[make,copy]}s"
+  lag make
+  stop_pids "$mm" "${dst_pids[@]}"
+
+  # meridian mirror into a fresh Meridian secondary.
+  start_cluster meridian-dst "$MERIDIAN_BIN" node --region dr --initial-role secondary --primary-region src
+  DST_EP=$ENDPOINTS; dst_pids=("${CLUSTER_PIDS[@]}")
+  alloc_port; local mport=$PORT
+  "$MERIDIAN_BIN" mirror --source "$SRC_EP" --target "$DST_EP" --listen-metrics "127.0.0.1:$mport" \
+    >"$OUT/meridian-mirror.log" 2>&1 &
+  local mr=$!; PIDS+=("$mr")
+  R[meridian,copy]=$(wait_count "$DST_EP" "$keys")
+  log "meridian mirror copied $keys keys (and every revision) in ${R[meridian,copy]}s"
+  lag meridian
+  stop_pids "$mr" "${dst_pids[@]}"
+
+  {
+    echo "| measure | make-mirror | meridian mirror | ratio |"
+    echo "|---|---:|---:|---:|"
+    printf '| copy of %s keys (s) | %s | %s | %s× faster |\n' "$keys" "${R[make,copy]}" "${R[meridian,copy]}" \
+      "$(awk -v a="${R[make,copy]}" -v b="${R[meridian,copy]}" 'BEGIN { printf "%.1f", a / b }')"
+    printf '| copy rate (keys/s) | %.0f | %.0f | |\n' "$(awk -v k="$keys" -v t="${R[make,copy]}" 'BEGIN { print k / t }')" \
+      "$(awk -v k="$keys" -v t="${R[meridian,copy]}" 'BEGIN { print k / t }')"
+    printf '| lag p50 at 2,000 puts/s (ms) | %s | %s | |\n' "${R[make,p50]}" "${R[meridian,p50]}"
+    printf '| lag p99 at 2,000 puts/s (ms) | %s | %s | |\n' "${R[make,p99]}" "${R[meridian,p99]}"
+    printf '| probes | %s | %s | |\n' "${R[make,lag_n]}" "${R[meridian,lag_n]}"
+  } | tee "$OUT/mirror-results.md"
+}
+
+main_mirror "$@"
