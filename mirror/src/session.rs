@@ -143,6 +143,18 @@ pub async fn run(cfg: &MirrorConfig, m: &Metrics) -> anyhow::Result<()> {
 }
 
 impl Session<'_> {
+    /// An Apply request with this session's identity and current lag, and nothing to apply yet.
+    fn request(&self) -> MirrorApplyRequest {
+        MirrorApplyRequest {
+            source_cluster_id: self.cluster_id,
+            epoch: self.epoch,
+            source_region: self.region.clone(),
+            source_revision: self.m.source_revision.load(Ordering::Relaxed),
+            lag_ms: (self.m.lag_seconds() * 1000.0) as i64,
+            ..Default::default()
+        }
+    }
+
     fn record(
         &self,
         key: &[u8],
@@ -252,17 +264,7 @@ impl Session<'_> {
         let Some(last) = revisions.last().map(|r| r.revision) else { return Ok(()) };
         let granted = self.leases_for(&revisions).await?;
         let n = revisions.len() as u64;
-        let lag_ms = self.m.lag_seconds() * 1000.0;
-        let req = MirrorApplyRequest {
-            source_cluster_id: self.cluster_id,
-            epoch: self.epoch,
-            source_region: self.region.clone(),
-            revisions,
-            granted_leases: granted.clone(),
-            source_revision: self.m.source_revision.load(Ordering::Relaxed),
-            lag_ms: lag_ms as i64,
-            ..Default::default()
-        };
+        let req = MirrorApplyRequest { revisions, granted_leases: granted.clone(), ..self.request() };
         let resp = self.target.apply(req).await.context("apply on the target")?.into_inner();
         self.checkpoint = resp.applied_revision;
         if self.last_progress.elapsed() >= PROGRESS_LOG_EVERY {
@@ -299,13 +301,7 @@ impl Session<'_> {
     /// Drops leases the source no longer has, and repeats the source's
     /// compactions (Meridian sources; etcd sources compact on their own).
     async fn housekeeping(&mut self) -> anyhow::Result<()> {
-        let mut req = MirrorApplyRequest {
-            source_cluster_id: self.cluster_id,
-            epoch: self.epoch,
-            source_region: self.region.clone(),
-            source_revision: self.m.source_revision.load(Ordering::Relaxed),
-            ..Default::default()
-        };
+        let mut req = self.request();
         if !self.known_leases.is_empty() {
             let live: HashSet<i64> = LeaseClient::new(self.src.clone())
                 .lease_leases(LeaseLeasesRequest {})
@@ -380,15 +376,11 @@ impl Session<'_> {
         let granted = self.leases_for(&revisions).await?;
         let n = revisions.len() as u64;
         let req = MirrorApplyRequest {
-            source_cluster_id: self.cluster_id,
-            epoch: self.epoch,
-            source_region: self.region.clone(),
             revisions,
             granted_leases: granted.clone(),
             compact_revision: if reset { compact } else { 0 },
             reset,
-            source_revision: self.m.source_revision.load(Ordering::Relaxed),
-            ..Default::default()
+            ..self.request()
         };
         let resp = self.target.apply(req).await.context("copy apply on the target")?.into_inner();
         self.checkpoint = resp.applied_revision;

@@ -890,6 +890,23 @@ pub fn check_health(addr: SocketAddr) -> Result<()> {
     Ok(())
 }
 
+/// Replaces the values of `cluster_id`, `member_id` and `raft_term` in JSON
+/// output with `N`: they differ between any two clusters by nature.
+pub fn mask_ids(s: &str) -> String {
+    let mut s = s.to_string();
+    for field in ["cluster_id", "member_id", "raft_term"] {
+        let pat = format!("\"{field}\":");
+        let mut at = 0;
+        while let Some(i) = s[at..].find(&pat) {
+            let start = at + i + pat.len();
+            let end = s[start..].find(|c: char| !c.is_ascii_digit()).map_or(s.len(), |e| start + e);
+            s.replace_range(start..end, "N");
+            at = start;
+        }
+    }
+    s
+}
+
 /// A plain HTTP/1.1 GET of `path` on `addr`: the status code and the body.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;

@@ -19,7 +19,7 @@ fn grpc_code(e: &etcd_client::Error) -> Option<(tonic::Code, String)> {
 fn etcdctl_lease_commands_match_etcd() -> anyhow::Result<()> {
     fn session(c: &Cluster) -> anyhow::Result<Vec<String>> {
         let mut out = Vec::new();
-        let mut run = |args: &[&str]| -> anyhow::Result<String> {
+        let run = |args: &[&str]| -> anyhow::Result<String> {
             let o = c.etcdctl(args)?;
             let errors: Vec<&str> = o.stderr.lines().filter(|l| l.starts_with("Error")).collect();
             Ok(format!("{} | {} | {}", o.status.code().unwrap_or(-1), o.stdout.trim(), errors.join(";")))

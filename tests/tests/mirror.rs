@@ -58,18 +58,7 @@ fn primary_opts() -> ClusterOpts {
 
 /// What a user compares: every key with its revisions, version, lease and value.
 fn dump(c: &Cluster) -> anyhow::Result<String> {
-    let mut s = c.etcdctl_ok(&["get", "", "--from-key", "-w", "json"])?;
-    for field in ["cluster_id", "member_id", "raft_term"] {
-        let pat = format!("\"{field}\":");
-        let mut at = 0;
-        while let Some(i) = s[at..].find(&pat) {
-            let start = at + i + pat.len();
-            let end = s[start..].find(|c: char| !c.is_ascii_digit()).map_or(s.len(), |e| start + e);
-            s.replace_range(start..end, "N");
-            at = start;
-        }
-    }
-    Ok(s)
+    Ok(meridian_tests::mask_ids(&c.etcdctl_ok(&["get", "", "--from-key", "-w", "json"])?))
 }
 
 async fn revision(c: &Cluster) -> anyhow::Result<i64> {

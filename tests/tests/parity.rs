@@ -5,7 +5,7 @@
 //!
 //! Revisions are compared as they are: they must match exactly.
 
-use meridian_tests::{etcdctl_with_input, Cluster, ClusterOpts, CtlOutput, EtcdCluster};
+use meridian_tests::{etcdctl_with_input, mask_ids, Cluster, ClusterOpts, CtlOutput, EtcdCluster};
 
 /// One etcdctl invocation: arguments, and optional stdin (for `txn`).
 type Step = (&'static [&'static str], Option<&'static str>);
@@ -84,20 +84,6 @@ const SESSION: &[Step] = &[
 
 /// What a user sees of one command, with the inherently different parts masked.
 fn observed(out: &CtlOutput) -> String {
-    let mask_ids = |s: &str| {
-        let mut s = s.to_string();
-        for field in ["cluster_id", "member_id", "raft_term"] {
-            let pat = format!("\"{field}\":");
-            let mut at = 0;
-            while let Some(i) = s[at..].find(&pat) {
-                let start = at + i + pat.len();
-                let end = s[start..].find(|c: char| !c.is_ascii_digit()).map_or(s.len(), |e| start + e);
-                s.replace_range(start..end, "N");
-                at = start;
-            }
-        }
-        s
-    };
     // etcdctl logs its retries as JSON lines on stderr; the user-facing part is "Error: ...".
     let errors: Vec<&str> = out.stderr.lines().filter(|l| l.starts_with("Error:")).collect();
     format!("exit={} stdout={} stderr={}", out.status.code().unwrap_or(-1), mask_ids(&out.stdout), errors.join("\n"))

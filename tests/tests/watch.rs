@@ -54,7 +54,7 @@ fn etcdctl_watch_matches_etcd() -> anyhow::Result<()> {
             let mut full = args.clone();
             full.extend(timeout);
             let o = meridian_tests::etcdctl_with_timeout(&c.endpoints(), &full, Duration::from_millis(1500))?;
-            out.push_str(&mask(&o));
+            out.push_str(&meridian_tests::mask_ids(&o));
             out.push('\n');
         }
         c.etcdctl_ok(&["compact", "5"])?;
@@ -65,20 +65,6 @@ fn etcdctl_watch_matches_etcd() -> anyhow::Result<()> {
         )?;
         out.push_str(&o);
         Ok(out)
-    }
-    fn mask(s: &str) -> String {
-        let mut s = s.to_string();
-        for f in ["cluster_id", "member_id", "raft_term"] {
-            let pat = format!("\"{f}\":");
-            let mut at = 0;
-            while let Some(i) = s[at..].find(&pat) {
-                let start = at + i + pat.len();
-                let end = s[start..].find(|c: char| !c.is_ascii_digit()).map_or(s.len(), |e| start + e);
-                s.replace_range(start..end, "N");
-                at = start;
-            }
-        }
-        s
     }
     let etcd = EtcdCluster::start(1)?;
     let meridian = Cluster::start(3, ClusterOpts::fast())?;
