@@ -1,0 +1,166 @@
+//! Member processes of a [`Cluster`]: kill, stop, spawn, restart, and waits for readiness.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use super::{log_lines, member_name, Cluster, POLL};
+use crate::http::check_health;
+use crate::process::{signal, wait_timeout};
+
+/// How long [`Cluster::stop`] waits after SIGTERM before it sends SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Cluster {
+    /// SIGKILLs member `i` and reaps it: a crash with no chance to flush or shut down.
+    ///
+    /// # Errors
+    ///
+    /// The member is not running, or the signal or the wait fails.
+    pub fn kill9(&mut self, i: usize) -> Result<()> {
+        let name = member_name(i);
+        let mut child = self.member_mut(i).child.take().ok_or_else(|| anyhow!("{name} is not running"))?;
+        // Child::kill sends SIGKILL to this child's pid.
+        child.kill().with_context(|| format!("SIGKILL {name}"))?;
+        child.wait().with_context(|| format!("reap {name}"))?;
+        Ok(())
+    }
+
+    /// Sends SIGTERM to member `i` and waits for it to exit: a graceful shutdown.
+    ///
+    /// # Errors
+    ///
+    /// The member is not running, or it has not exited 10 s after SIGTERM (it is then SIGKILLed,
+    /// so a test that expects a clean shutdown fails).
+    pub fn stop(&mut self, i: usize) -> Result<ExitStatus> {
+        let name = member_name(i);
+        let mut child = self.member_mut(i).child.take().ok_or_else(|| anyhow!("{name} is not running"))?;
+        signal(&child, libc::SIGTERM).with_context(|| format!("SIGTERM {name}"))?;
+        match wait_timeout(&mut child, STOP_TIMEOUT)? {
+            Some(status) => Ok(status),
+            None => {
+                child.kill()?;
+                child.wait()?;
+                bail!("{name} did not exit within {STOP_TIMEOUT:?} of SIGTERM; killed it");
+            }
+        }
+    }
+
+    /// Spawns member `i` with its flags and data dir, without waiting for it to be healthy.
+    ///
+    /// Use it to bring back several members of a cluster that lost quorum, then
+    /// [`Cluster::wait_ready_all`].
+    ///
+    /// # Errors
+    ///
+    /// The member is already running, or the log cannot be opened, or the spawn fails.
+    pub fn spawn(&mut self, i: usize) -> Result<()> {
+        let name = member_name(i);
+        let (program, subcommand, server) = (self.program.clone(), self.subcommand.clone(), self.server);
+        let member = self.member_mut(i);
+        if member.child.is_some() {
+            bail!("{name} is already running");
+        }
+        member.starts += 1;
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&member.log_path)
+            .with_context(|| format!("open {}", member.log_path.display()))?;
+        writeln!(
+            log,
+            "=== harness: start #{} of {name}: {} {} {}",
+            member.starts,
+            program.display(),
+            subcommand.join(" "),
+            member.args.join(" ")
+        )?;
+        let mut cmd = Command::new(&program);
+        cmd.args(&subcommand)
+            .args(&member.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .env("RUST_BACKTRACE", "1")
+            // The log is a file: no colour codes (tracing-subscriber honours NO_COLOR).
+            .env("NO_COLOR", "1");
+        // etcd reads any ETCD_* variable as a flag and refuses to start when it duplicates one.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("ETCD_") {
+                cmd.env_remove(key);
+            }
+        }
+        let child = cmd.spawn().with_context(|| format!("spawn {} {name}", server.name()))?;
+        member.child = Some(child);
+        Ok(())
+    }
+
+    /// Restarts member `i` with the same flags and data dir and waits until it is healthy;
+    /// a running member is first stopped with [`Cluster::stop`].
+    ///
+    /// # Errors
+    ///
+    /// The stop or spawn fails, or the member is not healthy within the ready timeout (which is
+    /// what happens when no quorum is up: use [`Cluster::spawn`] then).
+    pub fn restart(&mut self, i: usize) -> Result<()> {
+        if self.is_running(i) {
+            self.stop(i)?;
+        }
+        self.spawn(i)?;
+        self.wait_ready(i)
+    }
+
+    /// Waits until member `i` answers `GET /health` with 200 and `true`.
+    ///
+    /// # Errors
+    ///
+    /// The member is not running, exits, or is not healthy within the ready timeout; the
+    /// error carries the last health failure and the tail of its log.
+    pub fn wait_ready(&mut self, i: usize) -> Result<()> {
+        let deadline = Instant::now() + self.ready_timeout;
+        self.wait_ready_until(i, deadline)
+    }
+
+    /// Waits until every running member is healthy, within one ready timeout overall.
+    ///
+    /// # Errors
+    ///
+    /// As [`Cluster::wait_ready`], for the first member that fails.
+    pub fn wait_ready_all(&mut self) -> Result<()> {
+        let deadline = Instant::now() + self.ready_timeout;
+        for i in 1..=self.len() {
+            if self.is_running(i) {
+                self.wait_ready_until(i, deadline)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn wait_ready_until(&mut self, i: usize, deadline: Instant) -> Result<()> {
+        let name = member_name(i);
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.member(i).client.port()));
+        loop {
+            let child = self.member_mut(i).child.as_mut().ok_or_else(|| anyhow!("{name} is not running"))?;
+            if let Some(status) = child.try_wait()? {
+                self.member_mut(i).child = None;
+                bail!("{name} exited with {status} before it was healthy\n{}", self.log_tail(i, log_lines()));
+            }
+            let err = match check_health(addr) {
+                Ok(()) => return Ok(()),
+                Err(err) => err,
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "{name} not healthy within {:?}: last GET /health: {err:#}\n{}",
+                    self.ready_timeout,
+                    self.log_tail(i, log_lines())
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+}

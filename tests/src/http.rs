@@ -1,0 +1,84 @@
+//! Plain HTTP/1.1 GETs against a member: `/health` for readiness, and any other path.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+/// Checks one member: `GET /health` over a plain HTTP/1.1 connection must answer 200 with a body
+/// containing `true`.
+///
+/// # Errors
+///
+/// Connection failure, timeout (2 s), another status, or a body without `true`.
+pub fn check_health(addr: SocketAddr) -> Result<()> {
+    let (status, body) = http_get(addr, "/health")?;
+    if status != 200 {
+        bail!("status {status}, body {body:?}");
+    }
+    if !body.contains("true") {
+        bail!("unhealthy: {body:?}");
+    }
+    Ok(())
+}
+
+/// A plain HTTP/1.1 GET of `path` on `addr`: the status code and the body.
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    // One write: `write!` would issue one syscall per piece.
+    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut response = Vec::new();
+    // The server closes after the response (Connection: close); a timeout keeps what arrived.
+    if let Err(err) = stream.take(4 * 1024 * 1024).read_to_end(&mut response) {
+        if response.is_empty() {
+            return Err(err.into());
+        }
+    }
+    let response = String::from_utf8_lossy(&response);
+    let status_line = response.lines().next().unwrap_or_default();
+    let body = response.split_once("\r\n\r\n").map(|(_, body)| body).unwrap_or_default().to_string();
+    if !status_line.starts_with("HTTP/1.") {
+        bail!("not an HTTP response: {status_line:?}");
+    }
+    let status = status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+    Ok((status, body))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{Ipv4Addr, TcpListener};
+
+    use super::*;
+
+    #[test]
+    fn health_check_accepts_only_200_with_true() {
+        for (response, healthy) in [
+            ("HTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\n{\"health\":\"true\"}", true),
+            ("HTTP/1.1 200 OK\r\n\r\n{\"health\":\"false\",\"reason\":\"\"}", false),
+            ("HTTP/1.1 503 Service Unavailable\r\n\r\n{\"health\":\"true\"}", false),
+            ("HTTP/1.0 200 OK\r\n\r\n{\"health\":\"true\",\"reason\":\"\"}", true),
+        ] {
+            let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let server = std::thread::spawn(move || {
+                let (mut conn, _) = listener.accept().unwrap();
+                // Read the whole request: closing with unread input would reset the connection.
+                let mut request = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !request.ends_with(b"\r\n\r\n") {
+                    let n = conn.read(&mut buf).unwrap();
+                    assert!(n > 0, "request ended early: {request:?}");
+                    request.extend_from_slice(&buf[..n]);
+                }
+                assert!(request.starts_with(b"GET /health HTTP/1.1\r\n"), "{request:?}");
+                conn.write_all(response.as_bytes()).unwrap();
+            });
+            let result = check_health(addr);
+            assert_eq!(result.is_ok(), healthy, "{response}: {result:?}");
+            server.join().unwrap();
+        }
+    }
+}
