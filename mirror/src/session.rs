@@ -130,6 +130,12 @@ pub async fn run(cfg: &MirrorConfig, m: &Metrics) -> anyhow::Result<()> {
         known_leases,
         last_progress: Instant::now(),
     };
+    // An empty target takes a Meridian source's whole retained history in
+    // bulk (RangeStream) rather than revision by revision through Watch.
+    if s.checkpoint <= 1 && matches!(s.kind, Kind::Meridian) {
+        tracing::info!("the target is empty: copying the source's history");
+        s.resync(0).await?;
+    }
     loop {
         let compacted = s.follow().await?;
         tracing::warn!(
