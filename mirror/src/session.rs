@@ -75,6 +75,12 @@ async fn connect(endpoints: &[String]) -> anyhow::Result<Channel> {
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no endpoints")))
 }
 
+/// Every lease id a cluster has.
+async fn lease_ids(channel: Channel) -> anyhow::Result<HashSet<i64>> {
+    let leases = LeaseClient::new(channel).lease_leases(LeaseLeasesRequest {}).await?.into_inner().leases;
+    Ok(leases.iter().map(|l| l.id).collect())
+}
+
 pub async fn run(cfg: &MirrorConfig, m: &Metrics) -> anyhow::Result<()> {
     let src = connect(&cfg.source).await.context("source")?;
     let dst = connect(&cfg.target).await.context("target")?;
@@ -98,14 +104,7 @@ pub async fn run(cfg: &MirrorConfig, m: &Metrics) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e).context("source status"),
     };
-    let known_leases: HashSet<i64> = LeaseClient::new(dst)
-        .lease_leases(LeaseLeasesRequest {})
-        .await?
-        .into_inner()
-        .leases
-        .iter()
-        .map(|l| l.id)
-        .collect();
+    let known_leases = lease_ids(dst).await.context("target leases")?;
     m.applied_revision.store(ts.revision, Ordering::Relaxed);
     tracing::info!(
         source = match kind {
@@ -161,16 +160,11 @@ impl Session<'_> {
         }
     }
 
-    fn record(
-        &self,
-        key: &[u8],
-        main: i64,
-        sub: i64,
-        tombstone: bool,
-        kv: Option<&meridian_proto::mvccpb::KeyValue>,
-    ) -> KvRecord {
-        let mut rec = KvRecord { key: self.cfg.target_key(key), main, sub, tombstone, ..Default::default() };
-        if let (false, Some(kv)) = (tombstone, kv) {
+    /// A source key-value as the target stores it; a delete keeps only the key.
+    fn record(&self, kv: &meridian_proto::mvccpb::KeyValue, sub: i64, tombstone: bool) -> KvRecord {
+        let mut rec =
+            KvRecord { key: self.cfg.target_key(&kv.key), main: kv.mod_revision, sub, tombstone, ..Default::default() };
+        if !tombstone {
             rec.value = kv.value.clone();
             rec.create_revision = kv.create_revision;
             rec.version = kv.version;
@@ -245,7 +239,7 @@ impl Session<'_> {
                 let last = batch.last_mut().expect("pushed");
                 let sub = last.changes.len() as i64;
                 let tombstone = ev.r#type == EventType::Delete as i32;
-                let rec = self.record(&kv.key, rev, sub, tombstone, Some(kv));
+                let rec = self.record(kv, sub, tombstone);
                 bytes += rec.encoded_len();
                 batch.last_mut().expect("pushed").changes.push(rec);
             }
@@ -309,14 +303,7 @@ impl Session<'_> {
     async fn housekeeping(&mut self) -> anyhow::Result<()> {
         let mut req = self.request();
         if !self.known_leases.is_empty() {
-            let live: HashSet<i64> = LeaseClient::new(self.src.clone())
-                .lease_leases(LeaseLeasesRequest {})
-                .await?
-                .into_inner()
-                .leases
-                .iter()
-                .map(|l| l.id)
-                .collect();
+            let live = lease_ids(self.src.clone()).await.context("source leases")?;
             req.revoked_leases = self.known_leases.iter().filter(|id| !live.contains(id)).copied().collect();
         }
         if matches!(self.kind, Kind::Meridian) {
@@ -452,7 +439,7 @@ impl Session<'_> {
                 Some(prev) if prev.main == kv.mod_revision => prev.sub + 1,
                 _ => 0,
             };
-            records.push(self.record(&kv.key, kv.mod_revision, sub, false, Some(kv)));
+            records.push(self.record(kv, sub, false));
         }
         Ok((records, at, at))
     }

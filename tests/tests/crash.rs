@@ -362,16 +362,7 @@ async fn whole_cluster_restart_keeps_keys_history_and_revision() -> Result<()> {
     assert_replicas_identical(&cluster, rev, "r/").await?;
     drop(client);
 
-    for i in 1..=3 {
-        cluster.stop(i)?;
-    }
-    // Spawn all before waiting: a member is healthy only once a quorum is up.
-    for i in 1..=3 {
-        cluster.spawn(i)?;
-    }
-    for i in 1..=3 {
-        cluster.wait_ready(i)?;
-    }
+    cluster.restart_all()?;
 
     for i in 1..=3 {
         let mut member = cluster.member_client(i).await?;

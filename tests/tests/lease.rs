@@ -199,15 +199,7 @@ async fn remaining_ttl_survives_leader_change_and_restart() -> anyhow::Result<()
 
     // Whole-cluster restart: the remaining TTL comes from the last checkpoint.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    for i in 1..=3 {
-        cluster.stop(i)?;
-    }
-    for i in 1..=3 {
-        cluster.spawn(i)?;
-    }
-    for i in 1..=3 {
-        cluster.wait_ready(i)?;
-    }
+    cluster.restart_all()?;
     let mut c = cluster.client().await?;
     let ttl = c.lease_time_to_live(lease, None).await?.ttl();
     assert!(ttl > 0 && ttl <= 25, "after a full restart the lease resumed with {ttl}s of 30");

@@ -101,7 +101,7 @@ impl Mvcc {
             let rev = Revision::from_key(&k).ok_or_else(|| Error::Corrupt("bad kv key".into()))?;
             let rec = KvRecord::decode(v.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))?;
             st.size += v.len() as u64;
-            st.index.restore(&rec.key, version_of(rev, &rec, v.len()));
+            st.index.restore(&rec.key, version_of(rev, &rec));
         }
         for item in meta.prefix(META_APP_PREFIX) {
             let (k, v) = item.into_inner()?;
@@ -246,7 +246,7 @@ impl Mvcc {
                 moves.push(LeaseMove { key: rec.key.clone(), from, to });
             }
             let r = Revision::new(rev, rec.sub);
-            st.index.restore(&rec.key, version_of(r, &rec, 0));
+            st.index.restore(&rec.key, version_of(r, &rec));
             st.size += rec.encoded_len() as u64;
             st.pending.insert(r, rec);
         }
@@ -431,7 +431,7 @@ impl Mvcc {
             let rev = Revision::new(rec.main, rec.sub);
             let bytes = rec.encode_to_vec();
             size += bytes.len() as u64;
-            index.restore(&rec.key, version_of(rev, &rec, bytes.len()));
+            index.restore(&rec.key, version_of(rev, &rec));
             batch.insert(&self.kv, rev.to_key().to_vec(), bytes);
         }
         st.index = index;
@@ -663,7 +663,7 @@ impl WriteTxn<'_> {
     }
 }
 
-fn version_of(rev: Revision, rec: &KvRecord, _len: usize) -> Version {
+fn version_of(rev: Revision, rec: &KvRecord) -> Version {
     Version { rev, create: rec.create_revision, version: rec.version, lease: rec.lease, tombstone: rec.tombstone }
 }
 

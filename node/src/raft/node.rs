@@ -183,10 +183,6 @@ impl<S: StateMachine> RaftNode<S> {
         self.status.clone()
     }
 
-    pub fn state_machine(&self) -> &S {
-        &self.sm
-    }
-
     /// Advances raft's logical clock by one tick; expires stale reads.
     pub fn tick(&mut self) {
         self.raw.tick();

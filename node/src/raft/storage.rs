@@ -185,15 +185,6 @@ impl LogStore {
         batch.insert(&self.ks, KEY_LOG_START, b);
     }
 
-    /// Number of entries currently kept in the log.
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Index of the last entry dropped by compaction or a snapshot.
     pub fn start_index(&self) -> u64 {
         self.start.0

@@ -163,4 +163,17 @@ impl Cluster {
             std::thread::sleep(POLL);
         }
     }
+
+    /// Stops every member (SIGTERM), then starts them all again and waits
+    /// until each is healthy. All are spawned before any wait: a member is
+    /// healthy only once a quorum is up.
+    pub fn restart_all(&mut self) -> Result<()> {
+        for i in 1..=self.len() {
+            self.stop(i)?;
+        }
+        for i in 1..=self.len() {
+            self.spawn(i)?;
+        }
+        self.wait_ready_all()
+    }
 }

@@ -218,10 +218,6 @@ impl Lessor {
         }
     }
 
-    pub fn is_primary(&self) -> bool {
-        self.state.lock().primary
-    }
-
     /// Renews a lease on the leader: its clock restarts at the full TTL.
     /// Returns the TTL, 0 if the lease does not exist, and whether a
     /// checkpointed remaining TTL must be cleared (through raft).
