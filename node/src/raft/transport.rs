@@ -176,3 +176,35 @@ impl RaftTransport for PeerService {
         Ok(Response::new(RaftAck {}))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service() -> (PeerService, crossbeam_channel::Receiver<Input>) {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let svc = PeerService { cluster_id: 7, members: [1, 2].into(), raft_tx: tx, metrics: Arc::new(Metrics::new()) };
+        (svc, rx)
+    }
+
+    fn batch(cluster_id: u64, from: u64, msg_from: u64) -> RaftBatch {
+        let mut m = Message::default();
+        m.from = msg_from;
+        m.to = 1;
+        RaftBatch { cluster_id, from, to: 1, messages: vec![m.write_to_bytes().unwrap()] }
+    }
+
+    #[tokio::test]
+    async fn only_configured_members_of_this_cluster_reach_raft() {
+        let (svc, rx) = service();
+        let err = svc.send(Request::new(batch(8, 2, 2))).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "another cluster");
+        let err = svc.send(Request::new(batch(7, 9, 9))).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "not a member");
+        let err = svc.send(Request::new(batch(7, 2, 9))).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "a message claiming another sender");
+        assert!(rx.try_recv().is_err(), "nothing reached raft");
+        svc.send(Request::new(batch(7, 2, 2))).await.unwrap();
+        assert!(matches!(rx.try_recv(), Ok(Input::Step(m)) if m.from == 2));
+    }
+}
