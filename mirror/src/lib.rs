@@ -26,6 +26,7 @@
 //!   ends the session; the mirror logs why and starts a new one after a
 //!   backoff.
 
+mod catchup;
 mod config;
 mod metrics;
 mod session;

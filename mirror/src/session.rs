@@ -2,7 +2,7 @@
 //! follow the source's Watch, and resync when the source has compacted past
 //! the checkpoint. Any error ends the session; `run` in lib.rs retries.
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -19,11 +19,13 @@ use meridian_proto::meridian::v1::{
     KvRecord, MirrorApplyRequest, MirrorLease, MirrorRevision, MirrorStatusRequest, RangeStreamRequest,
 };
 use meridian_proto::mvccpb::event::EventType;
+use meridian_proto::mvccpb::Event;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::catchup;
 use crate::config::MirrorConfig;
 use crate::metrics::Metrics;
 
@@ -136,7 +138,10 @@ pub async fn run(cfg: &MirrorConfig, m: &Metrics) -> anyhow::Result<()> {
         s.resync(0).await?;
     }
     loop {
-        let compacted = s.follow().await?;
+        let compacted = match s.catch_up().await? {
+            Some(compacted) => compacted,
+            None => s.follow().await?,
+        };
         tracing::warn!(
             compacted,
             checkpoint = s.checkpoint,
@@ -230,24 +235,88 @@ impl Session<'_> {
             }
             self.m.oldest_unapplied.lock().get_or_insert_with(Instant::now);
             for ev in &resp.events {
-                let Some(kv) = &ev.kv else { continue };
-                let rev = kv.mod_revision;
-                self.m.source_revision.fetch_max(rev, Ordering::Relaxed);
-                if batch.last().is_none_or(|b| b.revision != rev) {
-                    batch.push(MirrorRevision { revision: rev, changes: Vec::new() });
-                }
-                let last = batch.last_mut().expect("pushed");
-                let sub = last.changes.len() as i64;
-                let tombstone = ev.r#type == EventType::Delete as i32;
-                let rec = self.record(kv, sub, tombstone);
-                bytes += rec.encoded_len();
-                batch.last_mut().expect("pushed").changes.push(rec);
+                bytes += self.add_event(&mut batch, ev);
             }
             if bytes >= BATCH_BYTES {
                 self.flush(std::mem::take(&mut batch)).await?;
                 bytes = 0;
             }
         }
+    }
+
+    /// Adds a watch event to `batch`, grouped by revision; returns its size.
+    fn add_event(&self, batch: &mut Vec<MirrorRevision>, ev: &Event) -> usize {
+        let Some(kv) = &ev.kv else { return 0 };
+        let rev = kv.mod_revision;
+        self.m.source_revision.fetch_max(rev, Ordering::Relaxed);
+        if batch.last().is_none_or(|b| b.revision != rev) {
+            batch.push(MirrorRevision { revision: rev, changes: Vec::new() });
+        }
+        let last = batch.last_mut().expect("pushed");
+        let rec = self.record(kv, last.changes.len() as i64, ev.r#type == EventType::Delete as i32);
+        let len = rec.encoded_len();
+        last.changes.push(rec);
+        len
+    }
+
+    /// The source's current revision.
+    async fn source_head(&self) -> anyhow::Result<i64> {
+        let r = KvClient::new(self.src.clone())
+            .range(RangeRequest { key: vec![0], count_only: true, ..Default::default() })
+            .await
+            .context("source range")?
+            .into_inner();
+        Ok(r.header.map_or(0, |h| h.revision))
+    }
+
+    /// Far behind an etcd source, fetches the missing history with many
+    /// watches at once (see catchup.rs) and applies it in order. Returns the
+    /// source's compact revision if it has compacted past the checkpoint.
+    async fn catch_up(&mut self) -> anyhow::Result<Option<i64>> {
+        if !matches!(self.kind, Kind::Etcd) {
+            return Ok(None);
+        }
+        let head = self.source_head().await?;
+        if head - self.checkpoint < catchup::MIN_BEHIND {
+            return Ok(None);
+        }
+        let started = Instant::now();
+        let from = self.checkpoint + 1;
+        tracing::info!(from, to = head, "far behind the source: fetching its history with parallel watches");
+        self.m.source_revision.fetch_max(head, Ordering::Relaxed);
+        self.m.oldest_unapplied.lock().get_or_insert_with(Instant::now);
+        let (key, range_end) = self.cfg.source_range();
+        let mut next = from;
+        let mut in_flight = VecDeque::new();
+        let mut parallel = catchup::FIRST_PARALLEL;
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        loop {
+            while in_flight.len() < parallel && next <= head {
+                let to = (next + catchup::SEGMENT_REVS).min(head + 1);
+                in_flight.push_back(catchup::spawn(self.src.clone(), key.clone(), range_end.clone(), next, to));
+                next = to;
+            }
+            let Some(fetch) = in_flight.pop_front() else { break };
+            let events = match fetch.await.context("catch-up watch")?? {
+                catchup::Segment::Compacted(rev) => return Ok(Some(rev)),
+                catchup::Segment::Events(events) => events,
+            };
+            let mut segment_bytes = 0;
+            for ev in &events {
+                segment_bytes += self.add_event(&mut batch, ev);
+            }
+            // Hold about BUFFER_BYTES of fetched history, whatever the value sizes.
+            parallel = (catchup::BUFFER_BYTES / segment_bytes.max(1)).clamp(2, catchup::MAX_PARALLEL);
+            bytes += segment_bytes;
+            if bytes >= BATCH_BYTES {
+                self.flush(std::mem::take(&mut batch)).await?;
+                bytes = 0;
+            }
+        }
+        self.flush(batch).await?;
+        tracing::info!(revision = self.checkpoint, took = ?started.elapsed(), "caught up; following the source");
+        Ok(None)
     }
 
     /// Logs how far behind the target is (a long first copy says so every few seconds).

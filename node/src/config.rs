@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
 
 use crate::error::{Error, Result};
+use crate::server::compactor::Retention;
 
 /// Command-line flags, named as etcd's. Every field is optional so that an
 /// absent flag does not hide the file or the environment.
@@ -70,6 +71,12 @@ pub struct NodeFlags {
     /// How often the leader checkpoints remaining lease TTLs (etcd's flag), e.g. 5s.
     #[arg(long = "experimental-lease-checkpoint-interval")]
     pub lease_checkpoint_interval: Option<String>,
+    /// Auto compaction: 'periodic' (keep a time window) or 'revision' (keep a count of revisions).
+    #[arg(long)]
+    pub auto_compaction_mode: Option<String>,
+    /// Auto compaction retention: hours or a duration (periodic), or revisions (revision); 0 disables.
+    #[arg(long)]
+    pub auto_compaction_retention: Option<String>,
     /// Region this cluster belongs to.
     #[arg(long)]
     pub region: Option<String>,
@@ -109,6 +116,8 @@ pub struct NodeConfig {
     pub quota_backend_bytes: i64,
     pub watch_progress_notify_interval: String,
     pub lease_checkpoint_interval: String,
+    pub auto_compaction_mode: String,
+    pub auto_compaction_retention: String,
     pub region: String,
     pub initial_role: String,
     pub primary_region: String,
@@ -139,6 +148,8 @@ impl Default for NodeConfig {
             quota_backend_bytes: 0,
             watch_progress_notify_interval: "10m".into(),
             lease_checkpoint_interval: "5s".into(),
+            auto_compaction_mode: "periodic".into(),
+            auto_compaction_retention: "0".into(),
             region: "default".into(),
             initial_role: "primary".into(),
             primary_region: String::new(),
@@ -203,6 +214,8 @@ impl NodeConfig {
             log_level,
             watch_progress_notify_interval,
             lease_checkpoint_interval,
+            auto_compaction_mode,
+            auto_compaction_retention,
             region,
             initial_role,
             primary_region
@@ -245,6 +258,7 @@ impl NodeConfig {
                 self.lease_checkpoint_interval
             )));
         }
+        self.auto_compaction()?;
         if !matches!(self.initial_role.as_str(), "primary" | "secondary") {
             return Err(Error::Config(format!(
                 "invalid value {:?} for --initial-role: valid values are \"primary\" or \"secondary\"",
@@ -265,6 +279,15 @@ impl NodeConfig {
     /// How often the leader checkpoints remaining lease TTLs.
     pub fn lease_checkpoint_interval(&self) -> Duration {
         parse_duration(&self.lease_checkpoint_interval).unwrap_or(Duration::from_secs(5))
+    }
+
+    /// The auto-compaction retention; `None` when disabled.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for an unknown mode or a malformed retention.
+    pub fn auto_compaction(&self) -> Result<Option<Retention>> {
+        Retention::parse(&self.auto_compaction_mode, &self.auto_compaction_retention)
     }
 
     pub fn data_dir(&self) -> PathBuf {
@@ -316,20 +339,35 @@ impl NodeConfig {
     }
 }
 
-/// Parses Go-style durations as etcd's flags take them: `10m`, `30s`, `500ms`, `1h`.
+/// Parses Go durations as etcd's flags take them: `10m`, `30s`, `500ms`,
+/// `1h30m`, `1.5h`, `0`.
 pub fn parse_duration(s: &str) -> Option<Duration> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit() && c != '.')?;
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num.parse().ok()?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return None,
-    };
-    Some(Duration::from_secs_f64(secs))
+    let mut rest = s.trim();
+    if rest == "0" {
+        return Some(Duration::ZERO);
+    }
+    if rest.is_empty() {
+        return None;
+    }
+    let mut secs = 0.0;
+    while !rest.is_empty() {
+        let num_end = rest.find(|c: char| !c.is_ascii_digit() && c != '.')?;
+        let n: f64 = rest[..num_end].parse().ok()?;
+        rest = &rest[num_end..];
+        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "ns" => 1e-9,
+            "us" | "\u{b5}s" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return None,
+        };
+        secs += n * scale;
+        rest = &rest[unit_end..];
+    }
+    Duration::try_from_secs_f64(secs).ok()
 }
 
 /// Splits a comma-separated URL list.
@@ -416,11 +454,22 @@ mod tests {
 
     #[test]
     fn durations() {
-        for (s, ms) in [("10m", 600_000), ("30s", 30_000), ("500ms", 500), ("1h", 3_600_000), ("1.5s", 1500)] {
+        for (s, ms) in [
+            ("10m", 600_000),
+            ("30s", 30_000),
+            ("500ms", 500),
+            ("1h", 3_600_000),
+            ("1.5s", 1500),
+            ("1h30m", 5_400_000),
+            ("1m0.5s", 60_500),
+            ("0", 0),
+        ] {
             assert_eq!(parse_duration(s), Some(Duration::from_millis(ms)), "{s}");
         }
         assert_eq!(parse_duration("10"), None);
         assert_eq!(parse_duration("10x"), None);
+        assert_eq!(parse_duration("1h30"), None);
+        assert_eq!(parse_duration(""), None);
     }
 
     #[test]

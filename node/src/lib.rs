@@ -234,6 +234,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         tasks.push(serve(&url, metrics_routes.clone(), stop_rx.clone(), false).await?);
     }
     tokio::spawn(run_leader_duties(server.clone(), lessor.clone(), cfg.lease_checkpoint_interval()));
+    if let Some(retention) = cfg.auto_compaction()? {
+        tokio::spawn(server::compactor::run(server.clone(), retention));
+    }
     tokio::spawn(publish_attributes(
         server.clone(),
         MemberAttributes { id: me.id, name: cfg.name.clone(), client_urls: split_urls(&cfg.advertise_client_urls) },

@@ -2,8 +2,8 @@
 //! and alerts work against Meridian unchanged.
 
 use prometheus::{
-    exponential_buckets, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    exponential_buckets, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric a member exports. Cheap to clone handles out of; shared by
@@ -36,6 +36,13 @@ pub struct Metrics {
     pub peer_sent_failures: IntCounterVec,
     pub server_id: IntGaugeVec,
     pub server_version: IntGaugeVec,
+    /// Secondary only, on the member the mirror calls: the source's revision
+    /// as the mirror last reported it.
+    pub mirror_source_revision: IntGauge,
+    /// Secondary only: source revisions not yet applied here.
+    pub mirror_lag_revisions: IntGauge,
+    /// Secondary only: seconds since the source committed the oldest revision not yet applied here.
+    pub mirror_lag_seconds: Gauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -56,6 +63,22 @@ impl Metrics {
             reg(&r, Histogram::with_opts(opts).expect("valid metric"))
         };
         Self {
+            mirror_source_revision: gauge(
+                "meridian_mirror_source_revision",
+                "The source's revision as the mirror last reported it (secondaries).",
+            ),
+            mirror_lag_revisions: gauge(
+                "meridian_mirror_lag_revisions",
+                "Source revisions not yet applied on this secondary.",
+            ),
+            mirror_lag_seconds: reg(
+                &r,
+                Gauge::new(
+                    "meridian_mirror_lag_seconds",
+                    "Seconds since the source committed the oldest revision not yet applied on this secondary.",
+                )
+                .expect("valid metric"),
+            ),
             has_leader: gauge("etcd_server_has_leader", "Whether or not a leader exists. 1 is existence, 0 is not."),
             is_leader: gauge("etcd_server_is_leader", "Whether or not this member is a leader. 1 if is, 0 otherwise."),
             leader_changes: counter("etcd_server_leader_changes_seen_total", "The number of leader changes seen."),

@@ -212,3 +212,75 @@ async fn killing_the_secondary_leader_loses_nothing() -> anyhow::Result<()> {
     assert_eq!(dump(&secondary)?, dump(&primary)?);
     Ok(())
 }
+
+/// Writes `n` puts (`k0000`..) with 32 in flight, overwriting each key
+/// every 1,000 revisions; returns the last revision.
+async fn many_revisions(c: &etcd_client::Client, n: usize) -> anyhow::Result<i64> {
+    let mut last = 0;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(32) {
+        let puts = chunk.iter().map(|i| {
+            let mut c = c.clone();
+            async move { c.put(format!("k{:04}", i % 1000), format!("v{i}"), None).await }
+        });
+        for r in futures::future::join_all(puts).await {
+            last = last.max(r?.header().expect("header").revision());
+        }
+    }
+    Ok(last)
+}
+
+/// A secondary far behind an etcd source fetches the history with many
+/// watches at once, and ends with the same history, not just the same state.
+#[tokio::test]
+async fn a_long_etcd_history_is_fetched_in_parallel() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1)?;
+    let secondary = Cluster::start(1, secondary_opts())?;
+    let mut c = etcd.client().await?;
+    let mid = many_revisions(&c, 3000).await?;
+    c.delete("k01", Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
+    let rev = many_revisions(&c, 3000).await?;
+    let mirror = MirrorProcess::start(&etcd.endpoints(), &secondary, &[])?;
+    mirror.wait_applied(rev, Duration::from_secs(60))?;
+    assert!(mirror.log().contains("parallel watches"), "{}", mirror.log());
+    assert_eq!(dump(&secondary)?, dump(&etcd)?);
+    for at in [mid - 500, mid, mid + 1, rev - 1] {
+        let at = format!("--rev={at}");
+        let old = |c: &Cluster| {
+            c.etcdctl_ok(&["get", "k", "--prefix", &at, "-w", "json"]).map(|s| meridian_tests::mask_ids(&s))
+        };
+        assert_eq!(old(&secondary)?, old(&etcd)?, "history at {at}");
+    }
+    Ok(())
+}
+
+/// An etcd source never sends compactions: a secondary compacts by its own
+/// `--auto-compaction-retention`, and mirroring goes on past it.
+#[tokio::test]
+async fn a_secondary_of_etcd_compacts_by_its_own_retention() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1)?;
+    let mut opts = secondary_opts();
+    opts.extra_args.extend(["--auto-compaction-retention", "1s"].map(String::from));
+    let secondary = Cluster::start(1, opts)?;
+    let mut c = etcd.client().await?;
+    let mirror = MirrorProcess::start(&etcd.endpoints(), &secondary, &[])?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut i = 0;
+    let compacted = loop {
+        i += 1;
+        let rev = c.put("k", i.to_string(), None).await?.header().expect("header").revision();
+        mirror.wait_applied(rev, Duration::from_secs(30))?;
+        let out = secondary.etcdctl(&["get", "k", "--rev=2"])?;
+        if out.stderr.contains("required revision has been compacted") {
+            break rev;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "the secondary never compacted: {}", out.stdout);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // The source keeps its history; the secondary still follows it.
+    assert_eq!(etcd.etcdctl_ok(&["get", "k", "--rev=2", "--print-value-only"])?.trim(), "1");
+    let after = c.put("after", "1", None).await?.header().expect("header").revision();
+    mirror.wait_applied(after, Duration::from_secs(30))?;
+    assert!(after > compacted);
+    assert_eq!(dump(&secondary)?, dump(&etcd)?);
+    Ok(())
+}

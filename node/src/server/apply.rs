@@ -143,7 +143,7 @@ impl EtcdStateMachine {
                 w.end();
                 r.map(Applied::Txn)
             }
-            Request::Compaction(c) => {
+            Request::Compaction(c) | Request::AutoCompaction(c) => {
                 self.mvcc.compact(c.revision)?;
                 Ok(Applied::Compaction(self.mvcc.write().rev()))
             }

@@ -24,15 +24,16 @@ use crate::mvcc::KeyRange;
 /// Records per `RangeStream` chunk.
 const CHUNK_RECORDS: usize = 1000;
 
+/// The mirror's own view of its lag (source revision, time behind) arrives
+/// with each Apply and is kept in the `meridian_mirror_*` metrics of the
+/// member it called; Status reads it back from there.
 pub struct MirrorService {
     pub server: Arc<EtcdServer>,
-    /// (source revision, lag in ms) as the mirror last reported them here.
-    pub lag: parking_lot::Mutex<(i64, i64)>,
 }
 
 impl MirrorService {
     pub fn new(server: Arc<EtcdServer>) -> Self {
-        Self { server, lag: parking_lot::Mutex::new((0, 0)) }
+        Self { server }
     }
 }
 
@@ -43,9 +44,13 @@ impl Mirror for MirrorService {
         // the record fields etcd keeps per key; allow twice the client limit.
         let limit = 2 * self.server.limits.max_request_bytes;
         let req = req.into_inner();
-        *self.lag.lock() = (req.source_revision, req.lag_ms);
+        let (source_revision, lag_ms) = (req.source_revision, req.lag_ms);
         match self.server.propose_sized(Internal::MirrorApply(req), limit).await? {
             Applied::Mirror(rev) => {
+                let m = &self.server.metrics;
+                m.mirror_source_revision.set(source_revision);
+                m.mirror_lag_revisions.set((source_revision - rev).max(0));
+                m.mirror_lag_seconds.set(if source_revision > rev { lag_ms as f64 / 1000.0 } else { 0.0 });
                 Ok(Response::new(MirrorApplyResponse { header: Some(self.server.header(rev)), applied_revision: rev }))
             }
             other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
@@ -55,7 +60,8 @@ impl Mirror for MirrorService {
     async fn status(&self, _: Request<MirrorStatusRequest>) -> Result<Response<MirrorStatusResponse>, Status> {
         let marks = self.server.mvcc.marks();
         let role = self.server.role.get();
-        let (source_revision, lag_ms) = *self.lag.lock();
+        let source_revision = self.server.metrics.mirror_source_revision.get();
+        let lag_ms = (self.server.metrics.mirror_lag_seconds.get() * 1000.0) as i64;
         Ok(Response::new(MirrorStatusResponse {
             header: Some(self.server.header(marks.current)),
             revision: marks.current,

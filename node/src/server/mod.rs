@@ -15,6 +15,7 @@
 pub mod apply;
 pub mod authority;
 pub mod cluster;
+pub mod compactor;
 pub mod http;
 pub mod kv;
 pub mod lease;
