@@ -12,12 +12,11 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use anyhow::bail;
 use meridian_proto::etcdserverpb::watch_client::WatchClient;
 use meridian_proto::etcdserverpb::watch_request::RequestUnion;
-use meridian_proto::etcdserverpb::{WatchCreateRequest, WatchProgressRequest, WatchRequest};
+use meridian_proto::etcdserverpb::{WatchCreateRequest, WatchRequest};
 use meridian_proto::mvccpb::Event;
 use tokio::sync::mpsc;
 use tokio::task::{JoinError, JoinHandle};
@@ -34,9 +33,6 @@ pub const FIRST_PARALLEL: usize = 16;
 pub const MAX_PARALLEL: usize = 64;
 /// Bytes of events held by segments in flight, at most (roughly).
 pub const BUFFER_BYTES: usize = 64 * 1024 * 1024;
-/// How often a segment whose keys went quiet asks whether it is complete.
-const PROGRESS_EVERY: Duration = Duration::from_millis(200);
-
 /// What watching one segment produced.
 pub enum Segment {
     /// Every event with a revision in the segment, in order.
@@ -63,56 +59,45 @@ impl Drop for Fetch {
     }
 }
 
-/// Starts fetching the events of revisions `from..to` under `key..range_end`.
-pub fn spawn(src: Channel, key: Vec<u8>, range_end: Vec<u8>, from: i64, to: i64) -> Fetch {
-    Fetch(tokio::spawn(fetch(src, key, range_end, from, to)))
+/// Starts fetching the events of revisions `from..to` whose keys `keep` accepts.
+pub fn spawn(src: Channel, keep: impl Fn(&[u8]) -> bool + Send + 'static, from: i64, to: i64) -> Fetch {
+    Fetch(tokio::spawn(fetch(src, keep, from, to)))
 }
 
-async fn fetch(src: Channel, key: Vec<u8>, range_end: Vec<u8>, from: i64, to: i64) -> anyhow::Result<Segment> {
-    let (tx, rx) = mpsc::channel(2);
-    let create = WatchCreateRequest { key, range_end, start_revision: from, ..Default::default() };
+/// Watches the whole keyspace, not just the mirrored range: every revision
+/// has at least one event there, so the arrival of the segment's last
+/// revision proves the segment complete. (A progress request cannot: etcd
+/// 3.4 answers one with its current revision even while the watcher is
+/// still replaying.)
+async fn fetch(src: Channel, keep: impl Fn(&[u8]) -> bool, from: i64, to: i64) -> anyhow::Result<Segment> {
+    let (tx, rx) = mpsc::channel(1);
+    let create = WatchCreateRequest { key: vec![0], range_end: vec![0], start_revision: from, ..Default::default() };
     tx.send(WatchRequest { request_union: Some(RequestUnion::CreateRequest(create)) }).await?;
     let mut stream =
         WatchClient::new(src).max_decoding_message_size(usize::MAX).watch(ReceiverStream::new(rx)).await?.into_inner();
     let mut events = Vec::new();
-    let mut progress = tokio::time::interval(PROGRESS_EVERY);
-    progress.tick().await;
     loop {
-        let resp = tokio::select! {
-            r = stream.message() => r?,
-            _ = progress.tick() => {
-                // A synced watcher answers with the source's revision: every
-                // event up to it has been delivered. A lagging one stays quiet.
-                let _ = tx.try_send(WatchRequest { request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})) });
-                continue;
-            }
-        };
-        let Some(resp) = resp else { bail!("the source closed a catch-up watch") };
+        let Some(resp) = stream.message().await? else { bail!("the source closed a catch-up watch") };
         if resp.canceled {
             if resp.compact_revision > 0 {
                 return Ok(Segment::Compacted(resp.compact_revision));
             }
             bail!("the source canceled a catch-up watch: {}", resp.cancel_reason);
         }
-        if resp.created {
-            continue;
-        }
-        if resp.events.is_empty() {
-            if resp.header.is_some_and(|h| h.revision >= to - 1) {
-                return Ok(Segment::Events(events));
-            }
-            continue;
-        }
+        let mut last = 0;
         for ev in resp.events {
-            let rev = ev.kv.as_ref().map_or(0, |kv| kv.mod_revision);
-            if rev >= to {
+            let Some(kv) = &ev.kv else { continue };
+            last = kv.mod_revision;
+            if last >= to {
                 return Ok(Segment::Events(events));
             }
-            events.push(ev);
+            if keep(&kv.key) {
+                events.push(ev);
+            }
         }
         // etcd never splits a revision across responses: once the last
         // revision of the segment has arrived, all of it has.
-        if events.last().and_then(|e| e.kv.as_ref()).is_some_and(|kv| kv.mod_revision == to - 1) {
+        if last == to - 1 {
             return Ok(Segment::Events(events));
         }
     }

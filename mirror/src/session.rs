@@ -155,7 +155,11 @@ pub async fn run(cfg: &MirrorConfig, m: &Metrics) -> anyhow::Result<()> {
 impl Session<'_> {
     /// An Apply request with this session's identity and current lag, and nothing to apply yet.
     fn request(&self) -> MirrorApplyRequest {
+        let counters = self.m.snapshot();
         MirrorApplyRequest {
+            apply_rate: counters.apply_rate,
+            resyncs_total: counters.resyncs_total,
+            errors_total: counters.errors_total,
             source_cluster_id: self.cluster_id,
             epoch: self.epoch,
             source_region: self.region.clone(),
@@ -286,6 +290,7 @@ impl Session<'_> {
         self.m.source_revision.fetch_max(head, Ordering::Relaxed);
         self.m.oldest_unapplied.lock().get_or_insert_with(Instant::now);
         let (key, range_end) = self.cfg.source_range();
+        let keep = move |k: &[u8]| k >= key.as_slice() && (range_end == [0] || k < range_end.as_slice());
         let mut next = from;
         let mut in_flight = VecDeque::new();
         let mut parallel = catchup::FIRST_PARALLEL;
@@ -294,7 +299,7 @@ impl Session<'_> {
         loop {
             while in_flight.len() < parallel && next <= head {
                 let to = (next + catchup::SEGMENT_REVS).min(head + 1);
-                in_flight.push_back(catchup::spawn(self.src.clone(), key.clone(), range_end.clone(), next, to));
+                in_flight.push_back(catchup::spawn(self.src.clone(), keep.clone(), next, to));
                 next = to;
             }
             let Some(fetch) = in_flight.pop_front() else { break };

@@ -32,6 +32,9 @@ pub async fn print_status(flags: &StatusFlags) -> anyhow::Result<()> {
                         println!("applied revision:  {}", s.revision);
                         println!("compact revision:  {}", s.compact_revision);
                         println!("lag:               {} revisions, {:.3} s", s.lag_revisions, s.lag_ms as f64 / 1000.0);
+                        println!("apply rate:        {:.1} revisions/s", s.apply_rate);
+                        println!("resyncs:           {}", s.resyncs_total);
+                        println!("errors:            {}", s.errors_total);
                         last = None;
                         break;
                     }

@@ -43,6 +43,10 @@ pub struct Metrics {
     pub mirror_lag_revisions: IntGauge,
     /// Secondary only: seconds since the source committed the oldest revision not yet applied here.
     pub mirror_lag_seconds: Gauge,
+    /// Secondary only: the mirror's own counters, as it last reported them.
+    pub mirror_apply_rate: Gauge,
+    pub mirror_resyncs: IntGauge,
+    pub mirror_errors: IntGauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -79,6 +83,16 @@ impl Metrics {
                 )
                 .expect("valid metric"),
             ),
+            mirror_apply_rate: reg(
+                &r,
+                Gauge::new("meridian_mirror_apply_rate", "Revisions the mirror applied per second, recently.")
+                    .expect("valid metric"),
+            ),
+            mirror_resyncs: gauge(
+                "meridian_mirror_resyncs",
+                "Full history copies the mirror made since it started (as it reported).",
+            ),
+            mirror_errors: gauge("meridian_mirror_errors", "Mirror sessions ended by an error since it started."),
             has_leader: gauge("etcd_server_has_leader", "Whether or not a leader exists. 1 is existence, 0 is not."),
             is_leader: gauge("etcd_server_is_leader", "Whether or not this member is a leader. 1 if is, 0 otherwise."),
             leader_changes: counter("etcd_server_leader_changes_seen_total", "The number of leader changes seen."),

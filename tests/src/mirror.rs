@@ -84,6 +84,20 @@ impl MirrorProcess {
         Ok(http_get(addr, "/metrics")?.1)
     }
 
+    /// What `meridian mirror status --target <target> --metrics <this mirror>` prints.
+    pub fn status_command(&self, target: &Cluster) -> Result<String> {
+        let out = Command::new(meridian_bin()?)
+            .args(["mirror", "status", "--target", &target.endpoints().join(",")])
+            .args(["--metrics", &format!("127.0.0.1:{}", self.metrics.port())])
+            .output()
+            .context("run meridian mirror status")?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!("meridian mirror status failed: {text}{}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(text)
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }

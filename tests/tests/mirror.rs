@@ -123,6 +123,14 @@ async fn mixed_workload_is_identical_on_the_secondary() -> anyhow::Result<()> {
     let status = mirror.status()?;
     assert_eq!(status["lag_revisions"], 0, "{status}");
     assert!(mirror.metrics()?.contains("meridian_mirror_lag_seconds 0"));
+    // A person sees the lag at zero, from the secondary and from the mirror.
+    let printed = mirror.status_command(&secondary)?;
+    assert!(printed.contains(&format!("applied revision:  {rev}")), "{printed}");
+    assert_eq!(printed.matches("0 revisions, 0.000 s").count(), 2, "{printed}");
+    // So does a dashboard scraping the secondary member the mirror calls.
+    let (_, node_metrics) = meridian_tests::http_get(secondary.endpoint(1).parse()?, "/metrics")?;
+    assert!(node_metrics.contains(&format!("meridian_mirror_source_revision {rev}")), "{node_metrics}");
+    assert!(node_metrics.contains("meridian_mirror_lag_revisions 0"), "{node_metrics}");
     Ok(())
 }
 
@@ -240,16 +248,29 @@ async fn a_long_etcd_history_is_fetched_in_parallel() -> anyhow::Result<()> {
     c.delete("k01", Some(etcd_client::DeleteOptions::new().with_prefix())).await?;
     let rev = many_revisions(&c, 3000).await?;
     let mirror = MirrorProcess::start(&etcd.endpoints(), &secondary, &[])?;
+    // A second secondary takes only the keys under k00.
+    let subtree = Cluster::start(1, secondary_opts())?;
+    let sub_mirror = MirrorProcess::start(&etcd.endpoints(), &subtree, &["--prefix", "k00"])?;
     mirror.wait_applied(rev, Duration::from_secs(60))?;
     assert!(mirror.log().contains("parallel watches"), "{}", mirror.log());
     assert_eq!(dump(&secondary)?, dump(&etcd)?);
+    // The keys under a prefix at an old revision (the header's revision is
+    // the store's current one, which differs with --prefix).
+    let history = |c: &Cluster, prefix: &str, at: i64| -> anyhow::Result<String> {
+        let out = c.etcdctl_ok(&["get", prefix, "--prefix", &format!("--rev={at}"), "-w", "json"])?;
+        Ok(serde_json::from_str::<serde_json::Value>(&out)?["kvs"].to_string())
+    };
     for at in [mid - 500, mid, mid + 1, rev - 1] {
-        let at = format!("--rev={at}");
-        let old = |c: &Cluster| {
-            c.etcdctl_ok(&["get", "k", "--prefix", &at, "-w", "json"]).map(|s| meridian_tests::mask_ids(&s))
-        };
-        assert_eq!(old(&secondary)?, old(&etcd)?, "history at {at}");
+        assert_eq!(history(&secondary, "k", at)?, history(&etcd, "k", at)?, "history at {at}");
     }
+    let k00 = c.get("k00", Some(etcd_client::GetOptions::new().with_prefix())).await?;
+    let newest = k00.kvs().iter().map(|kv| kv.mod_revision()).max().expect("k00 keys");
+    sub_mirror.wait_applied(newest, Duration::from_secs(60))?;
+    assert!(sub_mirror.log().contains("parallel watches"), "{}", sub_mirror.log());
+    for at in [mid, newest] {
+        assert_eq!(history(&subtree, "k00", at)?, history(&etcd, "k00", at)?, "subtree at {at}");
+    }
+    assert_eq!(subtree.etcdctl_ok(&["get", "k01", "--prefix", "--keys-only"])?.trim(), "", "only k00 is mirrored");
     Ok(())
 }
 

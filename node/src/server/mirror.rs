@@ -44,10 +44,14 @@ impl Mirror for MirrorService {
         // the record fields etcd keeps per key; allow twice the client limit.
         let limit = 2 * self.server.limits.max_request_bytes;
         let req = req.into_inner();
-        let (source_revision, lag_ms) = (req.source_revision, req.lag_ms);
+        let reported = (req.source_revision, req.lag_ms, req.apply_rate, req.resyncs_total, req.errors_total);
         match self.server.propose_sized(Internal::MirrorApply(req), limit).await? {
             Applied::Mirror(rev) => {
+                let (source_revision, lag_ms, rate, resyncs, errors) = reported;
                 let m = &self.server.metrics;
+                m.mirror_apply_rate.set(rate);
+                m.mirror_resyncs.set(resyncs as i64);
+                m.mirror_errors.set(errors as i64);
                 m.mirror_source_revision.set(source_revision);
                 m.mirror_lag_revisions.set((source_revision - rev).max(0));
                 m.mirror_lag_seconds.set(if source_revision > rev { lag_ms as f64 / 1000.0 } else { 0.0 });
@@ -77,6 +81,9 @@ impl Mirror for MirrorService {
             source_revision,
             lag_revisions: (source_revision - marks.current).max(0),
             lag_ms: if source_revision > marks.current { lag_ms } else { 0 },
+            apply_rate: self.server.metrics.mirror_apply_rate.get(),
+            resyncs_total: self.server.metrics.mirror_resyncs.get() as u64,
+            errors_total: self.server.metrics.mirror_errors.get() as u64,
         }))
     }
 
