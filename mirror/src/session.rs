@@ -12,7 +12,8 @@ use meridian_proto::etcdserverpb::lease_client::LeaseClient;
 use meridian_proto::etcdserverpb::watch_client::WatchClient;
 use meridian_proto::etcdserverpb::watch_request::RequestUnion;
 use meridian_proto::etcdserverpb::{
-    LeaseLeasesRequest, LeaseTimeToLiveRequest, RangeRequest, WatchCreateRequest, WatchProgressRequest, WatchRequest,
+    LeaseLeasesRequest, LeaseTimeToLiveRequest, RangeRequest, ResponseHeader, WatchCreateRequest, WatchProgressRequest,
+    WatchRequest,
 };
 use meridian_proto::meridian::v1::mirror_client::MirrorClient;
 use meridian_proto::meridian::v1::{
@@ -83,6 +84,16 @@ async fn lease_ids(channel: Channel) -> anyhow::Result<HashSet<i64>> {
     Ok(leases.iter().map(|l| l.id).collect())
 }
 
+/// The header of a cheap read on the source: its cluster id and current revision.
+async fn source_header(src: &Channel) -> anyhow::Result<ResponseHeader> {
+    let r = KvClient::new(src.clone())
+        .range(RangeRequest { key: vec![0], count_only: true, ..Default::default() })
+        .await
+        .context("source range")?
+        .into_inner();
+    Ok(r.header.unwrap_or_default())
+}
+
 pub async fn run(cfg: &MirrorConfig, m: &Metrics) -> anyhow::Result<()> {
     let src = connect(&cfg.source).await.context("source")?;
     let dst = connect(&cfg.target).await.context("target")?;
@@ -96,13 +107,9 @@ pub async fn run(cfg: &MirrorConfig, m: &Metrics) -> anyhow::Result<()> {
             let s = s.into_inner();
             (Kind::Meridian, s.header.map_or(0, |h| h.cluster_id), s.epoch, s.region)
         }
+        // No Mirror service: an etcd cluster, read through the public API only.
         Err(s) if s.code() == tonic::Code::Unimplemented => {
-            let r = KvClient::new(src.clone())
-                .range(RangeRequest { key: vec![0], count_only: true, ..Default::default() })
-                .await
-                .context("source range")?
-                .into_inner();
-            (Kind::Etcd, r.header.map_or(0, |h| h.cluster_id), 0, String::new())
+            (Kind::Etcd, source_header(&src).await?.cluster_id, 0, String::new())
         }
         Err(e) => return Err(e).context("source status"),
     };
@@ -263,16 +270,6 @@ impl Session<'_> {
         len
     }
 
-    /// The source's current revision.
-    async fn source_head(&self) -> anyhow::Result<i64> {
-        let r = KvClient::new(self.src.clone())
-            .range(RangeRequest { key: vec![0], count_only: true, ..Default::default() })
-            .await
-            .context("source range")?
-            .into_inner();
-        Ok(r.header.map_or(0, |h| h.revision))
-    }
-
     /// Far behind an etcd source, fetches the missing history with many
     /// watches at once (see catchup.rs) and applies it in order. Returns the
     /// source's compact revision if it has compacted past the checkpoint.
@@ -280,7 +277,7 @@ impl Session<'_> {
         if !matches!(self.kind, Kind::Etcd) {
             return Ok(None);
         }
-        let head = self.source_head().await?;
+        let head = source_header(&self.src).await?.revision;
         if head - self.checkpoint < catchup::MIN_BEHIND {
             return Ok(None);
         }

@@ -246,13 +246,13 @@ impl NodeConfig {
                 self.initial_cluster_state
             )));
         }
-        if !parse_duration(&self.watch_progress_notify_interval).is_some_and(|d| !d.is_zero()) {
+        if parse_duration(&self.watch_progress_notify_interval).is_none_or(|d| d.is_zero()) {
             return Err(Error::Config(format!(
                 "invalid --experimental-watch-progress-notify-interval {:?}: want a duration like 10m, 30s or 500ms",
                 self.watch_progress_notify_interval
             )));
         }
-        if !parse_duration(&self.lease_checkpoint_interval).is_some_and(|d| !d.is_zero()) {
+        if parse_duration(&self.lease_checkpoint_interval).is_none_or(|d| d.is_zero()) {
             return Err(Error::Config(format!(
                 "invalid --experimental-lease-checkpoint-interval {:?}: want a duration like 5s",
                 self.lease_checkpoint_interval
