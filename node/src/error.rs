@@ -44,6 +44,8 @@ pub enum Error {
     LeaseTtlTooLarge,
     #[error("etcdserver: member not found")]
     MemberNotFound,
+    #[error("etcdserver: bad leader transferee")]
+    BadLeaderTransferee,
     /// A client write on a read-only secondary; names the primary's region.
     /// FAILED_PRECONDITION, a code etcd clients do not retry.
     #[error("meridian: read-only secondary of region {0:?}; send writes to the primary or a gateway")]
@@ -63,6 +65,9 @@ pub enum Error {
     Stopped,
     #[error("etcdserver: not leader")]
     NotLeader,
+    /// etcd has no gRPC mapping for it, so clients see code UNKNOWN.
+    #[error("etcdserver: request timed out, leader transfer took too long")]
+    LeaderTransferTimeout,
 
     // -- Internal: never deterministic; in the apply path these crash the node. --
     #[error("storage: {0}")]
@@ -90,7 +95,8 @@ impl Error {
             MessageTooLarge(..) | NoSpace => Code::ResourceExhausted,
             Compacted | FutureRevision => Code::OutOfRange,
             LeaseNotFound | MemberNotFound => Code::NotFound,
-            LeaseExists | NotLeader | ReadOnly(_) | Fenced(_) => Code::FailedPrecondition,
+            LeaseExists | NotLeader | BadLeaderTransferee | ReadOnly(_) | Fenced(_) => Code::FailedPrecondition,
+            LeaderTransferTimeout => Code::Unknown,
             LeaseTtlTooLarge => Code::OutOfRange,
             NoLeader | Timeout | LeaderChanged | Stopped => Code::Unavailable,
             Config(_) => Code::InvalidArgument,
@@ -129,6 +135,13 @@ mod tests {
                 "meridian: read-only secondary of region \"us-east\"; send writes to the primary or a gateway",
             ),
             (Error::LeaseTtlTooLarge, Code::OutOfRange, "etcdserver: too large lease TTL"),
+            (Error::NotLeader, Code::FailedPrecondition, "etcdserver: not leader"),
+            (Error::BadLeaderTransferee, Code::FailedPrecondition, "etcdserver: bad leader transferee"),
+            (
+                Error::LeaderTransferTimeout,
+                Code::Unknown,
+                "etcdserver: request timed out, leader transfer took too long",
+            ),
             (Error::MessageTooLarge(3, 2), Code::ResourceExhausted, "grpc: received message larger than max (3 vs. 2)"),
         ];
         for (err, code, msg) in table {

@@ -173,3 +173,37 @@ fn periodic_auto_compaction_matches_etcd() -> anyhow::Result<()> {
     assert_eq!(meridian.etcdctl_ok(&["get", "k", "--print-value-only"])?.trim(), "4");
     Ok(())
 }
+
+/// `etcdctl move-leader` hands leadership to a chosen member, as on etcd;
+/// a non-member and a call to a follower get etcd's errors.
+#[tokio::test]
+async fn move_leader_matches_etcd() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(3)?;
+    let meridian = Cluster::start(3, ClusterOpts::fast())?;
+    let mut bogus = Vec::new();
+    let mut from_follower = Vec::new();
+    for c in [&etcd as &Cluster, &meridian] {
+        let leader = c.leader().await?;
+        let follower = (1..=3).find(|&i| i != leader).expect("three members");
+        let id = |i: usize| async move {
+            let status = c.member_client(i).await?.status().await?;
+            anyhow::Ok(status.header().expect("header").member_id())
+        };
+        let (from, to) = (id(leader).await?, id(follower).await?);
+        let out = c.etcdctl_ok(&["move-leader", &format!("{to:x}")])?;
+        assert_eq!(out, format!("Leadership transferred from {from:x} to {to:x}\n"));
+        assert_eq!(c.leader().await?, follower, "the chosen member leads");
+        bogus.push(observed(&c.etcdctl(&["move-leader", "1234"])?));
+        // A member that does not lead refuses (etcdctl itself always finds the leader).
+        let err = c.member_client(leader).await?.move_leader(to).await.expect_err("not the leader");
+        from_follower.push(match err {
+            etcd_client::Error::GRpcStatus(s) => format!("{:?} {}", s.code(), s.message()),
+            other => format!("{other}"),
+        });
+    }
+    assert_eq!(bogus[1], bogus[0]);
+    assert!(bogus[0].contains("bad leader transferee"), "{}", bogus[0]);
+    assert_eq!(from_follower[1], from_follower[0]);
+    assert_eq!(from_follower[0], "FailedPrecondition etcdserver: not leader");
+    Ok(())
+}

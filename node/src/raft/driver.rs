@@ -30,6 +30,8 @@ pub enum Input {
     Unreachable(u64),
     /// Whether a snapshot message reached a peer.
     SnapshotDelivered { to: u64, ok: bool },
+    /// On the leader: hand leadership to this member.
+    TransferLeader(u64),
     /// Stop the raft thread after the current cycle.
     Shutdown,
 }
@@ -148,6 +150,7 @@ fn handle<S: StateMachine>(node: &mut RaftNode<S>, input: Input) -> bool {
         Input::Step(msg) => node.step(msg),
         Input::Unreachable(id) => node.report_unreachable(id),
         Input::SnapshotDelivered { to, ok } => node.report_snapshot(to, ok),
+        Input::TransferLeader(to) => node.transfer_leader(to),
         Input::Shutdown => return false,
     }
     true

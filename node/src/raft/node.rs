@@ -420,6 +420,13 @@ impl<S: StateMachine> RaftNode<S> {
     }
 
     /// Tells raft a peer could not be reached, so it stops optimistic sends.
+    /// Starts handing leadership to `to` (raft gives up after an election timeout).
+    pub fn transfer_leader(&mut self, to: u64) {
+        if self.role == StateRole::Leader {
+            self.raw.transfer_leader(to);
+        }
+    }
+
     pub fn report_unreachable(&mut self, id: u64) {
         self.raw.report_unreachable(id);
     }

@@ -1,4 +1,4 @@
-//! etcd's Maintenance service: status, hashes, alarms, defragmentation.
+//! etcd's Maintenance service: status, hashes, alarms, defragmentation, leader moves.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -10,8 +10,11 @@ use meridian_proto::etcdserverpb::*;
 use meridian_proto::meridian::v1::internal_request::Request as Internal;
 use tonic::{Request, Response, Status};
 
+use crate::error::Error;
+use crate::raft::Input;
+
 use super::apply::Applied;
-use super::cluster::Alarms;
+use super::cluster::{Alarms, Members};
 use super::EtcdServer;
 
 /// The etcd API version Meridian reproduces; clients and tools read it.
@@ -97,7 +100,31 @@ impl Maintenance for MaintenanceService {
         Err(Status::unimplemented("meridian: snapshot is not supported yet"))
     }
 
-    async fn move_leader(&self, _: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
-        Err(Status::unimplemented("meridian: move-leader is not supported yet"))
+    /// On the leader only, as etcd: hands leadership to a voting member and
+    /// answers once this member sees it lead.
+    async fn move_leader(&self, req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+        let target = req.into_inner().target_id;
+        let status = self.server.raft.status().clone();
+        if !status.is_leader() {
+            return Err(Error::NotLeader.into());
+        }
+        if Members::load(&self.server.mvcc).get(target).is_none() {
+            return Err(Error::BadLeaderTransferee.into());
+        }
+        let mut leader = status.watch_leader();
+        self.server.raft.send(Input::TransferLeader(target))?;
+        // raft abandons a transfer after an election timeout; allow for a
+        // campaign after it, as a client waiting longer would.
+        let deadline = 3 * self.server.limits.election_timeout;
+        tracing::info!(from = format!("{:x}", status.id), to = format!("{target:x}"), "leadership transfer starting");
+        let moved = tokio::time::timeout(deadline, leader.wait_for(|l| *l == target)).await;
+        match moved {
+            Ok(Ok(_)) => {
+                tracing::info!(to = format!("{target:x}"), "leadership transfer finished");
+                Ok(Response::new(MoveLeaderResponse { header: None }))
+            }
+            Ok(Err(_)) => Err(Error::Stopped.into()),
+            Err(_) => Err(Error::LeaderTransferTimeout.into()),
+        }
     }
 }
