@@ -61,6 +61,18 @@ fn dump(c: &Cluster) -> anyhow::Result<String> {
     Ok(meridian_tests::mask_ids(&c.etcdctl_ok(&["get", "", "--from-key", "-w", "json"])?))
 }
 
+/// The events `etcdctl watch --prefix "" --rev=2 --prev-kv` prints, as JSON.
+fn watch_replay(c: &Cluster) -> anyhow::Result<String> {
+    let args = ["watch", "--prefix", "", "--rev=2", "--prev-kv", "-w", "json"];
+    let out = meridian_tests::etcdctl_with_timeout(&c.endpoints(), &args, Duration::from_millis(1500))?;
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["Events"].clone())
+        .collect();
+    Ok(serde_json::to_string(&events)?)
+}
+
 async fn revision(c: &Cluster) -> anyhow::Result<i64> {
     Ok(c.client().await?.get("\0", None).await?.header().expect("header").revision())
 }
@@ -105,6 +117,9 @@ async fn mixed_workload_is_identical_on_the_secondary() -> anyhow::Result<()> {
     for at in [half, rev] {
         assert_eq!(hash_at(&secondary, at).await?, hash_at(&primary, at).await?, "HashKV at {at}");
     }
+    let (on_secondary, on_primary) = (watch_replay(&secondary)?, watch_replay(&primary)?);
+    assert!(on_primary.len() > 1000, "{on_primary}");
+    assert_eq!(on_secondary, on_primary, "a watch from revision 2 gives the same events");
     // Leases keep their ids; the revoked ones are gone.
     let want: Vec<i64> = c.leases().await?.leases().iter().map(|l| l.id()).collect();
     let mut s = secondary.client().await?;
@@ -202,18 +217,7 @@ async fn a_real_etcd_source_is_mirrored_exactly() -> anyhow::Result<()> {
     for at in [2, rev / 2, rev] {
         assert_eq!(hash_at(&secondary, at).await?, hash_at(&etcd, at).await?, "HashKV at {at}");
     }
-    let replay = |c: &Cluster| {
-        let args = ["watch", "--prefix", "", "--rev=2", "--prev-kv", "-w", "json"];
-        meridian_tests::etcdctl_with_timeout(&c.endpoints(), &args, Duration::from_millis(1500)).map(|s| {
-            let events: Vec<serde_json::Value> = s
-                .lines()
-                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-                .map(|v| v["Events"].clone())
-                .collect();
-            serde_json::to_string(&events).expect("json")
-        })
-    };
-    let (on_secondary, on_etcd) = (replay(&secondary)?, replay(&etcd)?);
+    let (on_secondary, on_etcd) = (watch_replay(&secondary)?, watch_replay(&etcd)?);
     assert!(on_etcd.len() > 1000, "{on_etcd}");
     assert_eq!(on_secondary, on_etcd);
     let more = c.put("after", "1", None).await?.header().expect("header").revision();
