@@ -33,6 +33,7 @@ pub const FIRST_PARALLEL: usize = 16;
 pub const MAX_PARALLEL: usize = 64;
 /// Bytes of events held by segments in flight, at most (roughly).
 pub const BUFFER_BYTES: usize = 64 * 1024 * 1024;
+
 /// What watching one segment produced.
 pub enum Segment {
     /// Every event with a revision in the segment, in order.
