@@ -330,21 +330,39 @@ impl Session<'_> {
         }
     }
 
-    /// Applies revisions on the target, granting any lease they use first.
+    /// Applies revisions on the target, granting any lease they use first,
+    /// and logs progress now and then.
     async fn flush(&mut self, revisions: Vec<MirrorRevision>) -> anyhow::Result<()> {
-        let Some(last) = revisions.last().map(|r| r.revision) else { return Ok(()) };
-        let granted = self.leases_for(&revisions).await?;
-        let n = revisions.len() as u64;
-        let req = MirrorApplyRequest { revisions, granted_leases: granted.clone(), ..self.request() };
-        let resp = self.target.apply(req).await.context("apply on the target")?.into_inner();
-        self.checkpoint = resp.applied_revision;
+        self.apply(revisions, None).await?;
         if self.last_progress.elapsed() >= PROGRESS_LOG_EVERY {
             self.log_progress();
         }
+        Ok(())
+    }
+
+    /// Sends one Apply: `revisions`, the leases they use that the target
+    /// lacks, and for a copy's first batch `reset` with the source's compact
+    /// revision. Moves the checkpoint and the counters.
+    async fn apply(&mut self, revisions: Vec<MirrorRevision>, reset: Option<i64>) -> anyhow::Result<()> {
+        let last = revisions.last().map(|r| r.revision);
+        if last.is_none() && reset.is_none() {
+            return Ok(());
+        }
+        let granted = self.leases_for(&revisions).await?;
+        let n = revisions.len() as u64;
+        let req = MirrorApplyRequest {
+            revisions,
+            granted_leases: granted.clone(),
+            compact_revision: reset.unwrap_or(0),
+            reset: reset.is_some(),
+            ..self.request()
+        };
+        let resp = self.target.apply(req).await.context("apply on the target")?.into_inner();
+        self.checkpoint = resp.applied_revision;
         self.known_leases.extend(granted.iter().map(|l| l.id));
         self.m.applied_revision.store(resp.applied_revision, Ordering::Relaxed);
         self.m.applied_total.fetch_add(n, Ordering::Relaxed);
-        if resp.applied_revision >= last {
+        if last.is_some_and(|last| resp.applied_revision >= last) {
             *self.m.oldest_unapplied.lock() = None;
         }
         Ok(())
@@ -386,11 +404,12 @@ impl Session<'_> {
         if req.revoked_leases.is_empty() && req.compact_revision == 0 {
             return Ok(());
         }
-        self.target.apply(req.clone()).await.context("housekeeping apply")?;
-        for id in &req.revoked_leases {
+        let (revoked, compacted) = (req.revoked_leases.clone(), req.compact_revision);
+        self.target.apply(req).await.context("housekeeping apply")?;
+        for id in &revoked {
             self.known_leases.remove(id);
         }
-        self.compacted = self.compacted.max(req.compact_revision);
+        self.compacted = self.compacted.max(compacted);
         Ok(())
     }
 
@@ -424,33 +443,15 @@ impl Session<'_> {
             chunk.push(r);
             if bytes >= BATCH_BYTES {
                 copied += chunk.len();
-                self.apply_copy(std::mem::take(&mut chunk), first, compact).await?;
+                self.apply(std::mem::take(&mut chunk), first.then_some(compact)).await?;
                 first = false;
                 bytes = 0;
                 tracing::info!(copied, total, "copy in progress");
             }
         }
-        self.apply_copy(chunk, first, compact).await?;
+        self.apply(chunk, first.then_some(compact)).await?;
         self.compacted = compact;
         tracing::info!(revision = self.checkpoint, took = ?started.elapsed(), "copy done; following the source");
-        Ok(())
-    }
-
-    async fn apply_copy(&mut self, revisions: Vec<MirrorRevision>, reset: bool, compact: i64) -> anyhow::Result<()> {
-        let granted = self.leases_for(&revisions).await?;
-        let n = revisions.len() as u64;
-        let req = MirrorApplyRequest {
-            revisions,
-            granted_leases: granted.clone(),
-            compact_revision: if reset { compact } else { 0 },
-            reset,
-            ..self.request()
-        };
-        let resp = self.target.apply(req).await.context("copy apply on the target")?.into_inner();
-        self.checkpoint = resp.applied_revision;
-        self.known_leases.extend(granted.iter().map(|l| l.id));
-        self.m.applied_revision.store(resp.applied_revision, Ordering::Relaxed);
-        self.m.applied_total.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
 

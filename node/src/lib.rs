@@ -374,6 +374,21 @@ impl tokio::io::AsyncWrite for Either {
     ) -> std::task::Poll<std::io::Result<()>> {
         either!(self, s => std::pin::Pin::new(s).poll_shutdown(cx))
     }
+    // HTTP/2 writes a frame header and its payload together when the stream
+    // takes vectored writes: forward them, or every frame costs a copy.
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        either!(self, s => std::pin::Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Either::Plain(s) => s.is_write_vectored(),
+            Either::Fixed(s) => s.is_write_vectored(),
+        }
+    }
 }
 
 impl tonic::transport::server::Connected for Either {
@@ -381,7 +396,7 @@ impl tonic::transport::server::Connected for Either {
     fn connect_info(&self) -> Self::ConnectInfo {
         match self {
             Either::Plain(s) => s.connect_info(),
-            Either::Fixed(s) => s.get_ref().connect_info(),
+            Either::Fixed(s) => s.connect_info(),
         }
     }
 }

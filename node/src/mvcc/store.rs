@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, Readable};
 use meridian_proto::meridian::v1::KvRecord;
 use meridian_proto::mvccpb::KeyValue;
 use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
@@ -326,7 +326,7 @@ impl Mvcc {
 
     /// Published changes with main revision in `from..=to`, in revision
     /// order, at most `limit` whole revisions (a revision's changes are never
-    /// split). Also returns the compact revision it read under.
+    /// split).
     ///
     /// # Errors
     ///
@@ -346,16 +346,13 @@ impl Mvcc {
         let mut revisions = 0;
         for item in self.kv.range(lo.as_slice()..hi.as_slice()) {
             let (k, v) = item.into_inner()?;
-            let rev = Revision::from_key(&k).ok_or_else(|| Error::Corrupt("bad kv key".into()))?;
-            if out.last().is_none_or(|last| last.main != rev.main) {
+            let rec = decode_record(&k, &v)?;
+            if out.last().is_none_or(|last| last.main != rec.main) {
                 if revisions == limit {
                     break;
                 }
                 revisions += 1;
             }
-            let mut rec = KvRecord::decode(v.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))?;
-            rec.main = rev.main;
-            rec.sub = rev.sub;
             out.push(rec);
         }
         Ok(out)
@@ -389,20 +386,17 @@ impl Mvcc {
     ///
     /// Storage errors.
     pub fn export(&self) -> Result<(Marks, Vec<KvRecord>, BTreeMap<String, Vec<u8>>)> {
-        let st = self.state.read();
+        let (marks, meta, snapshot) = {
+            let st = self.state.read();
+            (st.published, st.meta.clone(), self.db.snapshot())
+        };
+        let upper = Revision::new(marks.current + 1, 0).to_key();
         let mut records = Vec::new();
-        for item in self.kv.iter() {
+        for item in snapshot.range(&self.kv, ..upper.as_slice()) {
             let (k, v) = item.into_inner()?;
-            let rev = Revision::from_key(&k).ok_or_else(|| Error::Corrupt("bad kv key".into()))?;
-            if rev.main > st.published.current {
-                break;
-            }
-            let mut rec = KvRecord::decode(v.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))?;
-            rec.main = rev.main;
-            rec.sub = rev.sub;
-            records.push(rec);
+            records.push(decode_record(&k, &v)?);
         }
-        Ok((st.published, records, st.meta.clone()))
+        Ok((marks, records, meta))
     }
 
     /// Replaces the whole store with a snapshot's contents, staged into
@@ -462,35 +456,40 @@ impl Mvcc {
     /// here, unlike for a read; 0, the current revision, is always served);
     /// storage errors.
     pub fn hash_kv(&self, rev: i64) -> Result<(u32, i64, i64)> {
-        let st = self.state.read();
-        let marks = st.published;
-        if rev > 0 && rev <= marks.compacted {
-            return Err(Error::Compacted);
-        }
-        if rev > marks.current {
-            return Err(Error::FutureRevision);
-        }
-        let rev = if rev <= 0 { marks.current } else { rev };
-        // Visible at `rev` and at or below the compact revision; and whether
-        // any key is visible at `rev` at all (if none, etcd filters nothing).
-        let (mut visible, mut any_visible) = (std::collections::HashSet::new(), false);
-        st.index.visit(&KeyRange::From(Vec::new()), rev, |_, v| {
-            any_visible = true;
-            if v.rev.main <= marks.compacted {
-                visible.insert(v.rev);
+        // Under the lock: the marks, what is visible, and a storage snapshot
+        // matching them; the scan itself runs without it, so apply goes on.
+        let (marks, rev, visible, any_visible, snapshot) = {
+            let st = self.state.read();
+            let marks = st.published;
+            if rev > 0 && rev <= marks.compacted {
+                return Err(Error::Compacted);
             }
-            true
-        });
+            if rev > marks.current {
+                return Err(Error::FutureRevision);
+            }
+            let rev = if rev <= 0 { marks.current } else { rev };
+            // Visible at `rev` and at or below the compact revision; and whether
+            // any key is visible at `rev` at all (if none, etcd filters nothing).
+            let (mut visible, mut any_visible) = (std::collections::HashSet::new(), false);
+            st.index.visit(&KeyRange::From(Vec::new()), rev, |_, v| {
+                any_visible = true;
+                if v.rev.main <= marks.compacted {
+                    visible.insert(v.rev);
+                }
+                true
+            });
+            (marks, rev, visible, any_visible, self.db.snapshot())
+        };
         let mut crc = crc32c::crc32c(b"key");
         let mut value = Vec::new();
         let upper = Revision::new(rev + 1, 0).to_key();
-        for item in self.kv.range(..upper.as_slice()) {
+        for item in snapshot.range(&self.kv, ..upper.as_slice()) {
             let (k, v) = item.into_inner()?;
             let r = Revision::from_key(&k).ok_or_else(|| Error::Corrupt("bad kv key".into()))?;
             if r.main <= marks.compacted && any_visible && !visible.contains(&r) {
                 continue;
             }
-            let rec = KvRecord::decode(v.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))?;
+            let rec = decode_record(&k, &v)?;
             let mut key = [0u8; 18];
             key[..8].copy_from_slice(&(r.main as u64).to_be_bytes());
             key[8] = b'_';
@@ -709,6 +708,15 @@ impl WriteTxn<'_> {
         self.st.staged.current = rev;
         rev
     }
+}
+
+/// A stored record with its revision, which the key holds.
+fn decode_record(key: &[u8], value: &[u8]) -> Result<KvRecord> {
+    let rev = Revision::from_key(key).ok_or_else(|| Error::Corrupt("bad kv key".into()))?;
+    let mut rec = KvRecord::decode(value).map_err(|e| Error::Corrupt(e.to_string()))?;
+    rec.main = rev.main;
+    rec.sub = rev.sub;
+    Ok(rec)
 }
 
 fn version_of(rev: Revision, rec: &KvRecord) -> Version {

@@ -419,7 +419,6 @@ impl<S: StateMachine> RaftNode<S> {
         Ok(())
     }
 
-    /// Tells raft a peer could not be reached, so it stops optimistic sends.
     /// Starts handing leadership to `to` (raft gives up after an election timeout).
     pub fn transfer_leader(&mut self, to: u64) {
         if self.role == StateRole::Leader {
@@ -427,6 +426,7 @@ impl<S: StateMachine> RaftNode<S> {
         }
     }
 
+    /// Tells raft a peer could not be reached, so it stops optimistic sends.
     pub fn report_unreachable(&mut self, id: u64) {
         self.raw.report_unreachable(id);
     }

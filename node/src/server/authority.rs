@@ -209,6 +209,9 @@ fn strip_scheme(value: &[u8]) -> Option<Vec<u8>> {
     Some(rest[..end].to_vec())
 }
 
+/// Bytes read from the connection at a time while frames are rewritten.
+const READ_CHUNK: usize = 16 * 1024;
+
 fn bad(msg: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
 }
@@ -226,12 +229,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
             if this.mode == Mode::Passthrough && this.raw.is_empty() {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
             }
-            let mut chunk = [0u8; 16 * 1024];
-            let mut rb = ReadBuf::new(&mut chunk);
-            match Pin::new(&mut this.inner).poll_read(cx, &mut rb) {
+            // Straight into `raw`'s spare room: no intermediate copy.
+            this.raw.reserve(READ_CHUNK);
+            match tokio_util::io::poll_read_buf(Pin::new(&mut this.inner), cx, &mut this.raw) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                Poll::Ready(Ok(0)) => {
                     // End of stream: hand over whatever is left as it is.
                     let rest = this.raw.split();
                     this.ready.unsplit(rest);
@@ -239,10 +242,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
                         return Poll::Ready(Ok(()));
                     }
                 }
-                Poll::Ready(Ok(())) => {
-                    this.raw.extend_from_slice(rb.filled());
-                    this.process()?;
-                }
+                Poll::Ready(Ok(_)) => this.process()?,
             }
         }
     }

@@ -99,16 +99,13 @@ impl Mirror for MirrorService {
         let mvcc = self.server.mvcc.clone();
         let (marks, records, _) =
             tokio::task::spawn_blocking(move || mvcc.export()).await.map_err(|e| Status::internal(e.to_string()))??;
-        let records: Vec<_> = records.into_iter().filter(|rec| range.contains(&rec.key)).collect();
-        let mut chunks: Vec<Result<RangeStreamChunk, Status>> = records
-            .chunks(CHUNK_RECORDS)
-            .map(|c| {
-                Ok(RangeStreamChunk { records: c.to_vec(), compact_revision: marks.compacted, revision: marks.current })
-            })
-            .collect();
-        if chunks.is_empty() {
+        // Moved into chunks, not copied; an empty history is one empty chunk.
+        let mut records = records.into_iter().filter(move |rec| range.contains(&rec.key)).peekable();
+        let mut chunks = Vec::new();
+        while chunks.is_empty() || records.peek().is_some() {
+            let chunk: Vec<_> = records.by_ref().take(CHUNK_RECORDS).collect();
             chunks.push(Ok(RangeStreamChunk {
-                records: Vec::new(),
+                records: chunk,
                 compact_revision: marks.compacted,
                 revision: marks.current,
             }));

@@ -32,7 +32,6 @@ use crate::mvcc::{LeaseMove, Mvcc};
 pub const MAX_LEASE_TTL: i64 = 9_000_000_000;
 /// Metadata names of leases start with this.
 pub const LEASE_META_PREFIX: &str = "lease/";
-const META_PREFIX: &str = LEASE_META_PREFIX;
 /// How long a proposed revoke is given before the leader proposes it again.
 const REVOKE_RETRY: Duration = Duration::from_secs(3);
 
@@ -77,11 +76,11 @@ impl Lessor {
 
     /// Reloads every lease and its keys from the store (startup, snapshot).
     pub fn rebuild(&self, mvcc: &Mvcc) {
-        let (stored, leased) = (mvcc.meta_with_prefix(META_PREFIX), mvcc.leased_keys());
+        let (stored, leased) = (mvcc.meta_with_prefix(LEASE_META_PREFIX), mvcc.leased_keys());
         let mut st = self.state.lock();
         st.leases.clear();
         for (name, v) in stored {
-            let Ok(id) = name[META_PREFIX.len()..].parse::<i64>() else { continue };
+            let Ok(id) = name[LEASE_META_PREFIX.len()..].parse::<i64>() else { continue };
             if v.len() != 16 {
                 continue;
             }
@@ -95,15 +94,21 @@ impl Lessor {
             }
         }
         if st.primary {
-            let now = Instant::now();
-            for l in st.leases.values_mut() {
-                l.expiry = Some(now + self.promote_extension + secs(if l.remaining > 0 { l.remaining } else { l.ttl }));
-            }
+            self.start_clocks(&mut st);
+        }
+    }
+
+    /// Starts every lease's clock from its checkpointed remaining TTL (its
+    /// full TTL if none), plus the grace a new leader gives.
+    fn start_clocks(&self, st: &mut State) {
+        let now = Instant::now();
+        for l in st.leases.values_mut() {
+            l.expiry = Some(now + self.promote_extension + secs(if l.remaining > 0 { l.remaining } else { l.ttl }));
         }
     }
 
     fn store(mvcc: &Mvcc, id: i64, l: &Lease) {
-        mvcc.set_meta(&format!("{META_PREFIX}{id}"), encode(l.ttl, l.remaining));
+        mvcc.set_meta(&format!("{LEASE_META_PREFIX}{id}"), encode(l.ttl, l.remaining));
     }
 
     // ---- Apply side: deterministic, called by the state machine. ----
@@ -157,7 +162,7 @@ impl Lessor {
     /// Forgets a revoked lease.
     pub fn remove(&self, mvcc: &Mvcc, id: i64) {
         if self.state.lock().leases.remove(&id).is_some() {
-            mvcc.remove_meta(&format!("{META_PREFIX}{id}"));
+            mvcc.remove_meta(&format!("{LEASE_META_PREFIX}{id}"));
         }
     }
 
@@ -200,10 +205,7 @@ impl Lessor {
             return false;
         }
         st.primary = true;
-        let now = Instant::now();
-        for l in st.leases.values_mut() {
-            l.expiry = Some(now + self.promote_extension + secs(if l.remaining > 0 { l.remaining } else { l.ttl }));
-        }
+        self.start_clocks(&mut st);
         true
     }
 

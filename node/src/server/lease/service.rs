@@ -69,22 +69,13 @@ impl LeaderLink {
 
     /// Renews on the leader; returns the TTL (0 for an unknown lease).
     pub async fn renew(&self, id: i64) -> Result<i64> {
-        promote_if_leader(&self.server, &self.lessor);
-        match self.lessor.renew(id) {
-            Ok((ttl, clear_checkpoint)) => {
-                if clear_checkpoint {
-                    self.server.propose_detached(Internal::LeaseCheckpoint(LeaseCheckpointRequest {
-                        checkpoints: vec![LeaseCheckpoint { id, remaining_ttl: 0 }],
-                    }));
-                }
-                Ok(ttl)
-            }
+        match renew_here(&self.server, &self.lessor, id) {
             Err(Error::NotLeader) => {
                 let mut c = self.leader_client()?;
                 let resp = c.renew(LeaseKeepAliveRequest { id }).await.map_err(forward_error)?;
                 Ok(resp.into_inner().ttl)
             }
-            Err(e) => Err(e),
+            result => result,
         }
     }
 
@@ -108,6 +99,24 @@ fn promote_if_leader(server: &EtcdServer, lessor: &Lessor) {
     if server.raft.status().is_leader() && !server.role.is_secondary() && lessor.promote() {
         tracing::info!("lessor promoted on demand");
     }
+}
+
+/// Renews a lease on this member, the leader; a lease whose remaining TTL
+/// was checkpointed gets the checkpoint cleared, so a later leader does not
+/// resume it short. Returns the TTL.
+///
+/// # Errors
+///
+/// [`Error::NotLeader`] on a follower; as [`Lessor::renew`].
+fn renew_here(server: &Arc<EtcdServer>, lessor: &Lessor, id: i64) -> Result<i64> {
+    promote_if_leader(server, lessor);
+    let (ttl, clear_checkpoint) = lessor.renew(id)?;
+    if clear_checkpoint {
+        server.propose_detached(Internal::LeaseCheckpoint(LeaseCheckpointRequest {
+            checkpoints: vec![LeaseCheckpoint { id, remaining_ttl: 0 }],
+        }));
+    }
+    Ok(ttl)
 }
 
 /// A forwarded call that failed: the leader moved or is unreachable.
@@ -214,13 +223,7 @@ pub struct LeaseForwardService {
 impl LeaseForward for LeaseForwardService {
     async fn renew(&self, req: Request<LeaseKeepAliveRequest>) -> Result<Response<LeaseKeepAliveResponse>, Status> {
         let id = req.into_inner().id;
-        promote_if_leader(&self.server, &self.lessor);
-        let (ttl, clear) = self.lessor.renew(id)?;
-        if clear {
-            self.server.propose_detached(Internal::LeaseCheckpoint(LeaseCheckpointRequest {
-                checkpoints: vec![LeaseCheckpoint { id, remaining_ttl: 0 }],
-            }));
-        }
+        let ttl = renew_here(&self.server, &self.lessor, id)?;
         Ok(Response::new(LeaseKeepAliveResponse { header: None, id, ttl }))
     }
 

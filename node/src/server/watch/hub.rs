@@ -316,12 +316,13 @@ impl Hub {
             }
         }
         self.rev = main;
+        let mut prev = PrevKvs::new();
         for (key, recs) in matched {
             let w = &self.watchers[&key];
             if main < w.next_rev {
                 continue;
             }
-            match self.deliver(key, &recs, main) {
+            match self.deliver(key, &recs, main, &mut prev) {
                 Delivery::Sent | Delivery::Nothing => {
                     if let Some(w) = self.watchers.get_mut(&key) {
                         w.next_rev = main + 1;
@@ -341,26 +342,39 @@ impl Hub {
     }
 
     /// Sends `recs` to one watcher in one response (or fragments), applying
-    /// its filters and prev_kv.
-    fn deliver(&mut self, key: Key, recs: &[&KvRecord], header_rev: i64) -> Delivery {
+    /// its filters and prev_kv. `prev` keeps the previous versions already
+    /// read, so watchers of the same key share one store read.
+    fn deliver(&mut self, key: Key, recs: &[&KvRecord], header_rev: i64, prev: &mut PrevKvs) -> Delivery {
         let w = &self.watchers[&key];
-        let mut events = Vec::with_capacity(recs.len());
-        for rec in recs {
-            if (rec.tombstone && w.spec.no_delete) || (!rec.tombstone && w.spec.no_put) {
-                continue;
-            }
-            let prev_kv = if w.spec.prev_kv { self.prev_kv(rec) } else { None };
-            events.push(to_event(rec, prev_kv));
-        }
-        if events.is_empty() {
+        let kept: Vec<&KvRecord> = recs
+            .iter()
+            .copied()
+            .filter(|rec| !((rec.tombstone && w.spec.no_delete) || (!rec.tombstone && w.spec.no_put)))
+            .collect();
+        if kept.is_empty() {
             return Delivery::Nothing;
         }
-        let resp =
-            WatchResponse { header: Some((self.header)(header_rev)), watch_id: key.1, events, ..Default::default() };
-        let parts = if w.spec.fragment { fragment(resp, self.max_response_bytes) } else { vec![resp] };
+        // Decided before any response is built.
         if w.out.is_closed() {
             return Delivery::Gone;
         }
+        if w.out.capacity() == 0 {
+            return Delivery::Full;
+        }
+        let events = kept
+            .into_iter()
+            .map(|rec| {
+                let prev_kv = if w.spec.prev_kv {
+                    prev.entry((rec.main, rec.sub)).or_insert_with(|| self.prev_kv(rec)).clone()
+                } else {
+                    None
+                };
+                to_event(rec, prev_kv)
+            })
+            .collect();
+        let resp =
+            WatchResponse { header: Some((self.header)(header_rev)), watch_id: key.1, events, ..Default::default() };
+        let parts = if w.spec.fragment { fragment(resp, self.max_response_bytes) } else { vec![resp] };
         if w.out.capacity() < parts.len() {
             return Delivery::Full;
         }
@@ -375,6 +389,7 @@ impl Hub {
         Delivery::Sent
     }
 
+    /// The version of `rec`'s key just before `rec`, as prev_kv carries it.
     fn prev_kv(&self, rec: &KvRecord) -> Option<KeyValue> {
         let r =
             self.mvcc.range(&KeyRange::Single(rec.key.clone()), RangeOpts { rev: rec.main - 1, ..Default::default() });
@@ -430,6 +445,7 @@ impl Hub {
             _ => plan.to,
         };
         let mut progressed = false;
+        let mut prev = PrevKvs::new();
         for (key, planned_next) in plan.readers {
             let Some(w) = self.watchers.get(&key) else { continue };
             if w.state != State::Unsynced || w.next_rev != planned_next {
@@ -438,7 +454,7 @@ impl Hub {
             let range = w.spec.range.clone();
             let recs: Vec<&KvRecord> =
                 records.iter().filter(|r| r.main >= planned_next && r.main <= upto && range.contains(&r.key)).collect();
-            let outcome = if recs.is_empty() { Delivery::Nothing } else { self.deliver(key, &recs, upto) };
+            let outcome = if recs.is_empty() { Delivery::Nothing } else { self.deliver(key, &recs, upto, &mut prev) };
             match outcome {
                 Delivery::Sent | Delivery::Nothing => {
                     progressed = true;
@@ -475,6 +491,9 @@ impl Hub {
         }
     }
 }
+
+/// Previous versions read during one fan-out, by (main, sub) revision.
+type PrevKvs = HashMap<(i64, i64), Option<KeyValue>>;
 
 enum Delivery {
     Sent,
