@@ -41,6 +41,7 @@ enum MirrorAction {
 }
 
 fn main() -> anyhow::Result<()> {
+    abort_on_panic();
     let cli = Cli::parse_from(normalize_args(std::env::args()));
     match cli.command {
         Command::Node(flags) => {
@@ -61,6 +62,20 @@ fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Makes any panic, on any thread, end the whole process with a log line.
+/// Without it a panic ends only its own thread: a member whose raft thread
+/// died would keep serving reads from a frozen state. Stopping lets a
+/// supervisor restart it, and a restart replays from the applied index.
+fn abort_on_panic() {
+    let print = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current().name().unwrap_or("unnamed").to_owned();
+        tracing::error!(%thread, "fatal: {info}; stopping the process");
+        print(info);
+        std::process::abort();
+    }));
 }
 
 fn init_logging(level: &str) {

@@ -58,13 +58,14 @@ struct FileConfig {
     listen_metrics: Option<String>,
 }
 
-/// Splits a comma-separated endpoint list into URLs.
-pub fn endpoints(s: &str) -> Vec<String> {
-    s.split(',')
-        .map(str::trim)
-        .filter(|e| !e.is_empty())
-        .map(|e| if e.contains("://") { e.to_string() } else { format!("http://{e}") })
-        .collect()
+/// Parses a comma-separated endpoint list (`host:port` or URLs) into URLs.
+///
+/// # Errors
+///
+/// The flag and the first endpoint that is not `host:port` or `http://host:port`.
+pub fn endpoints(flag: &str, s: &str) -> anyhow::Result<Vec<String>> {
+    let urls = meridian_wire::url::parse_endpoints(s).map_err(|e| anyhow::anyhow!("{flag}: {e}"))?;
+    Ok(urls.iter().map(ToString::to_string).collect())
 }
 
 impl MirrorConfig {
@@ -84,8 +85,8 @@ impl MirrorConfig {
         let source = pick(&flags.source, file.source).unwrap_or_default();
         let target = pick(&flags.target, file.target).unwrap_or_default();
         let cfg = Self {
-            source: endpoints(&source),
-            target: endpoints(&target),
+            source: endpoints("--source", &source)?,
+            target: endpoints("--target", &target)?,
             prefix: pick(&flags.prefix, file.prefix).unwrap_or_default(),
             dest_prefix: pick(&flags.dest_prefix, file.dest_prefix),
             listen_metrics: pick(&flags.listen_metrics, file.listen_metrics),
@@ -141,6 +142,8 @@ mod tests {
         let cfg = MirrorConfig { prefix: "app/".into(), dest_prefix: Some("dr/app/".into()), ..Default::default() };
         assert_eq!(cfg.target_key(b"app/x"), b"dr/app/x");
         assert_eq!(cfg.source_range(), (b"app/".to_vec(), b"app0".to_vec()));
-        assert_eq!(endpoints("127.0.0.1:1, http://h:2"), ["http://127.0.0.1:1", "http://h:2"]);
+        assert_eq!(endpoints("--source", "127.0.0.1:1, http://h:2").unwrap(), ["http://127.0.0.1:1", "http://h:2"]);
+        let err = endpoints("--target", "h:1,https://h:2").unwrap_err().to_string();
+        assert_eq!(err, "--target: https://h:2: TLS is not supported yet; use http://");
     }
 }

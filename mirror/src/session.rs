@@ -382,7 +382,8 @@ impl Session<'_> {
                 .await
                 .context("source lease TTL")?
                 .into_inner();
-            out.push(MirrorLease { id: rec.lease, ttl: if ttl.granted_ttl > 0 { ttl.granted_ttl } else { 1 } });
+            let granted = if ttl.granted_ttl > 0 { ttl.granted_ttl } else { 1 };
+            out.push(MirrorLease { id: rec.lease, ttl: granted, remaining_ttl: ttl.ttl.max(0) });
         }
         Ok(out)
     }

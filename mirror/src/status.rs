@@ -18,7 +18,7 @@ pub async fn print_status(flags: &StatusFlags) -> anyhow::Result<()> {
     anyhow::ensure!(flags.target.is_some() || flags.metrics.is_some(), "give --target and/or --metrics");
     if let Some(target) = &flags.target {
         let mut last = None;
-        for ep in endpoints(target) {
+        for ep in endpoints("--target", target)? {
             match MirrorClient::connect(ep.clone()).await {
                 Ok(mut c) => match c.status(MirrorStatusRequest {}).await {
                     Ok(s) => {

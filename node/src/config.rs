@@ -10,8 +10,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use sha1::{Digest, Sha1};
 
+use meridian_wire::url::Url;
+
 use crate::error::{Error, Result};
-use crate::server::compactor::Retention;
 
 /// Command-line flags, named as etcd's. Every field is optional so that an
 /// absent flag does not hide the file or the environment.
@@ -94,10 +95,11 @@ pub struct NodeFlags {
     pub config_file: Option<PathBuf>,
 }
 
-/// The resolved settings of one member.
+/// What the file, the environment and the flags said, merged, before any
+/// check: the shape of the TOML file and of the `MERIDIAN_*` variables.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
-pub struct NodeConfig {
+pub struct Settings {
     pub name: String,
     pub data_dir: Option<PathBuf>,
     pub listen_client_urls: String,
@@ -126,8 +128,11 @@ pub struct NodeConfig {
 
 /// etcd's default space quota.
 pub const DEFAULT_QUOTA_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+/// The shortest periodic compaction window: a shorter one would poll in a
+/// busy loop.
+const MIN_PERIODIC_RETENTION: Duration = Duration::from_secs(1);
 
-impl Default for NodeConfig {
+impl Default for Settings {
     fn default() -> Self {
         Self {
             name: "default".into(),
@@ -158,6 +163,99 @@ impl Default for NodeConfig {
     }
 }
 
+/// `--initial-cluster-state`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ClusterState {
+    New,
+    Existing,
+}
+
+/// `--initial-role`: what a brand-new cluster starts as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InitialRole {
+    Primary,
+    Secondary,
+}
+
+/// How much history auto compaction keeps (`--auto-compaction-mode` and
+/// `--auto-compaction-retention`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// Keep the revisions of the last window of time.
+    Periodic(Duration),
+    /// Keep this many revisions behind the current one.
+    Revision(i64),
+}
+
+impl Retention {
+    /// Parses etcd's pair of flags. A bare integer is hours in periodic
+    /// mode and revisions in revision mode; periodic mode also takes a
+    /// duration (`30m`, `1h30m`). Zero disables compaction (`None`).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for an unknown mode, a malformed retention, or a
+    /// periodic window under a second.
+    pub fn parse(mode: &str, retention: &str) -> Result<Option<Self>> {
+        let retention = retention.trim();
+        let count = retention.parse::<i64>().ok().filter(|n| *n >= 0);
+        let parsed = match (mode, count) {
+            ("periodic", Some(hours)) => Some(Self::Periodic(Duration::from_secs(hours as u64 * 3600))),
+            ("periodic", None) => parse_duration(retention).map(Self::Periodic),
+            ("revision", count) => count.map(Self::Revision),
+            _ => {
+                return Err(Error::Config(format!(
+                    "invalid --auto-compaction-mode {mode:?}: valid values are \"periodic\" or \"revision\""
+                )))
+            }
+        };
+        match parsed {
+            None => Err(Error::Config(format!(
+                "invalid --auto-compaction-retention {retention:?}: want hours or a duration like 30m \
+                 (periodic mode) or a number of revisions (revision mode)"
+            ))),
+            Some(Self::Periodic(d)) if d.is_zero() => Ok(None),
+            Some(Self::Periodic(d)) if d < MIN_PERIODIC_RETENTION => Err(Error::Config(format!(
+                "invalid --auto-compaction-retention {retention:?}: a periodic window must be at least 1s"
+            ))),
+            Some(Self::Revision(0)) => Ok(None),
+            Some(r) => Ok(Some(r)),
+        }
+    }
+}
+
+/// The checked settings of one member: every value parsed into its type
+/// once, at startup, by [`NodeConfig::load`]. Nothing downstream parses.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub listen_client_urls: Vec<Url>,
+    pub advertise_client_urls: Vec<Url>,
+    pub listen_peer_urls: Vec<Url>,
+    pub listen_metrics_urls: Vec<Url>,
+    /// The bootstrap cluster: name → peer URLs (this member alone by default).
+    pub initial_members: BTreeMap<String, Vec<String>>,
+    pub initial_cluster_state: ClusterState,
+    pub initial_cluster_token: String,
+    pub heartbeat: Duration,
+    pub election: Duration,
+    pub snapshot_count: u64,
+    pub max_request_bytes: usize,
+    pub max_txn_ops: usize,
+    /// The space quota in bytes; `None` when disabled (negative, as etcd).
+    pub quota: Option<u64>,
+    pub progress_notify_interval: Duration,
+    pub lease_checkpoint_interval: Duration,
+    /// `None` when auto compaction is off.
+    pub auto_compaction: Option<Retention>,
+    pub region: String,
+    pub initial_role: InitialRole,
+    /// The region a secondary mirrors (this region for a primary).
+    pub primary_region: String,
+    pub log_level: String,
+}
+
 macro_rules! overlay {
     ($cfg:ident, $flags:ident, $($field:ident),*) => {
         $( if let Some(v) = &$flags.$field { $cfg.$field = v.clone().into(); } )*
@@ -179,20 +277,20 @@ pub fn normalize_args(args: impl IntoIterator<Item = String>) -> Vec<String> {
         .collect()
 }
 
-impl NodeConfig {
-    /// Resolves the settings from `flags`, the config file it names, and the
-    /// environment.
+impl Settings {
+    /// Merges the defaults, the config file `flags` names, the environment
+    /// and `flags`, in rising precedence.
     ///
     /// # Errors
     ///
-    /// [`Error::Config`] for an unreadable file or an invalid setting.
-    pub fn load(flags: &NodeFlags) -> Result<Self> {
+    /// [`Error::Config`] for an unreadable file or a value of the wrong type.
+    pub fn gather(flags: &NodeFlags) -> Result<Self> {
         let mut builder = config::Config::builder();
         if let Some(file) = &flags.config_file {
             builder = builder.add_source(config::File::from(file.as_path()).format(config::FileFormat::Toml));
         }
         builder = builder.add_source(config::Environment::with_prefix("MERIDIAN").try_parsing(true));
-        let mut cfg: NodeConfig =
+        let mut cfg: Settings =
             builder.build().and_then(|c| c.try_deserialize()).map_err(|e| Error::Config(e.to_string()))?;
         overlay!(
             cfg,
@@ -226,11 +324,15 @@ impl NodeConfig {
         if let Some(c) = &flags.initial_cluster {
             cfg.initial_cluster = Some(c.clone());
         }
-        cfg.validate()?;
         Ok(cfg)
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks every value and parses it into its type.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] naming the first flag whose value is refused.
+    pub fn check(self) -> Result<NodeConfig> {
         if self.heartbeat_interval == 0 {
             return Err(Error::Config("--heartbeat-interval must be > 0".into()));
         }
@@ -240,75 +342,70 @@ impl NodeConfig {
                 self.election_timeout, self.heartbeat_interval
             )));
         }
-        if !matches!(self.initial_cluster_state.as_str(), "new" | "existing") {
-            return Err(Error::Config(format!(
-                "invalid value {:?} for --initial-cluster-state: valid values are \"new\" or \"existing\"",
-                self.initial_cluster_state
-            )));
-        }
-        if parse_duration(&self.watch_progress_notify_interval).is_none_or(|d| d.is_zero()) {
-            return Err(Error::Config(format!(
-                "invalid --experimental-watch-progress-notify-interval {:?}: want a duration like 10m, 30s or 500ms",
-                self.watch_progress_notify_interval
-            )));
-        }
-        if parse_duration(&self.lease_checkpoint_interval).is_none_or(|d| d.is_zero()) {
-            return Err(Error::Config(format!(
-                "invalid --experimental-lease-checkpoint-interval {:?}: want a duration like 5s",
-                self.lease_checkpoint_interval
-            )));
-        }
-        self.auto_compaction()?;
-        if !matches!(self.initial_role.as_str(), "primary" | "secondary") {
-            return Err(Error::Config(format!(
-                "invalid value {:?} for --initial-role: valid values are \"primary\" or \"secondary\"",
-                self.initial_role
-            )));
-        }
+        let initial_cluster_state = match self.initial_cluster_state.as_str() {
+            "new" => ClusterState::New,
+            "existing" => ClusterState::Existing,
+            other => {
+                return Err(Error::Config(format!(
+                    "invalid value {other:?} for --initial-cluster-state: valid values are \"new\" or \"existing\""
+                )))
+            }
+        };
+        let initial_role = match self.initial_role.as_str() {
+            "primary" => InitialRole::Primary,
+            "secondary" => InitialRole::Secondary,
+            other => {
+                return Err(Error::Config(format!(
+                    "invalid value {other:?} for --initial-role: valid values are \"primary\" or \"secondary\""
+                )))
+            }
+        };
         if self.max_txn_ops == 0 || self.max_request_bytes == 0 || self.snapshot_count == 0 {
             return Err(Error::Config("--max-txn-ops, --max-request-bytes and --snapshot-count must be > 0".into()));
         }
-        Ok(())
-    }
-
-    /// The watch progress-notify interval.
-    pub fn progress_notify_interval(&self) -> Duration {
-        parse_duration(&self.watch_progress_notify_interval).unwrap_or(Duration::from_secs(600))
-    }
-
-    /// How often the leader checkpoints remaining lease TTLs.
-    pub fn lease_checkpoint_interval(&self) -> Duration {
-        parse_duration(&self.lease_checkpoint_interval).unwrap_or(Duration::from_secs(5))
-    }
-
-    /// The auto-compaction retention; `None` when disabled.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::Config`] for an unknown mode or a malformed retention.
-    pub fn auto_compaction(&self) -> Result<Option<Retention>> {
-        Retention::parse(&self.auto_compaction_mode, &self.auto_compaction_retention)
-    }
-
-    pub fn data_dir(&self) -> PathBuf {
-        self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.meridian", self.name)))
-    }
-
-    pub fn heartbeat(&self) -> Duration {
-        Duration::from_millis(self.heartbeat_interval)
-    }
-
-    pub fn election(&self) -> Duration {
-        Duration::from_millis(self.election_timeout)
-    }
-
-    /// The quota in bytes; `None` when disabled (negative, as etcd).
-    pub fn quota(&self) -> Option<u64> {
-        match self.quota_backend_bytes {
+        if !matches!(self.log_level.as_str(), "error" | "warn" | "info" | "debug" | "trace") {
+            return Err(Error::Config(format!(
+                "invalid --log-level {:?}: valid values are error, warn, info, debug or trace",
+                self.log_level
+            )));
+        }
+        let quota = match self.quota_backend_bytes {
             q if q < 0 => None,
             0 => Some(DEFAULT_QUOTA_BYTES),
             q => Some(q as u64),
-        }
+        };
+        let primary_region =
+            if self.primary_region.is_empty() { self.region.clone() } else { self.primary_region.clone() };
+        Ok(NodeConfig {
+            data_dir: self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.meridian", self.name))),
+            listen_client_urls: urls("--listen-client-urls", &self.listen_client_urls)?,
+            advertise_client_urls: urls("--advertise-client-urls", &self.advertise_client_urls)?,
+            listen_peer_urls: urls("--listen-peer-urls", &self.listen_peer_urls)?,
+            listen_metrics_urls: urls("--listen-metrics-urls", &self.listen_metrics_urls)?,
+            initial_members: self.initial_members()?,
+            initial_cluster_state,
+            heartbeat: Duration::from_millis(self.heartbeat_interval),
+            election: Duration::from_millis(self.election_timeout),
+            snapshot_count: self.snapshot_count,
+            max_request_bytes: self.max_request_bytes,
+            max_txn_ops: self.max_txn_ops,
+            quota,
+            progress_notify_interval: positive_duration(
+                "--experimental-watch-progress-notify-interval",
+                &self.watch_progress_notify_interval,
+            )?,
+            lease_checkpoint_interval: positive_duration(
+                "--experimental-lease-checkpoint-interval",
+                &self.lease_checkpoint_interval,
+            )?,
+            auto_compaction: Retention::parse(&self.auto_compaction_mode, &self.auto_compaction_retention)?,
+            initial_role,
+            primary_region,
+            name: self.name,
+            initial_cluster_token: self.initial_cluster_token,
+            region: self.region,
+            log_level: self.log_level,
+        })
     }
 
     /// The bootstrap cluster: name → peer URLs. Defaults to this member alone.
@@ -316,7 +413,8 @@ impl NodeConfig {
     /// # Errors
     ///
     /// [`Error::Config`] when malformed or when this member is missing.
-    pub fn initial_members(&self) -> Result<BTreeMap<String, Vec<String>>> {
+    fn initial_members(&self) -> Result<BTreeMap<String, Vec<String>>> {
+        urls("--initial-advertise-peer-urls", &self.initial_advertise_peer_urls)?;
         let spec = self
             .initial_cluster
             .clone()
@@ -326,7 +424,7 @@ impl NodeConfig {
             let (name, url) = part
                 .split_once('=')
                 .ok_or_else(|| Error::Config(format!("bad --initial-cluster entry {part:?}: want name=URL")))?;
-            check_url(url)?;
+            let url = Url::parse(url).map_err(|e| Error::Config(format!("--initial-cluster: {e}")))?;
             out.entry(name.to_string()).or_default().push(url.to_string());
         }
         if !out.contains_key(&self.name) {
@@ -336,6 +434,32 @@ impl NodeConfig {
             )));
         }
         Ok(out)
+    }
+}
+
+impl NodeConfig {
+    /// Resolves and checks the settings from `flags`, the config file it
+    /// names, and the environment.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for an unreadable file or a refused value; the
+    /// message names the flag.
+    pub fn load(flags: &NodeFlags) -> Result<Self> {
+        Settings::gather(flags)?.check()
+    }
+}
+
+/// A URL list flag, parsed.
+fn urls(flag: &str, value: &str) -> Result<Vec<Url>> {
+    meridian_wire::url::parse_list(value).map_err(|e| Error::Config(format!("{flag}: {e}")))
+}
+
+/// A duration flag that must be above zero.
+fn positive_duration(flag: &str, value: &str) -> Result<Duration> {
+    match parse_duration(value) {
+        Some(d) if !d.is_zero() => Ok(d),
+        _ => Err(Error::Config(format!("invalid {flag} {value:?}: want a duration above zero like 10m, 5s or 500ms"))),
     }
 }
 
@@ -368,32 +492,6 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         rest = &rest[unit_end..];
     }
     Duration::try_from_secs_f64(secs).ok()
-}
-
-/// Splits a comma-separated URL list.
-pub fn split_urls(s: &str) -> Vec<String> {
-    s.split(',').map(str::trim).filter(|u| !u.is_empty()).map(String::from).collect()
-}
-
-/// `host:port` of an `http://` URL.
-///
-/// # Errors
-///
-/// [`Error::Config`] for another scheme or a malformed URL.
-pub fn url_host_port(url: &str) -> Result<String> {
-    check_url(url)?;
-    let rest = &url["http://".len()..];
-    Ok(rest.split('/').next().unwrap_or(rest).to_string())
-}
-
-fn check_url(url: &str) -> Result<()> {
-    if url.starts_with("https://") || url.starts_with("unixs://") {
-        return Err(Error::Config(format!("{url}: TLS is not supported yet; use http://")));
-    }
-    if !url.starts_with("http://") || !url["http://".len()..].contains(':') {
-        return Err(Error::Config(format!("URL {url:?} must look like http://host:port")));
-    }
-    Ok(())
 }
 
 /// etcd's member id: SHA-1 of the sorted peer URLs and the cluster token.
@@ -440,7 +538,7 @@ mod tests {
 
     #[test]
     fn initial_cluster_parsing() {
-        let mut cfg = NodeConfig { name: "b".into(), ..Default::default() };
+        let mut cfg = Settings { name: "b".into(), ..Default::default() };
         cfg.initial_cluster = Some("a=http://127.0.0.1:1,b=http://127.0.0.1:2,b=http://127.0.0.1:3".into());
         let m = cfg.initial_members().unwrap();
         assert_eq!(m["b"], vec!["http://127.0.0.1:2", "http://127.0.0.1:3"]);
@@ -448,7 +546,7 @@ mod tests {
         assert!(cfg.initial_members().unwrap_err().to_string().contains("couldn't find local name"));
         cfg.initial_cluster = Some("c=https://x:1".into());
         assert!(cfg.initial_members().is_err());
-        let lone = NodeConfig::default();
+        let lone = Settings::default();
         assert_eq!(lone.initial_members().unwrap()["default"], vec!["http://127.0.0.1:2380"]);
     }
 
@@ -474,10 +572,43 @@ mod tests {
 
     #[test]
     fn defaults_are_etcds() {
-        let c = NodeConfig::default();
+        let c = Settings::default().check().unwrap();
         assert_eq!((c.max_request_bytes, c.max_txn_ops, c.snapshot_count), (1_572_864, 128, 100_000));
-        assert_eq!((c.heartbeat_interval, c.election_timeout), (100, 1000));
-        assert_eq!(c.quota(), Some(DEFAULT_QUOTA_BYTES));
-        assert_eq!(c.data_dir(), PathBuf::from("default.meridian"));
+        assert_eq!((c.heartbeat, c.election), (Duration::from_millis(100), Duration::from_millis(1000)));
+        assert_eq!(c.quota, Some(DEFAULT_QUOTA_BYTES));
+        assert_eq!(c.data_dir, PathBuf::from("default.meridian"));
+        assert_eq!(c.auto_compaction, None);
+        assert_eq!((c.initial_role, c.primary_region.as_str()), (InitialRole::Primary, "default"));
+    }
+
+    /// Every refused value stops the member at startup with a message that names its flag.
+    #[test]
+    fn bad_values_are_refused_naming_the_flag() {
+        type Set = fn(&mut Settings);
+        let table: [(Set, &str); 12] = [
+            (|s| s.auto_compaction_retention = "5ns".into(), "--auto-compaction-retention"),
+            (|s| s.auto_compaction_retention = "1x".into(), "--auto-compaction-retention"),
+            (|s| s.auto_compaction_mode = "daily".into(), "--auto-compaction-mode"),
+            (|s| s.watch_progress_notify_interval = "0".into(), "--experimental-watch-progress-notify-interval"),
+            (|s| s.watch_progress_notify_interval = "10".into(), "--experimental-watch-progress-notify-interval"),
+            (|s| s.lease_checkpoint_interval = "soon".into(), "--experimental-lease-checkpoint-interval"),
+            (|s| s.listen_client_urls = "127.0.0.1:2379".into(), "--listen-client-urls"),
+            (|s| s.advertise_client_urls = "http://h".into(), "--advertise-client-urls"),
+            (|s| s.listen_metrics_urls = "https://h:1".into(), "--listen-metrics-urls"),
+            (|s| s.initial_advertise_peer_urls = "h:1".into(), "--initial-advertise-peer-urls"),
+            (|s| s.initial_role = "tertiary".into(), "--initial-role"),
+            (|s| s.log_level = "loud".into(), "--log-level"),
+        ];
+        for (set, flag) in table {
+            let mut settings = Settings::default();
+            set(&mut settings);
+            let err = settings.clone().check().expect_err(&format!("{settings:?} must be refused")).to_string();
+            assert!(err.contains(flag), "{err:?} does not name {flag}");
+        }
+        let mut ok = Settings { auto_compaction_retention: "1s".into(), ..Default::default() };
+        assert_eq!(ok.clone().check().unwrap().auto_compaction, Some(Retention::Periodic(Duration::from_secs(1))));
+        ok.auto_compaction_mode = "revision".into();
+        ok.auto_compaction_retention = "100".into();
+        assert_eq!(ok.check().unwrap().auto_compaction, Some(Retention::Revision(100)));
     }
 }

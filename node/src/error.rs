@@ -53,6 +53,9 @@ pub enum Error {
     /// A mirror write refused by fencing (foreign source, stale epoch, not a secondary).
     #[error("meridian: {0}")]
     Fenced(String),
+    /// A request kind some member's binary cannot apply yet (see `server::version`).
+    #[error("meridian: cluster version {cluster} is too low for this request (needs {needed}); upgrade every member")]
+    ClusterVersion { cluster: u32, needed: u32 },
 
     // -- Availability: the request may succeed if retried. --
     #[error("etcdserver: no leader")]
@@ -68,6 +71,9 @@ pub enum Error {
     /// etcd has no gRPC mapping for it, so clients see code UNKNOWN.
     #[error("etcdserver: request timed out, leader transfer took too long")]
     LeaderTransferTimeout,
+    /// Apply is too far behind commit; etcd's backpressure error.
+    #[error("etcdserver: too many requests")]
+    TooManyRequests,
 
     // -- Internal: never deterministic; in the apply path these crash the node. --
     #[error("storage: {0}")]
@@ -95,12 +101,50 @@ impl Error {
             MessageTooLarge(..) | NoSpace => Code::ResourceExhausted,
             Compacted | FutureRevision => Code::OutOfRange,
             LeaseNotFound | MemberNotFound => Code::NotFound,
-            LeaseExists | NotLeader | BadLeaderTransferee | ReadOnly(_) | Fenced(_) => Code::FailedPrecondition,
+            LeaseExists | NotLeader | BadLeaderTransferee | ReadOnly(_) | Fenced(_) | ClusterVersion { .. } => {
+                Code::FailedPrecondition
+            }
+            TooManyRequests => Code::ResourceExhausted,
             LeaderTransferTimeout => Code::Unknown,
             LeaseTtlTooLarge => Code::OutOfRange,
             NoLeader | Timeout | LeaderChanged | Stopped => Code::Unavailable,
             Config(_) => Code::InvalidArgument,
             Storage(_) | Corrupt(_) | Raft(_) | Io(_) | Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl Error {
+    /// Whether every replica applying the same entry to the same state gets
+    /// this same error. Apply answers such errors to the client and moves
+    /// on; any other error from apply (I/O, a failed store) means this
+    /// replica's state is no longer known, so the member must stop rather
+    /// than skip the entry. Listed variant by variant, so a new variant has
+    /// to be classified here.
+    pub fn is_deterministic(&self) -> bool {
+        use Error::*;
+        match self {
+            EmptyKey
+            | KeyNotFound
+            | ValueProvided
+            | LeaseProvided
+            | TooManyOps
+            | DuplicateKey
+            | RequestTooLarge
+            | MessageTooLarge(..)
+            | Compacted
+            | FutureRevision
+            | NoSpace
+            | LeaseNotFound
+            | LeaseExists
+            | LeaseTtlTooLarge
+            | MemberNotFound
+            | BadLeaderTransferee
+            | ReadOnly(_)
+            | Fenced(_)
+            | ClusterVersion { .. } => true,
+            NoLeader | Timeout | LeaderChanged | Stopped | NotLeader | LeaderTransferTimeout | TooManyRequests => false,
+            Storage(_) | Corrupt(_) | Raft(_) | Config(_) | Io(_) | Internal(_) => false,
         }
     }
 }
@@ -143,10 +187,31 @@ mod tests {
                 "etcdserver: request timed out, leader transfer took too long",
             ),
             (Error::MessageTooLarge(3, 2), Code::ResourceExhausted, "grpc: received message larger than max (3 vs. 2)"),
+            (Error::TooManyRequests, Code::ResourceExhausted, "etcdserver: too many requests"),
         ];
         for (err, code, msg) in table {
             let status = Status::from(err);
             assert_eq!((status.code(), status.message()), (code, msg));
+        }
+    }
+
+    /// Apply stops the member on exactly the errors that are not
+    /// deterministic; the gRPC code is not what decides it.
+    #[test]
+    fn deterministic_errors_are_told_apart() {
+        let answered = [Error::NoSpace, Error::Compacted, Error::LeaseNotFound, Error::Fenced("x".into())];
+        for e in answered {
+            assert!(e.is_deterministic(), "{e}");
+        }
+        let fatal = [
+            Error::Io(std::io::Error::other("disk")),
+            Error::Corrupt("x".into()),
+            Error::Internal("x".into()),
+            // Same gRPC code as a client error, still fatal in apply.
+            Error::Config("x".into()),
+        ];
+        for e in fatal {
+            assert!(!e.is_deterministic(), "{e}");
         }
     }
 }

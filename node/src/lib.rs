@@ -36,14 +36,14 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 use tonic::service::Routes;
 
-use crate::config::{split_urls, url_host_port, NodeConfig};
+use crate::config::{ClusterState, InitialRole, NodeConfig};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::mvcc::Mvcc;
 use crate::raft::transport::{GrpcTransport, PeerService, MAX_PEER_MESSAGE};
 use crate::raft::{Input, RaftConfig, RaftNode, RaftStatus};
 use crate::server::apply::{EtcdStateMachine, MvccSnapshots, Waiters};
-use crate::server::authority::AuthorityFix;
+use crate::server::authority::{AuthorityFix, MAX_FRAME, MAX_HEADER_LIST};
 use crate::server::cluster::{ClusterService, MemberInfo, Members};
 use crate::server::kv::KvService;
 use crate::server::lease::service::{run_leader_duties, LeaderLink, LeaseForwardService, LeaseService};
@@ -51,9 +51,11 @@ use crate::server::lease::Lessor;
 use crate::server::maintenance::{MaintenanceService, ETCD_VERSION};
 use crate::server::mirror::MirrorService;
 use crate::server::region::{Role, RoleCell, RoleState};
+use crate::server::version::VersionCell;
 use crate::server::watch::hub::HeaderFn;
 use crate::server::watch::{WatchHub, WatchService};
 use crate::server::{EtcdServer, Limits, GRPC_OVERHEAD_BYTES};
+use meridian_wire::url::Url;
 
 const META_CLUSTER_ID: &str = "cluster_id";
 /// How long a stopping member lets in-flight requests finish.
@@ -66,7 +68,7 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 ///
 /// Invalid configuration, a port that cannot be bound, or storage errors.
 pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let data_dir = cfg.data_dir();
+    let data_dir = cfg.data_dir.clone();
     std::fs::create_dir_all(&data_dir)?;
     let db_dir = data_dir.join("db");
     let db = fjall::Database::builder(&db_dir).open()?;
@@ -80,19 +82,21 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             u64::from_be_bytes(b.as_slice().try_into().map_err(|_| Error::Corrupt("cluster id".into()))?)
         }
         _ => {
-            if cfg.initial_cluster_state == "existing" {
+            if cfg.initial_cluster_state == ClusterState::Existing {
                 return Err(Error::Config(
                     "joining an existing cluster is not supported yet; use --initial-cluster-state new".into(),
                 ));
             }
             members = Members(
-                cfg.initial_members()?
+                cfg.initial_members
+                    .clone()
                     .into_iter()
                     .map(|(name, peer_urls)| MemberInfo {
                         id: config::member_id(&peer_urls, &cfg.initial_cluster_token),
                         name,
                         peer_urls,
                         client_urls: Vec::new(),
+                        apply_version: 0,
                     })
                     .collect(),
             );
@@ -101,13 +105,12 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             members.store(&mvcc);
             mvcc.set_meta(META_CLUSTER_ID, cid.to_be_bytes().to_vec());
             RoleState {
-                role: if cfg.initial_role == "secondary" { Role::Secondary } else { Role::Primary },
-                region: cfg.region.clone(),
-                primary_region: if cfg.primary_region.is_empty() {
-                    cfg.region.clone()
-                } else {
-                    cfg.primary_region.clone()
+                role: match cfg.initial_role {
+                    InitialRole::Primary => Role::Primary,
+                    InitialRole::Secondary => Role::Secondary,
                 },
+                region: cfg.region.clone(),
+                primary_region: cfg.primary_region.clone(),
                 source_cluster_id: 0,
                 epoch: 0,
             }
@@ -129,10 +132,11 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         data_dir = %data_dir.display(), "starting member");
     metrics.server_id.with_label_values(&[&format!("{:x}", me.id)]).set(1);
     metrics.server_version.with_label_values(&[ETCD_VERSION]).set(1);
-    let quota = cfg.quota().unwrap_or(u64::MAX);
+    let quota = cfg.quota.unwrap_or(u64::MAX);
     metrics.quota_backend_bytes.set(i64::try_from(quota).unwrap_or(i64::MAX));
 
     let role = RoleCell::new(RoleState::load(&mvcc).ok_or_else(|| Error::Corrupt("no role record".into()))?);
+    let version = VersionCell::new(&members);
     tracing::info!(role = ?role.get().role, region = %role.get().region, "region role");
 
     // Raft.
@@ -148,8 +152,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             raft_term: status.get().map_or(0, |s| s.term()),
         })
     };
-    let hub = WatchHub::start(mvcc.clone(), header.clone(), cfg.max_request_bytes, cfg.progress_notify_interval());
-    let lessor = Arc::new(Lessor::new(cfg.election()));
+    let hub = WatchHub::start(mvcc.clone(), header.clone(), cfg.max_request_bytes, cfg.progress_notify_interval);
+    let lessor = Arc::new(Lessor::new(cfg.election));
     let sm = EtcdStateMachine::new(
         mvcc.clone(),
         waiters.clone(),
@@ -157,8 +161,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         hub.clone(),
         lessor.clone(),
         role.clone(),
+        version.clone(),
     );
-    let ticks = (cfg.election_timeout / cfg.heartbeat_interval) as usize;
+    let ticks = (cfg.election.as_millis() / cfg.heartbeat.as_millis()) as usize;
     let raft_cfg = RaftConfig {
         id: me.id,
         voters: members.0.iter().map(|m| m.id).collect(),
@@ -181,13 +186,13 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let peers: HashMap<u64, String> =
         members.0.iter().filter_map(|m| m.peer_urls.first().map(|u| (m.id, u.clone()))).collect();
     let transport = GrpcTransport::start(cluster_id, me.id, peers, raft_tx.clone(), metrics.clone());
-    let (handle, raft_thread) = raft::driver::spawn(node, chan, Arc::new(transport), cfg.heartbeat())?;
+    let (handle, raft_thread) = raft::driver::spawn(node, chan, Arc::new(transport), cfg.heartbeat)?;
 
     let limits = Limits {
         max_request_bytes: cfg.max_request_bytes,
         max_txn_ops: cfg.max_txn_ops,
         quota_backend_bytes: quota,
-        election_timeout: cfg.election(),
+        election_timeout: cfg.election,
     };
     let server = Arc::new(EtcdServer::new(
         me.id,
@@ -199,6 +204,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         metrics.clone(),
         limits,
         role.clone(),
+        version,
     ));
 
     // Listeners.
@@ -216,8 +222,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             .max_encoding_message_size(MAX_PEER_MESSAGE),
     )
     .add_service(LeaseForwardServer::new(LeaseForwardService { server: server.clone(), lessor: lessor.clone() }));
-    for url in split_urls(&cfg.listen_peer_urls) {
-        tasks.push(serve(&url, peer_routes.clone(), stop_rx.clone(), false).await?);
+    for url in &cfg.listen_peer_urls {
+        tasks.push(serve(url, peer_routes.clone(), stop_rx.clone(), false).await?);
     }
     let watch = WatchService::new(hub, header);
     let leases = LeaseService {
@@ -226,22 +232,28 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         leader: Arc::new(LeaderLink::new(server.clone(), lessor.clone())),
     };
     let client_routes = client_routes(&server, watch, leases, cfg.max_request_bytes);
-    for url in split_urls(&cfg.listen_client_urls) {
-        tasks.push(serve(&url, client_routes.clone(), stop_rx.clone(), true).await?);
+    for url in &cfg.listen_client_urls {
+        tasks.push(serve(url, client_routes.clone(), stop_rx.clone(), true).await?);
     }
     let metrics_routes = Routes::from(server::http::routes(axum::Router::new(), server.clone()));
-    for url in split_urls(&cfg.listen_metrics_urls) {
-        tasks.push(serve(&url, metrics_routes.clone(), stop_rx.clone(), false).await?);
+    for url in &cfg.listen_metrics_urls {
+        tasks.push(serve(url, metrics_routes.clone(), stop_rx.clone(), false).await?);
     }
-    tokio::spawn(run_leader_duties(server.clone(), lessor.clone(), cfg.lease_checkpoint_interval()));
-    if let Some(retention) = cfg.auto_compaction()? {
+    tokio::spawn(run_leader_duties(server.clone(), lessor.clone(), cfg.lease_checkpoint_interval));
+    if let Some(retention) = cfg.auto_compaction {
         tokio::spawn(server::compactor::run(server.clone(), retention));
     }
     tokio::spawn(publish_attributes(
         server.clone(),
-        MemberAttributes { id: me.id, name: cfg.name.clone(), client_urls: split_urls(&cfg.advertise_client_urls) },
+        MemberAttributes {
+            id: me.id,
+            name: cfg.name.clone(),
+            client_urls: cfg.advertise_client_urls.iter().map(Url::to_string).collect(),
+            apply_version: server::version::APPLY_VERSION,
+        },
     ));
-    tracing::info!(urls = %cfg.listen_client_urls, "ready to serve client requests");
+    tracing::info!(urls = ?cfg.listen_client_urls.iter().map(Url::to_string).collect::<Vec<_>>(),
+        "ready to serve client requests");
 
     shutdown.await;
     tracing::info!("shutting down");
@@ -294,13 +306,13 @@ fn client_routes(
 /// Serves `routes` on `url` until `stop`. Client listeners (`etcd_clients`)
 /// accept etcd Go clients' schemed `:authority` (see `server::authority`).
 async fn serve(
-    url: &str,
+    url: &Url,
     routes: Routes,
     mut stop: watch::Receiver<bool>,
     etcd_clients: bool,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    let addr = url_host_port(url)?;
-    let listener = TcpListener::bind(&addr).await.map_err(|e| Error::Config(format!("listen on {url}: {e}")))?;
+    let addr = url.host_port();
+    let listener = TcpListener::bind(addr).await.map_err(|e| Error::Config(format!("listen on {url}: {e}")))?;
     let local: SocketAddr = listener.local_addr()?;
     tracing::info!(%url, %local, "listening");
     // A caller-supplied listener bypasses tonic's own nodelay setting; without
@@ -318,6 +330,9 @@ async fn serve(
     Ok(tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .accept_http1(true)
+            // The limits `AuthorityFix` enforces before h2 sees the bytes.
+            .max_frame_size(MAX_FRAME as u32)
+            .http2_max_header_list_size(MAX_HEADER_LIST as u32)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -406,7 +421,9 @@ impl tonic::transport::server::Connected for Either {
 async fn publish_attributes(server: Arc<EtcdServer>, attrs: MemberAttributes) {
     for attempt in 0..600u32 {
         let current = Members::load(&server.mvcc);
-        if current.get(attrs.id).is_some_and(|m| m.client_urls == attrs.client_urls && m.name == attrs.name) {
+        if current.get(attrs.id).is_some_and(|m| {
+            m.client_urls == attrs.client_urls && m.name == attrs.name && m.apply_version == attrs.apply_version
+        }) {
             return;
         }
         match server.propose(Internal::MemberAttributes(attrs.clone())).await {

@@ -111,6 +111,8 @@ struct Member {
     data_dir: PathBuf,
     log_path: PathBuf,
     args: Vec<String>,
+    /// Environment variables set on every later start (see [`Cluster::set_env`]).
+    env: Vec<(String, String)>,
     child: Option<Child>,
     starts: u32,
     /// Held only so the peer port stays reserved for restarts.
@@ -215,6 +217,7 @@ impl Cluster {
                     log_path: dir.path().join(format!("{name}.log")),
                     data_dir,
                     args,
+                    env: Vec::new(),
                     child: None,
                     starts: 0,
                     _peer: peer,

@@ -4,7 +4,9 @@
 //! - an acknowledged write survives a kill -9 of the leader and is on every member afterwards;
 //! - a member that missed more than the retained log catches up by snapshot;
 //! - a whole-cluster restart keeps every key, version and revision (and the history);
-//! - SIGTERM stops a member cleanly.
+//! - SIGTERM stops a member cleanly;
+//! - a failure inside apply (an injected I/O error) ends the member process, and a restart replays
+//!   to every acknowledged write.
 //!
 //! Replicas are compared key by key and by `HashKV` at one revision, as `etcdctl endpoint hashkv`
 //! does. Every load loop is bounded in count and in time; every wait polls a readiness signal
@@ -424,5 +426,47 @@ async fn sigterm_exits_cleanly() -> Result<()> {
     cluster.wait_ready_all()?;
     let resp = cluster.client().await?.get("t", None).await?;
     assert_eq!(resp.kvs().first().map(KeyValue::value), Some(&b"1"[..]));
+    Ok(())
+}
+
+/// An I/O error inside apply (injected on one follower with `MERIDIAN_FAILPOINT`) ends that
+/// member's process with a non-zero status and a fatal log line, instead of leaving it serving a
+/// frozen state; the other two go on. Restarted without the failpoint, it replays from its
+/// applied index to every acknowledged write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_failure_stops_the_member_and_a_restart_recovers() -> Result<()> {
+    const FAIL_AT: i64 = 20;
+    const PUTS: usize = 60;
+    let mut cluster = Cluster::start(3, ClusterOpts::fast())?;
+    let leader = cluster.leader().await?;
+    let faulty = (1..=3).find(|&i| i != leader).expect("3 members");
+    cluster.stop(faulty)?;
+    cluster.set_env(faulty, "MERIDIAN_FAILPOINT", &format!("apply-io-error@{FAIL_AT}"));
+    cluster.restart(faulty)?;
+
+    let mut client = cluster.member_client(leader).await?;
+    let mut last = 0;
+    for n in 0..PUTS {
+        let put = client.put(format!("f-{n:03}"), format!("v{n}"), None).await.with_context(|| format!("put {n}"))?;
+        last = header_rev(put.header())?;
+    }
+    ensure!(last > FAIL_AT, "the writes must pass the failpoint's revision");
+
+    let status = cluster.wait_exit(faulty, Duration::from_secs(20)).context("the faulty member must stop")?;
+    assert!(!status.success(), "m{faulty} exited with {status}");
+    let log = std::fs::read_to_string(cluster.log_path(faulty))?;
+    assert!(
+        log.contains("fatal:") && log.contains("injected by MERIDIAN_FAILPOINT"),
+        "m{faulty} stopped without saying why:\n{}",
+        cluster.log_tail(faulty, 20)
+    );
+
+    cluster.set_env(faulty, "MERIDIAN_FAILPOINT", "");
+    cluster.restart(faulty)?;
+    let rows = assert_replicas_identical(&cluster, last, "f-").await?;
+    assert_eq!(rows.len(), PUTS, "acknowledged keys on every member after the restart");
+    for (n, row) in rows.iter().enumerate() {
+        assert_eq!(row.1, format!("v{n}").as_bytes(), "value of f-{n:03}");
+    }
     Ok(())
 }

@@ -329,3 +329,53 @@ async fn a_secondary_of_etcd_compacts_by_its_own_retention() -> anyhow::Result<(
     assert_eq!(dump(&secondary)?, dump(&etcd)?);
     Ok(())
 }
+
+/// On a secondary, `etcdctl lease timetolive` answers from the mirrored lease (granted TTL, the
+/// remaining TTL the source reported, the attached keys) instead of retrying on "leader
+/// changed"; keep-alive, grant and revoke are refused at once with the read-only error.
+#[tokio::test]
+async fn leases_on_a_secondary_answer_or_are_refused_at_once() -> anyhow::Result<()> {
+    let primary = Cluster::start(1, primary_opts())?;
+    let secondary = Cluster::start(3, secondary_opts())?;
+    let mut c = primary.client().await?;
+    let id = c.lease_grant(600, None).await?.id();
+    let rev = c.put("l/key", "v", Some(PutOptions::new().with_lease(id))).await?.header().expect("header").revision();
+    let mirror = MirrorProcess::start(&primary.endpoints(), &secondary, &[])?;
+    mirror.wait_applied(rev, Duration::from_secs(30))?;
+
+    let hex = format!("{id:x}");
+    for i in 1..=3 {
+        let started = std::time::Instant::now();
+        let out = meridian_tests::etcdctl(&[secondary.endpoint(i)], &["lease", "timetolive", &hex, "--keys"])?;
+        assert!(out.success(), "timetolive on secondary member {i}: {}", out.stderr);
+        assert!(started.elapsed() < Duration::from_secs(3), "timetolive took {:?}", started.elapsed());
+        let line = out.stdout.trim();
+        assert!(line.starts_with(&format!("lease {id:016x} granted with TTL(600s), remaining(")), "{line}");
+        assert!(line.ends_with("attached keys([l/key])"), "{line}");
+        let remaining: i64 = line.split("remaining(").nth(1).and_then(|r| r.split('s').next()).unwrap().parse()?;
+        assert!((590..=600).contains(&remaining), "remaining {remaining}s as the source reported it: {line}");
+    }
+    let unknown = secondary.etcdctl_ok(&["lease", "timetolive", "1234"])?;
+    assert_eq!(unknown.trim(), "lease 0000000000001234 already expired");
+
+    // Writes to leases are refused with the read-only error, a code clients do not retry.
+    for args in [["lease", "grant", "10"], ["lease", "revoke", hex.as_str()]] {
+        let out = secondary.etcdctl(&args)?;
+        assert!(!out.success() && out.stderr.contains(READ_ONLY), "{args:?}: {}", out.stderr);
+    }
+    let mut s = secondary.client().await?;
+    let keep_alive = async {
+        let (mut keeper, mut responses) = s.lease_keep_alive(id).await?;
+        keeper.keep_alive().await?;
+        responses.message().await
+    };
+    match tokio::time::timeout(Duration::from_secs(3), keep_alive).await? {
+        Err(etcd_client::Error::GRpcStatus(st)) => {
+            assert_eq!((st.code(), st.message()), (tonic::Code::FailedPrecondition, READ_ONLY));
+        }
+        other => panic!("keep-alive on a secondary must be refused, got {other:?}"),
+    }
+    // The lease is untouched on the primary.
+    assert_eq!(c.lease_time_to_live(id, None).await?.granted_ttl(), 600);
+    Ok(())
+}

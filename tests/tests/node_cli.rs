@@ -122,6 +122,14 @@ fn bad_configuration_is_refused_with_a_clear_message() -> anyhow::Result<()> {
         (vec!["--heartbeat-interval", "100", "--election-timeout", "200"], "should be at least as 5 times"),
         (vec!["--initial-cluster-state", "bogus"], "initial-cluster-state"),
         (vec!["--listen-client-urls", "https://127.0.0.1:1"], "TLS is not supported"),
+        // Each refused at startup, naming its flag, instead of failing later in a task.
+        (vec!["--auto-compaction-retention", "5ns"], "invalid --auto-compaction-retention \"5ns\""),
+        (vec!["--auto-compaction-mode", "daily"], "invalid --auto-compaction-mode \"daily\""),
+        (vec!["--experimental-lease-checkpoint-interval", "0"], "--experimental-lease-checkpoint-interval"),
+        (vec!["--experimental-watch-progress-notify-interval", "10"], "--experimental-watch-progress-notify-interval"),
+        (vec!["--advertise-client-urls", "127.0.0.1:2379"], "--advertise-client-urls"),
+        (vec!["--listen-metrics-urls", "http://127.0.0.1"], "--listen-metrics-urls"),
+        (vec!["--initial-role", "tertiary"], "--initial-role"),
     ] {
         let out = Command::new(meridian_bin()?).current_dir(dir.path()).arg("node").args(&args).output()?;
         let stderr = String::from_utf8_lossy(&out.stderr);

@@ -21,6 +21,7 @@ use super::lease::Lessor;
 use super::lease::LEASE_META_PREFIX;
 use super::ops;
 use super::region::{Role, RoleCell, RoleState};
+use super::version::{self, VersionCell};
 use super::watch::WatchHub;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -72,6 +73,7 @@ impl Waiters {
 pub struct EtcdStateMachine {
     mvcc: Arc<Mvcc>,
     role: RoleCell,
+    version: VersionCell,
     lessor: Arc<Lessor>,
     /// Where published changes go.
     watch: WatchHub,
@@ -92,10 +94,12 @@ impl EtcdStateMachine {
         watch: WatchHub,
         lessor: Arc<Lessor>,
         role: RoleCell,
+        version: VersionCell,
     ) -> Self {
         let nospace = Alarms::load(&mvcc).has(AlarmType::Nospace);
         lessor.rebuild(&mvcc);
-        Self { mvcc, role, lessor, watch, waiters, metrics, done: Vec::new(), nospace, restored: false }
+        version.update(&Members::load(&mvcc));
+        Self { mvcc, role, version, lessor, watch, waiters, metrics, done: Vec::new(), nospace, restored: false }
     }
 
     fn execute(&mut self, request: Request, batch: &mut OwnedWriteBatch) -> Result<Applied> {
@@ -194,6 +198,7 @@ impl EtcdStateMachine {
                 let mut members = Members::load(&self.mvcc);
                 members.set_attributes(&attrs);
                 members.store(&self.mvcc);
+                self.version.update(&members);
                 Ok(Applied::Done)
             }
         }
@@ -255,14 +260,14 @@ impl EtcdStateMachine {
             self.mvcc.import(Marks { current, compacted: m.compact_revision, applied }, records, meta, batch)?;
             self.lessor.rebuild(&self.mvcc);
             for l in m.granted_leases {
-                self.lessor.adopt(&self.mvcc, l.id, l.ttl);
+                self.lessor.adopt(&self.mvcc, l.id, l.ttl, l.remaining_ttl);
             }
             self.lessor.rebuild(&self.mvcc);
             self.restored = true;
             return Ok(Applied::Mirror(current));
         }
         for l in m.granted_leases {
-            self.lessor.adopt(&self.mvcc, l.id, l.ttl);
+            self.lessor.adopt(&self.mvcc, l.id, l.ttl, l.remaining_ttl);
         }
         for r in m.revisions {
             if let Some(moves) = self.mvcc.apply_revision(r.revision, r.changes) {
@@ -284,22 +289,16 @@ impl StateMachine for EtcdStateMachine {
     fn apply(&mut self, entries: &[Committed<'_>], batch: &mut OwnedWriteBatch) {
         for e in entries {
             if !e.data.is_empty() {
-                match InternalRequest::decode(e.data) {
-                    Ok(InternalRequest { id, request: Some(request) }) => {
-                        let result = self.execute(request, batch);
-                        if let Err(err) = &result {
-                            if err.code() == tonic::Code::Internal {
-                                // Not deterministic: skipping would let replicas diverge.
-                                panic!("apply of entry {} failed: {err}", e.index);
-                            }
-                        }
-                        self.done.push((id, result));
-                    }
-                    // Every member rejects the same bytes the same way.
-                    Ok(_) | Err(_) => {
-                        tracing::error!(index = e.index, "skipping an entry that does not decode")
+                let (id, request) = decode_entry(e.index, e.data);
+                let result = failpoint::before_apply(&self.mvcc).and_then(|()| self.execute(request, batch));
+                if let Err(err) = &result {
+                    if !err.is_deterministic() {
+                        // Another replica would not fail the same way: skipping
+                        // the entry would let this one diverge.
+                        panic!("apply of entry {} failed: {err}", e.index);
                     }
                 }
+                self.done.push((id, result));
             }
             self.mvcc.set_applied(e.index);
         }
@@ -336,12 +335,55 @@ impl StateMachine for EtcdStateMachine {
         if let Some(role) = RoleState::load(&self.mvcc) {
             self.role.set(role);
         }
+        self.version.update(&Members::load(&self.mvcc));
         self.nospace =
             self.mvcc.meta(Alarms::META_KEY).map(|b| Alarms::decode(&b).has(AlarmType::Nospace)).unwrap_or(false);
     }
 
     fn applied(&self) -> u64 {
         self.mvcc.marks().applied
+    }
+}
+
+/// Decodes a committed entry. An entry that does not decode, or whose kind
+/// this binary does not know (a newer binary proposed it, which the cluster
+/// version should have prevented), stops the member: skipping it would make
+/// this replica diverge from those that applied it.
+fn decode_entry(index: u64, data: &[u8]) -> (u64, Request) {
+    match InternalRequest::decode(data) {
+        Ok(InternalRequest { id, request: Some(request) }) => (id, request),
+        Ok(InternalRequest { request: None, .. }) => panic!(
+            "entry {index} has a kind this binary does not apply (it applies entry version {}): \
+             run the same or a newer meridian on every member",
+            version::APPLY_VERSION
+        ),
+        Err(e) => panic!("entry {index} does not decode: {e}"),
+    }
+}
+
+/// Fault injection for the crash tests: `MERIDIAN_FAILPOINT=apply-io-error@R`
+/// makes apply fail with an I/O error once the store has reached revision R,
+/// as a failed disk would. Read once; off unless set.
+mod failpoint {
+    use std::sync::OnceLock;
+
+    use crate::error::{Error, Result};
+    use crate::mvcc::Mvcc;
+
+    pub(super) fn before_apply(mvcc: &Mvcc) -> Result<()> {
+        static AT: OnceLock<Option<i64>> = OnceLock::new();
+        let at = AT.get_or_init(|| {
+            let v = std::env::var("MERIDIAN_FAILPOINT").ok()?;
+            let at = v.strip_prefix("apply-io-error@")?.parse().ok()?;
+            tracing::warn!(revision = at, "failpoint armed: apply fails with an I/O error at this revision");
+            Some(at)
+        });
+        match at {
+            Some(at) if mvcc.staged_marks().current >= *at => {
+                Err(Error::Io(std::io::Error::other("injected by MERIDIAN_FAILPOINT")))
+            }
+            _ => Ok(()),
+        }
     }
 }
 

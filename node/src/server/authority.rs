@@ -13,6 +13,14 @@
 //! encoder whose table mirrors the server's decoder. Every other frame, and
 //! every byte of a non-HTTP/2 connection (plain HTTP/1 for /health),
 //! passes through untouched.
+//!
+//! Memory is bounded by the limits the HTTP/2 server itself is configured
+//! with ([`MAX_FRAME`], [`MAX_HEADER_LIST`]), before h2 sees a byte: a frame
+//! that declares more than the frame limit, or a header block (compressed,
+//! or decoded) past the header list limit, is never buffered. The connection
+//! is then closed with a protocol error: the server is handed a frame header
+//! over its frame limit, which h2 answers with GOAWAY(FRAME_SIZE_ERROR), and
+//! nothing more is read from the client.
 
 use std::io;
 use std::pin::Pin;
@@ -30,14 +38,25 @@ const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
 const PADDED: u8 = 0x8;
 const PRIORITY: u8 = 0x20;
-/// The server's SETTINGS_MAX_FRAME_SIZE (HTTP/2's default, which tonic keeps).
-const MAX_FRAME: usize = 16_384;
+/// SETTINGS_MAX_FRAME_SIZE of the client listeners (HTTP/2's default); the
+/// server is configured with it too (`lib.rs::serve`).
+pub const MAX_FRAME: usize = 16_384;
+/// SETTINGS_MAX_HEADER_LIST_SIZE of the client listeners (hyper's default),
+/// counted as HTTP/2 does: name + value + 32 per field. The server is
+/// configured with it too.
+pub const MAX_HEADER_LIST: usize = 16 * 1024;
+/// The most compressed header block bytes held: room for any block whose
+/// decoded list fits [`MAX_HEADER_LIST`], even Huffman-coded at its worst.
+const MAX_HEADER_BLOCK: usize = 4 * MAX_HEADER_LIST;
 
 #[derive(PartialEq)]
 enum Mode {
     Preface,
     Frames,
     Passthrough,
+    /// Past a limit: the server has been handed a frame it refuses; the
+    /// rest of the client's bytes are dropped unread.
+    Closed,
 }
 
 /// A header block being assembled from HEADERS and CONTINUATION frames.
@@ -97,11 +116,21 @@ impl<S> AuthorityFix<S> {
                     self.ready.unsplit(preface);
                     self.mode = Mode::Frames;
                 }
+                Mode::Closed => {
+                    self.raw.clear();
+                    return Ok(());
+                }
                 Mode::Frames => {
                     if self.raw.len() < FRAME_HEADER {
                         return Ok(());
                     }
                     let len = u32::from_be_bytes([0, self.raw[0], self.raw[1], self.raw[2]]) as usize;
+                    if len > MAX_FRAME {
+                        // Hand h2 the header alone: it refuses the size.
+                        let header = self.raw.split_to(FRAME_HEADER);
+                        self.close_with(&header);
+                        continue;
+                    }
                     if self.raw.len() < FRAME_HEADER + len {
                         return Ok(());
                     }
@@ -112,9 +141,12 @@ impl<S> AuthorityFix<S> {
                         self.start_block(&frame)?;
                     } else if kind == CONTINUATION && in_block {
                         let flags = frame[4];
-                        if let Some(b) = self.block.as_mut() {
-                            b.fragment.extend_from_slice(&frame[FRAME_HEADER..]);
+                        let Some(b) = self.block.as_mut() else { continue };
+                        if b.fragment.len() + len > MAX_HEADER_BLOCK {
+                            self.close_with(&frame[..FRAME_HEADER]);
+                            continue;
                         }
+                        b.fragment.extend_from_slice(&frame[FRAME_HEADER..]);
                         if flags & END_HEADERS != 0 {
                             self.finish_block()?;
                         }
@@ -126,6 +158,23 @@ impl<S> AuthorityFix<S> {
                 }
             }
         }
+    }
+
+    /// Ends the connection with a protocol error: whatever is pending for the
+    /// server is dropped and replaced by `header` (a frame header) with its
+    /// length raised past [`MAX_FRAME`], which h2 answers with
+    /// GOAWAY(FRAME_SIZE_ERROR) before it closes. The block being assembled
+    /// and every later byte are dropped.
+    fn close_with(&mut self, header: &[u8]) {
+        tracing::warn!("closing a client connection past the HTTP/2 frame or header list limit");
+        let len = (MAX_FRAME as u32 + 1).to_be_bytes();
+        let mut h = [0u8; FRAME_HEADER];
+        h.copy_from_slice(&header[..FRAME_HEADER]);
+        h[..3].copy_from_slice(&len[1..]);
+        self.ready.put_slice(&h);
+        self.block = None;
+        self.raw = BytesMut::new();
+        self.mode = Mode::Closed;
     }
 
     fn start_block(&mut self, frame: &[u8]) -> io::Result<()> {
@@ -161,13 +210,27 @@ impl<S> AuthorityFix<S> {
         let Some(block) = self.block.take() else {
             return Ok(());
         };
-        let mut headers = self.decoder.decode(&block.fragment).map_err(|e| bad(&format!("HPACK: {e:?}")))?;
-        for (name, value) in &mut headers {
-            if name.as_slice() == b":authority" {
-                if let Some(fixed) = strip_scheme(value) {
-                    *value = fixed;
+        // Decoded size is counted as HTTP/2 does, and nothing past the
+        // limit is kept: indexed fields make a small block decode large.
+        let (mut headers, mut size) = (Vec::new(), 0usize);
+        self.decoder
+            .decode_with_cb(&block.fragment, |name, value| {
+                size = size.saturating_add(name.len() + value.len() + 32);
+                if size <= MAX_HEADER_LIST {
+                    let value = match &*name {
+                        b":authority" => strip_scheme(&value).unwrap_or_else(|| value.into_owned()),
+                        _ => value.into_owned(),
+                    };
+                    headers.push((name.into_owned(), value));
                 }
-            }
+            })
+            .map_err(|e| bad(&format!("HPACK: {e:?}")))?;
+        if size > MAX_HEADER_LIST {
+            let mut header = [0u8; FRAME_HEADER];
+            header[3] = HEADERS;
+            header[5..].copy_from_slice(&block.stream.to_be_bytes());
+            self.close_with(&header);
+            return Ok(());
         }
         let encoded = self.encoder.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
         let mut first_payload = Vec::with_capacity(encoded.len() + 5);
@@ -228,6 +291,10 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
             }
             if this.mode == Mode::Passthrough && this.raw.is_empty() {
                 return Pin::new(&mut this.inner).poll_read(cx, buf);
+            }
+            if this.mode == Mode::Closed {
+                // End of stream for the server, which has its error to send.
+                return Poll::Ready(Ok(()));
             }
             // Straight into `raw`'s spare room: no intermediate copy.
             this.raw.reserve(READ_CHUNK);
@@ -353,6 +420,79 @@ mod tests {
             assert_eq!(auth.as_deref(), Some(&b"127.0.0.1:2379"[..]));
         }
         assert!(out.windows(4).any(|w| w == b"data"), "DATA frames pass through");
+    }
+
+    /// What the server is handed once a limit is passed: the bytes before
+    /// the offending frame, then a frame header over the frame limit, and
+    /// nothing of what the client sends after it.
+    fn assert_closed(out: &[u8], before: usize) {
+        assert_eq!(out.len(), before + FRAME_HEADER, "nothing after the refused frame header");
+        let tail = &out[before..];
+        let len = u32::from_be_bytes([0, tail[0], tail[1], tail[2]]) as usize;
+        assert_eq!(len, MAX_FRAME + 1, "the server is handed a frame over its limit");
+    }
+
+    #[test]
+    fn a_frame_over_the_limit_is_never_buffered() {
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(0x4, 0, 0, &[]));
+        let before = input.len();
+        // A DATA frame that declares 16 MiB, followed by some of its bytes.
+        let mut huge = frame(0x0, 0, 1, &[]);
+        huge[..3].copy_from_slice(&[0xff, 0xff, 0xff]);
+        input.extend(huge);
+        input.extend(vec![0u8; 100_000]);
+        let mut fix = AuthorityFix::new(());
+        for piece in input.chunks(4096) {
+            fix.raw.extend_from_slice(piece);
+            fix.process().unwrap();
+            assert!(fix.raw.len() <= MAX_FRAME + FRAME_HEADER, "buffered {} bytes", fix.raw.len());
+        }
+        assert_closed(&fix.ready, before);
+    }
+
+    #[test]
+    fn endless_continuation_frames_are_cut_off() {
+        let mut enc = Encoder::new();
+        let block = enc.encode([(&b":method"[..], &b"POST"[..])]);
+        let mut input = PREFACE.to_vec();
+        let before = input.len();
+        input.extend(frame(HEADERS, 0, 1, &block));
+        for _ in 0..1000 {
+            input.extend(frame(CONTINUATION, 0, 1, &[0x40; 1000]));
+        }
+        let mut fix = AuthorityFix::new(());
+        for piece in input.chunks(4096) {
+            fix.raw.extend_from_slice(piece);
+            fix.process().unwrap();
+            let held = fix.block.as_ref().map_or(0, |b| b.fragment.len());
+            assert!(held <= MAX_HEADER_BLOCK, "held a {held}-byte header block");
+        }
+        assert_closed(&fix.ready, before);
+    }
+
+    #[test]
+    fn a_small_block_that_decodes_large_is_refused() {
+        // One literal of 4,000 bytes indexed into the table, then 100 one-byte
+        // references to it: 400 KB decoded from 4 KB on the wire.
+        let mut enc = Encoder::new();
+        let value = vec![b'x'; 4000];
+        let first = enc.encode([(&b"big"[..], &value[..])]);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &first));
+        let mut bomb = Vec::new();
+        for _ in 0..100 {
+            bomb.push(0x80 | 62); // indexed: the newest dynamic table entry
+        }
+        input.extend(frame(HEADERS, END_HEADERS, 3, &bomb));
+        let mut fix = AuthorityFix::new(());
+        fix.raw.extend_from_slice(&input);
+        fix.process().unwrap();
+        let out = fix.ready.to_vec();
+        let (head, tail) = out.split_at(out.len() - FRAME_HEADER);
+        assert_closed(tail, 0);
+        assert_eq!((tail[3], &tail[5..]), (HEADERS, &3u32.to_be_bytes()[..]), "refused on stream 3");
+        assert_eq!(headers_out(head).len(), 1, "the first block passes");
     }
 
     #[test]

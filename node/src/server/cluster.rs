@@ -23,6 +23,9 @@ pub struct MemberInfo {
     pub name: String,
     pub peer_urls: Vec<String>,
     pub client_urls: Vec<String>,
+    /// The newest raft entry version its binary applies; 0 until published.
+    #[serde(default)]
+    pub apply_version: u32,
 }
 
 /// The member list, replicated through raft.
@@ -45,6 +48,7 @@ impl Members {
         if let Some(m) = self.0.iter_mut().find(|m| m.id == a.id) {
             m.name = a.name.clone();
             m.client_urls = a.client_urls.clone();
+            m.apply_version = a.apply_version;
         }
     }
 

@@ -23,6 +23,7 @@ pub mod maintenance;
 pub mod mirror;
 pub mod ops;
 pub mod region;
+pub mod version;
 pub mod watch;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -41,6 +42,7 @@ use crate::mvcc::Mvcc;
 use crate::raft::{Input, RaftHandle};
 use apply::{Applied, Waiters};
 use region::RoleCell;
+use version::VersionCell;
 
 /// Extra room grpc-go grants above `--max-request-bytes` before refusing a
 /// message at the transport, as etcd configures it.
@@ -67,6 +69,8 @@ pub struct EtcdServer {
     pub limits: Limits,
     /// Primary or read-only secondary; kept current by apply.
     pub role: RoleCell,
+    /// The replicated cluster version; kept current by apply.
+    pub version: VersionCell,
     ids: IdGen,
 }
 
@@ -81,8 +85,10 @@ impl EtcdServer {
         metrics: Arc<Metrics>,
         limits: Limits,
         role: RoleCell,
+        version: VersionCell,
     ) -> Self {
-        Self { member_id, cluster_id, name, raft, mvcc, waiters, metrics, limits, role, ids: IdGen::new(member_id) }
+        let ids = IdGen::new(member_id);
+        Self { member_id, cluster_id, name, raft, mvcc, waiters, metrics, limits, role, version, ids }
     }
 
     /// A response header at `revision`, with this member's ids and raft term.
@@ -150,6 +156,7 @@ impl EtcdServer {
     ///
     /// As [`EtcdServer::propose`].
     pub async fn propose_sized(&self, request: Request, limit: usize) -> Result<Applied> {
+        version::check(&request, self.version.get())?;
         let id = self.ids.next();
         let data = InternalRequest { id, request: Some(request) }.encode_to_vec();
         if data.len() > limit {

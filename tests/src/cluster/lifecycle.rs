@@ -50,6 +50,33 @@ impl Cluster {
         }
     }
 
+    /// Sets `key=value` in member `i`'s environment from its next start on (a failpoint, say);
+    /// an empty `value` removes the variable again.
+    pub fn set_env(&mut self, i: usize, key: &str, value: &str) {
+        let env = &mut self.member_mut(i).env;
+        env.retain(|(k, _)| k != key);
+        if !value.is_empty() {
+            env.push((key.to_string(), value.to_string()));
+        }
+    }
+
+    /// Waits up to `limit` for member `i` to exit by itself and reaps it.
+    ///
+    /// # Errors
+    ///
+    /// The member is not running, or is still running after `limit`.
+    pub fn wait_exit(&mut self, i: usize, limit: Duration) -> Result<ExitStatus> {
+        let name = member_name(i);
+        let child = self.member_mut(i).child.as_mut().ok_or_else(|| anyhow!("{name} is not running"))?;
+        match wait_timeout(child, limit)? {
+            Some(status) => {
+                self.member_mut(i).child = None;
+                Ok(status)
+            }
+            None => bail!("{name} still running after {limit:?}\n{}", self.log_tail(i, log_lines())),
+        }
+    }
+
     /// Spawns member `i` with its flags and data dir, without waiting for it to be healthy.
     ///
     /// Use it to bring back several members of a cluster that lost quorum, then
@@ -87,7 +114,8 @@ impl Cluster {
             .stderr(log)
             .env("RUST_BACKTRACE", "1")
             // The log is a file: no colour codes (tracing-subscriber honours NO_COLOR).
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            .envs(member.env.iter().map(|(k, v)| (k, v)));
         // etcd reads any ETCD_* variable as a flag and refuses to start when it duplicates one.
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("ETCD_") {

@@ -137,14 +137,15 @@ impl Lessor {
         Ok(ttl)
     }
 
-    /// Creates a mirrored lease with its source's id and TTL, unless it
-    /// exists. A secondary never expires it; its revoke arrives by mirror.
-    pub fn adopt(&self, mvcc: &Mvcc, id: i64, ttl: i64) {
+    /// Creates a mirrored lease with its source's id, granted TTL and the
+    /// remaining TTL the source reported (0: unknown), unless it exists. A
+    /// secondary never expires it; its revoke arrives by mirror.
+    pub fn adopt(&self, mvcc: &Mvcc, id: i64, ttl: i64, remaining: i64) {
         let mut st = self.state.lock();
         if id == 0 || st.leases.contains_key(&id) {
             return;
         }
-        let lease = Lease { ttl, ..Default::default() };
+        let lease = Lease { ttl, remaining: remaining.clamp(0, ttl), ..Default::default() };
         Self::store(mvcc, id, &lease);
         st.leases.insert(id, lease);
     }
@@ -252,6 +253,18 @@ impl Lessor {
         let remaining = l.expiry.map_or(l.ttl, |e| e.saturating_duration_since(Instant::now()).as_secs() as i64);
         let keys = if with_keys { l.keys.iter().cloned().collect() } else { Vec::new() };
         Ok((remaining, l.ttl, keys))
+    }
+
+    /// What a secondary knows of a mirrored lease: its remaining TTL as of
+    /// the last figure its source sent (the granted TTL if none), its
+    /// granted TTL and, if asked, its keys. -1 for an unknown lease, as etcd.
+    /// A secondary keeps no clocks: the source decides expiry.
+    pub fn mirrored_time_to_live(&self, id: i64, with_keys: bool) -> (i64, i64, Vec<Vec<u8>>) {
+        let st = self.state.lock();
+        let Some(l) = st.leases.get(&id) else { return (-1, 0, Vec::new()) };
+        let remaining = if l.remaining > 0 { l.remaining } else { l.ttl };
+        let keys = if with_keys { l.keys.iter().cloned().collect() } else { Vec::new() };
+        (remaining, l.ttl, keys)
     }
 
     /// Leases past their deadline, at most `limit`; each is given a retry

@@ -79,8 +79,13 @@ impl LeaderLink {
         }
     }
 
-    /// Remaining TTL, granted TTL and keys, as the leader sees them.
+    /// Remaining TTL, granted TTL and keys, as the leader sees them; on a
+    /// secondary, as the mirror last reported them (no member there keeps
+    /// lease clocks, so there is no leader to ask).
     pub async fn time_to_live(&self, id: i64, keys: bool) -> Result<(i64, i64, Vec<Vec<u8>>)> {
+        if self.server.role.is_secondary() {
+            return Ok(self.lessor.mirrored_time_to_live(id, keys));
+        }
         promote_if_leader(&self.server, &self.lessor);
         match self.lessor.time_to_live(id, keys) {
             Err(Error::NotLeader) => {
@@ -173,7 +178,13 @@ impl Lease for LeaseService {
         let (server, leader) = (self.server.clone(), self.leader.clone());
         tokio::spawn(async move {
             while let Ok(Some(r)) = inbound.message().await {
-                let reply = match leader.renew(r.id).await {
+                // A secondary's leases live on its source: refuse at once,
+                // with a code clients do not retry.
+                let renewed = match server.role.check_writable() {
+                    Ok(()) => leader.renew(r.id).await,
+                    Err(e) => Err(e),
+                };
+                let reply = match renewed {
                     Ok(ttl) => Ok(LeaseKeepAliveResponse {
                         header: Some(server.header(server.mvcc.marks().current)),
                         id: r.id,

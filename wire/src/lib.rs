@@ -1,0 +1,6 @@
+//! The engine-free pieces that every Meridian process (node, mirror, and
+//! the gateway and lab to come) needs, with no storage or raft in them.
+//!
+//! - [`url`]: member URLs and endpoint lists, parsed once into [`url::Url`].
+
+pub mod url;
