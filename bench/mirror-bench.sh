@@ -45,6 +45,9 @@ lag() {
 
 main_mirror() {
   mkdir -p "$OUT"
+  # The secondaries and the mirror share a token: Mirror.Apply needs it.
+  TOKEN=$TMP/mirror.token
+  echo "bench-mirror-token" >"$TOKEN"
   apt_install etcd-server etcd-client
   build_benchmark
   build_meridian
@@ -70,19 +73,19 @@ main_mirror() {
   stop_pids "$mm" "${dst_pids[@]}" "${lag_pids[@]}"
 
   # meridian mirror into a fresh Meridian secondary.
-  start_cluster meridian-dst "$MERIDIAN_BIN" node --region dr --initial-role secondary --primary-region src
+  start_cluster meridian-dst "$MERIDIAN_BIN" node --region dr --initial-role secondary --primary-region src --mirror-token-file "$TOKEN"
   DST_EP=$ENDPOINTS; dst_pids=("${CLUSTER_PIDS[@]}")
   alloc_port; local mport=$PORT
-  "$MERIDIAN_BIN" mirror --source "$SRC_EP" --target "$DST_EP" --listen-metrics "127.0.0.1:$mport" \
+  "$MERIDIAN_BIN" mirror --mirror-token-file "$TOKEN" --source "$SRC_EP" --target "$DST_EP" --listen-metrics "127.0.0.1:$mport" \
     >"$OUT/meridian-mirror.log" 2>&1 &
   local mr=$!; PIDS+=("$mr")
   R[meridian,copy]=$(wait_count "$DST_EP" "$keys")
   log "meridian mirror copied $keys keys (and every revision) in ${R[meridian,copy]}s"
   stop_pids "$mr" "${dst_pids[@]}"
   start_cluster etcd-lag-src2 etcd; lag_src=$ENDPOINTS; lag_pids=("${CLUSTER_PIDS[@]}")
-  start_cluster meridian-lag-dst "$MERIDIAN_BIN" node --region dr --initial-role secondary --primary-region src
+  start_cluster meridian-lag-dst "$MERIDIAN_BIN" node --region dr --initial-role secondary --primary-region src --mirror-token-file "$TOKEN"
   DST_EP=$ENDPOINTS; dst_pids=("${CLUSTER_PIDS[@]}")
-  "$MERIDIAN_BIN" mirror --source "$lag_src" --target "$DST_EP" >"$OUT/meridian-mirror-lag.log" 2>&1 &
+  "$MERIDIAN_BIN" mirror --mirror-token-file "$TOKEN" --source "$lag_src" --target "$DST_EP" >"$OUT/meridian-mirror-lag.log" 2>&1 &
   mr=$!; PIDS+=("$mr")
   lag meridian "$lag_src" "$DST_EP"
   stop_pids "$mr" "${dst_pids[@]}" "${lag_pids[@]}"
@@ -96,9 +99,9 @@ main_mirror() {
   mm=$!; PIDS+=("$mm")
   R[make,mcopy]=$(wait_count "$DST_EP" "$keys")
   stop_pids "$mm" "${dst_pids[@]}"
-  start_cluster meridian-dst2 "$MERIDIAN_BIN" node --region dr --initial-role secondary --primary-region src
+  start_cluster meridian-dst2 "$MERIDIAN_BIN" node --region dr --initial-role secondary --primary-region src --mirror-token-file "$TOKEN"
   DST_EP=$ENDPOINTS; dst_pids=("${CLUSTER_PIDS[@]}")
-  "$MERIDIAN_BIN" mirror --source "$msrc" --target "$DST_EP" >"$OUT/meridian-mirror-msrc.log" 2>&1 &
+  "$MERIDIAN_BIN" mirror --mirror-token-file "$TOKEN" --source "$msrc" --target "$DST_EP" >"$OUT/meridian-mirror-msrc.log" 2>&1 &
   mr=$!; PIDS+=("$mr")
   R[meridian,mcopy]=$(wait_count "$DST_EP" "$keys")
   log "from a Meridian source: make-mirror ${R[make,mcopy]}s, meridian mirror ${R[meridian,mcopy]}s"

@@ -22,6 +22,13 @@ pub struct MirrorFlags {
     /// host:port serving /metrics (Prometheus text) and /status (JSON).
     #[arg(long)]
     pub listen_metrics: Option<String>,
+    /// File holding the token the target secondary was given (its --mirror-token-file).
+    #[arg(long)]
+    pub mirror_token_file: Option<PathBuf>,
+    /// Let the target follow this source even if it followed another cluster: its store is
+    /// replaced by this source's history.
+    #[arg(long)]
+    pub allow_source_change: bool,
     /// TOML file with any of the settings above (snake_case keys).
     #[arg(long)]
     pub config_file: Option<PathBuf>,
@@ -46,6 +53,9 @@ pub struct MirrorConfig {
     pub prefix: String,
     pub dest_prefix: Option<String>,
     pub listen_metrics: Option<String>,
+    /// Presented on every Apply (`x-meridian-mirror-token`).
+    pub token: String,
+    pub allow_source_change: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -56,6 +66,8 @@ struct FileConfig {
     prefix: Option<String>,
     dest_prefix: Option<String>,
     listen_metrics: Option<String>,
+    mirror_token_file: Option<PathBuf>,
+    allow_source_change: Option<bool>,
 }
 
 /// Parses a comma-separated endpoint list (`host:port` or URLs) into URLs.
@@ -84,12 +96,17 @@ impl MirrorConfig {
         let pick = |flag: &Option<String>, file: Option<String>| flag.clone().or(file);
         let source = pick(&flags.source, file.source).unwrap_or_default();
         let target = pick(&flags.target, file.target).unwrap_or_default();
+        let token_file = flags.mirror_token_file.clone().or(file.mirror_token_file).ok_or_else(|| {
+            anyhow::anyhow!("--mirror-token-file is required: the file the target secondary was given")
+        })?;
         let cfg = Self {
             source: endpoints("--source", &source)?,
             target: endpoints("--target", &target)?,
             prefix: pick(&flags.prefix, file.prefix).unwrap_or_default(),
             dest_prefix: pick(&flags.dest_prefix, file.dest_prefix),
             listen_metrics: pick(&flags.listen_metrics, file.listen_metrics),
+            token: meridian_wire::token::read_token(&token_file).map_err(anyhow::Error::msg)?,
+            allow_source_change: flags.allow_source_change || file.allow_source_change.unwrap_or(false),
         };
         anyhow::ensure!(!cfg.source.is_empty(), "--source is required");
         anyhow::ensure!(!cfg.target.is_empty(), "--target is required");

@@ -21,9 +21,12 @@ use meridian_proto::meridian::v1::{
 };
 use meridian_proto::mvccpb::event::EventType;
 use meridian_proto::mvccpb::Event;
+use meridian_wire::token::TOKEN_METADATA;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::AsciiMetadataValue;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::catchup;
@@ -37,6 +40,17 @@ const PAGE: i64 = 1000;
 const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(2);
 const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Puts the mirror token on every call to the target.
+#[derive(Clone)]
+struct Token(AsciiMetadataValue);
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert(TOKEN_METADATA, self.0.clone());
+        Ok(req)
+    }
+}
 
 enum Kind {
     /// A Meridian primary: raw history through RangeStream, compactions repeated.
@@ -53,7 +67,7 @@ struct Session<'a> {
     cluster_id: u64,
     epoch: u64,
     region: String,
-    target: MirrorClient<Channel>,
+    target: MirrorClient<InterceptedService<Channel, Token>>,
     checkpoint: i64,
     /// Source compact revision last repeated on the target.
     compacted: i64,
@@ -97,8 +111,10 @@ async fn source_header(src: &Channel) -> anyhow::Result<ResponseHeader> {
 pub async fn run(cfg: &MirrorConfig, m: &Metrics) -> anyhow::Result<()> {
     let src = connect(&cfg.source).await.context("source")?;
     let dst = connect(&cfg.target).await.context("target")?;
-    let mut target =
-        MirrorClient::new(dst.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
+    let token = Token(cfg.token.parse().context("the mirror token is not valid gRPC metadata")?);
+    let mut target = MirrorClient::with_interceptor(dst.clone(), token)
+        .max_decoding_message_size(usize::MAX)
+        .max_encoding_message_size(usize::MAX);
     let ts = target.status(MirrorStatusRequest {}).await.context("target status")?.into_inner();
     anyhow::ensure!(ts.role == "secondary", "the target is a {}, not a secondary", ts.role);
 
@@ -138,9 +154,22 @@ pub async fn run(cfg: &MirrorConfig, m: &Metrics) -> anyhow::Result<()> {
         known_leases,
         last_progress: Instant::now(),
     };
-    // An empty target takes a Meridian source's whole retained history in
-    // bulk (RangeStream) rather than revision by revision through Watch.
-    if s.checkpoint <= 1 && matches!(s.kind, Kind::Meridian) {
+    // A target that follows another source is only ever replaced on the
+    // operator's word: its revisions mean nothing on this source.
+    let foreign = ts.source_cluster_id != 0 && ts.source_cluster_id != cluster_id;
+    if foreign && !cfg.allow_source_change {
+        bail!(
+            "the target follows source cluster {:x}, not this source {cluster_id:x}; start the mirror with \
+             --allow-source-change to replace the target's store with this source's history",
+            ts.source_cluster_id
+        );
+    }
+    if foreign {
+        tracing::warn!(old = format!("{:x}", ts.source_cluster_id), "--allow-source-change: replacing the target");
+        s.resync(0).await?;
+    } else if s.checkpoint <= 1 && matches!(s.kind, Kind::Meridian) {
+        // An empty target takes a Meridian source's whole retained history in
+        // bulk (RangeStream) rather than revision by revision through Watch.
         tracing::info!("the target is empty: copying the source's history");
         s.resync(0).await?;
     }
@@ -170,6 +199,7 @@ impl Session<'_> {
             source_cluster_id: self.cluster_id,
             epoch: self.epoch,
             source_region: self.region.clone(),
+            allow_source_change: self.cfg.allow_source_change,
             source_revision: self.m.source_revision.load(Ordering::Relaxed),
             lag_ms: (self.m.lag_seconds() * 1000.0) as i64,
             ..Default::default()

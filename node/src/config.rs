@@ -90,6 +90,9 @@ pub struct NodeFlags {
     /// Log level: error, warn, info, debug.
     #[arg(long)]
     pub log_level: Option<String>,
+    /// File holding the token a mirror must present to write into this secondary (Mirror.Apply).
+    #[arg(long)]
+    pub mirror_token_file: Option<PathBuf>,
     /// TOML file with any of the settings above (snake_case keys).
     #[arg(long)]
     pub config_file: Option<PathBuf>,
@@ -124,6 +127,7 @@ pub struct Settings {
     pub initial_role: String,
     pub primary_region: String,
     pub log_level: String,
+    pub mirror_token_file: Option<PathBuf>,
 }
 
 /// etcd's default space quota.
@@ -159,6 +163,7 @@ impl Default for Settings {
             initial_role: "primary".into(),
             primary_region: String::new(),
             log_level: "info".into(),
+            mirror_token_file: None,
         }
     }
 }
@@ -254,6 +259,8 @@ pub struct NodeConfig {
     /// The region a secondary mirrors (this region for a primary).
     pub primary_region: String,
     pub log_level: String,
+    /// The token `Mirror.Apply` must carry; without one, Apply is refused.
+    pub mirror_token: Option<String>,
 }
 
 macro_rules! overlay {
@@ -323,6 +330,9 @@ impl Settings {
         }
         if let Some(c) = &flags.initial_cluster {
             cfg.initial_cluster = Some(c.clone());
+        }
+        if let Some(f) = &flags.mirror_token_file {
+            cfg.mirror_token_file = Some(f.clone());
         }
         Ok(cfg)
     }
@@ -399,6 +409,11 @@ impl Settings {
                 &self.lease_checkpoint_interval,
             )?,
             auto_compaction: Retention::parse(&self.auto_compaction_mode, &self.auto_compaction_retention)?,
+            mirror_token: self
+                .mirror_token_file
+                .as_deref()
+                .map(|f| meridian_wire::token::read_token(f).map_err(Error::Config))
+                .transpose()?,
             initial_role,
             primary_region,
             name: self.name,

@@ -41,7 +41,7 @@ use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::mvcc::Mvcc;
 use crate::raft::transport::{GrpcTransport, PeerService, MAX_PEER_MESSAGE};
-use crate::raft::{Input, RaftConfig, RaftNode, RaftStatus};
+use crate::raft::{RaftConfig, RaftNode, RaftStatus};
 use crate::server::apply::{EtcdStateMachine, MvccSnapshots, Waiters};
 use crate::server::authority::{AuthorityFix, MAX_FRAME, MAX_HEADER_LIST};
 use crate::server::cluster::{ClusterService, MemberInfo, Members};
@@ -231,7 +231,10 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         lessor: lessor.clone(),
         leader: Arc::new(LeaderLink::new(server.clone(), lessor.clone())),
     };
-    let client_routes = client_routes(&server, watch, leases, cfg.max_request_bytes);
+    if role.is_secondary() && cfg.mirror_token.is_none() {
+        tracing::warn!("this secondary has no --mirror-token-file: every mirror write (Mirror.Apply) is refused");
+    }
+    let client_routes = client_routes(&server, watch, leases, cfg.max_request_bytes, cfg.mirror_token.clone());
     for url in &cfg.listen_client_urls {
         tasks.push(serve(url, client_routes.clone(), stop_rx.clone(), true).await?);
     }
@@ -269,7 +272,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     for t in tasks {
         t.abort();
     }
-    let _ = raft_tx.send(Input::Shutdown);
+    server.raft.shutdown();
     let _ = tokio::task::spawn_blocking(move || raft_thread.join()).await;
     db.persist(fjall::PersistMode::SyncAll)?;
     tracing::info!("stopped");
@@ -281,6 +284,7 @@ fn client_routes(
     watch: WatchService,
     leases: LeaseService,
     max_request_bytes: usize,
+    mirror_token: Option<String>,
 ) -> Routes {
     // The transport admits far more than the limit so that the services can
     // refuse oversized requests with etcd's own codes and messages.
@@ -289,7 +293,7 @@ fn client_routes(
         .add_service(WatchServer::new(watch).max_decoding_message_size(max))
         .add_service(LeaseServer::new(leases).max_decoding_message_size(max))
         .add_service(
-            MirrorServer::new(MirrorService::new(server.clone()))
+            MirrorServer::new(MirrorService::new(server.clone(), mirror_token))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(usize::MAX),
         )

@@ -79,5 +79,5 @@ pub use etcdctl::{
     decode_b64, etcdctl, etcdctl_json, etcdctl_ok, etcdctl_with_input, etcdctl_with_timeout, mask_ids, CtlOutput,
 };
 pub use http::{check_health, http_get};
-pub use mirror::MirrorProcess;
+pub use mirror::{mirror_token_file, secondary_flags, MirrorProcess};
 pub use ports::{lease_port, PortLease};

@@ -3,8 +3,9 @@
 
 use std::fs::File;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -20,8 +21,35 @@ pub struct MirrorProcess {
     starts: u32,
 }
 
+/// The mirror token every test secondary and test mirror share: one file in the temp dir, the
+/// same for every test process (written to a unique name, then renamed into place, so readers
+/// never see it half written). Pass `--mirror-token-file <this>` to a secondary (see
+/// [`secondary_flags`]); a [`MirrorProcess`] presents it on its own.
+pub fn mirror_token_file() -> Result<&'static Path> {
+    static FILE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let file = FILE.get_or_init(|| {
+        let path = std::env::temp_dir().join("meridian-test-mirror.token");
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        std::fs::write(&tmp, "meridian-test-token\n").map_err(|e| e.to_string())?;
+        std::fs::rename(&tmp, &path).map_err(|e| e.to_string())?;
+        Ok(path)
+    });
+    file.as_deref().map_err(|e| anyhow::anyhow!("mirror token file: {e}"))
+}
+
+/// Flags of a secondary in region `region` that mirrors `primary_region`, with the test token.
+pub fn secondary_flags(region: &str, primary_region: &str) -> Result<Vec<String>> {
+    let token = mirror_token_file()?.display().to_string();
+    Ok(["--region", region, "--initial-role", "secondary", "--primary-region", primary_region]
+        .into_iter()
+        .map(String::from)
+        .chain(["--mirror-token-file".to_string(), token])
+        .collect())
+}
+
 impl MirrorProcess {
-    /// Starts `meridian mirror --source <source> --target <target> <extra>`.
+    /// Starts `meridian mirror --source <source> --target <target> --mirror-token-file <test
+    /// token> <extra>`.
     pub fn start(source: &[String], target: &Cluster, extra: &[&str]) -> Result<Self> {
         let metrics = lease_port()?;
         let mut args = vec![
@@ -32,6 +60,8 @@ impl MirrorProcess {
             target.endpoints().join(","),
             "--listen-metrics".into(),
             format!("127.0.0.1:{}", metrics.port()),
+            "--mirror-token-file".into(),
+            mirror_token_file()?.display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut m = Self { args, child: None, metrics, dir: tempfile::tempdir()?, starts: 0 };

@@ -4,9 +4,7 @@ use meridian_tests::{Cluster, ClusterOpts};
 
 fn secondary_opts() -> ClusterOpts {
     ClusterOpts {
-        extra_args: ["--region", "eu-west", "--initial-role", "secondary", "--primary-region", "us-east"]
-            .map(String::from)
-            .to_vec(),
+        extra_args: meridian_tests::secondary_flags("eu-west", "us-east").expect("test token"),
         ..ClusterOpts::fast()
     }
 }
@@ -377,5 +375,88 @@ async fn leases_on_a_secondary_answer_or_are_refused_at_once() -> anyhow::Result
     }
     // The lease is untouched on the primary.
     assert_eq!(c.lease_time_to_live(id, None).await?.granted_ttl(), 600);
+    Ok(())
+}
+
+/// `Mirror.Apply` is no open door: without the token configured on the secondary (or with a
+/// wrong one) it is refused, so a client cannot replace a secondary's store with `reset`; a
+/// secondary with no token refuses every Apply; a primary refuses mirror writes even with a token.
+#[tokio::test]
+async fn mirror_apply_needs_the_token_and_a_secondary() -> anyhow::Result<()> {
+    use meridian_proto::meridian::v1::mirror_client::MirrorClient;
+    use meridian_proto::meridian::v1::{MirrorApplyRequest, MirrorRevision};
+
+    let mut with_token = primary_opts();
+    with_token
+        .extra_args
+        .extend(["--mirror-token-file".into(), meridian_tests::mirror_token_file()?.display().to_string()]);
+    let primary = Cluster::start(1, with_token)?;
+    let secondary = Cluster::start(1, secondary_opts())?;
+    let mut no_token_opts = secondary_opts();
+    no_token_opts.extra_args.truncate(6);
+    let tokenless = Cluster::start(1, no_token_opts)?;
+    let rev = primary.client().await?.put("k", "v", None).await?.header().expect("header").revision();
+    let mirror = MirrorProcess::start(&primary.endpoints(), &secondary, &[])?;
+    mirror.wait_applied(rev, Duration::from_secs(30))?;
+
+    let wipe = || MirrorApplyRequest {
+        reset: true,
+        revisions: vec![MirrorRevision { revision: 100, changes: vec![] }],
+        ..Default::default()
+    };
+    let token = std::fs::read_to_string(meridian_tests::mirror_token_file()?)?.trim().to_string();
+    let call = |endpoint: String, token: Option<String>| {
+        let req = wipe();
+        async move {
+            let mut c = MirrorClient::connect(format!("http://{endpoint}")).await?;
+            let mut req = tonic::Request::new(req);
+            if let Some(t) = token {
+                req.metadata_mut().insert("x-meridian-mirror-token", t.parse()?);
+            }
+            anyhow::Ok(c.apply(req).await.map(|_| ()))
+        }
+    };
+    let code = |r: Result<(), tonic::Status>| r.map_err(|s| s.code()).err();
+    let unauth = Some(tonic::Code::Unauthenticated);
+    assert_eq!(code(call(secondary.endpoint(1), None).await?), unauth, "no token");
+    assert_eq!(code(call(secondary.endpoint(1), Some("guess".into())).await?), unauth, "a wrong token");
+    let denied = Some(tonic::Code::PermissionDenied);
+    assert_eq!(code(call(tokenless.endpoint(1), Some(token.clone())).await?), denied, "no token configured");
+    let fenced = Some(tonic::Code::FailedPrecondition);
+    assert_eq!(code(call(primary.endpoint(1), Some(token)).await?), fenced, "a primary");
+    // The secondary kept its store.
+    assert_eq!(dump(&secondary)?, dump(&primary)?);
+    assert_eq!(revision(&secondary).await?, rev);
+    Ok(())
+}
+
+/// A mirror from another source cluster is refused by a secondary that already follows one (its
+/// revisions would mean nothing there), until the operator passes `--allow-source-change`: then
+/// the secondary's store is replaced by the new source's history.
+#[tokio::test]
+async fn a_new_source_replaces_a_secondary_only_when_allowed() -> anyhow::Result<()> {
+    let first = Cluster::start(1, primary_opts())?;
+    let second = Cluster::start(1, primary_opts())?;
+    let secondary = Cluster::start(1, secondary_opts())?;
+    let rev = first.client().await?.put("from", "first", None).await?.header().expect("header").revision();
+    let mirror = MirrorProcess::start(&first.endpoints(), &secondary, &[])?;
+    mirror.wait_applied(rev, Duration::from_secs(30))?;
+    drop(mirror);
+    let mut c = second.client().await?;
+    c.put("from", "second", None).await?;
+    let rev2 = c.put("only", "second", None).await?.header().expect("header").revision();
+
+    let refused = MirrorProcess::start(&second.endpoints(), &secondary, &[])?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !refused.log().contains("--allow-source-change") {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "no refusal logged:\n{}", refused.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(secondary.etcdctl_ok(&["get", "from", "--print-value-only"])?.trim(), "first");
+    drop(refused);
+
+    let allowed = MirrorProcess::start(&second.endpoints(), &secondary, &["--allow-source-change"])?;
+    allowed.wait_applied(rev2, Duration::from_secs(30))?;
+    assert_eq!(dump(&secondary)?, dump(&second)?);
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! The engine-free pieces that every Meridian process (node, mirror, and
 //! the gateway and lab to come) needs, with no storage or raft in them.
 //!
-//! - [`url`]: member URLs and endpoint lists, parsed once into [`url::Url`].
+//! - [`url`]: member URLs and endpoint lists, parsed once into [`url::Url`];
+//! - [`token`]: the mirror token that `Mirror.Apply` carries.
 
+pub mod token;
 pub mod url;

@@ -386,17 +386,39 @@ impl Mvcc {
     ///
     /// Storage errors.
     pub fn export(&self) -> Result<(Marks, Vec<KvRecord>, BTreeMap<String, Vec<u8>>)> {
+        let mut records = Vec::new();
+        let (marks, meta) = self.export_each(|_, rec| {
+            records.push(rec);
+            true
+        })?;
+        Ok((marks, records, meta))
+    }
+
+    /// Hands every retained record to `each`, in revision order, with the
+    /// published marks of the one store snapshot it reads, without holding the
+    /// store lock or the whole history; stops early when `each` returns
+    /// false. Returns the marks and the metadata of that snapshot. For long
+    /// scans: call it from a blocking thread.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    pub fn export_each(
+        &self,
+        mut each: impl FnMut(&Marks, KvRecord) -> bool,
+    ) -> Result<(Marks, BTreeMap<String, Vec<u8>>)> {
         let (marks, meta, snapshot) = {
             let st = self.state.read();
             (st.published, st.meta.clone(), self.db.snapshot())
         };
         let upper = Revision::new(marks.current + 1, 0).to_key();
-        let mut records = Vec::new();
         for item in snapshot.range(&self.kv, ..upper.as_slice()) {
             let (k, v) = item.into_inner()?;
-            records.push(decode_record(&k, &v)?);
+            if !each(&marks, decode_record(&k, &v)?) {
+                break;
+            }
         }
-        Ok((marks, records, meta))
+        Ok((marks, meta))
     }
 
     /// Replaces the whole store with a snapshot's contents, staged into

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
 use raft::eraftpb::{Message, MessageType};
 use tokio::sync::oneshot;
 
@@ -17,6 +17,10 @@ use crate::error::{Error, Result};
 
 /// Most inputs folded into one Ready cycle.
 const MAX_INPUTS_PER_CYCLE: usize = 4096;
+/// Inputs the raft thread's channel holds; past it senders are refused
+/// (proposals with etcd's "too many requests", peer messages are dropped and
+/// resent by raft) instead of queueing without end.
+pub const INPUT_CAPACITY: usize = 4 * MAX_INPUTS_PER_CYCLE;
 
 /// What the rest of the process asks of the raft thread.
 pub enum Input {
@@ -53,13 +57,20 @@ impl RaftHandle {
         &self.status
     }
 
-    /// Delivers an input; fails only when the raft thread has stopped.
+    /// Delivers an input without waiting: the channel is bounded.
     ///
     /// # Errors
     ///
-    /// [`Error::Stopped`] after shutdown.
+    /// [`Error::TooManyRequests`] while the channel is full, [`Error::Stopped`]
+    /// after shutdown.
     pub fn send(&self, input: Input) -> Result<()> {
-        self.tx.send(input).map_err(|_| Error::Stopped)
+        try_input(&self.tx, input)
+    }
+
+    /// Asks the raft thread to stop, waiting up to a second for room in its
+    /// channel; the thread drains it continuously.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send_timeout(Input::Shutdown, Duration::from_secs(1));
     }
 
     /// Waits until this member may serve a linearizable read.
@@ -74,10 +85,24 @@ impl RaftHandle {
     }
 }
 
-/// The input channel of a raft thread; create it first so the transport can
-/// hold a sender before the thread starts.
+/// The input channel of a raft thread, bounded by [`INPUT_CAPACITY`];
+/// create it first so the transport can hold a sender before the thread
+/// starts.
 pub fn channel() -> (Sender<Input>, Receiver<Input>) {
-    crossbeam_channel::unbounded()
+    crossbeam_channel::bounded(INPUT_CAPACITY)
+}
+
+/// Sends an input without waiting.
+///
+/// # Errors
+///
+/// [`Error::TooManyRequests`] while the channel is full, [`Error::Stopped`]
+/// after shutdown.
+pub fn try_input(tx: &Sender<Input>, input: Input) -> Result<()> {
+    tx.try_send(input).map_err(|e| match e {
+        TrySendError::Full(_) => Error::TooManyRequests,
+        TrySendError::Disconnected(_) => Error::Stopped,
+    })
 }
 
 /// Starts the raft thread. It stops on [`Input::Shutdown`] or when every
@@ -100,7 +125,6 @@ pub fn spawn<S: StateMachine>(
 
 fn run<S: StateMachine>(node: &mut RaftNode<S>, rx: &Receiver<Input>, transport: &dyn Transport, tick: Duration) {
     let mut next_tick = Instant::now() + tick;
-    let mut out = Vec::new();
     loop {
         let wait = next_tick.saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
@@ -125,14 +149,11 @@ fn run<S: StateMachine>(node: &mut RaftNode<S>, rx: &Receiver<Input>, transport:
             }
         }
         node.flush_reads();
-        if let Err(e) = node.handle_ready(&mut out) {
+        if let Err(e) = node.handle_ready(&mut |msgs| transport.send(msgs)) {
             // The durable state is unknown after a failed write: stop rather
             // than let this replica diverge.
             tracing::error!(error = %e, "raft storage failed; stopping the member");
             std::process::abort();
-        }
-        if !out.is_empty() {
-            transport.send(std::mem::take(&mut out));
         }
     }
     tracing::info!("raft thread stopped");

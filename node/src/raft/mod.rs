@@ -6,7 +6,7 @@
 //!
 //! ```text
 //!   gRPC tasks ──Input──▶ driver (raft thread) ──▶ RaftNode::handle_ready
-//!                            ▲                      1. send leader appends
+//!                            ▲                      1. send leader appends (before its fsync)
 //!   peers ──PeerService──────┘                      2. restore snapshot, apply committed
 //!                                                   3. append log + HardState (same batch)
 //!                                                   4. one commit, one fsync

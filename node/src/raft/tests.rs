@@ -169,7 +169,7 @@ impl Net {
             for m in &mut self.members {
                 if let Some(node) = m.node.as_mut() {
                     node.flush_reads();
-                    node.handle_ready(&mut msgs).unwrap();
+                    node.handle_ready(&mut |m| msgs.extend(m)).unwrap();
                 }
             }
             if msgs.is_empty() {

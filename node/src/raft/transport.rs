@@ -20,17 +20,23 @@ use tokio::sync::mpsc;
 use tonic::transport::Endpoint;
 use tonic::{Request, Response, Status};
 
-use super::driver::{is_snapshot, Input, Transport};
+use super::driver::{is_snapshot, try_input, Input, Transport};
 use crate::metrics::Metrics;
 
 /// Most messages in one batch.
 const MAX_BATCH: usize = 4096;
+/// Messages queued for one peer, at most. raft-rs itself keeps at most
+/// `max_inflight_msgs` appends in flight to a replicating peer; past this
+/// bound (a peer that does not keep up) messages are dropped, which raft
+/// recovers from by resending, and the peer is reported unreachable.
+const PEER_QUEUE: usize = 2 * MAX_BATCH;
 /// Largest message a peer accepts: room for a whole-store snapshot.
 pub const MAX_PEER_MESSAGE: usize = 1 << 30;
 
 /// Sends to peers over gRPC.
 pub struct GrpcTransport {
-    peers: HashMap<u64, mpsc::UnboundedSender<Message>>,
+    peers: HashMap<u64, mpsc::Sender<Message>>,
+    raft_tx: Sender<Input>,
 }
 
 impl GrpcTransport {
@@ -48,22 +54,33 @@ impl GrpcTransport {
             if id == self_id {
                 continue;
             }
-            let (tx, rx) = mpsc::unbounded_channel();
+            let (tx, rx) = mpsc::channel(PEER_QUEUE);
             senders.insert(id, tx);
             let link =
                 PeerLink { cluster_id, from: self_id, to: id, raft_tx: raft_tx.clone(), metrics: metrics.clone() };
             tokio::spawn(link.run(url, rx));
         }
-        Self { peers: senders }
+        Self { peers: senders, raft_tx }
     }
 }
 
 impl Transport for GrpcTransport {
     fn send(&self, msgs: Vec<Message>) {
+        let mut full = Vec::new();
         for m in msgs {
-            if let Some(tx) = self.peers.get(&m.to) {
-                let _ = tx.send(m);
+            let Some(tx) = self.peers.get(&m.to) else { continue };
+            if let Err(mpsc::error::TrySendError::Full(m)) = tx.try_send(m) {
+                if is_snapshot(&m) {
+                    let _ = try_input(&self.raft_tx, Input::SnapshotDelivered { to: m.to, ok: false });
+                }
+                if !full.contains(&m.to) {
+                    full.push(m.to);
+                }
             }
+        }
+        for to in full {
+            tracing::debug!(peer = format!("{to:x}"), "peer queue full; dropped messages");
+            let _ = try_input(&self.raft_tx, Input::Unreachable(to));
         }
     }
 }
@@ -77,7 +94,7 @@ struct PeerLink {
 }
 
 impl PeerLink {
-    async fn run(self, url: String, mut rx: mpsc::UnboundedReceiver<Message>) {
+    async fn run(self, url: String, mut rx: mpsc::Receiver<Message>) {
         let endpoint = match Endpoint::from_shared(url.clone()) {
             Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
             Err(e) => {
@@ -117,7 +134,7 @@ impl PeerLink {
                     }
                     self.metrics.peer_sent_bytes.with_label_values(&[&to_label]).inc_by(bytes);
                     if snapshot {
-                        let _ = self.raft_tx.send(Input::SnapshotDelivered { to: self.to, ok: true });
+                        let _ = try_input(&self.raft_tx, Input::SnapshotDelivered { to: self.to, ok: true });
                     }
                 }
                 Err(status) => {
@@ -126,9 +143,9 @@ impl PeerLink {
                         failing = true;
                     }
                     self.metrics.peer_sent_failures.with_label_values(&[&to_label]).inc();
-                    let _ = self.raft_tx.send(Input::Unreachable(self.to));
+                    let _ = try_input(&self.raft_tx, Input::Unreachable(self.to));
                     if snapshot {
-                        let _ = self.raft_tx.send(Input::SnapshotDelivered { to: self.to, ok: false });
+                        let _ = try_input(&self.raft_tx, Input::SnapshotDelivered { to: self.to, ok: false });
                     }
                     // Messages queued meanwhile are stale; raft resends what matters.
                     while rx.try_recv().is_ok() {}
@@ -170,7 +187,9 @@ impl RaftTransport for PeerService {
             if msg.from != batch.from {
                 return Err(Status::invalid_argument("raft message sender differs from the batch sender"));
             }
-            self.raft_tx.send(Input::Step(msg)).map_err(|_| Status::unavailable("etcdserver: server stopped"))?;
+            // A full raft channel refuses the rest of the batch; the sender
+            // counts it as failed and raft resends.
+            try_input(&self.raft_tx, Input::Step(msg)).map_err(|e| Status::unavailable(e.to_string()))?;
         }
         self.metrics.peer_received_bytes.with_label_values(&[&from_label]).inc_by(bytes);
         Ok(Response::new(RaftAck {}))
@@ -182,7 +201,7 @@ mod tests {
     use super::*;
 
     fn service() -> (PeerService, crossbeam_channel::Receiver<Input>) {
-        let (tx, rx) = crossbeam_channel::unbounded();
+        let (tx, rx) = crossbeam_channel::bounded(8);
         let svc = PeerService { cluster_id: 7, members: [1, 2].into(), raft_tx: tx, metrics: Arc::new(Metrics::new()) };
         (svc, rx)
     }

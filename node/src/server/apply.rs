@@ -214,9 +214,11 @@ impl EtcdStateMachine {
         if role.role != Role::Secondary {
             return Err(Error::Fenced("mirror writes go to a secondary; this cluster is a primary".into()));
         }
-        if role.source_cluster_id != 0 && role.source_cluster_id != m.source_cluster_id {
+        let switching = m.reset && m.allow_source_change;
+        if role.source_cluster_id != 0 && role.source_cluster_id != m.source_cluster_id && !switching {
             return Err(Error::Fenced(format!(
-                "mirror source cluster {:x} is not this secondary's source {:x}",
+                "mirror source cluster {:x} is not this secondary's source {:x} \
+                 (a mirror started with --allow-source-change may replace it)",
                 m.source_cluster_id, role.source_cluster_id
             )));
         }

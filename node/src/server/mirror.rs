@@ -14,26 +14,52 @@ use meridian_proto::meridian::v1::{
     MirrorApplyRequest, MirrorApplyResponse, MirrorStatusRequest, MirrorStatusResponse, RangeStreamChunk,
     RangeStreamRequest,
 };
+use meridian_wire::token::{self, TOKEN_METADATA};
 use tonic::{Request, Response, Status};
 
 use super::apply::Applied;
 use super::region::Role;
 use super::EtcdServer;
+use crate::error::Error;
 use crate::mvcc::KeyRange;
 
 /// Records per `RangeStream` chunk.
 const CHUNK_RECORDS: usize = 1000;
+/// Chunks a `RangeStream` reads ahead of its client, at most.
+const CHUNKS_AHEAD: usize = 4;
 
 /// The mirror's own view of its lag (source revision, time behind) arrives
 /// with each Apply and is kept in the `meridian_mirror_*` metrics of the
 /// member it called; Status reads it back from there.
 pub struct MirrorService {
     pub server: Arc<EtcdServer>,
+    /// What `Apply` must present in [`TOKEN_METADATA`]; `None` refuses every Apply.
+    token: Option<String>,
 }
 
 impl MirrorService {
-    pub fn new(server: Arc<EtcdServer>) -> Self {
-        Self { server }
+    pub fn new(server: Arc<EtcdServer>, token: Option<String>) -> Self {
+        Self { server, token }
+    }
+
+    /// Until auth exists, only a caller holding the token configured on this
+    /// secondary may write into it, and only a secondary takes mirror writes.
+    fn check_apply(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+        let Some(want) = &self.token else {
+            return Err(Status::permission_denied(
+                "meridian: Mirror.Apply is refused: this member has no --mirror-token-file",
+            ));
+        };
+        let given = metadata.get(TOKEN_METADATA).map(|v| v.as_bytes()).unwrap_or_default();
+        if !token::same_secret(given, want.as_bytes()) {
+            return Err(Status::unauthenticated(format!(
+                "meridian: Mirror.Apply needs the mirror token in {TOKEN_METADATA} (the --mirror-token-file of this secondary)"
+            )));
+        }
+        if !self.server.role.is_secondary() {
+            return Err(Error::Fenced("mirror writes go to a secondary; this cluster is a primary".into()).into());
+        }
+        Ok(())
     }
 }
 
@@ -43,6 +69,7 @@ impl Mirror for MirrorService {
         // One source revision may carry as much as one source request, plus
         // the record fields etcd keeps per key; allow twice the client limit.
         let limit = 2 * self.server.limits.max_request_bytes;
+        self.check_apply(req.metadata())?;
         let req = req.into_inner();
         let reported = (req.source_revision, req.lag_ms, req.apply_rate, req.resyncs_total, req.errors_total);
         match self.server.propose_sized(Internal::MirrorApply(req), limit).await? {
@@ -97,19 +124,44 @@ impl Mirror for MirrorService {
         let key = if r.key.is_empty() { vec![0] } else { r.key };
         let range = KeyRange::new(&key, &r.range_end);
         let mvcc = self.server.mvcc.clone();
-        let (marks, records, _) =
-            tokio::task::spawn_blocking(move || mvcc.export()).await.map_err(|e| Status::internal(e.to_string()))??;
-        // Moved into chunks, not copied; an empty history is one empty chunk.
-        let mut records = records.into_iter().filter(move |rec| range.contains(&rec.key)).peekable();
-        let mut chunks = Vec::new();
-        while chunks.is_empty() || records.peek().is_some() {
-            let chunk: Vec<_> = records.by_ref().take(CHUNK_RECORDS).collect();
-            chunks.push(Ok(RangeStreamChunk {
-                records: chunk,
-                compact_revision: marks.compacted,
-                revision: marks.current,
-            }));
-        }
-        Ok(Response::new(Box::pin(futures::stream::iter(chunks))))
+        // A blocking thread reads one store snapshot and sends chunks as the
+        // client takes them: at most CHUNKS_AHEAD chunks are held, however
+        // large the store. The marks ride in every chunk, so they are those
+        // of the snapshot the records came from.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<RangeStreamChunk, Status>>(CHUNKS_AHEAD);
+        tokio::task::spawn_blocking(move || {
+            let mut chunk = Vec::with_capacity(CHUNK_RECORDS);
+            let mut sent_any = false;
+            let send = |records: Vec<_>, marks: &crate::mvcc::Marks| {
+                tx.blocking_send(Ok(RangeStreamChunk {
+                    records,
+                    compact_revision: marks.compacted,
+                    revision: marks.current,
+                }))
+                .is_ok()
+            };
+            let scanned = mvcc.export_each(|marks, rec| {
+                if !range.contains(&rec.key) {
+                    return true;
+                }
+                chunk.push(rec);
+                if chunk.len() < CHUNK_RECORDS {
+                    return true;
+                }
+                sent_any = true;
+                send(std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_RECORDS)), marks)
+            });
+            match scanned {
+                // The last (or only, possibly empty) chunk.
+                Ok((marks, _)) if !chunk.is_empty() || !sent_any => {
+                    send(chunk, &marks);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(Status::from(e)));
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }

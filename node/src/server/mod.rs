@@ -33,8 +33,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use meridian_proto::etcdserverpb::ResponseHeader;
 use meridian_proto::meridian::v1::internal_request::Request;
 use meridian_proto::meridian::v1::InternalRequest;
+use parking_lot::Mutex;
 use prost::Message;
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, Semaphore};
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -47,6 +48,19 @@ use version::VersionCell;
 /// Extra room grpc-go grants above `--max-request-bytes` before refusing a
 /// message at the transport, as etcd configures it.
 pub const GRPC_OVERHEAD_BYTES: usize = 512 * 1024;
+/// Proposals accepted and not yet applied, at most; past it new proposals
+/// get etcd's "too many requests". etcd refuses once apply trails commit by
+/// 5,000 entries; here apply follows commit in the same Ready cycle, so the
+/// backlog that can grow is the proposals not yet applied.
+pub const MAX_PENDING_PROPOSALS: usize = 5000;
+/// Bytes of proposals accepted and not yet applied, at most (one larger
+/// proposal is still taken when nothing else is pending).
+pub const MAX_PENDING_PROPOSAL_BYTES: usize = 64 << 20;
+/// Proposals nobody waits for (alarms, lease revokes and checkpoints) in
+/// flight at once; more are dropped, and each is proposed again by whatever
+/// raised it (the next over-quota write, the next renewal, the next expiry
+/// pass).
+const MAX_DETACHED_PROPOSALS: usize = 64;
 
 /// Settings the services need at request time.
 #[derive(Clone, Debug)]
@@ -72,6 +86,9 @@ pub struct EtcdServer {
     /// The replicated cluster version; kept current by apply.
     pub version: VersionCell,
     ids: IdGen,
+    /// Proposals (count, bytes) accepted and not yet answered.
+    pending: Mutex<(usize, usize)>,
+    detached: Arc<Semaphore>,
 }
 
 impl EtcdServer {
@@ -87,8 +104,21 @@ impl EtcdServer {
         role: RoleCell,
         version: VersionCell,
     ) -> Self {
-        let ids = IdGen::new(member_id);
-        Self { member_id, cluster_id, name, raft, mvcc, waiters, metrics, limits, role, version, ids }
+        Self {
+            member_id,
+            cluster_id,
+            name,
+            raft,
+            mvcc,
+            waiters,
+            metrics,
+            limits,
+            role,
+            version,
+            ids: IdGen::new(member_id),
+            pending: Mutex::new((0, 0)),
+            detached: Arc::new(Semaphore::new(MAX_DETACHED_PROPOSALS)),
+        }
     }
 
     /// A response header at `revision`, with this member's ids and raft term.
@@ -163,6 +193,7 @@ impl EtcdServer {
             return Err(Error::RequestTooLarge);
         }
         self.wait_for_leader().await?;
+        let _admitted = self.admit(data.len())?;
         let applied = self.waiters.register(id);
         let (dropped_tx, dropped) = oneshot::channel();
         if let Err(e) = self.raft.send(Input::Propose { data, dropped: dropped_tx }) {
@@ -180,6 +211,24 @@ impl EtcdServer {
             self.waiters.cancel(id);
         }
         result
+    }
+
+    /// Takes a place among the pending proposals, or refuses with etcd's
+    /// backpressure error when apply is too far behind: too many proposals
+    /// or bytes waiting, or raft's commit index far past the applied one.
+    fn admit(&self, bytes: usize) -> Result<Admitted<'_>> {
+        let status = self.raft.status();
+        if status.commit().saturating_sub(status.applied()) > MAX_PENDING_PROPOSALS as u64 {
+            return Err(Error::TooManyRequests);
+        }
+        let mut p = self.pending.lock();
+        let (count, held) = *p;
+        if count >= MAX_PENDING_PROPOSALS || (count > 0 && held + bytes > MAX_PENDING_PROPOSAL_BYTES) {
+            self.metrics.proposals_failed.inc();
+            return Err(Error::TooManyRequests);
+        }
+        *p = (count + 1, held + bytes);
+        Ok(Admitted { server: self, bytes })
     }
 
     /// Waits until this member has applied everything committed before the
@@ -200,14 +249,35 @@ impl EtcdServer {
         (self.ids.next() & (i64::MAX as u64)) as i64
     }
 
-    /// Proposes a request nobody waits for (alarms raised by this member).
+    /// Proposes a request nobody waits for (alarms, lease revokes and
+    /// checkpoints). At most [`MAX_DETACHED_PROPOSALS`] are in flight; past
+    /// that the request is dropped, to be raised again by its cause.
     pub fn propose_detached(self: &Arc<Self>, request: Request) {
+        let Ok(permit) = self.detached.clone().try_acquire_owned() else {
+            tracing::debug!("too many detached proposals in flight; dropped one");
+            return;
+        };
         let server = self.clone();
         tokio::spawn(async move {
             if let Err(e) = server.propose(request).await {
                 tracing::warn!(error = %e, "detached proposal failed");
             }
+            drop(permit);
         });
+    }
+}
+
+/// A pending proposal's place, given back when its call ends however it ends.
+struct Admitted<'a> {
+    server: &'a EtcdServer,
+    bytes: usize,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        let mut p = self.server.pending.lock();
+        p.0 -= 1;
+        p.1 -= self.bytes;
     }
 }
 
