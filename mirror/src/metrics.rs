@@ -23,6 +23,12 @@ pub struct Metrics {
     pub oldest_unapplied: Mutex<Option<Instant>>,
     /// (time, applied_total) samples for the apply rate.
     rate: Mutex<Option<(Instant, u64, f64)>>,
+    /// The newest (revision, unix ms) at which the source said it had
+    /// committed that revision: what heartbeats carry.
+    pub heard: Mutex<Option<(i64, u64)>>,
+    /// `region="…",source_region="…"`: the secondary's region and the region
+    /// it mirrors, on every metric; learned from the target at session start.
+    pub labels: Mutex<String>,
 }
 
 #[derive(Serialize)]
@@ -74,9 +80,10 @@ impl Metrics {
 
     fn prometheus(&self) -> String {
         let s = self.snapshot();
+        let labels = self.labels.lock().clone();
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, v: String| {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}\n"));
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{{labels}}} {v}\n"));
         };
         metric(
             "meridian_mirror_source_revision",
@@ -99,7 +106,8 @@ impl Metrics {
         metric(
             "meridian_mirror_lag_seconds",
             "gauge",
-            "Age of the oldest source revision not yet applied.",
+            "The mirror's view: age of the oldest source revision it has seen and not yet applied \
+             (the secondary's own staleness is meridian_secondary_staleness_seconds on its members).",
             format!("{:.3}", s.lag_seconds),
         );
         metric(

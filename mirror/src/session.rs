@@ -4,6 +4,7 @@
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -16,6 +17,7 @@ use meridian_proto::etcdserverpb::{
     WatchRequest,
 };
 use meridian_proto::meridian::v1::mirror_client::MirrorClient;
+use meridian_proto::meridian::v1::MirrorHeartbeat;
 use meridian_proto::meridian::v1::{
     KvRecord, MirrorApplyRequest, MirrorLease, MirrorRevision, MirrorStatusRequest, RangeStreamRequest,
 };
@@ -37,7 +39,11 @@ use crate::metrics::Metrics;
 const BATCH_BYTES: usize = 512 * 1024;
 /// Keys per page when reading an etcd source's state.
 const PAGE: i64 = 1000;
-const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// How often the source is asked for progress; each answer becomes the next
+/// heartbeat, so a secondary's staleness is measured to about this.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
+/// How often every target member gets a heartbeat.
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(100);
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(2);
 const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(5);
 
@@ -50,6 +56,59 @@ impl tonic::service::Interceptor for Token {
         req.metadata_mut().insert(TOKEN_METADATA, self.0.clone());
         Ok(req)
     }
+}
+
+/// Sends every target member a heartbeat every [`HEARTBEAT_EVERY`]: the
+/// newest revision the source said it had committed, and when. Stops when
+/// dropped (the session ended).
+struct Heartbeats(tokio::task::JoinHandle<()>);
+
+impl Heartbeats {
+    fn start(cfg: &MirrorConfig, m: &Arc<Metrics>, token: Token, cluster_id: u64) -> anyhow::Result<Self> {
+        let mut members = Vec::new();
+        for url in &cfg.target {
+            let channel = Endpoint::from_shared(url.clone())?.connect_timeout(Duration::from_secs(1)).connect_lazy();
+            members.push((url.clone(), MirrorClient::with_interceptor(channel, token.clone())));
+        }
+        let m = m.clone();
+        Ok(Self(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some((source_revision, source_time_ms)) = *m.heard.lock() else { continue };
+                let counters = m.snapshot();
+                let beat = MirrorHeartbeat {
+                    source_cluster_id: cluster_id,
+                    source_revision,
+                    source_time_ms,
+                    apply_rate: counters.apply_rate,
+                    resyncs_total: counters.resyncs_total,
+                    errors_total: counters.errors_total,
+                };
+                let sends = members.iter_mut().map(|(url, c)| {
+                    let mut req = tonic::Request::new(beat.clone());
+                    req.set_timeout(HEARTBEAT_EVERY);
+                    async move {
+                        if let Err(e) = c.heartbeat(req).await {
+                            tracing::debug!(target = %url, error = %e, "heartbeat not delivered");
+                        }
+                    }
+                });
+                futures::future::join_all(sends).await;
+            }
+        })))
+    }
+}
+
+impl Drop for Heartbeats {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 enum Kind {
@@ -108,11 +167,11 @@ async fn source_header(src: &Channel) -> anyhow::Result<ResponseHeader> {
     Ok(r.header.unwrap_or_default())
 }
 
-pub async fn run(cfg: &MirrorConfig, m: &Metrics) -> anyhow::Result<()> {
+pub async fn run(cfg: &MirrorConfig, m: &Arc<Metrics>) -> anyhow::Result<()> {
     let src = connect(&cfg.source).await.context("source")?;
     let dst = connect(&cfg.target).await.context("target")?;
     let token = Token(cfg.token.parse().context("the mirror token is not valid gRPC metadata")?);
-    let mut target = MirrorClient::with_interceptor(dst.clone(), token)
+    let mut target = MirrorClient::with_interceptor(dst.clone(), token.clone())
         .max_decoding_message_size(usize::MAX)
         .max_encoding_message_size(usize::MAX);
     let ts = target.status(MirrorStatusRequest {}).await.context("target status")?.into_inner();
@@ -130,6 +189,8 @@ pub async fn run(cfg: &MirrorConfig, m: &Metrics) -> anyhow::Result<()> {
         Err(e) => return Err(e).context("source status"),
     };
     let known_leases = lease_ids(dst).await.context("target leases")?;
+    *m.labels.lock() = format!("region={:?},source_region={:?}", ts.region, ts.primary_region);
+    let _heartbeats = Heartbeats::start(cfg, m, token, cluster_id)?;
     m.applied_revision.store(ts.revision, Ordering::Relaxed);
     tracing::info!(
         source = match kind {
@@ -270,6 +331,11 @@ impl Session<'_> {
             }
             if let Some(h) = &resp.header {
                 self.m.source_revision.fetch_max(h.revision, Ordering::Relaxed);
+                // The source had committed h.revision when it sent this.
+                let mut heard = self.m.heard.lock();
+                if heard.is_none_or(|(rev, _)| rev <= h.revision) {
+                    *heard = Some((h.revision, now_ms()));
+                }
             }
             if resp.events.is_empty() {
                 continue;

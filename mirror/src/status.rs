@@ -31,7 +31,12 @@ pub async fn print_status(flags: &StatusFlags) -> anyhow::Result<()> {
                         println!("source revision:   {}", s.source_revision);
                         println!("applied revision:  {}", s.revision);
                         println!("compact revision:  {}", s.compact_revision);
-                        println!("lag:               {} revisions, {:.3} s", s.lag_revisions, s.lag_ms as f64 / 1000.0);
+                        let staleness = match s.staleness_ms {
+                            ms if ms < 0 => "unknown (no mirror heartbeat yet)".to_string(),
+                            ms => format!("{:.3} s", ms as f64 / 1000.0),
+                        };
+                        println!("lag:               {} revisions", s.lag_revisions);
+                        println!("staleness:         {staleness} (since it last held all its source had)");
                         println!("apply rate:        {:.1} revisions/s", s.apply_rate);
                         println!("resyncs:           {}", s.resyncs_total);
                         println!("errors:            {}", s.errors_total);

@@ -72,7 +72,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     std::fs::create_dir_all(&data_dir)?;
     let db_dir = data_dir.join("db");
     let db = fjall::Database::builder(&db_dir).open()?;
-    let metrics = Arc::new(Metrics::new());
+    let metrics = Arc::new(Metrics::new(&cfg.region));
     let mvcc = Arc::new(Mvcc::open(db.clone(), Some(&db_dir))?);
 
     // Membership: from --initial-cluster on first start, from the store after.

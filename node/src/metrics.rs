@@ -36,17 +36,12 @@ pub struct Metrics {
     pub peer_sent_failures: IntCounterVec,
     pub server_id: IntGaugeVec,
     pub server_version: IntGaugeVec,
-    /// Secondary only, on the member the mirror calls: the source's revision
-    /// as the mirror last reported it.
-    pub mirror_source_revision: IntGauge,
-    /// Secondary only: source revisions not yet applied here.
-    pub mirror_lag_revisions: IntGauge,
-    /// Secondary only: seconds since the source committed the oldest revision not yet applied here.
-    pub mirror_lag_seconds: Gauge,
-    /// Secondary only: the mirror's own counters, as it last reported them.
-    pub mirror_apply_rate: Gauge,
-    pub mirror_resyncs: IntGauge,
-    pub mirror_errors: IntGauge,
+    /// Secondary only (0 on a primary), from the mirror's heartbeats (see
+    /// `server::freshness`); each labelled with the member's region.
+    pub secondary_staleness: Gauge,
+    pub secondary_lag_revisions: IntGauge,
+    pub secondary_source_revision: IntGauge,
+    pub secondary_heartbeat_age: Gauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -55,8 +50,11 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> 
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    /// The metrics of a member of `region`: every `meridian_*` metric carries
+    /// it as its `region` label; etcd's metrics keep etcd's exact labels.
+    pub fn new(region: &str) -> Self {
         let r = Registry::new();
+        let region_opts = |name: &str, help: &str| Opts::new(name, help).const_label("region", region);
         let gauge = |name: &str, help: &str| reg(&r, IntGauge::new(name, help).expect("valid metric"));
         let counter = |name: &str, help: &str| reg(&r, IntCounter::new(name, help).expect("valid metric"));
         let counter_vec = |name: &str, help: &str, label: &str| {
@@ -67,32 +65,39 @@ impl Metrics {
             reg(&r, Histogram::with_opts(opts).expect("valid metric"))
         };
         Self {
-            mirror_source_revision: gauge(
-                "meridian_mirror_source_revision",
-                "The source's revision as the mirror last reported it (secondaries).",
-            ),
-            mirror_lag_revisions: gauge(
-                "meridian_mirror_lag_revisions",
-                "Source revisions not yet applied on this secondary.",
-            ),
-            mirror_lag_seconds: reg(
+            secondary_staleness: reg(
                 &r,
-                Gauge::new(
-                    "meridian_mirror_lag_seconds",
-                    "Seconds since the source committed the oldest revision not yet applied on this secondary.",
-                )
+                Gauge::with_opts(region_opts(
+                    "meridian_secondary_staleness_seconds",
+                    "Seconds since this secondary member last held everything its source had committed \
+                     (+Inf until known; grows while no mirror heartbeat arrives).",
+                ))
                 .expect("valid metric"),
             ),
-            mirror_apply_rate: reg(
+            secondary_lag_revisions: reg(
                 &r,
-                Gauge::new("meridian_mirror_apply_rate", "Revisions the mirror applied per second, recently.")
-                    .expect("valid metric"),
+                IntGauge::with_opts(region_opts(
+                    "meridian_secondary_lag_revisions",
+                    "Source revisions this secondary member has not applied.",
+                ))
+                .expect("valid metric"),
             ),
-            mirror_resyncs: gauge(
-                "meridian_mirror_resyncs",
-                "Full history copies the mirror made since it started (as it reported).",
+            secondary_source_revision: reg(
+                &r,
+                IntGauge::with_opts(region_opts(
+                    "meridian_secondary_source_revision",
+                    "The newest source revision the mirror told this secondary member of.",
+                ))
+                .expect("valid metric"),
             ),
-            mirror_errors: gauge("meridian_mirror_errors", "Mirror sessions ended by an error since it started."),
+            secondary_heartbeat_age: reg(
+                &r,
+                Gauge::with_opts(region_opts(
+                    "meridian_secondary_heartbeat_age_seconds",
+                    "Seconds since the last mirror heartbeat reached this secondary member (+Inf before the first).",
+                ))
+                .expect("valid metric"),
+            ),
             has_leader: gauge("etcd_server_has_leader", "Whether or not a leader exists. 1 is existence, 0 is not."),
             is_leader: gauge("etcd_server_is_leader", "Whether or not this member is a leader. 1 if is, 0 otherwise."),
             leader_changes: counter("etcd_server_leader_changes_seen_total", "The number of leader changes seen."),
@@ -199,6 +204,6 @@ impl Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self::new()
+        Self::new("default")
     }
 }

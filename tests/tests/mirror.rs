@@ -135,15 +135,63 @@ async fn mixed_workload_is_identical_on_the_secondary() -> anyhow::Result<()> {
     }
     let status = mirror.status()?;
     assert_eq!(status["lag_revisions"], 0, "{status}");
-    assert!(mirror.metrics()?.contains("meridian_mirror_lag_seconds 0"));
+    let labels = r#"{region="eu-west",source_region="us-east"}"#;
+    assert!(mirror.metrics()?.contains(&format!("meridian_mirror_lag_seconds{labels} 0")));
     // A person sees the lag at zero, from the secondary and from the mirror.
     let printed = mirror.status_command(&secondary)?;
     assert!(printed.contains(&format!("applied revision:  {rev}")), "{printed}");
-    assert_eq!(printed.matches("0 revisions, 0.000 s").count(), 2, "{printed}");
-    // So does a dashboard scraping the secondary member the mirror calls.
-    let (_, node_metrics) = meridian_tests::http_get(secondary.endpoint(1).parse()?, "/metrics")?;
-    assert!(node_metrics.contains(&format!("meridian_mirror_source_revision {rev}")), "{node_metrics}");
-    assert!(node_metrics.contains("meridian_mirror_lag_revisions 0"), "{node_metrics}");
+    assert!(printed.contains("lag:               0 revisions"), "{printed}");
+    assert!(printed.contains("lag:              0 revisions, 0.000 s"), "{printed}");
+    // So does a dashboard scraping any secondary member: every one hears the heartbeats.
+    for i in 1..=3 {
+        let (_, node_metrics) = meridian_tests::http_get(secondary.endpoint(i).parse()?, "/metrics")?;
+        let gauge = |name: &str| metric(&node_metrics, &format!("{name}{{region=\"eu-west\"}}"));
+        assert_eq!(gauge("meridian_secondary_source_revision"), Some(rev as f64), "member {i}");
+        assert_eq!(gauge("meridian_secondary_lag_revisions"), Some(0.0), "member {i}");
+        let staleness = gauge("meridian_secondary_staleness_seconds").expect("staleness");
+        assert!(staleness < 1.0, "member {i}: staleness {staleness}");
+    }
+    Ok(())
+}
+
+/// The value of the sample `name` (with its labels) in Prometheus text.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// Staleness on a secondary means "time since it last held everything the source had": an idle
+/// source keeps it near zero (heartbeats every 100 ms), it grows while the mirror is dead instead
+/// of freezing at its last value, and falls back once the mirror returns.
+#[tokio::test]
+async fn staleness_grows_while_the_mirror_is_down() -> anyhow::Result<()> {
+    let primary = Cluster::start(1, primary_opts())?;
+    let secondary = Cluster::start(1, secondary_opts())?;
+    let rev = primary.client().await?.put("k", "v", None).await?.header().expect("header").revision();
+    let mut mirror = MirrorProcess::start(&primary.endpoints(), &secondary, &[])?;
+    mirror.wait_applied(rev, Duration::from_secs(30))?;
+    let staleness = || -> anyhow::Result<f64> {
+        let (_, text) = meridian_tests::http_get(secondary.endpoint(1).parse()?, "/metrics")?;
+        metric(&text, "meridian_secondary_staleness_seconds{region=\"eu-west\"}")
+            .ok_or_else(|| anyhow::anyhow!("{text}"))
+    };
+    // Idle, yet fresh: the source is asked for progress and heartbeats keep coming.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let idle = staleness()?;
+    assert!(idle < 0.5, "an idle, mirrored secondary is {idle} s stale");
+
+    mirror.kill9()?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let first = staleness()?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let later = staleness()?;
+    assert!(later >= first + 1.2, "with the mirror dead staleness must grow: {first} then {later}");
+
+    mirror.spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while staleness()? > 0.5 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "staleness did not recover: {}", staleness()?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
 }
 

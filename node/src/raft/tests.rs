@@ -144,7 +144,7 @@ impl Net {
         };
         let source = Arc::new(Source(applied.clone()));
         let logger = super::logger::logger();
-        m.node = Some(RaftNode::open(cfg, db, sm, source, Arc::new(Metrics::new()), &logger).unwrap());
+        m.node = Some(RaftNode::open(cfg, db, sm, source, Arc::new(Metrics::default()), &logger).unwrap());
         m.applied = applied;
         m.restores = restores;
     }

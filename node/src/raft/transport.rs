@@ -202,7 +202,8 @@ mod tests {
 
     fn service() -> (PeerService, crossbeam_channel::Receiver<Input>) {
         let (tx, rx) = crossbeam_channel::bounded(8);
-        let svc = PeerService { cluster_id: 7, members: [1, 2].into(), raft_tx: tx, metrics: Arc::new(Metrics::new()) };
+        let svc =
+            PeerService { cluster_id: 7, members: [1, 2].into(), raft_tx: tx, metrics: Arc::new(Metrics::default()) };
         (svc, rx)
     }
 

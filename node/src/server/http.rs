@@ -49,5 +49,11 @@ async fn metrics(server: Arc<EtcdServer>) -> impl IntoResponse {
     server.metrics.db_total_size.set(server.mvcc.disk_size() as i64);
     server.metrics.db_in_use.set(server.mvcc.size_in_use() as i64);
     server.metrics.keys_total.set(server.mvcc.key_count() as i64);
+    // Read at scrape time, so a silent mirror shows as growing staleness.
+    let f = server.freshness();
+    server.metrics.secondary_staleness.set(f.staleness_seconds);
+    server.metrics.secondary_lag_revisions.set(f.lag_revisions);
+    server.metrics.secondary_source_revision.set(f.source_revision);
+    server.metrics.secondary_heartbeat_age.set(f.heartbeat_age_seconds);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], server.metrics.render())
 }

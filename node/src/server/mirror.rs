@@ -11,26 +11,37 @@ use futures::Stream;
 use meridian_proto::meridian::v1::internal_request::Request as Internal;
 use meridian_proto::meridian::v1::mirror_server::Mirror;
 use meridian_proto::meridian::v1::{
-    MirrorApplyRequest, MirrorApplyResponse, MirrorStatusRequest, MirrorStatusResponse, RangeStreamChunk,
-    RangeStreamRequest,
+    MirrorApplyRequest, MirrorApplyResponse, MirrorHeartbeat, MirrorHeartbeatResponse, MirrorStatusRequest,
+    MirrorStatusResponse, RangeStreamChunk, RangeStreamRequest,
 };
 use meridian_wire::token::{self, TOKEN_METADATA};
 use tonic::{Request, Response, Status};
 
 use super::apply::Applied;
+use super::freshness::MirrorReport;
 use super::region::Role;
 use super::EtcdServer;
 use crate::error::Error;
 use crate::mvcc::KeyRange;
+
+/// Staleness in whole ms for the wire; -1 when unknown.
+fn staleness_ms(seconds: f64) -> i64 {
+    if seconds.is_finite() {
+        (seconds * 1000.0) as i64
+    } else {
+        -1
+    }
+}
 
 /// Records per `RangeStream` chunk.
 const CHUNK_RECORDS: usize = 1000;
 /// Chunks a `RangeStream` reads ahead of its client, at most.
 const CHUNKS_AHEAD: usize = 4;
 
-/// The mirror's own view of its lag (source revision, time behind) arrives
-/// with each Apply and is kept in the `meridian_mirror_*` metrics of the
-/// member it called; Status reads it back from there.
+/// The Mirror service of every member. A secondary's staleness comes from
+/// the mirror's heartbeats (`server::freshness`), which reach every member;
+/// the mirror's own counters arrive with each Apply and heartbeat and are
+/// only echoed by Status (they are the mirror's metrics, not the node's).
 pub struct MirrorService {
     pub server: Arc<EtcdServer>,
     /// What `Apply` must present in [`TOKEN_METADATA`]; `None` refuses every Apply.
@@ -71,28 +82,47 @@ impl Mirror for MirrorService {
         let limit = 2 * self.server.limits.max_request_bytes;
         self.check_apply(req.metadata())?;
         let req = req.into_inner();
-        let reported = (req.source_revision, req.lag_ms, req.apply_rate, req.resyncs_total, req.errors_total);
+        let report = MirrorReport {
+            apply_rate: req.apply_rate,
+            resyncs_total: req.resyncs_total,
+            errors_total: req.errors_total,
+        };
+        let source_revision = req.source_revision;
         match self.server.propose_sized(Internal::MirrorApply(req), limit).await? {
             Applied::Mirror(rev) => {
-                let (source_revision, lag_ms, rate, resyncs, errors) = reported;
-                let m = &self.server.metrics;
-                m.mirror_apply_rate.set(rate);
-                m.mirror_resyncs.set(resyncs as i64);
-                m.mirror_errors.set(errors as i64);
-                m.mirror_source_revision.set(source_revision);
-                m.mirror_lag_revisions.set((source_revision - rev).max(0));
-                m.mirror_lag_seconds.set(if source_revision > rev { lag_ms as f64 / 1000.0 } else { 0.0 });
+                self.server.freshness.heard(source_revision, report);
                 Ok(Response::new(MirrorApplyResponse { header: Some(self.server.header(rev)), applied_revision: rev }))
             }
             other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
         }
     }
 
+    async fn heartbeat(&self, req: Request<MirrorHeartbeat>) -> Result<Response<MirrorHeartbeatResponse>, Status> {
+        self.check_apply(req.metadata())?;
+        let h = req.into_inner();
+        let source = self.server.role.get().source_cluster_id;
+        if source != 0 && source != h.source_cluster_id {
+            return Err(Error::Fenced(format!(
+                "heartbeat from source cluster {:x}, not this secondary's source {source:x}",
+                h.source_cluster_id
+            ))
+            .into());
+        }
+        let report =
+            MirrorReport { apply_rate: h.apply_rate, resyncs_total: h.resyncs_total, errors_total: h.errors_total };
+        self.server.freshness.heartbeat(h.source_revision, h.source_time_ms, report);
+        let f = self.server.freshness();
+        Ok(Response::new(MirrorHeartbeatResponse {
+            applied_revision: self.server.mvcc.marks().current,
+            staleness_ms: staleness_ms(f.staleness_seconds),
+        }))
+    }
+
     async fn status(&self, _: Request<MirrorStatusRequest>) -> Result<Response<MirrorStatusResponse>, Status> {
         let marks = self.server.mvcc.marks();
         let role = self.server.role.get();
-        let source_revision = self.server.metrics.mirror_source_revision.get();
-        let lag_ms = (self.server.metrics.mirror_lag_seconds.get() * 1000.0) as i64;
+        let f = self.server.freshness();
+        let report = self.server.freshness.report();
         Ok(Response::new(MirrorStatusResponse {
             header: Some(self.server.header(marks.current)),
             revision: marks.current,
@@ -105,12 +135,15 @@ impl Mirror for MirrorService {
             source_cluster_id: role.source_cluster_id,
             epoch: role.epoch,
             primary_region: role.primary_region,
-            source_revision,
-            lag_revisions: (source_revision - marks.current).max(0),
-            lag_ms: if source_revision > marks.current { lag_ms } else { 0 },
-            apply_rate: self.server.metrics.mirror_apply_rate.get(),
-            resyncs_total: self.server.metrics.mirror_resyncs.get() as u64,
-            errors_total: self.server.metrics.mirror_errors.get() as u64,
+            source_revision: f.source_revision,
+            lag_revisions: f.lag_revisions,
+            // The secondary's own measure: how long since it held everything
+            // the source had (see `freshness`).
+            lag_ms: staleness_ms(f.staleness_seconds).max(0),
+            apply_rate: report.apply_rate,
+            resyncs_total: report.resyncs_total,
+            errors_total: report.errors_total,
+            staleness_ms: staleness_ms(f.staleness_seconds),
         }))
     }
 

@@ -16,6 +16,7 @@ pub mod apply;
 pub mod authority;
 pub mod cluster;
 pub mod compactor;
+pub mod freshness;
 pub mod http;
 pub mod kv;
 pub mod lease;
@@ -85,6 +86,8 @@ pub struct EtcdServer {
     pub role: RoleCell,
     /// The replicated cluster version; kept current by apply.
     pub version: VersionCell,
+    /// On a secondary: how stale this member is, from the mirror's heartbeats.
+    pub freshness: freshness::Freshness,
     ids: IdGen,
     /// Proposals (count, bytes) accepted and not yet answered.
     pending: Mutex<(usize, usize)>,
@@ -115,6 +118,7 @@ impl EtcdServer {
             limits,
             role,
             version,
+            freshness: freshness::Freshness::default(),
             ids: IdGen::new(member_id),
             pending: Mutex::new((0, 0)),
             detached: Arc::new(Semaphore::new(MAX_DETACHED_PROPOSALS)),
@@ -241,6 +245,21 @@ impl EtcdServer {
         self.wait_for_leader().await?;
         tokio::time::timeout(self.request_timeout(), self.raft.read_barrier()).await.map_err(|_| Error::Timeout)??;
         Ok(())
+    }
+
+    /// This member's staleness reading now: the mirror's view on a
+    /// secondary, always fresh on a primary.
+    pub fn freshness(&self) -> freshness::Reading {
+        let applied = self.mvcc.marks().current;
+        if !self.role.is_secondary() {
+            return freshness::Reading {
+                staleness_seconds: 0.0,
+                source_revision: applied,
+                lag_revisions: 0,
+                heartbeat_age_seconds: 0.0,
+            };
+        }
+        self.freshness.read(applied, freshness::now_ms())
     }
 
     /// A fresh lease id, positive and unique across members (etcd derives it
