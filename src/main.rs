@@ -2,6 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use meridian_mirror::{MirrorConfig, MirrorFlags, StatusFlags};
+use meridian_node::compat::{take_etcd_flags, EtcdFlags};
 use meridian_node::config::{normalize_args, NodeConfig, NodeFlags};
 use tracing_subscriber::EnvFilter;
 
@@ -42,11 +43,26 @@ enum MirrorAction {
 
 fn main() -> anyhow::Result<()> {
     abort_on_panic();
-    let cli = Cli::parse_from(normalize_args(std::env::args()));
+    let args = normalize_args(std::env::args());
+    // etcd's flags that Meridian does not implement, taken out before clap.
+    let (args, etcd_flags) = match args.get(1).map(String::as_str) {
+        Some("node") => take_etcd_flags(args),
+        _ => (args, EtcdFlags::default()),
+    };
+    let cli = Cli::parse_from(args);
     match cli.command {
         Command::Node(flags) => {
+            if !etcd_flags.refused.is_empty() {
+                anyhow::bail!("{}", etcd_flags.refused.join("\n"));
+            }
             let cfg = NodeConfig::load(&flags)?;
             init_logging(&cfg.log_level);
+            for flag in &etcd_flags.warnings {
+                tracing::warn!("{flag}: an etcd flag Meridian accepts and ignores");
+            }
+            for setting in &cfg.etcd_warnings {
+                tracing::warn!("{setting}: an etcd setting of the config file that Meridian ignores");
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(meridian_node::run(cfg, shutdown_signal()))?;
         }

@@ -87,7 +87,7 @@ impl Heartbeats {
                     errors_total: counters.errors_total,
                 };
                 let sends = members.iter_mut().map(|(url, c)| {
-                    let mut req = tonic::Request::new(beat.clone());
+                    let mut req = tonic::Request::new(beat);
                     req.set_timeout(HEARTBEAT_EVERY);
                     async move {
                         if let Err(e) = c.heartbeat(req).await {

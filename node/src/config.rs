@@ -93,41 +93,70 @@ pub struct NodeFlags {
     /// File holding the token a mirror must present to write into this secondary (Mirror.Apply).
     #[arg(long)]
     pub mirror_token_file: Option<PathBuf>,
-    /// TOML file with any of the settings above (snake_case keys).
+    /// TOML file with any of the settings above (snake_case keys), or etcd's YAML configuration
+    /// file (*.yml, *.yaml) with etcd's keys.
     #[arg(long)]
     pub config_file: Option<PathBuf>,
 }
 
 /// What the file, the environment and the flags said, merged, before any
-/// check: the shape of the TOML file and of the `MERIDIAN_*` variables.
+/// check: the shape of the TOML file and of the `MERIDIAN_*` variables. Each
+/// field also takes etcd's dashed name, so etcd's YAML configuration file
+/// (`--config-file etcd.conf.yml`) works with its own keys.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct Settings {
     pub name: String,
+    #[serde(alias = "data-dir")]
     pub data_dir: Option<PathBuf>,
+    #[serde(alias = "listen-client-urls")]
     pub listen_client_urls: String,
+    #[serde(alias = "advertise-client-urls")]
     pub advertise_client_urls: String,
+    #[serde(alias = "listen-peer-urls")]
     pub listen_peer_urls: String,
+    #[serde(alias = "initial-advertise-peer-urls")]
     pub initial_advertise_peer_urls: String,
+    #[serde(alias = "initial-cluster")]
     pub initial_cluster: Option<String>,
+    #[serde(alias = "initial-cluster-state")]
     pub initial_cluster_state: String,
+    #[serde(alias = "initial-cluster-token")]
     pub initial_cluster_token: String,
+    #[serde(alias = "heartbeat-interval")]
     pub heartbeat_interval: u64,
+    #[serde(alias = "election-timeout")]
     pub election_timeout: u64,
+    #[serde(alias = "snapshot-count")]
     pub snapshot_count: u64,
+    #[serde(alias = "max-request-bytes")]
     pub max_request_bytes: usize,
+    #[serde(alias = "max-txn-ops")]
     pub max_txn_ops: usize,
+    #[serde(alias = "listen-metrics-urls")]
     pub listen_metrics_urls: String,
+    #[serde(alias = "quota-backend-bytes")]
     pub quota_backend_bytes: i64,
+    #[serde(alias = "experimental-watch-progress-notify-interval")]
     pub watch_progress_notify_interval: String,
+    #[serde(alias = "experimental-lease-checkpoint-interval")]
     pub lease_checkpoint_interval: String,
+    #[serde(alias = "auto-compaction-mode")]
     pub auto_compaction_mode: String,
+    #[serde(alias = "auto-compaction-retention")]
     pub auto_compaction_retention: String,
     pub region: String,
+    #[serde(alias = "initial-role")]
     pub initial_role: String,
+    #[serde(alias = "primary-region")]
     pub primary_region: String,
+    #[serde(alias = "log-level")]
     pub log_level: String,
+    #[serde(alias = "mirror-token-file")]
     pub mirror_token_file: Option<PathBuf>,
+    /// etcd settings of a YAML file that Meridian ignores, for the log.
+    #[serde(skip)]
+    pub etcd_warnings: Vec<String>,
 }
 
 /// etcd's default space quota.
@@ -164,6 +193,7 @@ impl Default for Settings {
             primary_region: String::new(),
             log_level: "info".into(),
             mirror_token_file: None,
+            etcd_warnings: Vec::new(),
         }
     }
 }
@@ -261,6 +291,8 @@ pub struct NodeConfig {
     pub log_level: String,
     /// The token `Mirror.Apply` must carry; without one, Apply is refused.
     pub mirror_token: Option<String>,
+    /// etcd settings of the config file that Meridian accepts and ignores.
+    pub etcd_warnings: Vec<String>,
 }
 
 macro_rules! overlay {
@@ -293,12 +325,22 @@ impl Settings {
     /// [`Error::Config`] for an unreadable file or a value of the wrong type.
     pub fn gather(flags: &NodeFlags) -> Result<Self> {
         let mut builder = config::Config::builder();
+        let mut etcd = crate::compat::EtcdFlags::default();
         if let Some(file) = &flags.config_file {
-            builder = builder.add_source(config::File::from(file.as_path()).format(config::FileFormat::Toml));
+            let yaml = file.extension().is_some_and(|e| e == "yml" || e == "yaml");
+            let format = if yaml { config::FileFormat::Yaml } else { config::FileFormat::Toml };
+            if yaml {
+                etcd = crate::compat::check_etcd_yaml(file)?;
+            }
+            builder = builder.add_source(config::File::from(file.as_path()).format(format));
+        }
+        if !etcd.refused.is_empty() {
+            return Err(Error::Config(etcd.refused.join("; ")));
         }
         builder = builder.add_source(config::Environment::with_prefix("MERIDIAN").try_parsing(true));
         let mut cfg: Settings =
             builder.build().and_then(|c| c.try_deserialize()).map_err(|e| Error::Config(e.to_string()))?;
+        cfg.etcd_warnings = etcd.warnings;
         overlay!(
             cfg,
             flags,
@@ -416,6 +458,7 @@ impl Settings {
                 .transpose()?,
             initial_role,
             primary_region,
+            etcd_warnings: self.etcd_warnings.clone(),
             name: self.name,
             initial_cluster_token: self.initial_cluster_token,
             region: self.region,

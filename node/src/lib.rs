@@ -7,6 +7,7 @@
 //! - [`server`]: etcd semantics, the apply state machine and the services;
 //! - [`config`]: etcd-compatible flags, file and environment.
 
+pub mod compat;
 pub mod config;
 pub mod error;
 pub mod metrics;
@@ -257,6 +258,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     ));
     tracing::info!(urls = ?cfg.listen_client_urls.iter().map(Url::to_string).collect::<Vec<_>>(),
         "ready to serve client requests");
+    notify_systemd_ready();
 
     shutdown.await;
     tracing::info!("shutting down");
@@ -417,6 +419,30 @@ impl tonic::transport::server::Connected for Either {
             Either::Plain(s) => s.connect_info(),
             Either::Fixed(s) => s.connect_info(),
         }
+    }
+}
+
+/// Tells systemd the member is serving (`sd_notify(READY=1)`), so a
+/// `Type=notify` unit, as etcd's own, starts its dependents only now. Does
+/// nothing outside systemd (no `NOTIFY_SOCKET`). A name starting with `@` is
+/// in Linux's abstract socket namespace.
+fn notify_systemd_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let sent = (|| -> std::io::Result<()> {
+        let socket = std::os::unix::net::UnixDatagram::unbound()?;
+        let bytes = path.as_encoded_bytes();
+        if let Some(name) = bytes.strip_prefix(b"@") {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+            socket.send_to_addr(b"READY=1", &addr)?;
+        } else {
+            socket.send_to(b"READY=1", &path)?;
+        }
+        Ok(())
+    })();
+    match sent {
+        Ok(()) => tracing::info!("told systemd the member is ready"),
+        Err(e) => tracing::warn!(error = %e, "could not notify systemd (NOTIFY_SOCKET)"),
     }
 }
 

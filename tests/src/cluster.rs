@@ -58,6 +58,8 @@ pub struct ClusterOpts {
     pub metrics: bool,
     /// Flags appended verbatim, after all others.
     pub extra_args: Vec<String>,
+    /// Environment variables of every member.
+    pub env: Vec<(String, String)>,
     /// Bound on every readiness wait (start, restart, leader).
     pub ready_timeout: Duration,
 }
@@ -73,6 +75,7 @@ impl Default for ClusterOpts {
             max_txn_ops: None,
             metrics: false,
             extra_args: Vec::new(),
+            env: Vec::new(),
             ready_timeout: Duration::from_secs(30),
         }
     }
@@ -217,7 +220,7 @@ impl Cluster {
                     log_path: dir.path().join(format!("{name}.log")),
                     data_dir,
                     args,
-                    env: Vec::new(),
+                    env: opts.env.clone(),
                     child: None,
                     starts: 0,
                     _peer: peer,

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch, Readable};
 use meridian_proto::meridian::v1::KvRecord;
 use meridian_proto::mvccpb::KeyValue;
-use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use parking_lot::{RwLock, RwLockWriteGuard};
 use prost::Message;
 
 use super::index::{KeyIndex, KeyRange, Version};
@@ -214,10 +214,12 @@ impl Mvcc {
     }
 
     /// A consistent read view at the published revision, for requests that
-    /// read more than once (read-only txns). It holds off publishing while
-    /// alive: keep it short.
+    /// read more than once (read-only txns). It holds no lock: values come
+    /// from a storage snapshot taken with the marks, and each read takes the
+    /// store lock only to walk the in-memory key index.
     pub fn read(&self) -> ReadTxn<'_> {
-        ReadTxn { mvcc: self, st: self.state.read() }
+        let st = self.state.read();
+        ReadTxn { mvcc: self, marks: st.published, snapshot: self.db.snapshot() }
     }
 
     /// Starts a write transaction for apply. Only the apply thread writes.
@@ -333,18 +335,23 @@ impl Mvcc {
     /// [`Error::Compacted`] if `from` is below the compact revision, since
     /// those changes are gone; storage errors.
     pub fn history(&self, from: i64, to: i64, limit: usize) -> Result<Vec<KvRecord>> {
-        let st = self.state.read();
-        if from < st.published.compacted {
+        // The lock only for the marks and a matching storage snapshot; the
+        // scan runs without it, so apply goes on meanwhile.
+        let (published, snapshot) = {
+            let st = self.state.read();
+            (st.published, self.db.snapshot())
+        };
+        if from < published.compacted {
             return Err(Error::Compacted);
         }
-        let to = to.min(st.published.current);
+        let to = to.min(published.current);
         let mut out: Vec<KvRecord> = Vec::new();
         if from > to {
             return Ok(out);
         }
         let (lo, hi) = (Revision::new(from, 0).to_key(), Revision::new(to + 1, 0).to_key());
         let mut revisions = 0;
-        for item in self.kv.range(lo.as_slice()..hi.as_slice()) {
+        for item in snapshot.range(&self.kv, lo.as_slice()..hi.as_slice()) {
             let (k, v) = item.into_inner()?;
             let rec = decode_record(&k, &v)?;
             if out.last().is_none_or(|last| last.main != rec.main) {
@@ -542,14 +549,15 @@ impl Mvcc {
         Ok((crc, marks.compacted, marks.current))
     }
 
-    fn range_in(
-        &self,
+    /// Walks the index for `range` at `opts.rev` (or `current`): the
+    /// versions to return (at most the limit) and the full count.
+    fn visit_in(
         st: &State,
         range: &KeyRange,
         opts: RangeOpts,
         current: i64,
         compacted: i64,
-    ) -> Result<RangeResult> {
+    ) -> Result<(Vec<(Vec<u8>, Version)>, usize)> {
         let at = if opts.rev <= 0 { current } else { opts.rev };
         if at > current {
             return Err(Error::FutureRevision);
@@ -564,12 +572,23 @@ impl Mvcc {
         });
         let count = hits.len();
         if opts.count_only {
-            return Ok(RangeResult { kvs: Vec::new(), count, rev: current });
+            hits.clear();
         }
         let take = if opts.limit == 0 { count } else { opts.limit.min(count) };
-        let mut kvs = Vec::with_capacity(take);
-        for (key, v) in hits.into_iter().take(take) {
-            let value = self.load(st, v.rev)?.value;
+        hits.truncate(take);
+        Ok((hits, count))
+    }
+
+    /// Builds a read's answer from index hits, loading each value with `load`.
+    fn answer(
+        hits: Vec<(Vec<u8>, Version)>,
+        count: usize,
+        current: i64,
+        mut load: impl FnMut(Revision) -> Result<KvRecord>,
+    ) -> Result<RangeResult> {
+        let mut kvs = Vec::with_capacity(hits.len());
+        for (key, v) in hits {
+            let value = load(v.rev)?.value;
             kvs.push(KeyValue {
                 key,
                 create_revision: v.create,
@@ -586,39 +605,44 @@ impl Mvcc {
         if let Some(rec) = st.pending.get(&rev) {
             return Ok(rec.clone());
         }
-        let bytes = self
-            .kv
-            .get(rev.to_key())?
-            .ok_or_else(|| Error::Corrupt(format!("index names revision {rev} but no record is stored")))?;
-        KvRecord::decode(bytes.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))
+        decode_stored(rev, self.kv.get(rev.to_key())?)
     }
 }
 
 /// A read-only view at one published revision.
 pub struct ReadTxn<'a> {
     mvcc: &'a Mvcc,
-    st: RwLockReadGuard<'a, State>,
+    marks: Marks,
+    /// The storage as of `marks`: every published record, whatever apply
+    /// writes meanwhile.
+    snapshot: fjall::Snapshot,
 }
 
 impl ReadTxn<'_> {
     /// The revision this view reads at.
     pub fn rev(&self) -> i64 {
-        self.st.published.current
+        self.marks.current
     }
 
     /// The compact revision as of this view.
     pub fn compacted(&self) -> i64 {
-        self.st.published.compacted
+        self.marks.compacted
     }
 
-    /// Reads `range` in this view.
+    /// Reads `range` in this view. The store lock is held only while the
+    /// in-memory index is walked; values are read from the snapshot after.
     ///
     /// # Errors
     ///
-    /// As [`Mvcc::range`].
+    /// As [`Mvcc::range`]; also [`Error::Compacted`] when a compaction since
+    /// this view began removed the revision it reads at.
     pub fn range(&self, range: &KeyRange, opts: RangeOpts) -> Result<RangeResult> {
-        let marks = self.st.published;
-        self.mvcc.range_in(&self.st, range, opts, marks.current, marks.compacted)
+        let current = self.marks.current;
+        let (hits, count) = {
+            let st = self.mvcc.state.read();
+            Mvcc::visit_in(&st, range, opts, current, self.marks.compacted.max(st.published.compacted))?
+        };
+        Mvcc::answer(hits, count, current, |rev| decode_stored(rev, self.snapshot.get(&self.mvcc.kv, rev.to_key())?))
     }
 }
 
@@ -664,7 +688,8 @@ impl WriteTxn<'_> {
     /// As [`Mvcc::range`].
     pub fn range(&self, range: &KeyRange, opts: RangeOpts) -> Result<RangeResult> {
         let rev = self.rev();
-        self.mvcc.range_in(&self.st, range, opts, rev, self.st.staged.compacted)
+        let (hits, count) = Mvcc::visit_in(&self.st, range, opts, rev, self.st.staged.compacted)?;
+        Mvcc::answer(hits, count, rev, |r| self.mvcc.load(&self.st, r))
     }
 
     /// Puts `key` = `value` and returns the revision it was written at.
@@ -730,6 +755,12 @@ impl WriteTxn<'_> {
         self.st.staged.current = rev;
         rev
     }
+}
+
+/// The record stored at `rev`, as read from storage.
+fn decode_stored(rev: Revision, bytes: Option<fjall::Slice>) -> Result<KvRecord> {
+    let bytes = bytes.ok_or_else(|| Error::Corrupt(format!("index names revision {rev} but no record is stored")))?;
+    KvRecord::decode(bytes.as_ref()).map_err(|e| Error::Corrupt(e.to_string()))
 }
 
 /// A stored record with its revision, which the key holds.

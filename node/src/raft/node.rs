@@ -64,6 +64,8 @@ pub struct RaftStatus {
     commit: AtomicU64,
     applied: AtomicU64,
     leader_tx: watch::Sender<u64>,
+    /// When this member last became leader; `None` while it is not.
+    leader_since: parking_lot::Mutex<Option<Instant>>,
 }
 
 impl RaftStatus {
@@ -75,6 +77,7 @@ impl RaftStatus {
             commit: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             leader_tx: watch::channel(0).0,
+            leader_since: parking_lot::Mutex::new(None),
         }
     }
     /// Current leader id, 0 when unknown.
@@ -92,6 +95,10 @@ impl RaftStatus {
     }
     pub fn is_leader(&self) -> bool {
         self.leader() == self.id
+    }
+    /// When this member became leader, while it leads.
+    pub fn leader_since(&self) -> Option<Instant> {
+        *self.leader_since.lock()
     }
     /// A receiver that changes whenever the known leader does.
     pub fn watch_leader(&self) -> watch::Receiver<u64> {
@@ -415,6 +422,7 @@ impl<S: StateMachine> RaftNode<S> {
         if role != self.role {
             self.role = role;
             self.metrics.is_leader.set(i64::from(role == StateRole::Leader));
+            *self.status.leader_since.lock() = (role == StateRole::Leader).then(Instant::now);
         }
     }
 

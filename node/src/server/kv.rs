@@ -71,6 +71,9 @@ fn txn_cost(t: &TxnRequest) -> u64 {
     branch(&t.success).max(branch(&t.failure))
 }
 
+/// Ranges that may return more key-values than this are read on a blocking thread.
+const LONG_RANGE: i64 = 256;
+
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
@@ -81,7 +84,16 @@ impl Kv for KvService {
             self.server.read_barrier().await?;
         }
         self.server.metrics.range_total.inc();
-        let mut resp = ops::range(&self.server.mvcc.read(), &r)?;
+        // A key or a short range is read here; a long one on a blocking
+        // thread, so runtime workers keep serving while values load.
+        let long = !r.range_end.is_empty() && !r.count_only && (r.limit == 0 || r.limit > LONG_RANGE);
+        let mut resp = if long {
+            let mvcc = self.server.mvcc.clone();
+            let read = tokio::task::spawn_blocking(move || ops::range(&mvcc.read(), &r));
+            read.await.map_err(|e| Status::internal(e.to_string()))??
+        } else {
+            ops::range(&self.server.mvcc.read(), &r)?
+        };
         resp.header = Some(self.server.header(resp.header.map(|h| h.revision).unwrap_or_default()));
         Ok(Response::new(resp))
     }

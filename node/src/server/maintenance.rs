@@ -30,6 +30,15 @@ fn alarm_name(alarm: i32) -> &'static str {
     AlarmType::try_from(alarm).map(|a| a.as_str_name()).unwrap_or("NONE")
 }
 
+impl MaintenanceService {
+    /// `Mvcc::hash_kv`, a scan of the whole history, on a blocking thread.
+    async fn scan_hash(&self, revision: i64) -> Result<(u32, i64, i64), Status> {
+        let mvcc = self.server.mvcc.clone();
+        let hashed = tokio::task::spawn_blocking(move || mvcc.hash_kv(revision));
+        Ok(hashed.await.map_err(|e| Status::internal(e.to_string()))??)
+    }
+}
+
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
@@ -85,12 +94,12 @@ impl Maintenance for MaintenanceService {
     }
 
     async fn hash(&self, _: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
-        let (hash, _, rev) = self.server.mvcc.hash_kv(0)?;
+        let (hash, _, rev) = self.scan_hash(0).await?;
         Ok(Response::new(HashResponse { header: Some(self.server.header(rev)), hash }))
     }
 
     async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
-        let (hash, compact_revision, rev) = self.server.mvcc.hash_kv(req.into_inner().revision)?;
+        let (hash, compact_revision, rev) = self.scan_hash(req.into_inner().revision).await?;
         Ok(Response::new(HashKvResponse { header: Some(self.server.header(rev)), hash, compact_revision }))
     }
 

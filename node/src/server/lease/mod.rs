@@ -44,6 +44,8 @@ struct Lease {
     keys: BTreeSet<Vec<u8>>,
     /// Deadline, on the leader only.
     expiry: Option<Instant>,
+    /// When its grant applied on this member (`None` if loaded from the store).
+    granted_at: Option<Instant>,
 }
 
 #[derive(Default)]
@@ -94,16 +96,23 @@ impl Lessor {
             }
         }
         if st.primary {
-            self.start_clocks(&mut st);
+            self.start_clocks(&mut st, None);
         }
     }
 
     /// Starts every lease's clock from its checkpointed remaining TTL (its
-    /// full TTL if none), plus the grace a new leader gives.
-    fn start_clocks(&self, st: &mut State) {
+    /// full TTL if none), plus the grace a new leader gives, since a former
+    /// leader may have renewed it unseen. A lease granted while this member
+    /// already led (`leader_since`) has had no other leader: its clock runs
+    /// from its grant, so a 3 s lease granted right after startup is gone 3 s
+    /// later, not 3 s plus an election timeout.
+    fn start_clocks(&self, st: &mut State, leader_since: Option<Instant>) {
         let now = Instant::now();
         for l in st.leases.values_mut() {
-            l.expiry = Some(now + self.promote_extension + secs(if l.remaining > 0 { l.remaining } else { l.ttl }));
+            l.expiry = Some(match (l.granted_at, leader_since) {
+                (Some(granted), Some(since)) if granted >= since => granted + secs(l.ttl),
+                _ => now + self.promote_extension + secs(if l.remaining > 0 { l.remaining } else { l.ttl }),
+            });
         }
     }
 
@@ -130,8 +139,9 @@ impl Lessor {
             return Err(Error::LeaseExists);
         }
         let ttl = ttl.max(self.min_ttl);
-        let expiry = st.primary.then(|| Instant::now() + secs(ttl));
-        let lease = Lease { ttl, expiry, ..Default::default() };
+        let now = Instant::now();
+        let expiry = st.primary.then(|| now + secs(ttl));
+        let lease = Lease { ttl, expiry, granted_at: Some(now), ..Default::default() };
         Self::store(mvcc, id, &lease);
         st.leases.insert(id, lease);
         Ok(ttl)
@@ -198,15 +208,16 @@ impl Lessor {
 
     // ---- Leader side. ----
 
-    /// Becomes the primary: starts every lease's clock. Returns true if it
+    /// Becomes the primary: starts every lease's clock (see `start_clocks`;
+    /// `leader_since` is when this member became leader). Returns true if it
     /// was not primary before.
-    pub fn promote(&self) -> bool {
+    pub fn promote(&self, leader_since: Option<Instant>) -> bool {
         let mut st = self.state.lock();
         if st.primary {
             return false;
         }
         st.primary = true;
-        self.start_clocks(&mut st);
+        self.start_clocks(&mut st, leader_since);
         true
     }
 
@@ -342,6 +353,22 @@ mod tests {
         assert_eq!(l.leases(), [5, 7]);
     }
 
+    /// A new leader gives the leases a former leader may have renewed an
+    /// election timeout of grace, but not those granted while it already led.
+    #[test]
+    fn a_lease_granted_under_this_leader_runs_from_its_grant() {
+        let (_d, m) = store();
+        let l = Lessor::new(Duration::from_secs(5));
+        l.grant(&m, 1, 30).unwrap();
+        let since = Instant::now();
+        l.grant(&m, 2, 30).unwrap();
+        assert!(l.promote(Some(since)));
+        let (older, _, _) = l.time_to_live(1, false).unwrap();
+        let (newer, _, _) = l.time_to_live(2, false).unwrap();
+        assert!((34..=35).contains(&older), "granted before this leader: 30 s plus 5 s of grace, got {older}");
+        assert!((29..=30).contains(&newer), "granted under this leader: its own 30 s, got {newer}");
+    }
+
     #[test]
     fn only_the_primary_keeps_time_and_checkpoints_survive_rebuild() {
         let (_d, m) = store();
@@ -349,7 +376,7 @@ mod tests {
         l.grant(&m, 1, 100).unwrap();
         assert!(matches!(l.renew(1), Err(Error::NotLeader)));
         assert!(l.expired(10).is_empty());
-        assert!(l.promote());
+        assert!(l.promote(None));
         assert_eq!(l.renew(1).unwrap(), (100, false));
         assert_eq!(l.renew(2).unwrap(), (0, false), "an unknown lease renews to TTL 0");
         let (remaining, granted, _) = l.time_to_live(1, false).unwrap();
@@ -362,7 +389,7 @@ mod tests {
         // A new primary starts from the checkpoint, not the full TTL.
         let fresh = Lessor::new(Duration::from_millis(100));
         fresh.rebuild(&m);
-        fresh.promote();
+        fresh.promote(None);
         let (remaining, _, _) = fresh.time_to_live(1, false).unwrap();
         assert!((39..=40).contains(&remaining), "{remaining}");
     }

@@ -101,7 +101,8 @@ impl LeaderLink {
 
 /// A leader whose duty loop has not run yet still answers lease calls.
 fn promote_if_leader(server: &EtcdServer, lessor: &Lessor) {
-    if server.raft.status().is_leader() && !server.role.is_secondary() && lessor.promote() {
+    let status = server.raft.status();
+    if status.is_leader() && !server.role.is_secondary() && lessor.promote(status.leader_since()) {
         tracing::info!("lessor promoted on demand");
     }
 }
@@ -262,7 +263,7 @@ pub async fn run_leader_duties(server: Arc<EtcdServer>, lessor: Arc<Lessor>, che
             lessor.demote();
             continue;
         }
-        if lessor.promote() {
+        if lessor.promote(server.raft.status().leader_since()) {
             tracing::info!(leases = lessor.leases().len(), "lessor promoted: lease clocks started");
             last_checkpoint = Instant::now();
         }

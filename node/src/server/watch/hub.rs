@@ -185,7 +185,11 @@ impl WatchHub {
             // Rounds until nobody is behind or a round makes no progress.
             for _ in 0..64 {
                 let Some(plan) = self.hub.lock().plan_sync() else { break };
-                let records = match mvcc.history(plan.from, plan.to, SYNC_BATCH_REVISIONS) {
+                // A scan of up to a batch of revisions: on a blocking thread,
+                // not a runtime worker that serves RPCs.
+                let (reader, from, to) = (mvcc.clone(), plan.from, plan.to);
+                let read = tokio::task::spawn_blocking(move || reader.history(from, to, SYNC_BATCH_REVISIONS));
+                let records = match read.await.unwrap_or_else(|e| Err(Error::Internal(e.to_string()))) {
                     Ok(r) => r,
                     Err(Error::Compacted) => continue, // the next plan cancels them
                     Err(e) => {

@@ -1,0 +1,195 @@
+//! `meridian node` as a drop-in for etcd 3.4's unit files and tooling: etcd's flags it does not
+//! implement are accepted with a warning (or refused when ignoring them would be wrong), etcd's
+//! YAML configuration file works with etcd's keys and gives the member and cluster ids etcd gives,
+//! systemd hears READY=1, and a lease granted right after startup expires on time.
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use meridian_tests::{check_health, etcd_bin, etcdctl_ok, lease_port, meridian_bin, Cluster, ClusterOpts};
+
+#[test]
+fn etcd_flags_of_its_e2e_tests_start_the_member_with_a_warning() -> Result<()> {
+    let flags = [
+        "--experimental-initial-corrupt-check",
+        "--strict-reconfig-check",
+        "--max-concurrent-streams",
+        "100",
+        "--enable-v2=false",
+        "--logger=zap",
+        "--log-outputs=stderr",
+        "--pre-vote",
+    ];
+    let cluster =
+        Cluster::start(1, ClusterOpts { extra_args: flags.map(String::from).to_vec(), ..Default::default() })?;
+    assert_eq!(cluster.etcdctl_ok(&["put", "k", "v"])?.trim(), "OK");
+    let log = std::fs::read_to_string(cluster.log_path(1))?;
+    for flag in ["--experimental-initial-corrupt-check", "--strict-reconfig-check", "--max-concurrent-streams=100"] {
+        assert!(
+            log.contains(&format!("{flag}")) && log.contains("accepts and ignores"),
+            "no warning for {flag}:\n{log}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn etcd_flags_whose_effect_matters_are_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    for (args, want) in [
+        (vec!["--enable-v2=true"], "--enable-v2=true: the etcd v2 API is out of scope"),
+        (vec!["--cert-file", "server.crt", "--key-file", "server.key"], "--cert-file=server.crt: TLS is not supported"),
+        (vec!["--force-new-cluster"], "--force-new-cluster=true"),
+        (vec!["--discovery", "https://discovery.example/x"], "discovery is not supported"),
+    ] {
+        let out = Command::new(meridian_bin()?).current_dir(dir.path()).arg("node").args(&args).output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(want), "{args:?}: {stderr}");
+    }
+    Ok(())
+}
+
+/// A process started by this test; killed by PID on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn wait_healthy(port: u16, p: &mut Proc) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while check_health(([127, 0, 0, 1], port).into()).is_err() {
+        if let Some(status) = p.0.try_wait()? {
+            bail!("exited with {status}");
+        }
+        if Instant::now() >= deadline {
+            bail!("not healthy on {port} in time");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The first line of `etcdctl member list`: `id, started, name, peer URLs, client URLs, learner`.
+fn member_line(port: u16) -> Result<String> {
+    let list = etcdctl_ok(&[format!("127.0.0.1:{port}")], &["member", "list"])?;
+    Ok(list.lines().next().context("empty member list")?.to_string())
+}
+
+/// The same etcd YAML file (etcd's keys, including some Meridian ignores) starts etcd 3.4 and
+/// Meridian, which then list the same member id and report the same cluster id.
+#[test]
+fn etcds_yaml_config_file_gives_the_ids_etcd_gives() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (client, peer) = (lease_port()?, lease_port()?);
+    let (c, p) = (client.port(), peer.port());
+    let yaml = format!(
+        "# etcd.conf.yml as etcd's docs write it\n\
+         name: 'yaml-member'\n\
+         data-dir: {data}\n\
+         snapshot-count: 10000\n\
+         heartbeat-interval: 100\n\
+         election-timeout: 1000\n\
+         quota-backend-bytes: 0\n\
+         listen-peer-urls: http://127.0.0.1:{p}\n\
+         listen-client-urls: http://127.0.0.1:{c}\n\
+         max-snapshots: 5\n\
+         max-wals: 5\n\
+         initial-advertise-peer-urls: http://127.0.0.1:{p}\n\
+         advertise-client-urls: http://127.0.0.1:{c}\n\
+         initial-cluster: yaml-member=http://127.0.0.1:{p}\n\
+         initial-cluster-token: 'yaml-cluster'\n\
+         initial-cluster-state: 'new'\n\
+         strict-reconfig-check: false\n\
+         enable-v2: false\n\
+         enable-pprof: true\n\
+         proxy: 'off'\n\
+         client-transport-security:\n\
+         \x20 cert-file:\n\
+         \x20 key-file:\n\
+         \x20 client-cert-auth: false\n\
+         debug: false\n\
+         logger: zap\n\
+         log-outputs: [stderr]\n\
+         force-new-cluster: false\n",
+        data = "DATA"
+    );
+    let mut seen = Vec::new();
+    for (server, program, sub) in [("etcd", etcd_bin()?, vec![]), ("meridian", meridian_bin()?, vec!["node"])] {
+        let data = dir.path().join(server);
+        let file = dir.path().join(format!("{server}.conf.yml"));
+        std::fs::write(&file, yaml.replace("DATA", &data.display().to_string()))?;
+        let log = std::fs::File::create(dir.path().join(format!("{server}.log")))?;
+        let mut cmd = Command::new(&program);
+        cmd.args(&sub).arg("--config-file").arg(&file).stdout(Stdio::null()).stderr(log);
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("ETCD_") {
+                cmd.env_remove(key);
+            }
+        }
+        let mut proc = Proc(cmd.spawn()?);
+        wait_healthy(c, &mut proc)
+            .with_context(|| std::fs::read_to_string(dir.path().join(format!("{server}.log"))).unwrap_or_default())?;
+        let line = member_line(c)?;
+        let status = etcdctl_ok(&[format!("127.0.0.1:{c}")], &["endpoint", "status", "-w", "json"])?;
+        let v: serde_json::Value = serde_json::from_str(&status)?;
+        let cluster_id = v[0]["Status"]["header"]["cluster_id"].clone();
+        seen.push((line, cluster_id));
+        drop(proc);
+    }
+    assert!(seen[0].0.contains("yaml-member"), "{:?}", seen[0]);
+    assert_eq!(seen[1].0.split(", ").next(), seen[0].0.split(", ").next(), "member id: etcd then meridian");
+    assert_eq!(seen[1].1, seen[0].1, "cluster id: etcd then meridian");
+    let log = std::fs::read_to_string(dir.path().join("meridian.log"))?;
+    assert!(log.contains("max-snapshots") && log.contains("ignores"), "{log}");
+    Ok(())
+}
+
+#[test]
+fn a_yaml_config_asking_for_tls_is_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("tls.yml");
+    std::fs::write(&file, "name: t\nclient-transport-security:\n  cert-file: /etc/ssl/server.crt\n")?;
+    let out = Command::new(meridian_bin()?).arg("node").arg("--config-file").arg(&file).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("client-transport-security: TLS is not supported"), "{stderr}");
+    Ok(())
+}
+
+/// A `Type=notify` unit: the member sends READY=1 to `$NOTIFY_SOCKET` once it serves.
+#[test]
+fn systemd_hears_ready_once_the_member_serves() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&path)?;
+    socket.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let env = vec![("NOTIFY_SOCKET".to_string(), path.display().to_string())];
+    let cluster = Cluster::start(1, ClusterOpts { env, ..Default::default() })?;
+    let mut buf = [0u8; 64];
+    let n = socket.recv(&mut buf).context("no sd_notify message")?;
+    assert_eq!(&buf[..n], b"READY=1");
+    assert_eq!(cluster.etcdctl_ok(&["put", "k", "v"])?.trim(), "OK");
+    Ok(())
+}
+
+/// etcd's `TestCtlV3LeaseTestTimeToLiveExpired`: a 3 s lease granted right after startup has
+/// expired 4 s later. Three fresh members, since the fault it guards against came and went with
+/// timing.
+#[test]
+fn a_lease_granted_right_after_startup_expires_on_time() -> Result<()> {
+    for round in 0..3 {
+        let cluster = Cluster::start(1, ClusterOpts::default())?;
+        let granted = cluster.etcdctl_ok(&["lease", "grant", "3"])?;
+        let id = granted.split_whitespace().nth(1).context("lease id")?.to_string();
+        std::thread::sleep(Duration::from_secs(4));
+        let ttl = cluster.etcdctl_ok(&["lease", "timetolive", &id])?;
+        assert!(ttl.contains("already expired"), "round {round}: 4 s after a 3 s grant: {ttl}");
+    }
+    Ok(())
+}
