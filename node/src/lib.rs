@@ -133,6 +133,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         data_dir = %data_dir.display(), "starting member");
     metrics.server_id.with_label_values(&[&format!("{:x}", me.id)]).set(1);
     metrics.server_version.with_label_values(&[ETCD_VERSION]).set(1);
+    metrics.cluster_version.with_label_values(&[server::maintenance::ETCD_CLUSTER_VERSION]).set(1);
     let quota = cfg.quota.unwrap_or(u64::MAX);
     metrics.quota_backend_bytes.set(i64::try_from(quota).unwrap_or(i64::MAX));
 

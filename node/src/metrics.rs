@@ -27,10 +27,28 @@ pub struct Metrics {
     pub current_revision: IntGauge,
     pub compact_revision: IntGauge,
     pub snapshot_apply_in_progress: IntGauge,
-    pub put_total: IntCounter,
-    pub delete_total: IntCounter,
-    pub range_total: IntCounter,
-    pub txn_total: IntCounter,
+    pub put_total: Twin,
+    pub delete_total: Twin,
+    pub range_total: Twin,
+    pub txn_total: Twin,
+    /// Bytes of every value put (etcd's `etcd_debugging_mvcc_total_put_size_in_bytes`).
+    pub put_size: IntGauge,
+    pub lease_granted: IntCounter,
+    pub lease_renewed: IntCounter,
+    pub lease_revoked: IntCounter,
+    pub lease_expired: IntCounter,
+    pub lease_ttl: Histogram,
+    pub hash_duration: Histogram,
+    pub hash_rev_duration: Histogram,
+    pub defrag_duration: Histogram,
+    pub defrag_inflight: IntGauge,
+    pub health_success: IntCounter,
+    pub health_failures: IntCounter,
+    pub slow_apply: IntCounter,
+    pub open_read_txns: IntGauge,
+    pub db_total_size_debugging: IntGauge,
+    pub is_learner: IntGauge,
+    pub cluster_version: IntGaugeVec,
     pub peer_sent_bytes: IntCounterVec,
     pub peer_received_bytes: IntCounterVec,
     pub peer_sent_failures: IntCounterVec,
@@ -42,6 +60,17 @@ pub struct Metrics {
     pub secondary_lag_revisions: IntGauge,
     pub secondary_source_revision: IntGauge,
     pub secondary_heartbeat_age: Gauge,
+}
+
+/// One count exported under two names: etcd 3.4 keeps both the `etcd_mvcc_*`
+/// and the older `etcd_debugging_mvcc_*` name of its mvcc counters.
+pub struct Twin(IntCounter, IntCounter);
+
+impl Twin {
+    pub fn inc(&self) {
+        self.0.inc();
+        self.1.inc();
+    }
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: T) -> T {
@@ -151,10 +180,86 @@ impl Metrics {
                 "etcd_server_snapshot_apply_in_progress_total",
                 "1 if the server is applying the incoming snapshot. 0 if none.",
             ),
-            put_total: counter("etcd_debugging_mvcc_put_total", "Total number of puts seen by this member."),
-            delete_total: counter("etcd_debugging_mvcc_delete_total", "Total number of deletes seen by this member."),
-            range_total: counter("etcd_debugging_mvcc_range_total", "Total number of ranges seen by this member."),
-            txn_total: counter("etcd_debugging_mvcc_txn_total", "Total number of txns seen by this member."),
+            put_total: Twin(
+                counter("etcd_mvcc_put_total", "Total number of puts seen by this member."),
+                counter("etcd_debugging_mvcc_put_total", "Total number of puts seen by this member."),
+            ),
+            delete_total: Twin(
+                counter("etcd_mvcc_delete_total", "Total number of deletes seen by this member."),
+                counter("etcd_debugging_mvcc_delete_total", "Total number of deletes seen by this member."),
+            ),
+            range_total: Twin(
+                counter("etcd_mvcc_range_total", "Total number of ranges seen by this member."),
+                counter("etcd_debugging_mvcc_range_total", "Total number of ranges seen by this member."),
+            ),
+            txn_total: Twin(
+                counter("etcd_mvcc_txn_total", "Total number of txns seen by this member."),
+                counter("etcd_debugging_mvcc_txn_total", "Total number of txns seen by this member."),
+            ),
+            put_size: gauge(
+                "etcd_debugging_mvcc_total_put_size_in_bytes",
+                "The total size of put kv pairs seen by this member.",
+            ),
+            lease_granted: counter("etcd_debugging_lease_granted_total", "The total number of granted leases."),
+            lease_renewed: counter(
+                "etcd_debugging_lease_renewed_total",
+                "The number of renewed leases seen by the leader.",
+            ),
+            lease_revoked: counter("etcd_debugging_lease_revoked_total", "The total number of revoked leases."),
+            lease_expired: counter("etcd_debugging_server_lease_expired_total", "The total number of expired leases."),
+            lease_ttl: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new("etcd_debugging_lease_ttl_total", "Bucketed histogram of lease TTLs.")
+                        .buckets(exponential_buckets(1.0, 2.0, 14).expect("buckets")),
+                )
+                .expect("valid metric"),
+            ),
+            hash_duration: disk_hist(
+                "etcd_mvcc_hash_duration_seconds",
+                "The latency distribution of storage hash operation.",
+            ),
+            hash_rev_duration: disk_hist(
+                "etcd_mvcc_hash_rev_duration_seconds",
+                "The latency distribution of storage hash by revision operation.",
+            ),
+            defrag_duration: disk_hist(
+                "etcd_disk_backend_defrag_duration_seconds",
+                "The latency distribution of backend defragmentation.",
+            ),
+            defrag_inflight: gauge(
+                "etcd_disk_defrag_inflight",
+                "Whether or not defrag is active on the member. 1 means active, 0 means not.",
+            ),
+            health_success: counter("etcd_server_health_success", "The total number of successful health checks"),
+            health_failures: counter("etcd_server_health_failures", "The total number of failed health checks"),
+            slow_apply: counter(
+                "etcd_server_slow_apply_total",
+                "The total number of slow apply requests (likely overloaded from slow disk).",
+            ),
+            open_read_txns: gauge(
+                "etcd_mvcc_db_open_read_transactions",
+                "The number of currently open read transactions",
+            ),
+            is_learner: gauge(
+                "etcd_server_is_learner",
+                "Whether or not this member is a learner. 1 if is, 0 otherwise.",
+            ),
+            cluster_version: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "etcd_cluster_version",
+                        "Which version is running. 1 for 'cluster_version' label with current cluster version",
+                    ),
+                    &["cluster_version"],
+                )
+                .expect("valid metric"),
+            ),
+            db_total_size_debugging: gauge(
+                "etcd_debugging_mvcc_db_total_size_in_bytes",
+                "Total size of the underlying database physically allocated in bytes.",
+            ),
             peer_sent_bytes: counter_vec(
                 "etcd_network_peer_sent_bytes_total",
                 "The total number of bytes sent to peers.",

@@ -39,17 +39,43 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     }
     let response = String::from_utf8_lossy(&response);
     let status_line = response.lines().next().unwrap_or_default();
-    let body = response.split_once("\r\n\r\n").map(|(_, body)| body).unwrap_or_default().to_string();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     if !status_line.starts_with("HTTP/1.") {
         bail!("not an HTTP response: {status_line:?}");
     }
+    let chunked = head.lines().any(|l| l.to_ascii_lowercase().replace(' ', "") == "transfer-encoding:chunked");
+    let body = if chunked { dechunk(body) } else { body.to_string() };
     let status = status_line.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
     Ok((status, body))
+}
+
+/// The body of a `Transfer-Encoding: chunked` response (etcd's /metrics is one): each chunk is
+/// its hex size, CRLF, the bytes, CRLF; a zero size ends it. Sizes count bytes, so this works on
+/// bytes and decodes the text at the end.
+fn dechunk(body: &str) -> String {
+    let (mut rest, mut out) = (body.as_bytes(), Vec::new());
+    while let Some(at) = rest.windows(2).position(|w| w == b"\r\n") {
+        let line = String::from_utf8_lossy(&rest[..at]);
+        let size = usize::from_str_radix(line.split(';').next().unwrap_or_default().trim(), 16).unwrap_or(0);
+        let after = &rest[at + 2..];
+        out.extend_from_slice(&after[..after.len().min(size)]);
+        if size == 0 || after.len() <= size {
+            break;
+        }
+        rest = after[size..].strip_prefix(b"\r\n").unwrap_or(&after[size..]);
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
 mod tests {
     use std::net::{Ipv4Addr, TcpListener};
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(super::dechunk("4\r\netcd\r\n6\r\n_debug\r\n0\r\n\r\n"), "etcd_debug");
+        assert_eq!(super::dechunk("3;x=y\r\nabc\r\n0\r\n"), "abc");
+    }
 
     use super::*;
 

@@ -76,6 +76,8 @@ pub struct Mvcc {
     kv: Keyspace,
     meta: Keyspace,
     state: RwLock<State>,
+    /// Read views alive now (`etcd_mvcc_db_open_read_transactions`).
+    open_reads: std::sync::atomic::AtomicI64,
 }
 
 impl Mvcc {
@@ -108,7 +110,14 @@ impl Mvcc {
             let name = String::from_utf8_lossy(&k[META_APP_PREFIX.len()..]).into_owned();
             st.meta.insert(name, v.to_vec());
         }
-        let store = Self { db, path: path.map(|p| p.to_path_buf()), kv, meta, state: RwLock::new(st) };
+        let store = Self {
+            db,
+            path: path.map(|p| p.to_path_buf()),
+            kv,
+            meta,
+            state: RwLock::new(st),
+            open_reads: Default::default(),
+        };
         // A crash can fall between a compaction's commit and the removal of its
         // records: finish the removal now.
         if marks.compacted > 0 {
@@ -219,7 +228,13 @@ impl Mvcc {
     /// store lock only to walk the in-memory key index.
     pub fn read(&self) -> ReadTxn<'_> {
         let st = self.state.read();
+        self.open_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         ReadTxn { mvcc: self, marks: st.published, snapshot: self.db.snapshot() }
+    }
+
+    /// Read views alive now.
+    pub fn open_reads(&self) -> i64 {
+        self.open_reads.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Starts a write transaction for apply. Only the apply thread writes.
@@ -616,6 +631,12 @@ pub struct ReadTxn<'a> {
     /// The storage as of `marks`: every published record, whatever apply
     /// writes meanwhile.
     snapshot: fjall::Snapshot,
+}
+
+impl Drop for ReadTxn<'_> {
+    fn drop(&mut self) {
+        self.mvcc.open_reads.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl ReadTxn<'_> {

@@ -29,6 +29,10 @@ use crate::mvcc::{KeyRange, Marks, Mvcc};
 use crate::raft::storage::SnapshotSource;
 use crate::raft::{Committed, StateMachine};
 
+/// An entry whose apply takes longer counts in `etcd_server_slow_apply_total`
+/// (etcd's threshold).
+const SLOW_APPLY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// What applying one request produced.
 #[derive(Debug)]
 pub enum Applied {
@@ -120,6 +124,7 @@ impl EtcdStateMachine {
                     return Err(Error::NoSpace);
                 }
                 self.metrics.put_total.inc();
+                self.metrics.put_size.add((p.key.len() + p.value.len()) as i64);
                 let lessor = &self.lessor;
                 let mut w = self.mvcc.write();
                 let r = ops::put(&mut w, &p, &|id| lessor.exists(id));
@@ -174,6 +179,8 @@ impl EtcdStateMachine {
                     return Err(Error::NoSpace);
                 }
                 let ttl = self.lessor.grant(&self.mvcc, g.id, g.ttl)?;
+                self.metrics.lease_granted.inc();
+                self.metrics.lease_ttl.observe(ttl as f64);
                 Ok(Applied::LeaseGrant(LeaseGrantResponse { header: None, id: g.id, ttl, error: String::new() }))
             }
             Request::LeaseRevoke(r) => {
@@ -185,6 +192,7 @@ impl EtcdStateMachine {
                 self.lessor.apply_moves(w.take_lease_moves());
                 let rev = w.end();
                 self.lessor.remove(&self.mvcc, r.id);
+                self.metrics.lease_revoked.inc();
                 Ok(Applied::LeaseRevoke(rev))
             }
             Request::MirrorApply(m) => self.mirror_apply(m, batch),
@@ -292,7 +300,11 @@ impl StateMachine for EtcdStateMachine {
         for e in entries {
             if !e.data.is_empty() {
                 let (id, request) = decode_entry(e.index, e.data);
+                let started = std::time::Instant::now();
                 let result = failpoint::before_apply(&self.mvcc).and_then(|()| self.execute(request, batch));
+                if started.elapsed() > SLOW_APPLY {
+                    self.metrics.slow_apply.inc();
+                }
                 if let Err(err) = &result {
                     if !err.is_deterministic() {
                         // Another replica would not fail the same way: skipping

@@ -29,6 +29,7 @@ async fn health(server: Arc<EtcdServer>) -> impl IntoResponse {
     let ok = server.raft.status().leader() != 0
         && Alarms::load(&server.mvcc).0.is_empty()
         && matches!(tokio::time::timeout(Duration::from_secs(1), server.read_barrier()).await, Ok(Ok(())));
+    if ok { &server.metrics.health_success } else { &server.metrics.health_failures }.inc();
     let (code, body) = if ok {
         (StatusCode::OK, r#"{"health":"true"}"#)
     } else {
@@ -46,7 +47,10 @@ async fn version() -> impl IntoResponse {
 }
 
 async fn metrics(server: Arc<EtcdServer>) -> impl IntoResponse {
-    server.metrics.db_total_size.set(server.mvcc.disk_size() as i64);
+    let disk = server.mvcc.disk_size() as i64;
+    server.metrics.db_total_size.set(disk);
+    server.metrics.db_total_size_debugging.set(disk);
+    server.metrics.open_read_txns.set(server.mvcc.open_reads());
     server.metrics.db_in_use.set(server.mvcc.size_in_use() as i64);
     server.metrics.keys_total.set(server.mvcc.key_count() as i64);
     // Read at scrape time, so a silent mirror shows as growing staleness.

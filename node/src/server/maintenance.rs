@@ -34,8 +34,13 @@ impl MaintenanceService {
     /// `Mvcc::hash_kv`, a scan of the whole history, on a blocking thread.
     async fn scan_hash(&self, revision: i64) -> Result<(u32, i64, i64), Status> {
         let mvcc = self.server.mvcc.clone();
+        let started = std::time::Instant::now();
         let hashed = tokio::task::spawn_blocking(move || mvcc.hash_kv(revision));
-        Ok(hashed.await.map_err(|e| Status::internal(e.to_string()))??)
+        let hashed = hashed.await.map_err(|e| Status::internal(e.to_string()))??;
+        let histogram =
+            if revision == 0 { &self.server.metrics.hash_duration } else { &self.server.metrics.hash_rev_duration };
+        histogram.observe(started.elapsed().as_secs_f64());
+        Ok(hashed)
     }
 }
 
@@ -88,7 +93,13 @@ impl Maintenance for MaintenanceService {
 
     async fn defragment(&self, _: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
         let mvcc = self.server.mvcc.clone();
-        tokio::task::spawn_blocking(move || mvcc.defragment()).await.map_err(|e| Status::internal(e.to_string()))??;
+        let m = &self.server.metrics;
+        let started = std::time::Instant::now();
+        m.defrag_inflight.set(1);
+        let done = tokio::task::spawn_blocking(move || mvcc.defragment()).await;
+        m.defrag_inflight.set(0);
+        m.defrag_duration.observe(started.elapsed().as_secs_f64());
+        done.map_err(|e| Status::internal(e.to_string()))??;
         let rev = self.server.mvcc.marks().current;
         Ok(Response::new(DefragmentResponse { header: Some(self.server.header(rev)) }))
     }

@@ -117,6 +117,7 @@ fn promote_if_leader(server: &EtcdServer, lessor: &Lessor) {
 fn renew_here(server: &Arc<EtcdServer>, lessor: &Lessor, id: i64) -> Result<i64> {
     promote_if_leader(server, lessor);
     let (ttl, clear_checkpoint) = lessor.renew(id)?;
+    server.metrics.lease_renewed.inc();
     if clear_checkpoint {
         server.propose_detached(Internal::LeaseCheckpoint(LeaseCheckpointRequest {
             checkpoints: vec![LeaseCheckpoint { id, remaining_ttl: 0 }],
@@ -269,6 +270,7 @@ pub async fn run_leader_duties(server: Arc<EtcdServer>, lessor: Arc<Lessor>, che
         }
         for id in lessor.expired(REVOKES_PER_TICK) {
             tracing::debug!(lease = format!("{id:x}"), "lease expired; revoking");
+            server.metrics.lease_expired.inc();
             server.propose_detached(Internal::LeaseRevoke(LeaseRevokeRequest { id }));
         }
         if last_checkpoint.elapsed() >= checkpoint_interval {
