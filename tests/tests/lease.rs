@@ -34,7 +34,10 @@ fn etcdctl_lease_commands_match_etcd() -> anyhow::Result<()> {
         out.push(mask(run(&["put", "k1", "v", &format!("--lease={id}")])?));
         out.push(mask(run(&["put", "k2", "v", &format!("--lease={id}")])?));
         out.push(mask(run(&["lease", "timetolive", &id])?).replace("remaining(99s)", "remaining(100s)"));
-        out.push(mask(run(&["lease", "timetolive", "--keys", &id])?).replace("remaining(99s)", "remaining(100s)"));
+        // etcd lists a lease's keys in Go map order, which varies from run to run: sort them.
+        let with_keys =
+            mask(run(&["lease", "timetolive", "--keys", &id])?).replace("remaining(99s)", "remaining(100s)");
+        out.push(sort_attached_keys(&with_keys));
         out.push(mask(run(&["lease", "keep-alive", "--once", &id])?));
         // etcd lists leases in no particular order: compare the count line.
         out.push(run(&["lease", "list"])?.lines().next().unwrap_or_default().to_string());
@@ -207,4 +210,13 @@ async fn remaining_ttl_survives_leader_change_and_restart() -> anyhow::Result<()
     let ttl = c.lease_time_to_live(lease, None).await?.ttl();
     assert!(ttl > 0 && ttl <= 25, "after a full restart the lease resumed with {ttl}s of 30");
     Ok(())
+}
+
+/// `... attached keys([k2 k1]) ...` with the keys in sorted order.
+fn sort_attached_keys(line: &str) -> String {
+    let Some((head, rest)) = line.split_once("attached keys([") else { return line.to_string() };
+    let Some((keys, tail)) = rest.split_once("])") else { return line.to_string() };
+    let mut keys: Vec<&str> = keys.split(' ').collect();
+    keys.sort_unstable();
+    format!("{head}attached keys([{}]){tail}", keys.join(" "))
 }
