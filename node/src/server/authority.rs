@@ -160,11 +160,11 @@ impl<S> AuthorityFix<S> {
         }
     }
 
-    /// Ends the connection with a protocol error: whatever is pending for the
-    /// server is dropped and replaced by `header` (a frame header) with its
+    /// Ends the connection with a protocol error: after the complete frames
+    /// already handed on, the server gets `header` (a frame header) with its
     /// length raised past [`MAX_FRAME`], which h2 answers with
     /// GOAWAY(FRAME_SIZE_ERROR) before it closes. The block being assembled
-    /// and every later byte are dropped.
+    /// and every later byte from the client are dropped.
     fn close_with(&mut self, header: &[u8]) {
         tracing::warn!("closing a client connection past the HTTP/2 frame or header list limit");
         let len = (MAX_FRAME as u32 + 1).to_be_bytes();
