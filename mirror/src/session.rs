@@ -23,7 +23,7 @@ use meridian_proto::meridian::v1::{
 };
 use meridian_proto::mvccpb::event::EventType;
 use meridian_proto::mvccpb::Event;
-use meridian_wire::token::TOKEN_METADATA;
+use meridian_wire::token::{unix_ms, TOKEN_METADATA};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -105,10 +105,6 @@ impl Drop for Heartbeats {
     fn drop(&mut self) {
         self.0.abort();
     }
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 enum Kind {
@@ -334,7 +330,7 @@ impl Session<'_> {
                 // The source had committed h.revision when it sent this.
                 let mut heard = self.m.heard.lock();
                 if heard.is_none_or(|(rev, _)| rev <= h.revision) {
-                    *heard = Some((h.revision, now_ms()));
+                    *heard = Some((h.revision, unix_ms()));
                 }
             }
             if resp.events.is_empty() {

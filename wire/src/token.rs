@@ -2,6 +2,7 @@
 //! (`meridian node --mirror-token-file`) and the mirror (`meridian mirror
 //! --mirror-token-file`), and carried by every `Mirror.Apply` in the
 //! [`TOKEN_METADATA`] gRPC metadata. It stands in for auth until auth exists.
+//! Heartbeats carry a time from [`unix_ms`].
 
 use std::path::Path;
 
@@ -22,6 +23,12 @@ pub fn read_token(path: &Path) -> Result<String, String> {
         return Err(format!("--mirror-token-file {}: the token must be one line of printable ASCII", path.display()));
     }
     Ok(token.to_string())
+}
+
+/// Unix time in ms: the clock a heartbeat's source time is written with (on
+/// the mirror) and read against (on the secondary).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Compares two secrets without stopping at the first difference, so the

@@ -21,7 +21,7 @@
 //! itself, and a restarted member is unknown-stale until the next one.
 
 use std::collections::VecDeque;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use parking_lot::Mutex;
 
@@ -63,10 +63,6 @@ pub struct Reading {
     pub lag_revisions: i64,
     /// Seconds since the last heartbeat arrived; +Inf before the first.
     pub heartbeat_age_seconds: f64,
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Freshness {

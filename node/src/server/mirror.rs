@@ -58,13 +58,13 @@ impl MirrorService {
     fn check_apply(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
         let Some(want) = &self.token else {
             return Err(Status::permission_denied(
-                "meridian: Mirror.Apply is refused: this member has no --mirror-token-file",
+                "meridian: mirror writes (Mirror.Apply, Mirror.Heartbeat) are refused: this member has no --mirror-token-file",
             ));
         };
         let given = metadata.get(TOKEN_METADATA).map(|v| v.as_bytes()).unwrap_or_default();
         if !token::same_secret(given, want.as_bytes()) {
             return Err(Status::unauthenticated(format!(
-                "meridian: Mirror.Apply needs the mirror token in {TOKEN_METADATA} (the --mirror-token-file of this secondary)"
+                "meridian: mirror writes need the mirror token in {TOKEN_METADATA} (the --mirror-token-file of this secondary)"
             )));
         }
         if !self.server.role.is_secondary() {

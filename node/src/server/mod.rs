@@ -259,7 +259,7 @@ impl EtcdServer {
                 heartbeat_age_seconds: 0.0,
             };
         }
-        self.freshness.read(applied, freshness::now_ms())
+        self.freshness.read(applied, meridian_wire::token::unix_ms())
     }
 
     /// A fresh lease id, positive and unique across members (etcd derives it
