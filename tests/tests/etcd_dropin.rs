@@ -27,10 +27,7 @@ fn etcd_flags_of_its_e2e_tests_start_the_member_with_a_warning() -> Result<()> {
     assert_eq!(cluster.etcdctl_ok(&["put", "k", "v"])?.trim(), "OK");
     let log = std::fs::read_to_string(cluster.log_path(1))?;
     for flag in ["--experimental-initial-corrupt-check", "--strict-reconfig-check", "--max-concurrent-streams=100"] {
-        assert!(
-            log.contains(&format!("{flag}")) && log.contains("accepts and ignores"),
-            "no warning for {flag}:\n{log}"
-        );
+        assert!(log.contains(flag) && log.contains("accepts and ignores"), "no warning for {flag}:\n{log}");
     }
     Ok(())
 }
@@ -198,7 +195,7 @@ fn a_lease_granted_right_after_startup_expires_on_time() -> Result<()> {
 fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| l.split(|c| c == '{' || c == ' ').next())
+        .filter_map(|l| l.split(['{', ' ']).next())
         .map(|n| ["_bucket", "_sum", "_count"].iter().fold(n, |n, s| n.strip_suffix(s).unwrap_or(n)).to_string())
         .collect()
 }
