@@ -189,6 +189,7 @@ const SETTINGS_KEYS: &[&str] = &[
     "initial-role",
     "primary-region",
     "mirror-token-file",
+    "max-peer-message-bytes",
 ];
 
 /// Sorts the keys of an etcd YAML configuration file as [`take_etcd_flags`]

@@ -60,6 +60,10 @@ pub struct NodeFlags {
     /// Most operations in one txn.
     #[arg(long)]
     pub max_txn_ops: Option<usize>,
+    /// Largest message sent to or accepted from a peer, in bytes (Meridian's; snapshots stream in
+    /// chunks below it). At least twice --max-request-bytes plus 64 KiB.
+    #[arg(long)]
+    pub max_peer_message_bytes: Option<usize>,
     /// Extra URLs serving /metrics and /health over plain HTTP.
     #[arg(long)]
     pub listen_metrics_urls: Option<String>,
@@ -133,6 +137,8 @@ pub struct Settings {
     pub max_request_bytes: usize,
     #[serde(alias = "max-txn-ops")]
     pub max_txn_ops: usize,
+    #[serde(alias = "max-peer-message-bytes")]
+    pub max_peer_message_bytes: usize,
     #[serde(alias = "listen-metrics-urls")]
     pub listen_metrics_urls: String,
     #[serde(alias = "quota-backend-bytes")]
@@ -182,6 +188,7 @@ impl Default for Settings {
             snapshot_count: 100_000,
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
+            max_peer_message_bytes: crate::raft::transport::DEFAULT_MAX_PEER_MESSAGE,
             listen_metrics_urls: String::new(),
             quota_backend_bytes: 0,
             watch_progress_notify_interval: "10m".into(),
@@ -278,6 +285,7 @@ pub struct NodeConfig {
     pub snapshot_count: u64,
     pub max_request_bytes: usize,
     pub max_txn_ops: usize,
+    pub max_peer_message_bytes: usize,
     /// The space quota in bytes; `None` when disabled (negative, as etcd).
     pub quota: Option<u64>,
     pub progress_notify_interval: Duration,
@@ -356,6 +364,7 @@ impl Settings {
             snapshot_count,
             max_request_bytes,
             max_txn_ops,
+            max_peer_message_bytes,
             listen_metrics_urls,
             quota_backend_bytes,
             log_level,
@@ -415,6 +424,16 @@ impl Settings {
         if self.max_txn_ops == 0 || self.max_request_bytes == 0 || self.snapshot_count == 0 {
             return Err(Error::Config("--max-txn-ops, --max-request-bytes and --snapshot-count must be > 0".into()));
         }
+        // The largest raft entry (a mirror batch: twice a client request)
+        // must fit in one peer message, with raft's framing.
+        let min_peer_message = (2 * self.max_request_bytes).max(1 << 20) + (64 << 10);
+        if self.max_peer_message_bytes < min_peer_message {
+            return Err(Error::Config(format!(
+                "--max-peer-message-bytes {} is too small: a raft entry must fit in one peer message, \
+                 so it must be at least twice --max-request-bytes plus 64 KiB ({min_peer_message})",
+                self.max_peer_message_bytes
+            )));
+        }
         if !matches!(self.log_level.as_str(), "error" | "warn" | "info" | "debug" | "trace") {
             return Err(Error::Config(format!(
                 "invalid --log-level {:?}: valid values are error, warn, info, debug or trace",
@@ -441,6 +460,7 @@ impl Settings {
             snapshot_count: self.snapshot_count,
             max_request_bytes: self.max_request_bytes,
             max_txn_ops: self.max_txn_ops,
+            max_peer_message_bytes: self.max_peer_message_bytes,
             quota,
             progress_notify_interval: positive_duration(
                 "--experimental-watch-progress-notify-interval",

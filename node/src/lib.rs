@@ -41,7 +41,8 @@ use crate::config::{ClusterState, InitialRole, NodeConfig};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::mvcc::Mvcc;
-use crate::raft::transport::{GrpcTransport, PeerService, MAX_PEER_MESSAGE};
+use crate::raft::storage::{SnapshotImages, SnapshotSource};
+use crate::raft::transport::{GrpcTransport, PeerContext, PeerService};
 use crate::raft::{RaftConfig, RaftNode, RaftStatus};
 use crate::server::apply::{EtcdStateMachine, MvccSnapshots, Waiters};
 use crate::server::authority::{AuthorityFix, MAX_FRAME, MAX_HEADER_LIST};
@@ -174,11 +175,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         snapshot_count: cfg.snapshot_count,
         catchup_entries: cfg.snapshot_count.min(5000),
     };
+    let snapshots: Arc<dyn SnapshotSource> = Arc::new(MvccSnapshots { mvcc: mvcc.clone(), metrics: metrics.clone() });
+    let images = Arc::new(SnapshotImages::default());
     let node = RaftNode::open(
         raft_cfg,
         db.clone(),
         sm,
-        Arc::new(MvccSnapshots(mvcc.clone())),
+        snapshots.clone(),
+        images.clone(),
         metrics.clone(),
         &raft::logger::logger(),
     )?;
@@ -187,7 +191,15 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let raft_tx = chan.0.clone();
     let peers: HashMap<u64, String> =
         members.0.iter().filter_map(|m| m.peer_urls.first().map(|u| (m.id, u.clone()))).collect();
-    let transport = GrpcTransport::start(cluster_id, me.id, peers, raft_tx.clone(), metrics.clone());
+    let peer_ctx = Arc::new(PeerContext {
+        cluster_id,
+        self_id: me.id,
+        raft_tx: raft_tx.clone(),
+        images,
+        max_message: cfg.max_peer_message_bytes,
+        metrics: metrics.clone(),
+    });
+    let transport = GrpcTransport::start(peer_ctx, peers);
     let (handle, raft_thread) = raft::driver::spawn(node, chan, Arc::new(transport), cfg.heartbeat)?;
 
     let limits = Limits {
@@ -216,12 +228,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         cluster_id,
         members: members.0.iter().map(|m| m.id).collect::<HashSet<_>>(),
         raft_tx: raft_tx.clone(),
+        source: snapshots,
         metrics: metrics.clone(),
+        receiving: Default::default(),
     };
     let peer_routes = Routes::new(
         RaftTransportServer::new(peer_service)
-            .max_decoding_message_size(MAX_PEER_MESSAGE)
-            .max_encoding_message_size(MAX_PEER_MESSAGE),
+            .max_decoding_message_size(cfg.max_peer_message_bytes)
+            .max_encoding_message_size(cfg.max_peer_message_bytes),
     )
     .add_service(LeaseForwardServer::new(LeaseForwardService { server: server.clone(), lessor: lessor.clone() }));
     for url in &cfg.listen_peer_urls {

@@ -2,8 +2,8 @@
 //! and alerts work against Meridian unchanged.
 
 use prometheus::{
-    exponential_buckets, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    exponential_buckets, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric a member exports. Cheap to clone handles out of; shared by
@@ -52,6 +52,23 @@ pub struct Metrics {
     pub peer_sent_bytes: IntCounterVec,
     pub peer_received_bytes: IntCounterVec,
     pub peer_sent_failures: IntCounterVec,
+    /// Raft snapshots, under etcd's names: taking an image for a follower
+    /// (`snap_save`, and `snap_save_marshalling` for its header), storing a
+    /// follower's incoming body (`snap_db_save`, its durable finish
+    /// `snap_db_fsync`) and the restore's commit (`snap_fsync`).
+    pub snap_save: Histogram,
+    pub snap_save_marshalling: Histogram,
+    pub snap_db_save: Histogram,
+    pub snap_db_fsync: Histogram,
+    pub snap_fsync: Histogram,
+    pub snapshot_send_success: IntCounterVec,
+    pub snapshot_send_failures: IntCounterVec,
+    pub snapshot_send_duration: HistogramVec,
+    pub snapshot_send_inflights: IntGaugeVec,
+    pub snapshot_receive_success: IntCounterVec,
+    pub snapshot_receive_failures: IntCounterVec,
+    pub snapshot_receive_duration: HistogramVec,
+    pub snapshot_receive_inflights: IntGaugeVec,
     pub server_id: IntGaugeVec,
     pub server_version: IntGaugeVec,
     /// Secondary only (0 on a primary), from the mirror's heartbeats (see
@@ -88,6 +105,14 @@ impl Metrics {
         let counter = |name: &str, help: &str| reg(&r, IntCounter::new(name, help).expect("valid metric"));
         let counter_vec = |name: &str, help: &str, label: &str| {
             reg(&r, IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"))
+        };
+        let gauge_vec = |name: &str, help: &str, label: &str| {
+            reg(&r, IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric"))
+        };
+        // etcd's buckets for snapshot transfers: 0.1 s to about 27 minutes.
+        let transfer_hist = |name: &str, help: &str, label: &str| {
+            let opts = HistogramOpts::new(name, help).buckets(exponential_buckets(0.1, 2.0, 14).expect("buckets"));
+            reg(&r, HistogramVec::new(opts, &[label]).expect("valid metric"))
         };
         let disk_hist = |name: &str, help: &str| {
             let opts = HistogramOpts::new(name, help).buckets(exponential_buckets(0.001, 2.0, 14).expect("buckets"));
@@ -274,6 +299,66 @@ impl Metrics {
                 "etcd_network_peer_sent_failures_total",
                 "The total number of send failures from peers.",
                 "To",
+            ),
+            snap_save: disk_hist(
+                "etcd_debugging_snap_save_total_duration_seconds",
+                "The total latency distributions of save called by snapshot.",
+            ),
+            snap_save_marshalling: disk_hist(
+                "etcd_debugging_snap_save_marshalling_duration_seconds",
+                "The marshalling cost distributions of save called by snapshot.",
+            ),
+            snap_db_save: disk_hist(
+                "etcd_snap_db_save_total_duration_seconds",
+                "The total latency distributions of v3 snapshot save",
+            ),
+            snap_db_fsync: disk_hist(
+                "etcd_snap_db_fsync_duration_seconds",
+                "The latency distributions of fsyncing .snap.db file",
+            ),
+            snap_fsync: disk_hist(
+                "etcd_snap_fsync_duration_seconds",
+                "The latency distributions of fsync called by snap.",
+            ),
+            snapshot_send_success: counter_vec(
+                "etcd_network_snapshot_send_success",
+                "Total number of successful snapshot sends",
+                "To",
+            ),
+            snapshot_send_failures: counter_vec(
+                "etcd_network_snapshot_send_failures",
+                "Total number of snapshot send failures",
+                "To",
+            ),
+            snapshot_send_duration: transfer_hist(
+                "etcd_network_snapshot_send_total_duration_seconds",
+                "Total latency distributions of v3 snapshot sends",
+                "To",
+            ),
+            snapshot_send_inflights: gauge_vec(
+                "etcd_network_snapshot_send_inflights_total",
+                "Total number of inflight snapshot sends",
+                "To",
+            ),
+            snapshot_receive_success: counter_vec(
+                "etcd_network_snapshot_receive_success",
+                "Total number of successful snapshot receives",
+                "From",
+            ),
+            snapshot_receive_failures: counter_vec(
+                "etcd_network_snapshot_receive_failures",
+                "Total number of snapshot receive failures",
+                "From",
+            ),
+            snapshot_receive_duration: transfer_hist(
+                "etcd_network_snapshot_receive_total_duration_seconds",
+                "Total latency distributions of v3 snapshot receives",
+                "From",
+            ),
+            snapshot_receive_inflights: gauge_vec(
+                "etcd_network_snapshot_receive_inflights_total",
+                "Total number of inflight snapshot receives",
+                "From",
             ),
             server_id: reg(
                 &r,

@@ -2,7 +2,8 @@
 //! etcd-compatible store relies on when a machine dies.
 //!
 //! - an acknowledged write survives a kill -9 of the leader and is on every member afterwards;
-//! - a member that missed more than the retained log catches up by snapshot;
+//! - a member that missed more than the retained log catches up by snapshot, also from a store
+//!   larger than the largest peer message, while the leader keeps committing;
 //! - a whole-cluster restart keeps every key, version and revision (and the history);
 //! - SIGTERM stops a member cleanly;
 //! - a failure inside apply (an injected I/O error) ends the member process, and a restart replays
@@ -332,6 +333,141 @@ async fn follower_behind_compacted_log_catches_up_by_snapshot() -> Result<()> {
     let resp = cluster.member_client(follower).await?.get("s-after", None).await?;
     assert_eq!(resp.kvs().first().map(KeyValue::value), Some(&b"1"[..]));
     assert_replicas_identical(&cluster, after, "s-").await?;
+    Ok(())
+}
+
+/// Sums a counter over all its label sets in a Prometheus text page.
+fn counter_sum(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A follower that fell behind the compacted log is re-seeded from a store several times larger
+/// than the largest message members exchange (`--max-peer-message-bytes`, 4 MiB here; before
+/// this, a snapshot was one message, and a store past the limit could never re-seed anyone). The
+/// snapshot streams in chunks off the raft thread, slowed down as over a slow link: meanwhile
+/// the leader keeps leading (same term) and keeps committing with latencies under the election
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_larger_than_the_peer_message_limit_reseeds_a_follower_while_the_leader_commits() -> Result<()> {
+    const LIMIT: usize = 4 << 20;
+    const BIG: usize = 240; // × 100 KiB: 24 MiB, six times the limit
+    const SMALL: usize = 300;
+    let opts = ClusterOpts {
+        snapshot_count: Some(100),
+        extra_args: vec!["--max-peer-message-bytes".into(), LIMIT.to_string()],
+        // 100 ms per 1 MiB chunk, as over a slow link: the transfer takes about 2.5 s, five
+        // election timeouts.
+        env: vec![("MERIDIAN_FAILPOINT".into(), "slow-snapshot@100".into())],
+        ..ClusterOpts::fast()
+    };
+    let mut cluster = Cluster::start(3, opts)?;
+    let leader = cluster.leader().await?;
+    let follower = (1..=3).find(|&i| i != leader).expect("3 members");
+    cluster.kill9(follower)?;
+
+    let value = "x".repeat(100 << 10);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut tasks = Vec::new();
+    for t in 0..4 {
+        let mut client = cluster.member_client(leader).await?;
+        let value = value.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in (t..BIG + SMALL).step_by(4) {
+                ensure!(Instant::now() < deadline, "loading the store took longer than 60 s");
+                let v = if n < BIG { value.clone() } else { format!("small-{n}") };
+                client.put(format!("big-{n:04}"), v, None).await.with_context(|| format!("put big-{n:04}"))?;
+            }
+            Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let leader_addr = cluster.endpoint(leader).parse()?;
+    let leader_metrics = || -> Result<String> { Ok(meridian_tests::http_get(leader_addr, "/metrics")?.1) };
+    let sent_before = counter_sum(&leader_metrics()?, "etcd_network_snapshot_send_success");
+    let mut client = cluster.member_client(leader).await?;
+    let term = client.status().await?.raft_term();
+    let loaded = current_revision(&cluster, leader).await?;
+
+    // Re-seed, with a writer on the leader the whole time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (mut client, stop) = (client.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut slowest, mut writes) = (Duration::ZERO, 0u32);
+            let deadline = Instant::now() + Duration::from_secs(90);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let started = Instant::now();
+                client.put("during", writes.to_string(), None).await.context("put while re-seeding")?;
+                slowest = slowest.max(started.elapsed());
+                writes += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok::<_, anyhow::Error>((slowest, writes))
+        })
+    };
+    cluster.restart(follower)?;
+    let mut probe = cluster.member_client(follower).await?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let seen = probe
+            .get("rev-probe", Some(GetOptions::new().with_serializable().with_count_only()))
+            .await
+            .ok()
+            .and_then(|r| r.header().map(|h| h.revision()));
+        if seen.is_some_and(|r| r >= loaded) {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "m{follower} was not re-seeded within 60 s: at {seen:?} of {loaded}");
+        tokio::time::sleep(POLL).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (slowest, writes) = writer.await??;
+    ensure!(writes >= 20, "only {writes} puts while the snapshot streamed: it was not slow enough to tell");
+    ensure!(
+        slowest < Duration::from_millis(500),
+        "a put on the leader took {slowest:?} while it sent the snapshot ({writes} puts): the raft thread stalled"
+    );
+    ensure!(client.status().await?.raft_term() == term, "the leader changed while it sent the snapshot");
+
+    let rev = current_revision(&cluster, leader).await?;
+    // HashKV covers every record; rows are compared under a prefix of small values only (the
+    // whole store is larger than a client's largest response).
+    let rows = assert_replicas_identical(&cluster, rev, "big-05").await?;
+    ensure!(rows.len() == 40, "{} keys under big-05 on every member", rows.len());
+    for n in [0, 123, BIG - 1] {
+        let got = probe.get(format!("big-{n:04}"), Some(GetOptions::new().with_serializable())).await?;
+        let len = got.kvs().first().map(|kv| kv.value().len());
+        ensure!(len == Some(100 << 10), "big-{n:04} on m{follower}: {len:?} bytes");
+    }
+
+    // It went by a snapshot, sent in more bytes than one peer message may hold.
+    ensure!(
+        counter_sum(&leader_metrics()?, "etcd_network_snapshot_send_success") > sent_before,
+        "the leader sent no snapshot"
+    );
+    let leader_log = std::fs::read_to_string(cluster.log_path(leader))?;
+    let sent_bytes: u64 = leader_log
+        .lines()
+        .filter(|l| l.contains("snapshot sent"))
+        .filter_map(|l| l.split("bytes=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .max()
+        .context("no 'snapshot sent' line in the leader's log")?;
+    ensure!(sent_bytes > 4 * LIMIT as u64, "the snapshot body was {sent_bytes} bytes, not past the limit");
+    let log = std::fs::read_to_string(cluster.log_path(follower))?;
+    let last_run = log.rsplit_once("=== harness: start #2").map(|(_, run)| run).context("no second start")?;
+    ensure!(last_run.contains("restoring from snapshot"), "m{follower} caught up without a snapshot");
+
+    // A restart of the re-seeded member keeps it all, and it follows new writes.
+    cluster.kill9(follower)?;
+    cluster.restart(follower)?;
+    let put = cluster.client().await?.put("big-after", "1", None).await?;
+    let after = header_rev(put.header())?;
+    assert_replicas_identical(&cluster, after, "big-05").await?;
     Ok(())
 }
 

@@ -63,7 +63,7 @@ mod store;
 
 pub use index::KeyRange;
 pub use revision::Revision;
-pub use store::{LeaseMove, Marks, Mvcc, RangeOpts, RangeResult, ReadTxn, WriteTxn};
+pub use store::{LeaseMove, Marks, Mvcc, RangeOpts, RangeResult, ReadTxn, Received, StoreImage, WriteTxn};
 
 #[cfg(test)]
 mod tests;

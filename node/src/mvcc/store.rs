@@ -14,9 +14,20 @@ use super::index::{KeyIndex, KeyRange, Version};
 use super::Revision;
 use crate::error::{Error, Result};
 
+mod snapshot;
+pub use snapshot::{Received, StoreImage};
+
 const META_CURRENT: &[u8] = b"mvcc/current_revision";
 const META_COMPACTED: &[u8] = b"mvcc/compact_revision";
 const META_APPLIED: &[u8] = b"mvcc/applied_index";
+/// Name of the keyspace that holds the records (absent: `kv`). A restored
+/// snapshot brings a keyspace of its own, and this switches to it in the
+/// restore's batch.
+const META_KV_KEYSPACE: &[u8] = b"mvcc/kv_keyspace";
+/// The records keyspace of a store that never restored a snapshot.
+const FIRST_KV_KEYSPACE: &str = "kv";
+/// Names of keyspaces received from a leader start with this.
+const RECEIVED_KV_PREFIX: &str = "kv-";
 /// Prefix of the application's own replicated metadata (see [`Mvcc::set_meta`]).
 const META_APP_PREFIX: &[u8] = b"app/";
 
@@ -50,8 +61,14 @@ pub struct Marks {
     pub applied: u64,
 }
 
-#[derive(Default)]
 struct State {
+    /// The records, by revision key. Replaced whole by a snapshot restore;
+    /// readers keep the one they started on.
+    kv: Keyspace,
+    /// Records keyspaces a restore replaced, deleted once it is durable.
+    retired: Vec<Keyspace>,
+    /// Counts restores, so a read view begun before one can tell.
+    generation: u64,
     index: KeyIndex,
     /// What readers see; advanced only by `publish`, after the batch is durable in the journal.
     published: Marks,
@@ -73,9 +90,10 @@ pub struct Mvcc {
     db: Database,
     /// The database directory, for on-disk size.
     path: Option<std::path::PathBuf>,
-    kv: Keyspace,
     meta: Keyspace,
     state: RwLock<State>,
+    /// Snapshot bodies received from a leader, by raft index, not yet restored.
+    incoming: parking_lot::Mutex<BTreeMap<u64, Received>>,
     /// Read views alive now (`etcd_mvcc_db_open_read_transactions`).
     open_reads: std::sync::atomic::AtomicI64,
 }
@@ -87,8 +105,21 @@ impl Mvcc {
     ///
     /// Storage errors, or a record that does not decode.
     pub fn open(db: Database, path: Option<&std::path::Path>) -> Result<Self> {
-        let kv = db.keyspace("kv", KeyspaceCreateOptions::default)?;
         let meta = db.keyspace("meta", KeyspaceCreateOptions::default)?;
+        let kv_name = match meta.get(META_KV_KEYSPACE)? {
+            Some(v) => String::from_utf8(v.to_vec()).map_err(|_| Error::Corrupt("bad kv keyspace name".into()))?,
+            None => FIRST_KV_KEYSPACE.to_string(),
+        };
+        let kv = db.keyspace(&kv_name, KeyspaceCreateOptions::default)?;
+        // Bodies received but never restored, and keyspaces a restore
+        // replaced just before a crash: nothing refers to them.
+        for name in db.list_keyspace_names() {
+            let name: &str = &name;
+            if name.starts_with(RECEIVED_KV_PREFIX) && name != kv_name {
+                tracing::info!(keyspace = name, "removing an unused snapshot keyspace");
+                db.delete_keyspace(db.keyspace(name, KeyspaceCreateOptions::default)?)?;
+            }
+        }
         let read_i64 = |k: &[u8]| -> Result<Option<i64>> {
             Ok(meta.get(k)?.map(|v| decode_u64(&v).map(|x| x as i64)).transpose()?)
         };
@@ -97,7 +128,19 @@ impl Mvcc {
             compacted: read_i64(META_COMPACTED)?.unwrap_or(0),
             applied: read_i64(META_APPLIED)?.unwrap_or(0) as u64,
         };
-        let mut st = State { published: marks, staged: marks, ..Default::default() };
+        let mut st = State {
+            kv: kv.clone(),
+            retired: Vec::new(),
+            generation: 0,
+            index: KeyIndex::default(),
+            published: marks,
+            staged: marks,
+            pending: BTreeMap::new(),
+            pending_compaction: None,
+            meta: BTreeMap::new(),
+            meta_dirty: Vec::new(),
+            size: 0,
+        };
         for item in kv.iter() {
             let (k, v) = item.into_inner()?;
             let rev = Revision::from_key(&k).ok_or_else(|| Error::Corrupt("bad kv key".into()))?;
@@ -113,9 +156,9 @@ impl Mvcc {
         let store = Self {
             db,
             path: path.map(|p| p.to_path_buf()),
-            kv,
             meta,
             state: RwLock::new(st),
+            incoming: Default::default(),
             open_reads: Default::default(),
         };
         // A crash can fall between a compaction's commit and the removal of its
@@ -167,7 +210,8 @@ impl Mvcc {
     ///
     /// Storage errors.
     pub fn defragment(&self) -> Result<()> {
-        self.kv.major_compact()?;
+        let kv = self.state.read().kv.clone();
+        kv.major_compact()?;
         Ok(())
     }
 
@@ -229,7 +273,13 @@ impl Mvcc {
     pub fn read(&self) -> ReadTxn<'_> {
         let st = self.state.read();
         self.open_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        ReadTxn { mvcc: self, marks: st.published, snapshot: self.db.snapshot() }
+        ReadTxn {
+            mvcc: self,
+            marks: st.published,
+            generation: st.generation,
+            kv: st.kv.clone(),
+            snapshot: self.db.snapshot(),
+        }
     }
 
     /// Read views alive now.
@@ -308,7 +358,7 @@ impl Mvcc {
     pub fn stage(&self, batch: &mut OwnedWriteBatch) {
         let mut st = self.state.write();
         for (rev, rec) in &st.pending {
-            batch.insert(&self.kv, rev.to_key().to_vec(), rec.encode_to_vec());
+            batch.insert(&st.kv, rev.to_key().to_vec(), rec.encode_to_vec());
         }
         let marks = st.staged;
         batch.insert(&self.meta, META_CURRENT, (marks.current as u64).to_be_bytes().to_vec());
@@ -337,6 +387,10 @@ impl Mvcc {
         let mut st = self.state.write();
         let published = std::mem::take(&mut st.pending).into_values().collect();
         st.published = st.staged;
+        for old in std::mem::take(&mut st.retired) {
+            // Readers still on it keep it open until they finish.
+            self.db.delete_keyspace(old)?;
+        }
         self.carry_out_compaction(&mut st)?;
         Ok(published)
     }
@@ -352,9 +406,9 @@ impl Mvcc {
     pub fn history(&self, from: i64, to: i64, limit: usize) -> Result<Vec<KvRecord>> {
         // The lock only for the marks and a matching storage snapshot; the
         // scan runs without it, so apply goes on meanwhile.
-        let (published, snapshot) = {
+        let (published, kv, snapshot) = {
             let st = self.state.read();
-            (st.published, self.db.snapshot())
+            (st.published, st.kv.clone(), self.db.snapshot())
         };
         if from < published.compacted {
             return Err(Error::Compacted);
@@ -366,7 +420,7 @@ impl Mvcc {
         }
         let (lo, hi) = (Revision::new(from, 0).to_key(), Revision::new(to + 1, 0).to_key());
         let mut revisions = 0;
-        for item in snapshot.range(&self.kv, lo.as_slice()..hi.as_slice()) {
+        for item in snapshot.range(&kv, lo.as_slice()..hi.as_slice()) {
             let (k, v) = item.into_inner()?;
             let rec = decode_record(&k, &v)?;
             if out.last().is_none_or(|last| last.main != rec.main) {
@@ -391,10 +445,10 @@ impl Mvcc {
         let mut batch = self.db.batch();
         for rev in &removed {
             let key = rev.to_key();
-            if let Some(len) = self.kv.size_of(key)? {
+            if let Some(len) = st.kv.size_of(key)? {
                 st.size = st.size.saturating_sub(u64::from(len));
             }
-            batch.remove(&self.kv, key.to_vec());
+            batch.remove(&st.kv, key.to_vec());
         }
         batch.commit()?;
         tracing::debug!(at, removed = removed.len(), "compacted");
@@ -429,18 +483,9 @@ impl Mvcc {
         &self,
         mut each: impl FnMut(&Marks, KvRecord) -> bool,
     ) -> Result<(Marks, BTreeMap<String, Vec<u8>>)> {
-        let (marks, meta, snapshot) = {
-            let st = self.state.read();
-            (st.published, st.meta.clone(), self.db.snapshot())
-        };
-        let upper = Revision::new(marks.current + 1, 0).to_key();
-        for item in snapshot.range(&self.kv, ..upper.as_slice()) {
-            let (k, v) = item.into_inner()?;
-            if !each(&marks, decode_record(&k, &v)?) {
-                break;
-            }
-        }
-        Ok((marks, meta))
+        let image = self.image();
+        image.for_each(|rec| each(&image.marks, rec))?;
+        Ok((image.marks, image.meta))
     }
 
     /// Replaces the whole store with a snapshot's contents, staged into
@@ -457,8 +502,9 @@ impl Mvcc {
         batch: &mut OwnedWriteBatch,
     ) -> Result<()> {
         let mut st = self.state.write();
-        for item in self.kv.iter() {
-            batch.remove(&self.kv, item.key()?);
+        let kv = st.kv.clone();
+        for item in kv.iter() {
+            batch.remove(&kv, item.key()?);
         }
         for item in self.meta.prefix(META_APP_PREFIX) {
             batch.remove(&self.meta, item.key()?);
@@ -470,7 +516,7 @@ impl Mvcc {
             let bytes = rec.encode_to_vec();
             size += bytes.len() as u64;
             index.restore(&rec.key, version_of(rev, &rec));
-            batch.insert(&self.kv, rev.to_key().to_vec(), bytes);
+            batch.insert(&kv, rev.to_key().to_vec(), bytes);
         }
         st.index = index;
         st.size = size;
@@ -522,12 +568,13 @@ impl Mvcc {
                 }
                 true
             });
-            (marks, rev, visible, any_visible, self.db.snapshot())
+            (marks, rev, visible, any_visible, (st.kv.clone(), self.db.snapshot()))
         };
+        let (kv, snapshot) = snapshot;
         let mut crc = crc32c::crc32c(b"key");
         let mut value = Vec::new();
         let upper = Revision::new(rev + 1, 0).to_key();
-        for item in snapshot.range(&self.kv, ..upper.as_slice()) {
+        for item in snapshot.range(&kv, ..upper.as_slice()) {
             let (k, v) = item.into_inner()?;
             let r = Revision::from_key(&k).ok_or_else(|| Error::Corrupt("bad kv key".into()))?;
             if r.main <= marks.compacted && any_visible && !visible.contains(&r) {
@@ -620,7 +667,7 @@ impl Mvcc {
         if let Some(rec) = st.pending.get(&rev) {
             return Ok(rec.clone());
         }
-        decode_stored(rev, self.kv.get(rev.to_key())?)
+        decode_stored(rev, st.kv.get(rev.to_key())?)
     }
 }
 
@@ -628,8 +675,11 @@ impl Mvcc {
 pub struct ReadTxn<'a> {
     mvcc: &'a Mvcc,
     marks: Marks,
-    /// The storage as of `marks`: every published record, whatever apply
-    /// writes meanwhile.
+    /// The store's restore count when the view began.
+    generation: u64,
+    /// The records keyspace and the storage as of `marks`: every published
+    /// record, whatever apply writes meanwhile.
+    kv: Keyspace,
     snapshot: fjall::Snapshot,
 }
 
@@ -661,9 +711,14 @@ impl ReadTxn<'_> {
         let current = self.marks.current;
         let (hits, count) = {
             let st = self.mvcc.state.read();
+            if st.generation != self.generation {
+                // A snapshot replaced the store under this view: what it
+                // read at is gone, as after a compaction.
+                return Err(Error::Compacted);
+            }
             Mvcc::visit_in(&st, range, opts, current, self.marks.compacted.max(st.published.compacted))?
         };
-        Mvcc::answer(hits, count, current, |rev| decode_stored(rev, self.snapshot.get(&self.mvcc.kv, rev.to_key())?))
+        Mvcc::answer(hits, count, current, |rev| decode_stored(rev, self.snapshot.get(&self.kv, rev.to_key())?))
     }
 }
 

@@ -21,8 +21,10 @@
 //!   batch as the log append, so a restart resumes exactly after the last
 //!   applied entry.
 //! - Log compaction keeps `catchup_entries` behind the applied index; a
-//!   follower further behind gets a snapshot built on demand from the state
-//!   machine ([`storage::SnapshotSource`]).
+//!   follower further behind gets a snapshot: an image of the state machine
+//!   taken on demand ([`storage::SnapshotSource`]), whose body streams in
+//!   chunks off the raft thread ([`transport`]) and is stored by the
+//!   follower before raft sees the message.
 //! - Pre-vote and check-quorum are on; messages from non-members are dropped.
 
 pub mod driver;

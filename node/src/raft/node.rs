@@ -13,7 +13,7 @@ use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
 use raft::{RawNode, ReadOnlyOption, StateRole};
 use tokio::sync::{oneshot, watch};
 
-use super::storage::{LogStore, SnapshotSource};
+use super::storage::{LogStore, SnapshotImages, SnapshotSource};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 
@@ -50,8 +50,11 @@ pub trait StateMachine: Send + 'static {
     /// The batch holding the last `apply`/`restore` has committed: publish the
     /// new state and answer whoever waits on it.
     fn on_commit(&mut self);
-    /// Replaces the whole state with a snapshot taken at raft index `index`.
-    fn restore(&mut self, index: u64, data: &[u8], batch: &mut OwnedWriteBatch);
+    /// Replaces the whole state with the snapshot taken at raft index
+    /// `index`: `header` is its [`super::storage::SnapshotImage::header`], and
+    /// its body was stored by [`SnapshotSource::receive`] before raft saw
+    /// the snapshot.
+    fn restore(&mut self, index: u64, header: &[u8], batch: &mut OwnedWriteBatch);
     /// The last applied raft index.
     fn applied(&self) -> u64;
 }
@@ -143,10 +146,11 @@ impl<S: StateMachine> RaftNode<S> {
         db: Database,
         sm: S,
         source: Arc<dyn SnapshotSource>,
+        images: Arc<SnapshotImages>,
         metrics: Arc<Metrics>,
         logger: &slog::Logger,
     ) -> Result<Self> {
-        let mut store = LogStore::open(&db, source)?;
+        let mut store = LogStore::open(&db, source, images)?;
         if !store.is_initialized() {
             let mut batch = db.batch();
             store.bootstrap(cfg.voters.clone(), &mut batch);
@@ -193,6 +197,7 @@ impl<S: StateMachine> RaftNode<S> {
     /// Advances raft's logical clock by one tick; expires stale reads.
     pub fn tick(&mut self) {
         self.raw.tick();
+        self.raw.store().expire_snapshot();
         let limit = 2 * self.cfg.election_ticks as u32;
         let mut expired = Vec::new();
         for (ctx, (age, _)) in self.reads.in_flight.iter_mut() {
@@ -301,10 +306,11 @@ impl<S: StateMachine> RaftNode<S> {
 
         let mut batch = self.db.batch();
         let mut must_sync = ready.must_sync();
-        if !ready.snapshot().is_empty() {
+        let restoring = !ready.snapshot().is_empty();
+        if restoring {
             let snap = ready.snapshot().clone();
             let meta = snap.get_metadata();
-            tracing::info!(index = meta.index, term = meta.term, bytes = snap.data.len(), "restoring from snapshot");
+            tracing::info!(index = meta.index, term = meta.term, "restoring from snapshot");
             self.metrics.snapshot_apply_in_progress.set(1);
             self.sm.restore(meta.index, &snap.data, &mut batch);
             self.raw.mut_store().apply_snapshot(meta, &mut batch);
@@ -324,8 +330,12 @@ impl<S: StateMachine> RaftNode<S> {
                 self.reads.confirmed.push((rs.index, replies));
             }
         }
+        let started = Instant::now();
         self.commit(batch, must_sync)?;
-        self.metrics.snapshot_apply_in_progress.set(0);
+        if restoring {
+            self.metrics.snap_fsync.observe(started.elapsed().as_secs_f64());
+            self.metrics.snapshot_apply_in_progress.set(0);
+        }
         let mut out = ready.take_persisted_messages();
 
         let mut light = self.raw.advance(ready);

@@ -22,14 +22,70 @@ const KEY_CONF_STATE: &[u8] = b"conf_state";
 const KEY_LOG_START: &[u8] = b"log_start";
 const ENTRY_PREFIX: u8 = b'e';
 
-/// Produces the state machine's snapshot on demand: the applied index it was
-/// taken at, and opaque data.
-pub trait SnapshotSource: Send + Sync {
+/// A point-in-time image of the state machine, offered to a follower that
+/// fell behind the log. Taking one is cheap (a storage snapshot); its body is
+/// read only while it streams to the follower, off the raft thread.
+pub trait SnapshotImage: Send + Sync {
+    /// The applied index the image was taken at.
+    fn index(&self) -> u64;
+    /// A small header that travels inside raft's MsgSnapshot.
+    fn header(&self) -> Vec<u8>;
+    /// Hands the body to `each` in pieces of about `chunk_bytes`, in order;
+    /// stops early when `each` returns false.
+    ///
     /// # Errors
     ///
-    /// Storage errors while reading the state.
-    fn snapshot(&self) -> Result<(u64, Vec<u8>)>;
+    /// Storage errors while reading the image.
+    fn write_body(&self, chunk_bytes: usize, each: &mut dyn FnMut(Vec<u8>) -> bool) -> Result<()>;
 }
+
+/// A snapshot body a follower has stored beside its live state. Dropping it
+/// discards it; [`ReceivedSnapshot::keep`] leaves it for
+/// [`super::StateMachine::restore`] to install.
+pub trait ReceivedSnapshot: Send {
+    fn keep(self: Box<Self>);
+}
+
+/// The state machine's side of snapshots: images for followers (leader) and
+/// storage for incoming bodies (follower).
+pub trait SnapshotSource: Send + Sync {
+    /// Takes an image of the published state.
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    fn prepare(&self) -> Result<Arc<dyn SnapshotImage>>;
+    /// Stores the body of the snapshot at `index`, piece by piece as the
+    /// leader's [`SnapshotImage::write_body`] produced it, without holding it
+    /// whole in memory. Blocking: run it off the runtime.
+    ///
+    /// # Errors
+    ///
+    /// A piece that does not decode, or storage errors; nothing is kept then.
+    fn receive(&self, index: u64, body: &mut dyn Iterator<Item = Vec<u8>>) -> Result<Box<dyn ReceivedSnapshot>>;
+}
+
+/// The image the leader last offered, for the transport to stream: raft-rs
+/// sends only the MsgSnapshot, whose metadata names the image's index.
+#[derive(Default)]
+pub struct SnapshotImages {
+    latest: parking_lot::Mutex<Option<Arc<dyn SnapshotImage>>>,
+}
+
+impl SnapshotImages {
+    /// The image taken at `index`, while it is the latest.
+    pub fn get(&self, index: u64) -> Option<Arc<dyn SnapshotImage>> {
+        self.latest.lock().as_ref().filter(|i| i.index() == index).cloned()
+    }
+
+    fn set(&self, image: Option<Arc<dyn SnapshotImage>>) {
+        *self.latest.lock() = image;
+    }
+}
+
+/// How long an unused image is kept: it pins its storage snapshot, and so
+/// the space of everything written since.
+const IMAGE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Raft log storage for one member.
 pub struct LogStore {
@@ -40,8 +96,10 @@ pub struct LogStore {
     start: (u64, u64),
     entries: VecDeque<Entry>,
     source: Arc<dyn SnapshotSource>,
-    /// The last snapshot built for a follower, reused while it is fresh enough.
-    cached: parking_lot::Mutex<Option<Snapshot>>,
+    images: Arc<SnapshotImages>,
+    /// The last snapshot message built for a follower, and when; reused
+    /// while it is fresh enough (its image is in `images`).
+    cached: parking_lot::Mutex<Option<(std::time::Instant, Snapshot)>>,
 }
 
 fn entry_key(index: u64) -> [u8; 9] {
@@ -61,7 +119,7 @@ impl LogStore {
     /// # Errors
     ///
     /// Storage errors, or a stored record that does not decode.
-    pub fn open(db: &Database, source: Arc<dyn SnapshotSource>) -> Result<Self> {
+    pub fn open(db: &Database, source: Arc<dyn SnapshotSource>, images: Arc<SnapshotImages>) -> Result<Self> {
         let ks = db.keyspace("raft", KeyspaceCreateOptions::default)?;
         let hard_state = match ks.get(KEY_HARD_STATE)? {
             Some(b) => HardState::parse_from_bytes(&b).map_err(corrupt)?,
@@ -92,7 +150,7 @@ impl LogStore {
             }
             entries.push_back(e);
         }
-        Ok(Self { ks, hard_state, conf_state, start, entries, source, cached: Default::default() })
+        Ok(Self { ks, hard_state, conf_state, start, entries, source, images, cached: Default::default() })
     }
 
     /// True once the member has a configuration (bootstrapped or restored).
@@ -235,26 +293,43 @@ impl Storage for LogStore {
         Ok(self.last())
     }
 
+    /// Called by raft-rs on the raft thread when a follower needs a
+    /// snapshot. Only the image is taken here (a storage snapshot, cheap);
+    /// its body streams to the follower from the transport.
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
         let mut cached = self.cached.lock();
-        if let Some(s) = cached.as_ref() {
-            if s.get_metadata().index >= request_index && s.get_metadata().index >= self.start.0 {
+        if let Some((used, s)) = cached.as_mut() {
+            let index = s.get_metadata().index;
+            if index >= request_index && index >= self.start.0 && self.images.get(index).is_some() {
+                *used = std::time::Instant::now();
                 return Ok(s.clone());
             }
         }
-        let (applied, data) =
-            self.source.snapshot().map_err(|e| raft::Error::Store(StorageError::Other(Box::new(e))))?;
+        let image = self.source.prepare().map_err(|e| raft::Error::Store(StorageError::Other(Box::new(e))))?;
+        let applied = image.index();
         if applied < request_index {
             return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
         }
         let term = self.term(applied)?;
         let mut snap = Snapshot::default();
-        snap.data = data.into();
+        snap.data = image.header().into();
         let meta = snap.mut_metadata();
         meta.index = applied;
         meta.term = term;
         meta.set_conf_state(self.conf_state.clone());
-        *cached = Some(snap.clone());
+        self.images.set(Some(image));
+        *cached = Some((std::time::Instant::now(), snap.clone()));
         Ok(snap)
+    }
+}
+
+impl LogStore {
+    /// Lets go of an image no follower has asked for in a while.
+    pub fn expire_snapshot(&self) {
+        let mut cached = self.cached.lock();
+        if cached.as_ref().is_some_and(|(at, _)| at.elapsed() > IMAGE_MAX_AGE) {
+            *cached = None;
+            self.images.set(None);
+        }
     }
 }

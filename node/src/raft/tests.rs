@@ -2,7 +2,7 @@
 //! in-memory network, with partitions, heals and restarts. No threads, no
 //! sleeps: time is `tick()`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, OwnedWriteBatch};
@@ -11,7 +11,7 @@ use raft::eraftpb::{Message, MessageType};
 use tempfile::TempDir;
 
 use super::node::{Committed, RaftConfig, RaftNode, StateMachine};
-use super::storage::SnapshotSource;
+use super::storage::{ReceivedSnapshot, SnapshotImage, SnapshotImages, SnapshotSource};
 use crate::error::Result;
 use crate::metrics::Metrics;
 
@@ -29,10 +29,14 @@ struct LogSm {
     staged: Applied,
     published: Arc<Mutex<Applied>>,
     restores: Arc<Mutex<u32>>,
+    received: Received,
 }
 
+/// Snapshot bodies a member received and kept, by raft index.
+type Received = Arc<Mutex<HashMap<u64, Vec<Vec<u8>>>>>;
+
 impl LogSm {
-    fn open(db: &Database) -> (Self, Arc<Mutex<Applied>>, Arc<Mutex<u32>>) {
+    fn open(db: &Database, received: Received) -> (Self, Arc<Mutex<Applied>>, Arc<Mutex<u32>>) {
         let ks = db.keyspace("sm", KeyspaceCreateOptions::default).unwrap();
         let applied = match ks.get("state").unwrap() {
             Some(b) => decode(&b),
@@ -40,7 +44,8 @@ impl LogSm {
         };
         let published = Arc::new(Mutex::new(applied.clone()));
         let restores = Arc::new(Mutex::new(0));
-        (Self { ks, staged: applied, published: published.clone(), restores: restores.clone() }, published, restores)
+        let sm = Self { ks, staged: applied, published: published.clone(), restores: restores.clone(), received };
+        (sm, published, restores)
     }
 }
 
@@ -79,11 +84,10 @@ impl StateMachine for LogSm {
     fn on_commit(&mut self) {
         *self.published.lock() = self.staged.clone();
     }
-    fn restore(&mut self, index: u64, data: &[u8], batch: &mut OwnedWriteBatch) {
-        let mut a = decode(data);
-        assert_eq!(a.index, index);
-        a.index = index;
-        self.staged = a;
+    fn restore(&mut self, index: u64, header: &[u8], batch: &mut OwnedWriteBatch) {
+        assert_eq!(header, index.to_be_bytes(), "the header travels in the message");
+        let commands = self.received.lock().remove(&index).expect("the body arrived before raft saw the snapshot");
+        self.staged = Applied { index, commands };
         *self.restores.lock() += 1;
         batch.insert(&self.ks, "state", encode(&self.staged));
     }
@@ -92,12 +96,46 @@ impl StateMachine for LogSm {
     }
 }
 
-struct Source(Arc<Mutex<Applied>>);
+/// Snapshots of a [`LogSm`]: the header is the index, the body one chunk
+/// per command (so a body is always many chunks).
+struct Source {
+    published: Arc<Mutex<Applied>>,
+    received: Received,
+}
+
+struct Image(Applied);
+
+impl SnapshotImage for Image {
+    fn index(&self) -> u64 {
+        self.0.index
+    }
+    fn header(&self) -> Vec<u8> {
+        self.0.index.to_be_bytes().to_vec()
+    }
+    fn write_body(&self, _chunk_bytes: usize, each: &mut dyn FnMut(Vec<u8>) -> bool) -> Result<()> {
+        for c in &self.0.commands {
+            if !each(c.clone()) {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Body(u64, Vec<Vec<u8>>, Received);
+
+impl ReceivedSnapshot for Body {
+    fn keep(self: Box<Self>) {
+        self.2.lock().insert(self.0, self.1);
+    }
+}
 
 impl SnapshotSource for Source {
-    fn snapshot(&self) -> Result<(u64, Vec<u8>)> {
-        let a = self.0.lock().clone();
-        Ok((a.index, encode(&a)))
+    fn prepare(&self) -> Result<Arc<dyn SnapshotImage>> {
+        Ok(Arc::new(Image(self.published.lock().clone())))
+    }
+    fn receive(&self, index: u64, body: &mut dyn Iterator<Item = Vec<u8>>) -> Result<Box<dyn ReceivedSnapshot>> {
+        Ok(Box::new(Body(index, body.collect(), self.received.clone())))
     }
 }
 
@@ -106,6 +144,8 @@ struct Member {
     node: Option<RaftNode<LogSm>>,
     applied: Arc<Mutex<Applied>>,
     restores: Arc<Mutex<u32>>,
+    images: Arc<SnapshotImages>,
+    source: Option<Arc<Source>>,
 }
 
 /// N members and the messages between them.
@@ -122,7 +162,14 @@ impl Net {
         let mut net = Net { members: Vec::new(), ids: ids.clone(), cut: HashSet::new(), snapshot_count };
         for _ in &ids {
             let dir = tempfile::tempdir().unwrap();
-            net.members.push(Member { dir, node: None, applied: Default::default(), restores: Default::default() });
+            net.members.push(Member {
+                dir,
+                node: None,
+                applied: Default::default(),
+                restores: Default::default(),
+                images: Default::default(),
+                source: None,
+            });
         }
         for id in ids {
             net.start(id);
@@ -133,7 +180,8 @@ impl Net {
     fn start(&mut self, id: u64) {
         let m = &mut self.members[(id - 1) as usize];
         let db = Database::builder(m.dir.path()).open().unwrap();
-        let (sm, applied, restores) = LogSm::open(&db);
+        let received = Received::default();
+        let (sm, applied, restores) = LogSm::open(&db, received.clone());
         let cfg = RaftConfig {
             id,
             voters: self.ids.clone(),
@@ -142,9 +190,12 @@ impl Net {
             snapshot_count: self.snapshot_count,
             catchup_entries: 2,
         };
-        let source = Arc::new(Source(applied.clone()));
+        let source = Arc::new(Source { published: applied.clone(), received });
         let logger = super::logger::logger();
-        m.node = Some(RaftNode::open(cfg, db, sm, source, Arc::new(Metrics::default()), &logger).unwrap());
+        m.images = Arc::new(SnapshotImages::default());
+        let node = RaftNode::open(cfg, db, sm, source.clone(), m.images.clone(), Arc::new(Metrics::default()), &logger);
+        m.node = Some(node.unwrap());
+        m.source = Some(source);
         m.applied = applied;
         m.restores = restores;
     }
@@ -181,6 +232,22 @@ impl Net {
                 let delivered = !self.cut.contains(&from)
                     && !self.cut.contains(&to)
                     && self.members[(to - 1) as usize].node.is_some();
+                if delivered && snapshot {
+                    // As the transport does: the body first, from the
+                    // leader's image into the follower's store, then the message.
+                    let index = msg.get_snapshot().get_metadata().index;
+                    let image = self.members[(from - 1) as usize].images.get(index).expect("the leader's image");
+                    assert_eq!(msg.get_snapshot().get_data(), image.header().as_slice());
+                    let mut chunks = Vec::new();
+                    image
+                        .write_body(1, &mut |c| {
+                            chunks.push(c);
+                            true
+                        })
+                        .unwrap();
+                    let source = self.members[(to - 1) as usize].source.clone().expect("running");
+                    source.receive(index, &mut chunks.into_iter()).unwrap().keep();
+                }
                 if delivered {
                     self.node(to).step(msg);
                 }

@@ -2,25 +2,37 @@
 //!
 //! Each peer has one task and one in-flight RPC. Messages produced while an
 //! RPC is on the wire queue up and leave together in the next batch, so the
-//! batch size grows with load and the per-message cost falls. A failed send
-//! drops its batch (raft retransmits) and tells raft the peer is unreachable.
+//! batch size grows with load and the per-message cost falls; a batch stays
+//! under the peer's message limit. A failed send drops its batch (raft
+//! retransmits) and tells raft the peer is unreachable.
+//!
+//! A snapshot leaves on a stream of its own (`InstallSnapshot`), beside the
+//! batches: the MsgSnapshot first, then the state machine's body in chunks
+//! read from the leader's [`SnapshotImage`] on a blocking thread, at most a
+//! few chunks ahead of the network. The follower stores the body as it
+//! arrives ([`SnapshotSource::receive`]) and steps the message into raft
+//! only when the body is complete, so no snapshot is ever one message, and
+//! neither raft thread reads or writes the body.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::Sender;
 use meridian_proto::meridian::v1::raft_transport_client::RaftTransportClient;
 use meridian_proto::meridian::v1::raft_transport_server::RaftTransport;
-use meridian_proto::meridian::v1::{RaftAck, RaftBatch};
+use meridian_proto::meridian::v1::{RaftAck, RaftBatch, SnapshotChunk};
 use prost::Message as _;
 use protobuf::Message as _;
 use raft::eraftpb::Message;
 use tokio::sync::mpsc;
-use tonic::transport::Endpoint;
-use tonic::{Request, Response, Status};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status, Streaming};
 
 use super::driver::{is_snapshot, try_input, Input, Transport};
+use super::storage::{ReceivedSnapshot, SnapshotImages, SnapshotSource};
 use crate::metrics::Metrics;
 
 /// Most messages in one batch.
@@ -30,37 +42,60 @@ const MAX_BATCH: usize = 4096;
 /// bound (a peer that does not keep up) messages are dropped, which raft
 /// recovers from by resending, and the peer is reported unreachable.
 const PEER_QUEUE: usize = 2 * MAX_BATCH;
-/// Largest message a peer accepts: room for a whole-store snapshot.
-pub const MAX_PEER_MESSAGE: usize = 1 << 30;
+/// Default for `--max-peer-message-bytes`: the largest message a member
+/// sends to or accepts from a peer. Snapshots are chunked below it.
+pub const DEFAULT_MAX_PEER_MESSAGE: usize = 64 << 20;
+/// Room a batch leaves under the limit for its own framing.
+const BATCH_SLACK: usize = 4096;
+/// Snapshot body chunks already read and not yet on the wire, per stream.
+const CHUNKS_AHEAD: usize = 4;
+/// A snapshot stream that sends nothing for this long is given up.
+const SNAPSHOT_IDLE: Duration = Duration::from_secs(60);
+
+/// The size of a snapshot body chunk for a peer message limit.
+pub fn snapshot_chunk_bytes(max_message: usize) -> usize {
+    (max_message / 2).clamp(1, 1 << 20)
+}
+
+/// What every peer link of a member shares.
+pub struct PeerContext {
+    pub cluster_id: u64,
+    pub self_id: u64,
+    pub raft_tx: Sender<Input>,
+    /// The leader's snapshot images, which the links stream to followers.
+    pub images: Arc<SnapshotImages>,
+    /// The largest message sent to a peer (`--max-peer-message-bytes`).
+    pub max_message: usize,
+    pub metrics: Arc<Metrics>,
+}
+
+impl PeerContext {
+    fn report_snapshot(&self, to: u64, ok: bool) {
+        let _ = try_input(&self.raft_tx, Input::SnapshotDelivered { to, ok });
+    }
+}
 
 /// Sends to peers over gRPC.
 pub struct GrpcTransport {
     peers: HashMap<u64, mpsc::Sender<Message>>,
-    raft_tx: Sender<Input>,
+    ctx: Arc<PeerContext>,
 }
 
 impl GrpcTransport {
     /// Starts one sender task per peer (`id -> peer URL`). Must be called
     /// inside a tokio runtime.
-    pub fn start(
-        cluster_id: u64,
-        self_id: u64,
-        peers: HashMap<u64, String>,
-        raft_tx: Sender<Input>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    pub fn start(ctx: Arc<PeerContext>, peers: HashMap<u64, String>) -> Self {
         let mut senders = HashMap::new();
         for (id, url) in peers {
-            if id == self_id {
+            if id == ctx.self_id {
                 continue;
             }
             let (tx, rx) = mpsc::channel(PEER_QUEUE);
             senders.insert(id, tx);
-            let link =
-                PeerLink { cluster_id, from: self_id, to: id, raft_tx: raft_tx.clone(), metrics: metrics.clone() };
+            let link = PeerLink { ctx: ctx.clone(), to: id, snapshot_in_flight: Arc::new(AtomicBool::new(false)) };
             tokio::spawn(link.run(url, rx));
         }
-        Self { peers: senders, raft_tx }
+        Self { peers: senders, ctx }
     }
 }
 
@@ -71,7 +106,7 @@ impl Transport for GrpcTransport {
             let Some(tx) = self.peers.get(&m.to) else { continue };
             if let Err(mpsc::error::TrySendError::Full(m)) = tx.try_send(m) {
                 if is_snapshot(&m) {
-                    let _ = try_input(&self.raft_tx, Input::SnapshotDelivered { to: m.to, ok: false });
+                    self.ctx.report_snapshot(m.to, false);
                 }
                 if !full.contains(&m.to) {
                     full.push(m.to);
@@ -80,17 +115,17 @@ impl Transport for GrpcTransport {
         }
         for to in full {
             tracing::debug!(peer = format!("{to:x}"), "peer queue full; dropped messages");
-            let _ = try_input(&self.raft_tx, Input::Unreachable(to));
+            let _ = try_input(&self.ctx.raft_tx, Input::Unreachable(to));
         }
     }
 }
 
 struct PeerLink {
-    cluster_id: u64,
-    from: u64,
+    ctx: Arc<PeerContext>,
     to: u64,
-    raft_tx: Sender<Input>,
-    metrics: Arc<Metrics>,
+    /// raft-rs sends a peer one snapshot at a time; a second one while the
+    /// first streams is refused (reported failed, and raft asks again).
+    snapshot_in_flight: Arc<AtomicBool>,
 }
 
 impl PeerLink {
@@ -102,58 +137,172 @@ impl PeerLink {
                 return;
             }
         };
-        let mut client = RaftTransportClient::new(endpoint.connect_lazy())
-            .max_encoding_message_size(MAX_PEER_MESSAGE)
-            .max_decoding_message_size(MAX_PEER_MESSAGE);
+        let client = RaftTransportClient::new(endpoint.connect_lazy())
+            .max_encoding_message_size(self.ctx.max_message)
+            .max_decoding_message_size(self.ctx.max_message);
         let to_label = format!("{:x}", self.to);
+        let budget = self.ctx.max_message.saturating_sub(BATCH_SLACK).max(1);
         let mut failing = false;
-        while let Some(first) = rx.recv().await {
-            let mut msgs = vec![first];
-            while msgs.len() < MAX_BATCH {
+        // An encoded message that did not fit the last batch: it opens the next.
+        let mut carry: Option<Vec<u8>> = None;
+        loop {
+            let mut batch: Vec<Vec<u8>> = carry.take().into_iter().collect();
+            if batch.is_empty() {
+                let Some(m) = rx.recv().await else { break };
+                self.take(m, &mut batch, &mut carry, budget, &client);
+            }
+            while batch.len() < MAX_BATCH && carry.is_none() {
                 match rx.try_recv() {
-                    Ok(m) => msgs.push(m),
+                    Ok(m) => self.take(m, &mut batch, &mut carry, budget, &client),
                     Err(_) => break,
                 }
             }
-            let snapshot = msgs.iter().any(is_snapshot);
-            let batch = RaftBatch {
-                cluster_id: self.cluster_id,
-                from: self.from,
-                to: self.to,
-                messages: msgs.iter().map(|m| m.write_to_bytes().expect("encode raft message")).collect(),
-            };
+            if batch.is_empty() {
+                continue; // only snapshots, which stream on their own
+            }
+            let batch =
+                RaftBatch { cluster_id: self.ctx.cluster_id, from: self.ctx.self_id, to: self.to, messages: batch };
             let bytes = batch.encoded_len() as u64;
-            let timeout = if snapshot { Duration::from_secs(120) } else { Duration::from_secs(5) };
             let mut req = Request::new(batch);
-            req.set_timeout(timeout);
-            match client.send(req).await {
+            req.set_timeout(Duration::from_secs(5));
+            match client.clone().send(req).await {
                 Ok(_) => {
                     if failing {
                         tracing::info!(peer = %to_label, "peer reachable again");
                         failing = false;
                     }
-                    self.metrics.peer_sent_bytes.with_label_values(&[&to_label]).inc_by(bytes);
-                    if snapshot {
-                        let _ = try_input(&self.raft_tx, Input::SnapshotDelivered { to: self.to, ok: true });
-                    }
+                    self.ctx.metrics.peer_sent_bytes.with_label_values(&[&to_label]).inc_by(bytes);
                 }
                 Err(status) => {
                     if !failing {
                         tracing::warn!(peer = %to_label, error = %status.message(), "cannot reach peer");
                         failing = true;
                     }
-                    self.metrics.peer_sent_failures.with_label_values(&[&to_label]).inc();
-                    let _ = try_input(&self.raft_tx, Input::Unreachable(self.to));
-                    if snapshot {
-                        let _ = try_input(&self.raft_tx, Input::SnapshotDelivered { to: self.to, ok: false });
+                    self.ctx.metrics.peer_sent_failures.with_label_values(&[&to_label]).inc();
+                    let _ = try_input(&self.ctx.raft_tx, Input::Unreachable(self.to));
+                    // Messages queued meanwhile are stale; raft resends what
+                    // matters, and a dropped snapshot is reported so raft
+                    // offers it again.
+                    carry = None;
+                    while let Ok(m) = rx.try_recv() {
+                        if is_snapshot(&m) {
+                            self.ctx.report_snapshot(self.to, false);
+                        }
                     }
-                    // Messages queued meanwhile are stale; raft resends what matters.
-                    while rx.try_recv().is_ok() {}
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
     }
+
+    /// Adds `m` to the batch, or to `carry` when the batch is full; a
+    /// snapshot starts its own stream instead.
+    fn take(
+        &self,
+        m: Message,
+        batch: &mut Vec<Vec<u8>>,
+        carry: &mut Option<Vec<u8>>,
+        budget: usize,
+        client: &RaftTransportClient<Channel>,
+    ) {
+        if is_snapshot(&m) {
+            if self.snapshot_in_flight.swap(true, Ordering::AcqRel) {
+                self.ctx.report_snapshot(self.to, false);
+                return;
+            }
+            let (ctx, to, client, flag) = (self.ctx.clone(), self.to, client.clone(), self.snapshot_in_flight.clone());
+            tokio::spawn(async move {
+                let ok = send_snapshot(&ctx, to, client, m).await;
+                flag.store(false, Ordering::Release);
+                ctx.report_snapshot(to, ok);
+            });
+            return;
+        }
+        let raw = m.write_to_bytes().expect("encode raft message");
+        let bytes: usize = batch.iter().map(Vec::len).sum();
+        if !batch.is_empty() && bytes + raw.len() > budget {
+            *carry = Some(raw);
+        } else {
+            batch.push(raw);
+        }
+    }
+}
+
+/// Streams one snapshot to `to`: the message, then the image's body.
+/// True when the follower confirmed it stored the body and took the message.
+async fn send_snapshot(ctx: &PeerContext, to: u64, mut client: RaftTransportClient<Channel>, msg: Message) -> bool {
+    let to_label = format!("{to:x}");
+    let index = msg.get_snapshot().get_metadata().index;
+    let Some(image) = ctx.images.get(index) else {
+        tracing::debug!(peer = %to_label, index, "snapshot image gone before it was sent");
+        return false;
+    };
+    let chunk_bytes = snapshot_chunk_bytes(ctx.max_message);
+    let (tx, rx) = mpsc::channel::<SnapshotChunk>(CHUNKS_AHEAD);
+    let first = SnapshotChunk {
+        cluster_id: ctx.cluster_id,
+        from: ctx.self_id,
+        to,
+        message: msg.write_to_bytes().expect("encode raft message"),
+        ..Default::default()
+    };
+    if tx.send(first).await.is_err() {
+        return false;
+    }
+    let started = Instant::now();
+    tracing::info!(peer = %to_label, index, "sending snapshot");
+    ctx.metrics.snapshot_send_inflights.with_label_values(&[&to_label]).inc();
+    let delay = slow_snapshot_failpoint();
+    let body = tokio::task::spawn_blocking(move || {
+        let mut sent = 0u64;
+        image.write_body(chunk_bytes, &mut |data| {
+            if let Some(delay) = delay {
+                std::thread::sleep(delay);
+            }
+            sent += data.len() as u64;
+            tx.blocking_send(SnapshotChunk { data, ..Default::default() }).is_ok()
+        })?;
+        // Only a body read to its end is marked done; the receiver discards any other.
+        let _ = tx.blocking_send(SnapshotChunk { done: true, ..Default::default() });
+        Ok::<u64, crate::error::Error>(sent)
+    });
+    let answer = client.install_snapshot(ReceiverStream::new(rx)).await;
+    let body = body.await;
+    ctx.metrics.snapshot_send_inflights.with_label_values(&[&to_label]).dec();
+    let outcome = match (answer, body) {
+        (Ok(_), Ok(Ok(bytes))) => Ok(bytes),
+        (Err(status), _) => Err(status.message().to_string()),
+        (_, Ok(Err(e))) => Err(format!("reading the snapshot image: {e}")),
+        (_, Err(e)) => Err(format!("snapshot reader task: {e}")),
+    };
+    match outcome {
+        Ok(bytes) => {
+            let took = started.elapsed();
+            ctx.metrics.snapshot_send_success.with_label_values(&[&to_label]).inc();
+            ctx.metrics.snapshot_send_duration.with_label_values(&[&to_label]).observe(took.as_secs_f64());
+            ctx.metrics.peer_sent_bytes.with_label_values(&[&to_label]).inc_by(bytes);
+            tracing::info!(peer = %to_label, index, bytes, ms = took.as_millis() as u64, "snapshot sent");
+            true
+        }
+        Err(e) => {
+            ctx.metrics.snapshot_send_failures.with_label_values(&[&to_label]).inc();
+            tracing::warn!(peer = %to_label, index, error = %e, "sending snapshot failed");
+            false
+        }
+    }
+}
+
+/// Fault injection for the tests: `MERIDIAN_FAILPOINT=slow-snapshot@MS`
+/// holds each snapshot chunk back MS milliseconds before it is sent, as a
+/// slow link between regions would. Read once; off unless set.
+fn slow_snapshot_failpoint() -> Option<Duration> {
+    static DELAY: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *DELAY.get_or_init(|| {
+        let v = std::env::var("MERIDIAN_FAILPOINT").ok()?;
+        let ms = v.strip_prefix("slow-snapshot@")?.parse().ok()?;
+        tracing::warn!(ms, "failpoint armed: every snapshot chunk is sent this much later");
+        Some(Duration::from_millis(ms))
+    })
 }
 
 /// The receiving side: checks the sender is a configured member of this
@@ -162,25 +311,85 @@ pub struct PeerService {
     pub cluster_id: u64,
     pub members: HashSet<u64>,
     pub raft_tx: Sender<Input>,
+    /// Where incoming snapshot bodies are stored.
+    pub source: Arc<dyn SnapshotSource>,
     pub metrics: Arc<Metrics>,
+    /// Held while a snapshot is being received: one at a time.
+    pub receiving: tokio::sync::Mutex<()>,
+}
+
+impl PeerService {
+    fn check_sender(&self, cluster_id: u64, from: u64) -> Result<(), Status> {
+        if cluster_id != self.cluster_id {
+            return Err(Status::failed_precondition(format!(
+                "cluster ID mismatch: local {:x}, remote {cluster_id:x}",
+                self.cluster_id
+            )));
+        }
+        if !self.members.contains(&from) {
+            return Err(Status::permission_denied(format!("{from:x} is not a member of this cluster")));
+        }
+        Ok(())
+    }
+
+    /// Stores the body that follows a snapshot's first chunk, on a blocking
+    /// thread, a few chunks at a time.
+    async fn receive_body(
+        &self,
+        index: u64,
+        stream: &mut Streaming<SnapshotChunk>,
+    ) -> Result<Box<dyn ReceivedSnapshot>, Status> {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CHUNKS_AHEAD);
+        let source = self.source.clone();
+        let store = tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            let stored = source.receive(index, &mut std::iter::from_fn(|| rx.blocking_recv()));
+            (stored, started.elapsed())
+        });
+        let (mut done, mut failed) = (false, None);
+        while !done {
+            match tokio::time::timeout(SNAPSHOT_IDLE, stream.message()).await {
+                Err(_) => failed = Some(Status::deadline_exceeded("snapshot stream idle")),
+                Ok(Err(status)) => failed = Some(status),
+                Ok(Ok(None)) => failed = Some(Status::invalid_argument("snapshot stream ended before its last chunk")),
+                Ok(Ok(Some(chunk))) => {
+                    // A send fails only once storing gave up; its error is below.
+                    if !chunk.data.is_empty() && tx.send(chunk.data).await.is_err() {
+                        break;
+                    }
+                    done = chunk.done;
+                }
+            }
+            if failed.is_some() {
+                break;
+            }
+        }
+        drop(tx);
+        let (stored, took) = store.await.map_err(|e| Status::internal(format!("snapshot store task: {e}")))?;
+        if let Some(status) = failed {
+            return Err(status); // the partial body is dropped, and discarded with it
+        }
+        let stored = stored.map_err(|e| Status::invalid_argument(format!("storing snapshot: {e}")))?;
+        if !done {
+            return Err(Status::invalid_argument("snapshot stream ended before its last chunk"));
+        }
+        self.metrics.snap_db_save.observe(took.as_secs_f64());
+        Ok(stored)
+    }
 }
 
 #[tonic::async_trait]
 impl RaftTransport for PeerService {
     async fn send(&self, req: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
         let batch = req.into_inner();
-        if batch.cluster_id != self.cluster_id {
-            return Err(Status::failed_precondition(format!(
-                "cluster ID mismatch: local {:x}, remote {:x}",
-                self.cluster_id, batch.cluster_id
-            )));
-        }
-        if !self.members.contains(&batch.from) {
-            return Err(Status::permission_denied(format!("{:x} is not a member of this cluster", batch.from)));
-        }
+        self.check_sender(batch.cluster_id, batch.from)?;
         let from_label = format!("{:x}", batch.from);
         let bytes = batch.messages.iter().map(|m| m.len() as u64).sum::<u64>();
         for msg in decode_messages(&batch).map_err(Status::invalid_argument)? {
+            if is_snapshot(&msg) {
+                // Its body would be missing: snapshots come by InstallSnapshot.
+                return Err(Status::invalid_argument("a snapshot must come by InstallSnapshot"));
+            }
             // A full raft channel refuses the rest of the batch; the sender
             // counts it as failed and raft resends.
             try_input(&self.raft_tx, Input::Step(msg)).map_err(|e| Status::unavailable(e.to_string()))?;
@@ -188,6 +397,56 @@ impl RaftTransport for PeerService {
         self.metrics.peer_received_bytes.with_label_values(&[&from_label]).inc_by(bytes);
         Ok(Response::new(RaftAck {}))
     }
+
+    async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftAck>, Status> {
+        let mut stream = req.into_inner();
+        let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
+        self.check_sender(first.cluster_id, first.from)?;
+        let msg = decode_snapshot_message(&first).map_err(Status::invalid_argument)?;
+        let Ok(_one_at_a_time) = self.receiving.try_lock() else {
+            return Err(Status::unavailable("already receiving a snapshot"));
+        };
+        let index = msg.get_snapshot().get_metadata().index;
+        let from_label = format!("{:x}", first.from);
+        tracing::info!(from = %from_label, index, "receiving snapshot");
+        self.metrics.snapshot_receive_inflights.with_label_values(&[&from_label]).inc();
+        let started = Instant::now();
+        let result = self.receive_body(index, &mut stream).await;
+        self.metrics.snapshot_receive_inflights.with_label_values(&[&from_label]).dec();
+        let stored = match result {
+            Ok(stored) => stored,
+            Err(status) => {
+                self.metrics.snapshot_receive_failures.with_label_values(&[&from_label]).inc();
+                tracing::warn!(from = %from_label, index, error = %status.message(), "receiving snapshot failed");
+                return Err(status);
+            }
+        };
+        // The body is durable; raft may now take the snapshot and restore it.
+        stored.keep();
+        try_input(&self.raft_tx, Input::Step(msg)).map_err(|e| Status::unavailable(e.to_string()))?;
+        let took = started.elapsed();
+        self.metrics.snapshot_receive_success.with_label_values(&[&from_label]).inc();
+        self.metrics.snapshot_receive_duration.with_label_values(&[&from_label]).observe(took.as_secs_f64());
+        tracing::info!(from = %from_label, index, ms = took.as_millis() as u64, "snapshot received");
+        Ok(Response::new(RaftAck {}))
+    }
+}
+
+/// The MsgSnapshot in a snapshot stream's first chunk, checked to come
+/// from the chunk's sender.
+///
+/// # Errors
+///
+/// A message that does not decode, is not a snapshot, or names another sender.
+pub fn decode_snapshot_message(first: &SnapshotChunk) -> Result<Message, String> {
+    let msg = Message::parse_from_bytes(&first.message).map_err(|e| format!("bad raft message: {e}"))?;
+    if !is_snapshot(&msg) {
+        return Err("the first chunk of a snapshot stream must carry a snapshot message".to_string());
+    }
+    if msg.from != first.from {
+        return Err("raft message sender differs from the stream's sender".to_string());
+    }
+    Ok(msg)
 }
 
 /// The raft messages of a peer's batch, each checked to come from the
@@ -215,10 +474,32 @@ pub fn decode_messages(batch: &RaftBatch) -> Result<Vec<Message>, String> {
 mod tests {
     use super::*;
 
+    /// Refuses every snapshot: these tests send none.
+    struct NoSnapshots;
+
+    impl SnapshotSource for NoSnapshots {
+        fn prepare(&self) -> crate::error::Result<Arc<dyn super::super::storage::SnapshotImage>> {
+            Err(crate::error::Error::Stopped)
+        }
+        fn receive(
+            &self,
+            _: u64,
+            _: &mut dyn Iterator<Item = Vec<u8>>,
+        ) -> crate::error::Result<Box<dyn ReceivedSnapshot>> {
+            Err(crate::error::Error::Stopped)
+        }
+    }
+
     fn service() -> (PeerService, crossbeam_channel::Receiver<Input>) {
         let (tx, rx) = crossbeam_channel::bounded(8);
-        let svc =
-            PeerService { cluster_id: 7, members: [1, 2].into(), raft_tx: tx, metrics: Arc::new(Metrics::default()) };
+        let svc = PeerService {
+            cluster_id: 7,
+            members: [1, 2].into(),
+            raft_tx: tx,
+            source: Arc::new(NoSnapshots),
+            metrics: Arc::new(Metrics::default()),
+            receiving: Default::default(),
+        };
         (svc, rx)
     }
 
@@ -241,5 +522,38 @@ mod tests {
         assert!(rx.try_recv().is_err(), "nothing reached raft");
         svc.send(Request::new(batch(7, 2, 2))).await.unwrap();
         assert!(matches!(rx.try_recv(), Ok(Input::Step(m)) if m.from == 2));
+    }
+
+    #[tokio::test]
+    async fn a_snapshot_comes_only_by_its_own_stream() {
+        let (svc, rx) = service();
+        let mut snap = Message::default();
+        snap.from = 2;
+        snap.to = 1;
+        snap.set_msg_type(raft::eraftpb::MessageType::MsgSnapshot);
+        let raw = snap.write_to_bytes().unwrap();
+        let batch = RaftBatch { cluster_id: 7, from: 2, to: 1, messages: vec![raw.clone()] };
+        let err = svc.send(Request::new(batch)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "its body would be missing");
+        assert!(rx.try_recv().is_err(), "nothing reached raft");
+
+        let first = SnapshotChunk { cluster_id: 7, from: 2, to: 1, message: raw, ..Default::default() };
+        assert!(decode_snapshot_message(&first).is_ok());
+        let other_sender = SnapshotChunk { from: 3, ..first.clone() };
+        assert!(decode_snapshot_message(&other_sender).is_err());
+        let append = SnapshotChunk { message: batch_message(2), ..first };
+        assert!(decode_snapshot_message(&append).is_err(), "the first chunk must carry a snapshot");
+    }
+
+    fn batch_message(from: u64) -> Vec<u8> {
+        let mut m = Message::default();
+        m.from = from;
+        m.write_to_bytes().unwrap()
+    }
+
+    #[test]
+    fn snapshot_chunks_fit_the_peer_limit() {
+        assert_eq!(snapshot_chunk_bytes(DEFAULT_MAX_PEER_MESSAGE), 1 << 20);
+        assert_eq!(snapshot_chunk_bytes(256 << 10), 128 << 10);
     }
 }

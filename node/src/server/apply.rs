@@ -25,8 +25,8 @@ use super::version::{self, VersionCell};
 use super::watch::WatchHub;
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
-use crate::mvcc::{KeyRange, Marks, Mvcc};
-use crate::raft::storage::SnapshotSource;
+use crate::mvcc::{KeyRange, Marks, Mvcc, Received, StoreImage};
+use crate::raft::storage::{ReceivedSnapshot, SnapshotImage, SnapshotSource};
 use crate::raft::{Committed, StateMachine};
 
 /// An entry whose apply takes longer counts in `etcd_server_slow_apply_total`
@@ -337,11 +337,18 @@ impl StateMachine for EtcdStateMachine {
         }
     }
 
-    fn restore(&mut self, index: u64, data: &[u8], batch: &mut OwnedWriteBatch) {
-        let snap = SnapshotData::decode(data).unwrap_or_else(|e| panic!("snapshot at {index} does not decode: {e}"));
+    fn restore(&mut self, index: u64, header: &[u8], batch: &mut OwnedWriteBatch) {
+        let snap = SnapshotData::decode(header).unwrap_or_else(|e| panic!("snapshot at {index} does not decode: {e}"));
         let marks = Marks { current: snap.current_revision, compacted: snap.compact_revision, applied: index };
-        let meta = snap.meta.into_iter().collect();
-        if let Err(e) = self.mvcc.import(marks, snap.records, meta, batch) {
+        let meta: std::collections::BTreeMap<_, _> = snap.meta.into_iter().collect();
+        // The body came first, by the transport; a leader of an older
+        // release sent the records inside the message instead.
+        let restored = match self.mvcc.install(index, marks, meta.clone(), batch) {
+            Ok(true) => Ok(()),
+            Ok(false) => self.mvcc.import(marks, snap.records, meta, batch),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = restored {
             panic!("restoring snapshot at {index} failed: {e}");
         }
         self.restored = true;
@@ -401,18 +408,92 @@ mod failpoint {
     }
 }
 
-/// Builds raft snapshots from the published MVCC state.
-pub struct MvccSnapshots(pub Arc<Mvcc>);
+/// Raft snapshots of the MVCC store: images for followers, bodies from the leader.
+///
+/// The header (in raft's MsgSnapshot) is a `SnapshotData` with the marks and
+/// the metadata and no records; the body is a run of `SnapshotData` chunks
+/// holding only records, in revision order.
+pub struct MvccSnapshots {
+    pub mvcc: Arc<Mvcc>,
+    pub metrics: Arc<Metrics>,
+}
 
 impl SnapshotSource for MvccSnapshots {
-    fn snapshot(&self) -> Result<(u64, Vec<u8>)> {
-        let (marks, records, meta) = self.0.export()?;
-        let data = SnapshotData {
-            records,
-            current_revision: marks.current,
-            compact_revision: marks.compacted,
-            meta: meta.into_iter().collect(),
-        };
-        Ok((marks.applied, data.encode_to_vec()))
+    fn prepare(&self) -> Result<Arc<dyn SnapshotImage>> {
+        let started = std::time::Instant::now();
+        let image = self.mvcc.image();
+        let encoding = std::time::Instant::now();
+        let header = SnapshotData {
+            records: Vec::new(),
+            current_revision: image.marks.current,
+            compact_revision: image.marks.compacted,
+            meta: image.meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        }
+        .encode_to_vec();
+        self.metrics.snap_save_marshalling.observe(encoding.elapsed().as_secs_f64());
+        self.metrics.snap_save.observe(started.elapsed().as_secs_f64());
+        Ok(Arc::new(MvccImage { image, header }))
+    }
+
+    fn receive(&self, index: u64, body: &mut dyn Iterator<Item = Vec<u8>>) -> Result<Box<dyn ReceivedSnapshot>> {
+        let mut records = body
+            .map(|chunk| {
+                SnapshotData::decode(chunk.as_slice())
+                    .map(|d| d.records)
+                    .map_err(|e| Error::Corrupt(format!("snapshot chunk does not decode: {e}")))
+            })
+            .flat_map(|chunk| match chunk {
+                Ok(records) => records.into_iter().map(Ok).collect::<Vec<_>>(),
+                Err(e) => vec![Err(e)],
+            });
+        let received = self.mvcc.ingest(index, &mut records)?;
+        self.metrics.snap_db_fsync.observe(received.fsync.as_secs_f64());
+        Ok(Box::new(KeepReceived { mvcc: self.mvcc.clone(), received }))
+    }
+}
+
+struct MvccImage {
+    image: StoreImage,
+    header: Vec<u8>,
+}
+
+impl SnapshotImage for MvccImage {
+    fn index(&self) -> u64 {
+        self.image.marks.applied
+    }
+
+    fn header(&self) -> Vec<u8> {
+        self.header.clone()
+    }
+
+    fn write_body(&self, chunk_bytes: usize, each: &mut dyn FnMut(Vec<u8>) -> bool) -> Result<()> {
+        let mut chunk = SnapshotData::default();
+        let mut bytes = 0;
+        let mut open = true;
+        self.image.for_each(|rec| {
+            bytes += rec.encoded_len() + 8;
+            chunk.records.push(rec);
+            if bytes >= chunk_bytes {
+                open = each(std::mem::take(&mut chunk).encode_to_vec());
+                bytes = 0;
+            }
+            open
+        })?;
+        if open && !chunk.records.is_empty() {
+            each(chunk.encode_to_vec());
+        }
+        Ok(())
+    }
+}
+
+struct KeepReceived {
+    mvcc: Arc<Mvcc>,
+    received: Received,
+}
+
+impl ReceivedSnapshot for KeepReceived {
+    fn keep(self: Box<Self>) {
+        let KeepReceived { mvcc, received } = *self;
+        mvcc.keep(received);
     }
 }
