@@ -70,16 +70,14 @@ const FLAGS: &[(&str, Arity, Fate)] = &[
     ("experimental-peer-skip-client-san-verification", Bool, Ignore),
     ("experimental-warning-apply-duration", Value, Ignore),
     ("force-new-cluster", Bool, RefuseUnless(OFF)),
-    ("grpc-keepalive-interval", Value, Ignore),
+    // The HTTP/2 server cannot enforce a minimum time between a client's pings.
     ("grpc-keepalive-min-time", Value, Ignore),
-    ("grpc-keepalive-timeout", Value, Ignore),
     ("host-whitelist", Value, Ignore),
     ("initial-election-tick-advance", Bool, Ignore),
     ("key-file", Value, RefuseUnless(OFF)),
     ("log-outputs", Value, Ignore),
     ("log-package-levels", Value, Ignore),
     ("logger", Value, Ignore),
-    ("max-concurrent-streams", Value, Ignore),
     ("max-snapshots", Value, Ignore),
     ("max-wals", Value, Ignore),
     ("metrics", Value, Ignore),
@@ -190,6 +188,9 @@ const SETTINGS_KEYS: &[&str] = &[
     "primary-region",
     "mirror-token-file",
     "max-peer-message-bytes",
+    "max-concurrent-streams",
+    "grpc-keepalive-interval",
+    "grpc-keepalive-timeout",
 ];
 
 /// Sorts the keys of an etcd YAML configuration file as [`take_etcd_flags`]
@@ -266,15 +267,10 @@ mod tests {
             "--data-dir",
             "d",
         ]));
-        assert_eq!(kept, args(&["node", "--name", "m1", "--data-dir", "d"]));
+        assert_eq!(kept, args(&["node", "--name", "m1", "--max-concurrent-streams", "100", "--data-dir", "d"]));
         assert_eq!(
             found.warnings,
-            [
-                "--experimental-initial-corrupt-check=true",
-                "--strict-reconfig-check=true",
-                "--max-concurrent-streams=100",
-                "--logger=zap"
-            ]
+            ["--experimental-initial-corrupt-check=true", "--strict-reconfig-check=true", "--logger=zap"]
         );
         assert!(found.refused.is_empty());
     }
@@ -318,6 +314,9 @@ mod tests {
             "listen-metrics-urls",
             "listen-peer-urls",
             "log-level",
+            "grpc-keepalive-interval",
+            "grpc-keepalive-timeout",
+            "max-concurrent-streams",
             "max-request-bytes",
             "max-txn-ops",
             "name",

@@ -64,6 +64,15 @@ pub struct NodeFlags {
     /// chunks below it). At least twice --max-request-bytes plus 64 KiB.
     #[arg(long)]
     pub max_peer_message_bytes: Option<usize>,
+    /// Most concurrent streams (calls) a client connection may have open (HTTP/2 setting).
+    #[arg(long)]
+    pub max_concurrent_streams: Option<u32>,
+    /// How often the server pings an idle client connection (e.g. 2h; 0 turns pings off).
+    #[arg(long)]
+    pub grpc_keepalive_interval: Option<String>,
+    /// How long the server waits for a ping's answer before it closes the connection (e.g. 20s).
+    #[arg(long)]
+    pub grpc_keepalive_timeout: Option<String>,
     /// Extra URLs serving /metrics and /health over plain HTTP.
     #[arg(long)]
     pub listen_metrics_urls: Option<String>,
@@ -139,6 +148,12 @@ pub struct Settings {
     pub max_txn_ops: usize,
     #[serde(alias = "max-peer-message-bytes")]
     pub max_peer_message_bytes: usize,
+    #[serde(alias = "max-concurrent-streams")]
+    pub max_concurrent_streams: u32,
+    #[serde(alias = "grpc-keepalive-interval")]
+    pub grpc_keepalive_interval: String,
+    #[serde(alias = "grpc-keepalive-timeout")]
+    pub grpc_keepalive_timeout: String,
     #[serde(alias = "listen-metrics-urls")]
     pub listen_metrics_urls: String,
     #[serde(alias = "quota-backend-bytes")]
@@ -189,6 +204,10 @@ impl Default for Settings {
             max_request_bytes: 1536 * 1024,
             max_txn_ops: 128,
             max_peer_message_bytes: crate::raft::transport::DEFAULT_MAX_PEER_MESSAGE,
+            // etcd 3.4's defaults.
+            max_concurrent_streams: u32::MAX,
+            grpc_keepalive_interval: "2h".into(),
+            grpc_keepalive_timeout: "20s".into(),
             listen_metrics_urls: String::new(),
             quota_backend_bytes: 0,
             watch_progress_notify_interval: "10m".into(),
@@ -286,6 +305,10 @@ pub struct NodeConfig {
     pub max_request_bytes: usize,
     pub max_txn_ops: usize,
     pub max_peer_message_bytes: usize,
+    pub max_concurrent_streams: u32,
+    /// Server pings to idle client connections; `None` when off.
+    pub grpc_keepalive_interval: Option<Duration>,
+    pub grpc_keepalive_timeout: Duration,
     /// The space quota in bytes; `None` when disabled (negative, as etcd).
     pub quota: Option<u64>,
     pub progress_notify_interval: Duration,
@@ -365,6 +388,9 @@ impl Settings {
             max_request_bytes,
             max_txn_ops,
             max_peer_message_bytes,
+            max_concurrent_streams,
+            grpc_keepalive_interval,
+            grpc_keepalive_timeout,
             listen_metrics_urls,
             quota_backend_bytes,
             log_level,
@@ -434,6 +460,9 @@ impl Settings {
                 self.max_peer_message_bytes
             )));
         }
+        if self.max_concurrent_streams == 0 {
+            return Err(Error::Config("--max-concurrent-streams must be > 0".into()));
+        }
         if !matches!(self.log_level.as_str(), "error" | "warn" | "info" | "debug" | "trace") {
             return Err(Error::Config(format!(
                 "invalid --log-level {:?}: valid values are error, warn, info, debug or trace",
@@ -461,6 +490,18 @@ impl Settings {
             max_request_bytes: self.max_request_bytes,
             max_txn_ops: self.max_txn_ops,
             max_peer_message_bytes: self.max_peer_message_bytes,
+            max_concurrent_streams: self.max_concurrent_streams,
+            grpc_keepalive_interval: match parse_duration(&self.grpc_keepalive_interval) {
+                Some(d) if d.is_zero() => None,
+                Some(d) => Some(d),
+                None => {
+                    return Err(Error::Config(format!(
+                        "invalid --grpc-keepalive-interval {:?}: want a duration like 2h or 30s (0 turns pings off)",
+                        self.grpc_keepalive_interval
+                    )))
+                }
+            },
+            grpc_keepalive_timeout: positive_duration("--grpc-keepalive-timeout", &self.grpc_keepalive_timeout)?,
             quota,
             progress_notify_interval: positive_duration(
                 "--experimental-watch-progress-notify-interval",
@@ -663,7 +704,11 @@ mod tests {
     #[test]
     fn bad_values_are_refused_naming_the_flag() {
         type Set = fn(&mut Settings);
-        let table: [(Set, &str); 12] = [
+        let table: [(Set, &str); 16] = [
+            (|s| s.max_peer_message_bytes = 1 << 20, "--max-peer-message-bytes"),
+            (|s| s.max_concurrent_streams = 0, "--max-concurrent-streams"),
+            (|s| s.grpc_keepalive_interval = "often".into(), "--grpc-keepalive-interval"),
+            (|s| s.grpc_keepalive_timeout = "0".into(), "--grpc-keepalive-timeout"),
             (|s| s.auto_compaction_retention = "5ns".into(), "--auto-compaction-retention"),
             (|s| s.auto_compaction_retention = "1x".into(), "--auto-compaction-retention"),
             (|s| s.auto_compaction_mode = "daily".into(), "--auto-compaction-mode"),

@@ -155,7 +155,13 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             raft_term: status.get().map_or(0, |s| s.term()),
         })
     };
-    let hub = WatchHub::start(mvcc.clone(), header.clone(), cfg.max_request_bytes, cfg.progress_notify_interval);
+    let hub = WatchHub::start(
+        mvcc.clone(),
+        header.clone(),
+        cfg.max_request_bytes,
+        cfg.progress_notify_interval,
+        metrics.clone(),
+    );
     let lessor = Arc::new(Lessor::new(cfg.election));
     let sm = EtcdStateMachine::new(
         mvcc.clone(),
@@ -239,7 +245,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     )
     .add_service(LeaseForwardServer::new(LeaseForwardService { server: server.clone(), lessor: lessor.clone() }));
     for url in &cfg.listen_peer_urls {
-        tasks.push(serve(url, peer_routes.clone(), stop_rx.clone(), false).await?);
+        tasks.push(serve(url, peer_routes.clone(), stop_rx.clone(), None).await?);
     }
     let watch = WatchService::new(hub, header);
     let leases = LeaseService {
@@ -252,11 +258,17 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     }
     let client_routes = client_routes(&server, watch, leases, cfg.max_request_bytes, cfg.mirror_token.clone());
     for url in &cfg.listen_client_urls {
-        tasks.push(serve(url, client_routes.clone(), stop_rx.clone(), true).await?);
+        let listener = ClientListener {
+            metrics: metrics.clone(),
+            max_concurrent_streams: cfg.max_concurrent_streams,
+            keepalive_interval: cfg.grpc_keepalive_interval,
+            keepalive_timeout: cfg.grpc_keepalive_timeout,
+        };
+        tasks.push(serve(url, client_routes.clone(), stop_rx.clone(), Some(listener)).await?);
     }
     let metrics_routes = Routes::from(server::http::routes(axum::Router::new(), server.clone()));
     for url in &cfg.listen_metrics_urls {
-        tasks.push(serve(url, metrics_routes.clone(), stop_rx.clone(), false).await?);
+        tasks.push(serve(url, metrics_routes.clone(), stop_rx.clone(), None).await?);
     }
     tokio::spawn(run_leader_duties(server.clone(), lessor.clone(), cfg.lease_checkpoint_interval));
     if let Some(retention) = cfg.auto_compaction {
@@ -321,16 +333,54 @@ fn client_routes(
         .add_service(ClusterServer::new(ClusterService { server: server.clone() }).max_decoding_message_size(max))
         .clone()
         .routes();
-    Routes::from(server::http::routes(routes.into_axum_router(), server.clone()))
+    let metrics = server.metrics.clone();
+    let router = routes.into_axum_router().layer(tower::util::MapRequestLayer::new(
+        move |req: http::Request<axum::body::Body>| {
+            count_client_request(&metrics, &req);
+            req
+        },
+    ));
+    Routes::from(server::http::routes(router, server.clone()))
 }
 
-/// Serves `routes` on `url` until `stop`. Client listeners (`etcd_clients`)
-/// accept etcd Go clients' schemed `:authority` (see `server::authority`).
+/// etcd's `etcd_server_client_requests_total{type, client_api_version}`: every
+/// gRPC call, unary or stream, by the `client-api-version` its client sends.
+fn count_client_request<B>(metrics: &Metrics, req: &http::Request<B>) {
+    const STREAMS: &[&str] =
+        &["/etcdserverpb.Watch/Watch", "/etcdserverpb.Lease/LeaseKeepAlive", "/etcdserverpb.Maintenance/Snapshot"];
+    let path = req.uri().path();
+    if !path.starts_with("/etcdserverpb.") {
+        return;
+    }
+    let kind = if STREAMS.contains(&path) { "stream" } else { "unary" };
+    let version = req.headers().get("client-api-version").and_then(|v| v.to_str().ok()).unwrap_or("unknown");
+    // A client names its version; only `M.mm` shapes count as one, which
+    // bounds the label set against a client sending a new one per call.
+    let shaped = matches!(version.split_once('.'), Some((major, minor))
+        if major.len() == 1 && (1..=2).contains(&minor.len())
+            && major.bytes().chain(minor.bytes()).all(|b| b.is_ascii_digit()));
+    let version = if shaped { version } else { "unknown" };
+    metrics.client_requests.with_label_values(&[kind, version]).inc();
+}
+
+/// What a client listener adds to a plain one: etcd's HTTP/2 settings for
+/// clients, and byte counts.
+#[derive(Clone)]
+struct ClientListener {
+    metrics: Arc<Metrics>,
+    max_concurrent_streams: u32,
+    keepalive_interval: Option<std::time::Duration>,
+    keepalive_timeout: std::time::Duration,
+}
+
+/// Serves `routes` on `url` until `stop`. Client listeners accept etcd Go
+/// clients' schemed `:authority` (see `server::authority`), take etcd's
+/// `--max-concurrent-streams` and `--grpc-keepalive-*`, and count their bytes.
 async fn serve(
     url: &Url,
     routes: Routes,
     mut stop: watch::Receiver<bool>,
-    etcd_clients: bool,
+    client: Option<ClientListener>,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let addr = url.host_port();
     let listener = TcpListener::bind(addr).await.map_err(|e| Error::Config(format!("listen on {url}: {e}")))?;
@@ -338,22 +388,29 @@ async fn serve(
     tracing::info!(%url, %local, "listening");
     // A caller-supplied listener bypasses tonic's own nodelay setting; without
     // it small responses wait out Nagle's algorithm (~40 ms).
+    let metrics = client.as_ref().map(|c| c.metrics.clone());
     let incoming = TcpListenerStream::new(listener).map(move |conn| {
         conn.map(|s| {
             let _ = s.set_nodelay(true);
-            if etcd_clients {
-                Either::Fixed(AuthorityFix::new(s))
-            } else {
-                Either::Plain(s)
+            match &metrics {
+                Some(m) => Either::Fixed(AuthorityFix::new(s), m.clone()),
+                None => Either::Plain(s),
             }
         })
     });
+    let mut builder = tonic::transport::Server::builder()
+        .accept_http1(true)
+        // The limits `AuthorityFix` enforces before h2 sees the bytes.
+        .max_frame_size(MAX_FRAME as u32)
+        .http2_max_header_list_size(MAX_HEADER_LIST as u32);
+    if let Some(c) = &client {
+        builder = builder
+            .max_concurrent_streams(c.max_concurrent_streams)
+            .http2_keepalive_interval(c.keepalive_interval)
+            .http2_keepalive_timeout(Some(c.keepalive_timeout));
+    }
     Ok(tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
-            .accept_http1(true)
-            // The limits `AuthorityFix` enforces before h2 sees the bytes.
-            .max_frame_size(MAX_FRAME as u32)
-            .http2_max_header_list_size(MAX_HEADER_LIST as u32)
+        let result = builder
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;
@@ -365,19 +422,31 @@ async fn serve(
     }))
 }
 
-/// An accepted connection, with or without the `:authority` fix.
+/// An accepted connection: a peer's or a metrics client's as it is, or an
+/// etcd client's with the `:authority` fix and its bytes counted.
 enum Either {
     Plain(tokio::net::TcpStream),
-    Fixed(AuthorityFix<tokio::net::TcpStream>),
+    Fixed(AuthorityFix<tokio::net::TcpStream>, Arc<Metrics>),
 }
 
 macro_rules! either {
     ($self:ident, $s:ident => $e:expr) => {
         match $self.get_mut() {
             Either::Plain($s) => $e,
-            Either::Fixed($s) => $e,
+            Either::Fixed($s, _) => $e,
         }
     };
+}
+
+/// Counts what a write reports done on a client connection.
+fn count_sent(
+    written: std::task::Poll<std::io::Result<usize>>,
+    metrics: &Metrics,
+) -> std::task::Poll<std::io::Result<usize>> {
+    if let std::task::Poll::Ready(Ok(n)) = &written {
+        metrics.client_sent_bytes.inc_by(*n as u64);
+    }
+    written
 }
 
 impl tokio::io::AsyncRead for Either {
@@ -386,7 +455,15 @@ impl tokio::io::AsyncRead for Either {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        either!(self, s => std::pin::Pin::new(s).poll_read(cx, buf))
+        match self.get_mut() {
+            Either::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Either::Fixed(s, metrics) => {
+                let before = buf.filled().len();
+                let read = std::pin::Pin::new(s).poll_read(cx, buf);
+                metrics.client_received_bytes.inc_by((buf.filled().len() - before) as u64);
+                read
+            }
+        }
     }
 }
 
@@ -396,7 +473,10 @@ impl tokio::io::AsyncWrite for Either {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        either!(self, s => std::pin::Pin::new(s).poll_write(cx, buf))
+        match self.get_mut() {
+            Either::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Either::Fixed(s, metrics) => count_sent(std::pin::Pin::new(s).poll_write(cx, buf), metrics),
+        }
     }
     fn poll_flush(
         self: std::pin::Pin<&mut Self>,
@@ -417,12 +497,15 @@ impl tokio::io::AsyncWrite for Either {
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        either!(self, s => std::pin::Pin::new(s).poll_write_vectored(cx, bufs))
+        match self.get_mut() {
+            Either::Plain(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            Either::Fixed(s, metrics) => count_sent(std::pin::Pin::new(s).poll_write_vectored(cx, bufs), metrics),
+        }
     }
     fn is_write_vectored(&self) -> bool {
         match self {
             Either::Plain(s) => s.is_write_vectored(),
-            Either::Fixed(s) => s.is_write_vectored(),
+            Either::Fixed(s, _) => s.is_write_vectored(),
         }
     }
 }
@@ -432,7 +515,7 @@ impl tonic::transport::server::Connected for Either {
     fn connect_info(&self) -> Self::ConnectInfo {
         match self {
             Either::Plain(s) => s.connect_info(),
-            Either::Fixed(s) => s.connect_info(),
+            Either::Fixed(s, _) => s.connect_info(),
         }
     }
 }

@@ -69,6 +69,29 @@ pub struct Metrics {
     pub snapshot_receive_failures: IntCounterVec,
     pub snapshot_receive_duration: HistogramVec,
     pub snapshot_receive_inflights: IntGaugeVec,
+    /// Watchers, watch streams, unsynced watchers and events sent.
+    pub watchers: IntGauge,
+    pub watch_streams: IntGauge,
+    pub slow_watchers: IntGauge,
+    pub watch_events: IntCounter,
+    /// Physical compaction: records removed, and how long (milliseconds) the
+    /// index walk and the whole removal held the store.
+    pub compaction_keys: IntCounter,
+    pub compaction_pause: Histogram,
+    pub compaction_total: Histogram,
+    pub index_compaction_pause: Histogram,
+    /// Bytes of raft entries appended to the log (etcd's name says WAL).
+    pub wal_write_bytes: IntGauge,
+    /// Bytes on client connections, HTTP/2 framing included.
+    pub client_received_bytes: IntCounter,
+    pub client_sent_bytes: IntCounter,
+    /// gRPC calls by `type` (unary, stream) and the client's `client-api-version` metadata.
+    pub client_requests: IntCounterVec,
+    /// Heartbeats that left later than twice the heartbeat interval after the previous one to
+    /// the same peer, or were dropped: the leader is overloaded.
+    pub heartbeat_send_failures: IntCounter,
+    /// ReadIndex batches not confirmed within half an election timeout.
+    pub slow_read_indexes: IntCounter,
     pub server_id: IntGaugeVec,
     pub server_version: IntGaugeVec,
     /// Secondary only (0 on a primary), from the mirror's heartbeats (see
@@ -113,6 +136,10 @@ impl Metrics {
         let transfer_hist = |name: &str, help: &str, label: &str| {
             let opts = HistogramOpts::new(name, help).buckets(exponential_buckets(0.1, 2.0, 14).expect("buckets"));
             reg(&r, HistogramVec::new(opts, &[label]).expect("valid metric"))
+        };
+        let ms_hist = |name: &str, help: &str, start: f64, count: usize| {
+            let opts = HistogramOpts::new(name, help).buckets(exponential_buckets(start, 2.0, count).expect("buckets"));
+            reg(&r, Histogram::with_opts(opts).expect("valid metric"))
         };
         let disk_hist = |name: &str, help: &str| {
             let opts = HistogramOpts::new(name, help).buckets(exponential_buckets(0.001, 2.0, 14).expect("buckets"));
@@ -359,6 +386,60 @@ impl Metrics {
                 "etcd_network_snapshot_receive_inflights_total",
                 "Total number of inflight snapshot receives",
                 "From",
+            ),
+            watchers: gauge("etcd_debugging_mvcc_watcher_total", "Total number of watchers."),
+            watch_streams: gauge("etcd_debugging_mvcc_watch_stream_total", "Total number of watch streams."),
+            slow_watchers: gauge("etcd_debugging_mvcc_slow_watcher_total", "Total number of unsynced slow watchers."),
+            watch_events: counter("etcd_debugging_mvcc_events_total", "Total number of events sent by this member."),
+            compaction_keys: counter(
+                "etcd_debugging_mvcc_db_compaction_keys_total",
+                "Total number of db keys compacted.",
+            ),
+            compaction_pause: ms_hist(
+                "etcd_debugging_mvcc_db_compaction_pause_duration_milliseconds",
+                "Bucketed histogram of db compaction pause duration.",
+                1.0,
+                13,
+            ),
+            compaction_total: ms_hist(
+                "etcd_debugging_mvcc_db_compaction_total_duration_milliseconds",
+                "Bucketed histogram of db compaction total duration.",
+                100.0,
+                14,
+            ),
+            index_compaction_pause: ms_hist(
+                "etcd_debugging_mvcc_index_compaction_pause_duration_milliseconds",
+                "Bucketed histogram of index compaction pause duration.",
+                0.5,
+                12,
+            ),
+            wal_write_bytes: gauge("etcd_disk_wal_write_bytes_total", "Total number of bytes written in WAL."),
+            client_received_bytes: counter(
+                "etcd_network_client_grpc_received_bytes_total",
+                "The total number of bytes received from grpc clients.",
+            ),
+            client_sent_bytes: counter(
+                "etcd_network_client_grpc_sent_bytes_total",
+                "The total number of bytes sent to grpc clients.",
+            ),
+            client_requests: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "etcd_server_client_requests_total",
+                        "The total number of client requests per client version.",
+                    ),
+                    &["type", "client_api_version"],
+                )
+                .expect("valid metric"),
+            ),
+            heartbeat_send_failures: counter(
+                "etcd_server_heartbeat_send_failures_total",
+                "The total number of leader heartbeat send failures (likely overloaded from slow disk).",
+            ),
+            slow_read_indexes: counter(
+                "etcd_server_slow_read_indexes_total",
+                "The total number of pending read indexes not in sync with leader's or timed out read index requests.",
             ),
             server_id: reg(
                 &r,

@@ -15,8 +15,7 @@ fn etcd_flags_of_its_e2e_tests_start_the_member_with_a_warning() -> Result<()> {
     let flags = [
         "--experimental-initial-corrupt-check",
         "--strict-reconfig-check",
-        "--max-concurrent-streams",
-        "100",
+        "--grpc-keepalive-min-time=10s",
         "--enable-v2=false",
         "--logger=zap",
         "--log-outputs=stderr",
@@ -26,7 +25,7 @@ fn etcd_flags_of_its_e2e_tests_start_the_member_with_a_warning() -> Result<()> {
         Cluster::start(1, ClusterOpts { extra_args: flags.map(String::from).to_vec(), ..Default::default() })?;
     assert_eq!(cluster.etcdctl_ok(&["put", "k", "v"])?.trim(), "OK");
     let log = std::fs::read_to_string(cluster.log_path(1))?;
-    for flag in ["--experimental-initial-corrupt-check", "--strict-reconfig-check", "--max-concurrent-streams=100"] {
+    for flag in ["--experimental-initial-corrupt-check", "--strict-reconfig-check", "--grpc-keepalive-min-time=10s"] {
         assert!(log.contains(flag) && log.contains("accepts and ignores"), "no warning for {flag}:\n{log}");
     }
     Ok(())
@@ -224,5 +223,121 @@ async fn etcds_metrics_are_exported_under_their_names() -> Result<()> {
     let missing: Vec<_> =
         listed.iter().filter(|(n, d)| **d == "exported" && !names[1].contains(**n)).map(|(n, _)| n).collect();
     assert!(missing.is_empty(), "marked exported but missing from Meridian's /metrics: {missing:?}");
+    Ok(())
+}
+
+/// The value of one sample (`name{labels}` as the page prints it, or a bare name) on a
+/// Prometheus text page.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// The metrics that were "not yet" mean what etcd's do: watchers, streams and events sent,
+/// records a compaction removed, raft log bytes, client bytes and calls by kind and version.
+#[tokio::test]
+async fn watch_compaction_log_and_client_metrics_count_what_happened() -> Result<()> {
+    let cluster = Cluster::start(1, ClusterOpts::default())?;
+    let mut client = cluster.client().await?;
+    client.put("m", "1", None).await?;
+    let second = client.put("m", "2", None).await?;
+    let rev = second.header().context("header")?.revision();
+    let (_watcher, mut events) = client.watch("m", None).await?;
+    let (_other, _other_events) = client.watch("other", None).await?;
+    client.put("m", "3", None).await?;
+    let got = tokio::time::timeout(Duration::from_secs(5), events.message()).await??.context("watch ended")?;
+    ensure_events(&got)?;
+    client.compact(rev, None).await?; // m@1 is superseded at rev: removed
+    let page = || -> Result<String> { Ok(meridian_tests::http_get(cluster.endpoint(1).parse()?, "/metrics")?.1) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let text = loop {
+        let text = page()?;
+        if sample(&text, "etcd_debugging_mvcc_db_compaction_keys_total").unwrap_or(0.0) >= 1.0 {
+            break text;
+        }
+        if Instant::now() > deadline {
+            bail!("no compacted key counted:\n{text}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let value = |series: &str| sample(&text, series).with_context(|| format!("{series} is not on /metrics"));
+    assert_eq!(value("etcd_debugging_mvcc_watcher_total")?, 2.0, "two watchers");
+    assert!(value("etcd_debugging_mvcc_watch_stream_total")? >= 1.0);
+    assert_eq!(value("etcd_debugging_mvcc_slow_watcher_total")?, 0.0);
+    assert!(value("etcd_debugging_mvcc_events_total")? >= 1.0, "the event sent");
+    assert_eq!(value("etcd_debugging_mvcc_db_compaction_keys_total")?, 1.0, "m@1 removed");
+    assert!(value("etcd_disk_wal_write_bytes_total")? > 0.0);
+    assert!(value("etcd_network_client_grpc_received_bytes_total")? > 0.0);
+    assert!(value("etcd_network_client_grpc_sent_bytes_total")? > 0.0);
+    let calls: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("etcd_server_client_requests_total{") && l.contains(r#"type="unary""#))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(calls >= 4.0, "four puts and a compact are unary calls: {calls}");
+    assert!(
+        text.contains(r#"etcd_server_client_requests_total{client_api_version="#) && text.contains(r#"type="stream""#)
+    );
+    Ok(())
+}
+
+fn ensure_events(resp: &etcd_client::WatchResponse) -> Result<()> {
+    anyhow::ensure!(resp.events().len() == 1, "one event, got {:?}", resp.events());
+    Ok(())
+}
+
+/// `--max-concurrent-streams` is the HTTP/2 limit of a client connection, as in etcd: a third
+/// call on a connection limited to two waits until one ends.
+#[tokio::test]
+async fn max_concurrent_streams_limits_one_connection() -> Result<()> {
+    let opts = ClusterOpts { extra_args: vec!["--max-concurrent-streams".into(), "2".into()], ..Default::default() };
+    let cluster = Cluster::start(1, opts)?;
+    let mut client = cluster.client().await?;
+    client.put("k", "v", None).await?;
+    let (w1, _s1) = client.watch("a", None).await?;
+    let (_w2, _s2) = client.watch("b", None).await?;
+    let mut third = client.clone();
+    let get = tokio::spawn(async move { third.get("k", None).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!get.is_finished(), "a third concurrent stream was let through");
+    drop((w1, _s1));
+    let resp = tokio::time::timeout(Duration::from_secs(5), get).await.context("the call never ran")???;
+    assert_eq!(resp.kvs().len(), 1);
+    Ok(())
+}
+
+/// `--grpc-keepalive-interval` and `--grpc-keepalive-timeout`: the member pings an idle client
+/// connection, and closes one that does not answer.
+#[test]
+fn keepalive_pings_and_closes_a_silent_connection() -> Result<()> {
+    use std::io::{Read, Write};
+    let opts = ClusterOpts {
+        extra_args: ["--grpc-keepalive-interval", "200ms", "--grpc-keepalive-timeout", "300ms"]
+            .map(String::from)
+            .to_vec(),
+        ..Default::default()
+    };
+    let cluster = Cluster::start(1, opts)?;
+    let mut s = std::net::TcpStream::connect(cluster.endpoint(1))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    // The HTTP/2 preface and an empty SETTINGS frame; then silence: no ACK, no PING answer.
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")?;
+    let started = Instant::now();
+    let (mut got, mut buf) = (Vec::new(), [0u8; 4096]);
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    let closed_after = started.elapsed();
+    let mut kinds = Vec::new();
+    let mut at = 0;
+    while at + 9 <= got.len() {
+        let len = u32::from_be_bytes([0, got[at], got[at + 1], got[at + 2]]) as usize;
+        kinds.push((got[at + 3], got[at + 4]));
+        at += 9 + len;
+    }
+    assert!(kinds.contains(&(0x6, 0)), "no PING from the member: frames {kinds:?}");
+    assert!(closed_after < Duration::from_secs(3), "the silent connection stayed open {closed_after:?}");
     Ok(())
 }

@@ -85,6 +85,15 @@ struct State {
     size: u64,
 }
 
+/// One physical compaction: records removed, time walking the key index,
+/// and the whole time the store was held (all of it under the store lock).
+#[derive(Clone, Copy, Debug)]
+pub struct Compacted {
+    pub keys: u64,
+    pub index: std::time::Duration,
+    pub total: std::time::Duration,
+}
+
 /// The multi-version key-value store of one member.
 pub struct Mvcc {
     db: Database,
@@ -94,6 +103,8 @@ pub struct Mvcc {
     state: RwLock<State>,
     /// Snapshot bodies received from a leader, by raft index, not yet restored.
     incoming: parking_lot::Mutex<BTreeMap<u64, Received>>,
+    /// Compactions carried out and not yet reported.
+    compactions: parking_lot::Mutex<Vec<Compacted>>,
     /// Read views alive now (`etcd_mvcc_db_open_read_transactions`).
     open_reads: std::sync::atomic::AtomicI64,
 }
@@ -159,6 +170,7 @@ impl Mvcc {
             meta,
             state: RwLock::new(st),
             incoming: Default::default(),
+            compactions: Default::default(),
             open_reads: Default::default(),
         };
         // A crash can fall between a compaction's commit and the removal of its
@@ -438,8 +450,11 @@ impl Mvcc {
         let Some(at) = st.pending_compaction.take() else {
             return Ok(());
         };
+        let started = std::time::Instant::now();
         let removed = st.index.compact(at);
+        let index = started.elapsed();
         if removed.is_empty() {
+            self.compactions.lock().push(Compacted { keys: 0, index, total: started.elapsed() });
             return Ok(());
         }
         let mut batch = self.db.batch();
@@ -452,7 +467,13 @@ impl Mvcc {
         }
         batch.commit()?;
         tracing::debug!(at, removed = removed.len(), "compacted");
+        self.compactions.lock().push(Compacted { keys: removed.len() as u64, index, total: started.elapsed() });
         Ok(())
+    }
+
+    /// The compactions carried out since the last call (for metrics).
+    pub fn take_compactions(&self) -> Vec<Compacted> {
+        std::mem::take(&mut *self.compactions.lock())
     }
 
     /// Every retained record with its revision, for a snapshot; with the

@@ -4,6 +4,7 @@
 //! It runs on its own OS thread, not a tokio task: each cycle fsyncs, and a
 //! blocking fsync on a runtime worker would stall unrelated RPCs.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -14,6 +15,7 @@ use tokio::sync::oneshot;
 
 use super::node::{RaftNode, RaftStatus, ReadReply, StateMachine};
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 
 /// Most inputs folded into one Ready cycle.
 const MAX_INPUTS_PER_CYCLE: usize = 4096;
@@ -125,6 +127,7 @@ pub fn spawn<S: StateMachine>(
 
 fn run<S: StateMachine>(node: &mut RaftNode<S>, rx: &Receiver<Input>, transport: &dyn Transport, tick: Duration) {
     let mut next_tick = Instant::now() + tick;
+    let mut heartbeats = HeartbeatWatch::new(tick, node.metrics());
     loop {
         let wait = next_tick.saturating_duration_since(Instant::now());
         match rx.recv_timeout(wait) {
@@ -149,7 +152,11 @@ fn run<S: StateMachine>(node: &mut RaftNode<S>, rx: &Receiver<Input>, transport:
             }
         }
         node.flush_reads();
-        if let Err(e) = node.handle_ready(&mut |msgs| transport.send(msgs)) {
+        let leader = node.status().is_leader();
+        if let Err(e) = node.handle_ready(&mut |msgs| {
+            heartbeats.observe(&msgs, leader);
+            transport.send(msgs)
+        }) {
             // The durable state is unknown after a failed write: stop rather
             // than let this replica diverge.
             tracing::error!(error = %e, "raft storage failed; stopping the member");
@@ -175,6 +182,46 @@ fn handle<S: StateMachine>(node: &mut RaftNode<S>, input: Input) -> bool {
         Input::Shutdown => return false,
     }
     true
+}
+
+/// etcd's check that a leader sends its heartbeats on time: one that leaves
+/// more than two heartbeat intervals after the previous one to the same
+/// peer means the leader is overloaded (a slow disk, most often), and
+/// counts in `etcd_server_heartbeat_send_failures_total`.
+struct HeartbeatWatch {
+    interval: Duration,
+    last: HashMap<u64, Instant>,
+    metrics: Arc<Metrics>,
+    warned: Option<Instant>,
+}
+
+impl HeartbeatWatch {
+    fn new(interval: Duration, metrics: Arc<Metrics>) -> Self {
+        Self { interval, last: HashMap::new(), metrics, warned: None }
+    }
+
+    fn observe(&mut self, msgs: &[Message], leader: bool) {
+        if !leader {
+            self.last.clear(); // a new term starts its own clock
+            return;
+        }
+        let now = Instant::now();
+        for m in msgs.iter().filter(|m| m.get_msg_type() == MessageType::MsgHeartbeat) {
+            let Some(previous) = self.last.insert(m.to, now) else { continue };
+            let gap = now - previous;
+            if gap > 2 * self.interval {
+                self.metrics.heartbeat_send_failures.inc();
+                if self.warned.is_none_or(|w| now - w > Duration::from_secs(10)) {
+                    self.warned = Some(now);
+                    tracing::warn!(
+                        peer = format!("{:x}", m.to),
+                        gap_ms = gap.as_millis() as u64,
+                        "leader failed to send a heartbeat on time; it is overloaded, likely by a slow disk"
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// True for messages that carry a snapshot, which the transport must confirm.

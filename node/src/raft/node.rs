@@ -194,14 +194,24 @@ impl<S: StateMachine> RaftNode<S> {
         self.status.clone()
     }
 
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
     /// Advances raft's logical clock by one tick; expires stale reads.
     pub fn tick(&mut self) {
         self.raw.tick();
         self.raw.store().expire_snapshot();
         let limit = 2 * self.cfg.election_ticks as u32;
         let mut expired = Vec::new();
+        let slow = (self.cfg.election_ticks / 2).max(1) as u32;
         for (ctx, (age, _)) in self.reads.in_flight.iter_mut() {
             *age += 1;
+            if *age == slow {
+                // etcd counts a read index not confirmed in 500 ms (half its
+                // default election timeout) as slow.
+                self.metrics.slow_read_indexes.inc();
+            }
             if *age > limit {
                 expired.push(*ctx);
             }
@@ -319,6 +329,8 @@ impl<S: StateMachine> RaftNode<S> {
         let committed = ready.take_committed_entries();
         self.apply(&committed, &mut batch)?;
         if !ready.entries().is_empty() {
+            let bytes: u64 = ready.entries().iter().map(|e| u64::from(e.compute_size())).sum();
+            self.metrics.wal_write_bytes.add(bytes as i64);
             self.raw.mut_store().append(ready.entries(), &mut batch);
         }
         if let Some(hs) = ready.hs() {

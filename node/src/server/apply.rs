@@ -332,6 +332,12 @@ impl StateMachine for EtcdStateMachine {
         }
         self.metrics.current_revision.set(marks.current);
         self.metrics.compact_revision.set(marks.compacted);
+        for c in self.mvcc.take_compactions() {
+            self.metrics.compaction_keys.inc_by(c.keys);
+            self.metrics.index_compaction_pause.observe(c.index.as_secs_f64() * 1000.0);
+            self.metrics.compaction_pause.observe(c.total.as_secs_f64() * 1000.0);
+            self.metrics.compaction_total.observe(c.total.as_secs_f64() * 1000.0);
+        }
         for (id, result) in self.done.drain(..) {
             self.waiters.complete(id, result);
         }

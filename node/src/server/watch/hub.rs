@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, Notify};
 use tonic::Status;
 
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::mvcc::{KeyRange, Mvcc, RangeOpts};
 
 /// The outgoing side of one gRPC watch stream.
@@ -40,6 +41,7 @@ pub type HeaderFn = Arc<dyn Fn(i64) -> ResponseHeader + Send + Sync>;
 pub struct WatchHub {
     hub: Arc<Mutex<Hub>>,
     wake_sync: Arc<Notify>,
+    metrics: Arc<Metrics>,
 }
 
 /// Most revisions one catch-up read covers.
@@ -69,6 +71,7 @@ type Key = (u64, i64);
 
 struct Hub {
     mvcc: Arc<Mvcc>,
+    metrics: Arc<Metrics>,
     header: HeaderFn,
     max_response_bytes: usize,
     /// The store revision the hub has processed.
@@ -85,10 +88,17 @@ impl WatchHub {
     /// Creates the hub and starts its catch-up and progress task. Call
     /// before apply can publish anything, so no change slips between the
     /// store revision read here and the first publish.
-    pub fn start(mvcc: Arc<Mvcc>, header: HeaderFn, max_response_bytes: usize, progress_interval: Duration) -> Self {
+    pub fn start(
+        mvcc: Arc<Mvcc>,
+        header: HeaderFn,
+        max_response_bytes: usize,
+        progress_interval: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let rev = mvcc.marks().current;
         let hub = Hub {
             mvcc: mvcc.clone(),
+            metrics: metrics.clone(),
             header,
             max_response_bytes,
             rev,
@@ -98,7 +108,7 @@ impl WatchHub {
             ranges: HashSet::new(),
             unsynced: HashSet::new(),
         };
-        let this = Self { hub: Arc::new(Mutex::new(hub)), wake_sync: Arc::new(Notify::new()) };
+        let this = Self { hub: Arc::new(Mutex::new(hub)), wake_sync: Arc::new(Notify::new()), metrics };
         tokio::spawn(this.clone().run(mvcc, progress_interval));
         this
     }
@@ -150,6 +160,11 @@ impl WatchHub {
     pub fn cancel(&self, stream: u64, id: i64) -> Option<i64> {
         let mut hub = self.hub.lock();
         hub.remove((stream, id)).then_some(hub.rev)
+    }
+
+    /// The member's metrics (the Watch service counts its streams there).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The revision up to which every synced watcher's events are queued.
@@ -235,6 +250,7 @@ impl Hub {
         };
         let next_rev = if spec.start_revision <= 0 { self.rev + 1 } else { spec.start_revision };
         self.watchers.insert((stream, id), Watcher { spec, out, next_rev, state: State::Pending, active: false });
+        self.metrics.watchers.set(self.watchers.len() as i64);
         Ok((id, self.rev))
     }
 
@@ -242,6 +258,7 @@ impl Hub {
         if self.watchers.contains_key(&key) {
             self.set_state(key, State::Pending);
             self.watchers.remove(&key);
+            self.metrics.watchers.set(self.watchers.len() as i64);
             true
         } else {
             false
@@ -291,6 +308,7 @@ impl Hub {
             }
             State::Pending | State::Compacted => {}
         }
+        self.metrics.slow_watchers.set(self.unsynced.len() as i64);
     }
 
     /// Hands newly published revisions to the synced watchers they match.
@@ -365,6 +383,7 @@ impl Hub {
         if w.out.capacity() == 0 {
             return Delivery::Full;
         }
+        let sent = kept.len() as u64;
         let events = kept
             .into_iter()
             .map(|rec| {
@@ -390,6 +409,7 @@ impl Hub {
         if let Some(w) = self.watchers.get_mut(&key) {
             w.active = true;
         }
+        self.metrics.watch_events.inc_by(sent);
         Delivery::Sent
     }
 

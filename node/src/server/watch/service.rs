@@ -56,6 +56,7 @@ impl Watch for WatchService {
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let hub = self.hub.clone();
         let header = self.header.clone();
+        hub.metrics().watch_streams.inc();
         tokio::spawn(async move {
             loop {
                 let msg = tokio::select! {
@@ -108,6 +109,7 @@ impl Watch for WatchService {
                 }
             }
             hub.close(stream);
+            hub.metrics().watch_streams.dec();
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
