@@ -197,16 +197,18 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let raft_tx = chan.0.clone();
     let peers: HashMap<u64, String> =
         members.0.iter().filter_map(|m| m.peer_urls.first().map(|u| (m.id, u.clone()))).collect();
+    let reports = Arc::new(raft::SnapshotReports::default());
     let peer_ctx = Arc::new(PeerContext {
         cluster_id,
         self_id: me.id,
         raft_tx: raft_tx.clone(),
         images,
         max_message: cfg.max_peer_message_bytes,
+        reports: reports.clone(),
         metrics: metrics.clone(),
     });
     let transport = GrpcTransport::start(peer_ctx, peers);
-    let (handle, raft_thread) = raft::driver::spawn(node, chan, Arc::new(transport), cfg.heartbeat)?;
+    let (handle, raft_thread) = raft::driver::spawn(node, chan, Arc::new(transport), reports, cfg.heartbeat)?;
 
     let limits = Limits {
         max_request_bytes: cfg.max_request_bytes,

@@ -461,6 +461,15 @@ async fn store_larger_than_the_peer_message_limit_reseeds_a_follower_while_the_l
     let log = std::fs::read_to_string(cluster.log_path(follower))?;
     let last_run = log.rsplit_once("=== harness: start #2").map(|(_, run)| run).context("no second start")?;
     ensure!(last_run.contains("restoring from snapshot"), "m{follower} caught up without a snapshot");
+    // The replicated metadata came with the body: the re-seeded member lists every member, as
+    // the leader does (MemberList is answered from the member's own state).
+    let names = |resp: etcd_client::MemberListResponse| {
+        let mut names: Vec<String> = resp.members().iter().map(|m| m.name().to_string()).collect();
+        names.sort();
+        names
+    };
+    let here = names(probe.member_list().await?);
+    ensure!(here == names(client.member_list().await?) && here.len() == 3, "members on m{follower}: {here:?}");
 
     // A restart of the re-seeded member keeps it all, and it follows new writes.
     cluster.kill9(follower)?;

@@ -69,6 +69,9 @@ struct State {
     retired: Vec<Keyspace>,
     /// Counts restores, so a read view begun before one can tell.
     generation: u64,
+    /// A restore is staged and not yet published: the index and keyspace
+    /// are the new store's, the published marks the old one's.
+    restoring: bool,
     index: KeyIndex,
     /// What readers see; advanced only by `publish`, after the batch is durable in the journal.
     published: Marks,
@@ -126,7 +129,8 @@ impl Mvcc {
         // replaced just before a crash: nothing refers to them.
         for name in db.list_keyspace_names() {
             let name: &str = &name;
-            if name.starts_with(RECEIVED_KV_PREFIX) && name != kv_name {
+            let records = name == FIRST_KV_KEYSPACE || name.starts_with(RECEIVED_KV_PREFIX);
+            if records && name != kv_name {
                 tracing::info!(keyspace = name, "removing an unused snapshot keyspace");
                 db.delete_keyspace(db.keyspace(name, KeyspaceCreateOptions::default)?)?;
             }
@@ -143,6 +147,7 @@ impl Mvcc {
             kv: kv.clone(),
             retired: Vec::new(),
             generation: 0,
+            restoring: false,
             index: KeyIndex::default(),
             published: marks,
             staged: marks,
@@ -399,6 +404,7 @@ impl Mvcc {
         let mut st = self.state.write();
         let published = std::mem::take(&mut st.pending).into_values().collect();
         st.published = st.staged;
+        st.restoring = false;
         for old in std::mem::take(&mut st.retired) {
             // Readers still on it keep it open until they finish.
             self.db.delete_keyspace(old)?;
@@ -420,6 +426,9 @@ impl Mvcc {
         // scan runs without it, so apply goes on meanwhile.
         let (published, kv, snapshot) = {
             let st = self.state.read();
+            if st.restoring {
+                return Err(Error::Compacted);
+            }
             (st.published, st.kv.clone(), self.db.snapshot())
         };
         if from < published.compacted {
@@ -504,6 +513,9 @@ impl Mvcc {
         &self,
         mut each: impl FnMut(&Marks, KvRecord) -> bool,
     ) -> Result<(Marks, BTreeMap<String, Vec<u8>>)> {
+        if self.state.read().restoring {
+            return Err(Error::Compacted);
+        }
         let image = self.image();
         image.for_each(|rec| each(&image.marks, rec))?;
         Ok((image.marks, image.meta))
@@ -571,6 +583,9 @@ impl Mvcc {
         // matching them; the scan itself runs without it, so apply goes on.
         let (marks, rev, visible, any_visible, snapshot) = {
             let st = self.state.read();
+            if st.restoring {
+                return Err(Error::Compacted);
+            }
             let marks = st.published;
             if rev > 0 && rev <= marks.compacted {
                 return Err(Error::Compacted);
@@ -732,7 +747,7 @@ impl ReadTxn<'_> {
         let current = self.marks.current;
         let (hits, count) = {
             let st = self.mvcc.state.read();
-            if st.generation != self.generation {
+            if st.generation != self.generation || st.restoring {
                 // A snapshot replaced the store under this view: what it
                 // read at is gone, as after a compaction.
                 return Err(Error::Compacted);

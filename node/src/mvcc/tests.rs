@@ -211,19 +211,27 @@ fn received_snapshot_installs_beside_the_live_store_and_survives_restart() {
     assert!(b.ingest(61, &mut shuffled.into_iter()).is_err());
     // Dropped without keep: discarded.
     drop(b.ingest(61, &mut records()).unwrap());
-    let received = b.ingest(61, &mut records()).unwrap();
+    let mut received = b.ingest(61, &mut records()).unwrap();
+    received.meta = image.meta.clone();
     b.keep(received);
     assert_eq!(get(&b, "junk", 0).unwrap().map(|v| v.0), Some("x".into()), "the live store is untouched");
     let mut batch = b.db_handle().batch();
-    assert!(!b.install(60, image.marks, image.meta.clone(), &mut batch).unwrap(), "no body for another index");
-    assert!(b.install(61, image.marks, image.meta.clone(), &mut batch).unwrap());
+    assert!(!b.install(60, image.marks, &mut batch).unwrap(), "no body for another index");
+    assert!(b.install(61, image.marks, &mut batch).unwrap());
+    assert!(
+        matches!(b.range(&KeyRange::Single(b"k1".to_vec()), RangeOpts::default()), Err(Error::Compacted)),
+        "between install and publish a reader would see the new store with the old marks: refused"
+    );
     batch.commit().unwrap();
     b.publish().unwrap();
     assert_eq!(b.marks(), a.marks());
     assert_eq!(b.hash_kv(0).unwrap(), a.hash_kv(0).unwrap());
     assert_eq!(get(&b, "junk", 0).unwrap(), None);
     assert_eq!(b.meta("members"), Some(b"m1".to_vec()));
-    // A body received and never installed is removed at the next start.
+    // A body for an index already applied is dropped at once; one received and never
+    // installed is removed at the next start.
+    b.keep(b.ingest(61, &mut records()).unwrap());
+    assert_eq!(b.kept_bodies(), 0, "a body at or below the applied index is not kept");
     b.keep(b.ingest(62, &mut records()).unwrap());
     let db = b.db_handle();
     drop(b);

@@ -34,8 +34,6 @@ pub enum Input {
     Step(Message),
     /// The transport could not reach a peer.
     Unreachable(u64),
-    /// Whether a snapshot message reached a peer.
-    SnapshotDelivered { to: u64, ok: bool },
     /// On the leader: hand leadership to this member.
     TransferLeader(u64),
     /// Stop the raft thread after the current cycle.
@@ -45,6 +43,24 @@ pub enum Input {
 /// Sends raft messages to peers.
 pub trait Transport: Send + Sync + 'static {
     fn send(&self, msgs: Vec<Message>);
+}
+
+/// Whether snapshots reached their followers, for raft. Kept apart from the
+/// input channel, which can be full: a lost report would leave raft waiting
+/// on that follower's snapshot for good. One entry per snapshot sent, and
+/// raft sends a follower one at a time, so it stays small; the raft thread
+/// drains it every cycle.
+#[derive(Default)]
+pub struct SnapshotReports(parking_lot::Mutex<Vec<(u64, bool)>>);
+
+impl SnapshotReports {
+    pub fn push(&self, to: u64, ok: bool) {
+        self.0.lock().push((to, ok));
+    }
+
+    fn drain(&self) -> Vec<(u64, bool)> {
+        std::mem::take(&mut *self.0.lock())
+    }
 }
 
 /// A cheap, cloneable way into the raft thread.
@@ -117,15 +133,23 @@ pub fn spawn<S: StateMachine>(
     mut node: RaftNode<S>,
     (tx, rx): (Sender<Input>, Receiver<Input>),
     transport: Arc<dyn Transport>,
+    reports: Arc<SnapshotReports>,
     tick: Duration,
 ) -> Result<(RaftHandle, JoinHandle<()>)> {
     let handle = RaftHandle { tx, status: node.status() };
-    let thread =
-        std::thread::Builder::new().name("raft".into()).spawn(move || run(&mut node, &rx, transport.as_ref(), tick))?;
+    let thread = std::thread::Builder::new()
+        .name("raft".into())
+        .spawn(move || run(&mut node, &rx, transport.as_ref(), &reports, tick))?;
     Ok((handle, thread))
 }
 
-fn run<S: StateMachine>(node: &mut RaftNode<S>, rx: &Receiver<Input>, transport: &dyn Transport, tick: Duration) {
+fn run<S: StateMachine>(
+    node: &mut RaftNode<S>,
+    rx: &Receiver<Input>,
+    transport: &dyn Transport,
+    reports: &SnapshotReports,
+    tick: Duration,
+) {
     let mut next_tick = Instant::now() + tick;
     let mut heartbeats = HeartbeatWatch::new(tick, node.metrics());
     loop {
@@ -142,6 +166,9 @@ fn run<S: StateMachine>(node: &mut RaftNode<S>, rx: &Receiver<Input>, transport:
             }
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => break,
+        }
+        for (to, ok) in reports.drain() {
+            node.report_snapshot(to, ok);
         }
         let now = Instant::now();
         if now >= next_tick {
@@ -177,7 +204,6 @@ fn handle<S: StateMachine>(node: &mut RaftNode<S>, input: Input) -> bool {
         Input::ReadIndex(reply) => node.read_index(reply),
         Input::Step(msg) => node.step(msg),
         Input::Unreachable(id) => node.report_unreachable(id),
-        Input::SnapshotDelivered { to, ok } => node.report_snapshot(to, ok),
         Input::TransferLeader(to) => node.transfer_leader(to),
         Input::Shutdown => return false,
     }

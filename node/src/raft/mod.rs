@@ -33,7 +33,7 @@ pub mod node;
 pub mod storage;
 pub mod transport;
 
-pub use driver::{Input, RaftHandle, Transport};
+pub use driver::{Input, RaftHandle, SnapshotReports, Transport};
 pub use node::{Committed, RaftConfig, RaftNode, RaftStatus, StateMachine};
 
 #[cfg(test)]

@@ -57,12 +57,20 @@ pub trait SnapshotSource: Send + Sync {
     fn prepare(&self) -> Result<Arc<dyn SnapshotImage>>;
     /// Stores the body of the snapshot at `index`, piece by piece as the
     /// leader's [`SnapshotImage::write_body`] produced it, without holding it
-    /// whole in memory. Blocking: run it off the runtime.
+    /// whole in memory; `header` is the one raft will hand to
+    /// [`super::StateMachine::restore`], checked here. Blocking: run it off
+    /// the runtime.
     ///
     /// # Errors
     ///
-    /// A piece that does not decode, or storage errors; nothing is kept then.
-    fn receive(&self, index: u64, body: &mut dyn Iterator<Item = Vec<u8>>) -> Result<Box<dyn ReceivedSnapshot>>;
+    /// A header or piece that does not decode, or storage errors; nothing is
+    /// kept then.
+    fn receive(
+        &self,
+        index: u64,
+        header: &[u8],
+        body: &mut dyn Iterator<Item = Vec<u8>>,
+    ) -> Result<Box<dyn ReceivedSnapshot>>;
 }
 
 /// The image the leader last offered, for the transport to stream: raft-rs

@@ -134,7 +134,13 @@ impl SnapshotSource for Source {
     fn prepare(&self) -> Result<Arc<dyn SnapshotImage>> {
         Ok(Arc::new(Image(self.published.lock().clone())))
     }
-    fn receive(&self, index: u64, body: &mut dyn Iterator<Item = Vec<u8>>) -> Result<Box<dyn ReceivedSnapshot>> {
+    fn receive(
+        &self,
+        index: u64,
+        header: &[u8],
+        body: &mut dyn Iterator<Item = Vec<u8>>,
+    ) -> Result<Box<dyn ReceivedSnapshot>> {
+        assert_eq!(header, index.to_be_bytes());
         Ok(Box::new(Body(index, body.collect(), self.received.clone())))
     }
 }
@@ -246,7 +252,7 @@ impl Net {
                         })
                         .unwrap();
                     let source = self.members[(to - 1) as usize].source.clone().expect("running");
-                    source.receive(index, &mut chunks.into_iter()).unwrap().keep();
+                    source.receive(index, &image.header(), &mut chunks.into_iter()).unwrap().keep();
                 }
                 if delivered {
                     self.node(to).step(msg);

@@ -31,7 +31,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::driver::{is_snapshot, try_input, Input, Transport};
+use super::driver::{is_snapshot, try_input, Input, SnapshotReports, Transport};
 use super::storage::{ReceivedSnapshot, SnapshotImages, SnapshotSource};
 use crate::metrics::Metrics;
 
@@ -45,8 +45,10 @@ const PEER_QUEUE: usize = 2 * MAX_BATCH;
 /// Default for `--max-peer-message-bytes`: the largest message a member
 /// sends to or accepts from a peer. Snapshots are chunked below it.
 pub const DEFAULT_MAX_PEER_MESSAGE: usize = 64 << 20;
-/// Room a batch leaves under the limit for its own framing.
+/// Room a batch leaves under the limit for its own framing, and what each
+/// message adds to it (a field tag and a length).
 const BATCH_SLACK: usize = 4096;
+const PER_MESSAGE_FRAMING: usize = 6;
 /// Snapshot body chunks already read and not yet on the wire, per stream.
 const CHUNKS_AHEAD: usize = 4;
 /// A snapshot stream that sends nothing for this long is given up.
@@ -66,12 +68,14 @@ pub struct PeerContext {
     pub images: Arc<SnapshotImages>,
     /// The largest message sent to a peer (`--max-peer-message-bytes`).
     pub max_message: usize,
+    /// Where snapshot outcomes go; the raft thread reads them every cycle.
+    pub reports: Arc<SnapshotReports>,
     pub metrics: Arc<Metrics>,
 }
 
 impl PeerContext {
     fn report_snapshot(&self, to: u64, ok: bool) {
-        let _ = try_input(&self.raft_tx, Input::SnapshotDelivered { to, ok });
+        self.reports.push(to, ok);
     }
 }
 
@@ -131,7 +135,14 @@ struct PeerLink {
 impl PeerLink {
     async fn run(self, url: String, mut rx: mpsc::Receiver<Message>) {
         let endpoint = match Endpoint::from_shared(url.clone()) {
-            Ok(e) => e.connect_timeout(Duration::from_secs(1)).tcp_nodelay(true),
+            // Pings find a peer that went away mid-snapshot, whose stream would
+            // otherwise wait on TCP for minutes.
+            Ok(e) => e
+                .connect_timeout(Duration::from_secs(1))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .keep_alive_timeout(Duration::from_secs(10))
+                .keep_alive_while_idle(true),
             Err(e) => {
                 tracing::error!(peer = format!("{:x}", self.to), %url, error = %e, "bad peer URL");
                 return;
@@ -146,17 +157,20 @@ impl PeerLink {
         // An encoded message that did not fit the last batch: it opens the next.
         let mut carry: Option<Vec<u8>> = None;
         loop {
-            let mut batch: Vec<Vec<u8>> = carry.take().into_iter().collect();
-            if batch.is_empty() {
+            let mut batch = Batch { budget, ..Batch::default() };
+            if let Some(raw) = carry.take() {
+                batch.push(raw);
+            } else {
                 let Some(m) = rx.recv().await else { break };
-                self.take(m, &mut batch, &mut carry, budget, &client);
+                self.take(m, &mut batch, &mut carry, &client);
             }
-            while batch.len() < MAX_BATCH && carry.is_none() {
+            while batch.messages.len() < MAX_BATCH && carry.is_none() {
                 match rx.try_recv() {
-                    Ok(m) => self.take(m, &mut batch, &mut carry, budget, &client),
+                    Ok(m) => self.take(m, &mut batch, &mut carry, &client),
                     Err(_) => break,
                 }
             }
+            let batch = batch.messages;
             if batch.is_empty() {
                 continue; // only snapshots, which stream on their own
             }
@@ -197,14 +211,7 @@ impl PeerLink {
 
     /// Adds `m` to the batch, or to `carry` when the batch is full; a
     /// snapshot starts its own stream instead.
-    fn take(
-        &self,
-        m: Message,
-        batch: &mut Vec<Vec<u8>>,
-        carry: &mut Option<Vec<u8>>,
-        budget: usize,
-        client: &RaftTransportClient<Channel>,
-    ) {
+    fn take(&self, m: Message, batch: &mut Batch, carry: &mut Option<Vec<u8>>, client: &RaftTransportClient<Channel>) {
         if is_snapshot(&m) {
             if self.snapshot_in_flight.swap(true, Ordering::AcqRel) {
                 self.ctx.report_snapshot(self.to, false);
@@ -219,12 +226,26 @@ impl PeerLink {
             return;
         }
         let raw = m.write_to_bytes().expect("encode raft message");
-        let bytes: usize = batch.iter().map(Vec::len).sum();
-        if !batch.is_empty() && bytes + raw.len() > budget {
+        if !batch.messages.is_empty() && batch.bytes + raw.len() + PER_MESSAGE_FRAMING > batch.budget {
             *carry = Some(raw);
         } else {
             batch.push(raw);
         }
+    }
+}
+
+/// Encoded messages bound for one peer, and their size as sent.
+#[derive(Default)]
+struct Batch {
+    messages: Vec<Vec<u8>>,
+    bytes: usize,
+    budget: usize,
+}
+
+impl Batch {
+    fn push(&mut self, raw: Vec<u8>) {
+        self.bytes += raw.len() + PER_MESSAGE_FRAMING;
+        self.messages.push(raw);
     }
 }
 
@@ -253,21 +274,40 @@ async fn send_snapshot(ctx: &PeerContext, to: u64, mut client: RaftTransportClie
     tracing::info!(peer = %to_label, index, "sending snapshot");
     ctx.metrics.snapshot_send_inflights.with_label_values(&[&to_label]).inc();
     let delay = slow_snapshot_failpoint();
-    let body = tokio::task::spawn_blocking(move || {
+    let runtime = tokio::runtime::Handle::current();
+    let mut body = tokio::task::spawn_blocking(move || {
+        // A follower that stops reading is given up after SNAPSHOT_IDLE.
+        let send = |chunk: SnapshotChunk| {
+            runtime.block_on(async { matches!(tokio::time::timeout(SNAPSHOT_IDLE, tx.send(chunk)).await, Ok(Ok(()))) })
+        };
         let mut sent = 0u64;
+        let mut open = true;
         image.write_body(chunk_bytes, &mut |data| {
             if let Some(delay) = delay {
                 std::thread::sleep(delay);
             }
             sent += data.len() as u64;
-            tx.blocking_send(SnapshotChunk { data, ..Default::default() }).is_ok()
+            open = send(SnapshotChunk { data, ..Default::default() });
+            open
         })?;
         // Only a body read to its end is marked done; the receiver discards any other.
-        let _ = tx.blocking_send(SnapshotChunk { done: true, ..Default::default() });
+        if open {
+            send(SnapshotChunk { done: true, ..Default::default() });
+        }
         Ok::<u64, crate::error::Error>(sent)
     });
-    let answer = client.install_snapshot(ReceiverStream::new(rx)).await;
-    let body = body.await;
+    let rpc = client.install_snapshot(ReceiverStream::new(rx));
+    tokio::pin!(rpc);
+    let (answer, body) = tokio::select! {
+        answer = &mut rpc => (answer, body.await),
+        body = &mut body => {
+            // The body is out (or given up): the follower has SNAPSHOT_IDLE to answer.
+            let answer = tokio::time::timeout(SNAPSHOT_IDLE, rpc)
+                .await
+                .unwrap_or_else(|_| Err(Status::deadline_exceeded("the follower did not answer the snapshot")));
+            (answer, body)
+        }
+    };
     ctx.metrics.snapshot_send_inflights.with_label_values(&[&to_label]).dec();
     let outcome = match (answer, body) {
         (Ok(_), Ok(Ok(bytes))) => Ok(bytes),
@@ -337,13 +377,14 @@ impl PeerService {
     async fn receive_body(
         &self,
         index: u64,
+        header: Vec<u8>,
         stream: &mut Streaming<SnapshotChunk>,
     ) -> Result<Box<dyn ReceivedSnapshot>, Status> {
         let (tx, mut rx) = mpsc::channel::<Vec<u8>>(CHUNKS_AHEAD);
         let source = self.source.clone();
         let store = tokio::task::spawn_blocking(move || {
             let started = Instant::now();
-            let stored = source.receive(index, &mut std::iter::from_fn(|| rx.blocking_recv()));
+            let stored = source.receive(index, &header, &mut std::iter::from_fn(|| rx.blocking_recv()));
             (stored, started.elapsed())
         });
         let (mut done, mut failed) = (false, None);
@@ -411,7 +452,8 @@ impl RaftTransport for PeerService {
         tracing::info!(from = %from_label, index, "receiving snapshot");
         self.metrics.snapshot_receive_inflights.with_label_values(&[&from_label]).inc();
         let started = Instant::now();
-        let result = self.receive_body(index, &mut stream).await;
+        let header = msg.get_snapshot().get_data().to_vec();
+        let result = self.receive_body(index, header, &mut stream).await;
         self.metrics.snapshot_receive_inflights.with_label_values(&[&from_label]).dec();
         let stored = match result {
             Ok(stored) => stored,
@@ -422,8 +464,22 @@ impl RaftTransport for PeerService {
             }
         };
         // The body is durable; raft may now take the snapshot and restore it.
+        // A full raft channel is waited out (for a while): the body is here.
         stored.keep();
-        try_input(&self.raft_tx, Input::Step(msg)).map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut msg = Some(msg);
+        for _ in 0..100 {
+            match self.raft_tx.try_send(Input::Step(msg.take().expect("not sent yet"))) {
+                Ok(()) => break,
+                Err(crossbeam_channel::TrySendError::Full(Input::Step(m))) => {
+                    msg = Some(m);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(_) => return Err(Status::unavailable("the member is stopping")),
+            }
+        }
+        if msg.is_some() {
+            return Err(Status::unavailable("etcdserver: too many requests"));
+        }
         let took = started.elapsed();
         self.metrics.snapshot_receive_success.with_label_values(&[&from_label]).inc();
         self.metrics.snapshot_receive_duration.with_label_values(&[&from_label]).observe(took.as_secs_f64());
@@ -484,6 +540,7 @@ mod tests {
         fn receive(
             &self,
             _: u64,
+            _: &[u8],
             _: &mut dyn Iterator<Item = Vec<u8>>,
         ) -> crate::error::Result<Box<dyn ReceivedSnapshot>> {
             Err(crate::error::Error::Stopped)

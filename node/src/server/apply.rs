@@ -346,12 +346,12 @@ impl StateMachine for EtcdStateMachine {
     fn restore(&mut self, index: u64, header: &[u8], batch: &mut OwnedWriteBatch) {
         let snap = SnapshotData::decode(header).unwrap_or_else(|e| panic!("snapshot at {index} does not decode: {e}"));
         let marks = Marks { current: snap.current_revision, compacted: snap.compact_revision, applied: index };
-        let meta: std::collections::BTreeMap<_, _> = snap.meta.into_iter().collect();
-        // The body came first, by the transport; a leader of an older
-        // release sent the records inside the message instead.
-        let restored = match self.mvcc.install(index, marks, meta.clone(), batch) {
+        // The body came first, by the transport, and was kept under this
+        // index; without it the member cannot restore, and must not restore
+        // an empty store instead.
+        let restored = match self.mvcc.install(index, marks, batch) {
             Ok(true) => Ok(()),
-            Ok(false) => self.mvcc.import(marks, snap.records, meta, batch),
+            Ok(false) => Err(Error::Internal(format!("no snapshot body was received for raft index {index}"))),
             Err(e) => Err(e),
         };
         if let Err(e) = restored {
@@ -416,9 +416,11 @@ mod failpoint {
 
 /// Raft snapshots of the MVCC store: images for followers, bodies from the leader.
 ///
-/// The header (in raft's MsgSnapshot) is a `SnapshotData` with the marks and
-/// the metadata and no records; the body is a run of `SnapshotData` chunks
-/// holding only records, in revision order.
+/// The header (in raft's MsgSnapshot) is a `SnapshotData` with the marks
+/// only, so it stays small whatever the store holds; the body is a run of
+/// `SnapshotData` chunks: the replicated metadata first (members, alarms,
+/// one entry per lease...), then the records in revision order, each chunk
+/// about `chunk_bytes`.
 pub struct MvccSnapshots {
     pub mvcc: Arc<Mvcc>,
     pub metrics: Arc<Metrics>,
@@ -430,10 +432,9 @@ impl SnapshotSource for MvccSnapshots {
         let image = self.mvcc.image();
         let encoding = std::time::Instant::now();
         let header = SnapshotData {
-            records: Vec::new(),
             current_revision: image.marks.current,
             compact_revision: image.marks.compacted,
-            meta: image.meta.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+            ..Default::default()
         }
         .encode_to_vec();
         self.metrics.snap_save_marshalling.observe(encoding.elapsed().as_secs_f64());
@@ -441,18 +442,35 @@ impl SnapshotSource for MvccSnapshots {
         Ok(Arc::new(MvccImage { image, header }))
     }
 
-    fn receive(&self, index: u64, body: &mut dyn Iterator<Item = Vec<u8>>) -> Result<Box<dyn ReceivedSnapshot>> {
+    fn receive(
+        &self,
+        index: u64,
+        header: &[u8],
+        body: &mut dyn Iterator<Item = Vec<u8>>,
+    ) -> Result<Box<dyn ReceivedSnapshot>> {
+        SnapshotData::decode(header).map_err(|e| Error::Corrupt(format!("snapshot header does not decode: {e}")))?;
+        if index <= self.mvcc.marks().applied {
+            // Raft will refuse it (this member applied past it): store nothing.
+            body.for_each(drop);
+            return Ok(Box::new(Stale));
+        }
+        let mut meta = std::collections::BTreeMap::new();
         let mut records = body
             .map(|chunk| {
                 SnapshotData::decode(chunk.as_slice())
-                    .map(|d| d.records)
+                    .map(|d| {
+                        meta.extend(d.meta);
+                        d.records
+                    })
                     .map_err(|e| Error::Corrupt(format!("snapshot chunk does not decode: {e}")))
             })
             .flat_map(|chunk| match chunk {
                 Ok(records) => records.into_iter().map(Ok).collect::<Vec<_>>(),
                 Err(e) => vec![Err(e)],
             });
-        let received = self.mvcc.ingest(index, &mut records)?;
+        let mut received = self.mvcc.ingest(index, &mut records)?;
+        drop(records);
+        received.meta = meta;
         self.metrics.snap_db_fsync.observe(received.fsync.as_secs_f64());
         Ok(Box::new(KeepReceived { mvcc: self.mvcc.clone(), received }))
     }
@@ -475,6 +493,16 @@ impl SnapshotImage for MvccImage {
     fn write_body(&self, chunk_bytes: usize, each: &mut dyn FnMut(Vec<u8>) -> bool) -> Result<()> {
         let mut chunk = SnapshotData::default();
         let mut bytes = 0;
+        for (name, value) in &self.image.meta {
+            bytes += name.len() + value.len() + 8;
+            chunk.meta.insert(name.clone(), value.clone());
+            if bytes >= chunk_bytes {
+                if !each(std::mem::take(&mut chunk).encode_to_vec()) {
+                    return Ok(());
+                }
+                bytes = 0;
+            }
+        }
         let mut open = true;
         self.image.for_each(|rec| {
             bytes += rec.encoded_len() + 8;
@@ -485,11 +513,18 @@ impl SnapshotImage for MvccImage {
             }
             open
         })?;
-        if open && !chunk.records.is_empty() {
+        if open && (!chunk.records.is_empty() || !chunk.meta.is_empty()) {
             each(chunk.encode_to_vec());
         }
         Ok(())
     }
+}
+
+/// A body for a snapshot this member already applied past: nothing to keep.
+struct Stale;
+
+impl ReceivedSnapshot for Stale {
+    fn keep(self: Box<Self>) {}
 }
 
 struct KeepReceived {

@@ -60,6 +60,8 @@ pub struct Received {
     kv: Option<Keyspace>,
     index: KeyIndex,
     size: u64,
+    /// The snapshot's replicated metadata, which came with the body.
+    pub meta: BTreeMap<String, Vec<u8>>,
     /// How long making the body durable took.
     pub fsync: Duration,
 }
@@ -106,6 +108,7 @@ impl Mvcc {
             kv: Some(kv.clone()),
             index: KeyIndex::default(),
             size: 0,
+            meta: BTreeMap::new(),
             fsync: Duration::ZERO,
         };
         let mut ingestion = kv.start_ingestion()?;
@@ -130,37 +133,47 @@ impl Mvcc {
         Ok(received)
     }
 
-    /// Keeps a received body until [`Mvcc::install`] takes it.
+    /// Keeps a received body until [`Mvcc::install`] takes it. Bodies this
+    /// member has applied past are dropped, and past [`KEPT`] the oldest.
     pub fn keep(&self, received: Received) {
+        let applied = self.marks().applied;
         let mut incoming = self.incoming.lock();
         incoming.insert(received.raft_index, received);
+        incoming.retain(|i, _| *i > applied);
         while incoming.len() > KEPT {
             incoming.pop_first();
         }
     }
 
+    /// Received bodies kept for a restore.
+    #[cfg(test)]
+    pub(crate) fn kept_bodies(&self) -> usize {
+        self.incoming.lock().len()
+    }
+
     /// Switches the store to the body received for raft index
-    /// `raft_index`, with the snapshot's marks and metadata, staged into
-    /// `batch`: visible after [`Mvcc::publish`], when the keyspace it
-    /// replaces is deleted. False when no such body was received.
+    /// `raft_index`, with the snapshot's marks and the body's metadata,
+    /// staged into `batch`: visible after [`Mvcc::publish`], when the
+    /// keyspace it replaces is deleted. Until then readers are refused
+    /// (as after a compaction) rather than shown a mix of both. False when
+    /// no such body was received.
     ///
     /// # Errors
     ///
     /// Storage errors.
-    pub fn install(
-        &self,
-        raft_index: u64,
-        marks: Marks,
-        meta: BTreeMap<String, Vec<u8>>,
-        batch: &mut OwnedWriteBatch,
-    ) -> Result<bool> {
-        let mut received = {
+    pub fn install(&self, raft_index: u64, marks: Marks, batch: &mut OwnedWriteBatch) -> Result<bool> {
+        let (mut received, older) = {
             let mut incoming = self.incoming.lock();
             let Some(received) = incoming.remove(&raft_index) else { return Ok(false) };
             // Older bodies will never be restored now.
-            incoming.retain(|i, _| *i > raft_index);
-            received
+            let newer = incoming.split_off(&raft_index);
+            (received, std::mem::replace(&mut *incoming, newer))
         };
+        if !older.is_empty() {
+            // Deleting a keyspace syncs files: not on the raft thread.
+            std::thread::spawn(move || drop(older));
+        }
+        let meta = std::mem::take(&mut received.meta);
         let kv = received.kv.take().expect("a kept body has its keyspace");
         let mut st = self.state.write();
         for item in self.meta.prefix(META_APP_PREFIX) {
@@ -170,6 +183,7 @@ impl Mvcc {
         let old = std::mem::replace(&mut st.kv, kv);
         st.retired.push(old);
         st.generation += 1;
+        st.restoring = true;
         st.index = std::mem::take(&mut received.index);
         st.size = received.size;
         st.pending.clear();
