@@ -1,6 +1,7 @@
 //! The `meridian` binary: parses arguments and dispatches to a subcommand.
 
 use clap::{Parser, Subcommand};
+use meridian_gateway::{GatewayConfig, GatewayFlags};
 use meridian_mirror::{MirrorConfig, MirrorFlags, StatusFlags};
 use meridian_node::compat::{take_etcd_flags, EtcdFlags};
 use meridian_node::config::{normalize_args, NodeConfig, NodeFlags};
@@ -24,6 +25,8 @@ enum Command {
     Node(NodeFlags),
     /// Copy every revision of a source cluster into a read-only secondary.
     Mirror(MirrorCommand),
+    /// One etcd endpoint for a region: writes to the primary, reads to the nearest fresh region.
+    Gateway(GatewayFlags),
 }
 
 #[derive(clap::Args)]
@@ -69,6 +72,12 @@ fn main() -> anyhow::Result<()> {
         Command::Mirror(MirrorCommand { action: Some(MirrorAction::Status(flags)), .. }) => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(meridian_mirror::print_status(&flags))?;
+        }
+        Command::Gateway(flags) => {
+            let cfg = GatewayConfig::load(&flags)?;
+            init_logging("info");
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(meridian_gateway::run(cfg, shutdown_signal()))?;
         }
         Command::Mirror(MirrorCommand { action: None, flags }) => {
             let cfg = MirrorConfig::load(&flags)?;

@@ -106,7 +106,7 @@ fn refusal(flag: &str, value: &str) -> String {
     let why = match flag {
         "enable-v2" | "experimental-enable-v2v3" => "the etcd v2 API is out of scope; Meridian serves the v3 API only",
         "force-new-cluster" => "Meridian cannot force a new cluster from a member's data yet",
-        "proxy" => "Meridian has no etcd proxy mode; see `meridian gateway` (coming) for one endpoint per region",
+        "proxy" => "Meridian has no etcd proxy mode; see `meridian gateway` for one endpoint per region",
         f if f.starts_with("discovery") => "discovery is not supported; give --initial-cluster",
         "auth-token" => "authentication is not supported yet",
         _ => "TLS is not supported yet",

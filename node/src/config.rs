@@ -582,36 +582,7 @@ fn positive_duration(flag: &str, value: &str) -> Result<Duration> {
     }
 }
 
-/// Parses Go durations as etcd's flags take them: `10m`, `30s`, `500ms`,
-/// `1h30m`, `1.5h`, `0`.
-pub fn parse_duration(s: &str) -> Option<Duration> {
-    let mut rest = s.trim();
-    if rest == "0" {
-        return Some(Duration::ZERO);
-    }
-    if rest.is_empty() {
-        return None;
-    }
-    let mut secs = 0.0;
-    while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !c.is_ascii_digit() && c != '.')?;
-        let n: f64 = rest[..num_end].parse().ok()?;
-        rest = &rest[num_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
-        let scale = match &rest[..unit_end] {
-            "ns" => 1e-9,
-            "us" | "\u{b5}s" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        secs += n * scale;
-        rest = &rest[unit_end..];
-    }
-    Duration::try_from_secs_f64(secs).ok()
-}
+pub use meridian_wire::duration::parse_duration;
 
 /// etcd's member id: SHA-1 of the sorted peer URLs and the cluster token.
 pub fn member_id(peer_urls: &[String], token: &str) -> u64 {

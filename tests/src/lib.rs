@@ -68,6 +68,7 @@
 mod bins;
 mod cluster;
 mod etcdctl;
+mod gateway;
 mod http;
 mod mirror;
 mod ports;
@@ -78,6 +79,7 @@ pub use cluster::{Cluster, ClusterOpts, EtcdCluster, Server};
 pub use etcdctl::{
     decode_b64, etcdctl, etcdctl_json, etcdctl_ok, etcdctl_with_input, etcdctl_with_timeout, mask_ids, CtlOutput,
 };
+pub use gateway::GatewayProcess;
 pub use http::{check_health, http_get};
 pub use mirror::{mirror_token_file, secondary_flags, MirrorProcess};
 pub use ports::{lease_port, PortLease};

@@ -2,7 +2,12 @@
 //! the gateway and lab to come) needs, with no storage or raft in them.
 //!
 //! - [`url`]: member URLs and endpoint lists, parsed once into [`url::Url`];
-//! - [`token`]: the mirror token that `Mirror.Apply` carries.
+//! - [`token`]: the mirror token that `Mirror.Apply` carries;
+//! - [`duration`]: Go durations (`10m`, `500ms`);
+//! - [`authority`]: lets etcd Go clients' schemed HTTP/2 `:authority` through
+//!   a client port (members and gateways).
 
+pub mod authority;
+pub mod duration;
 pub mod token;
 pub mod url;

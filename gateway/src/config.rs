@@ -1,0 +1,210 @@
+//! `meridian gateway`'s settings: flags, `MERIDIAN_*` environment variables
+//! and a TOML file (`configs/gateway.toml`), in falling precedence, checked
+//! once into a typed [`GatewayConfig`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use meridian_wire::duration::parse_duration;
+use meridian_wire::url::Url;
+use serde::Deserialize;
+
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct GatewayFlags {
+    /// This gateway's name (listed by MemberList).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The region this gateway runs in: it wins ties for the nearest region.
+    #[arg(long)]
+    pub region: Option<String>,
+    /// URLs to serve the etcd API on, comma-separated.
+    #[arg(long)]
+    pub listen_client_urls: Option<String>,
+    /// One region's endpoints: `NAME=URL,URL,...`. Repeat once per region.
+    #[arg(long = "upstream")]
+    pub upstreams: Vec<String>,
+    /// Extra URLs serving /metrics, /health, /readyz and /v1/regions over plain HTTP.
+    #[arg(long)]
+    pub listen_metrics_urls: Option<String>,
+    /// Default bound for serializable reads (a Go duration); `x-meridian-max-staleness` overrides it.
+    #[arg(long)]
+    pub max_staleness: Option<String>,
+    /// How often each region is probed (a Go duration).
+    #[arg(long)]
+    pub probe_interval: Option<String>,
+    /// TOML file with any of the settings above (snake_case keys; `upstream` is a table).
+    #[arg(long)]
+    pub config_file: Option<PathBuf>,
+}
+
+/// The file's and the environment's shape.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct FileSettings {
+    name: Option<String>,
+    region: Option<String>,
+    listen_client_urls: Option<String>,
+    /// region name -> comma-separated endpoints.
+    upstream: std::collections::BTreeMap<String, String>,
+    listen_metrics_urls: Option<String>,
+    max_staleness: Option<String>,
+    probe_interval: Option<String>,
+}
+
+/// One region the gateway routes to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    pub region: String,
+    pub endpoints: Vec<Url>,
+}
+
+/// The checked settings.
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub name: String,
+    pub region: String,
+    pub listen_client_urls: Vec<Url>,
+    pub listen_metrics_urls: Vec<Url>,
+    pub upstreams: Vec<Upstream>,
+    pub max_staleness: Duration,
+    pub probe_interval: Duration,
+}
+
+impl GatewayConfig {
+    /// Merges the file, the environment and the flags, and checks every value.
+    ///
+    /// # Errors
+    ///
+    /// An unreadable file, or a value that is refused, naming its flag.
+    pub fn load(flags: &GatewayFlags) -> Result<Self> {
+        let mut b = config::Config::builder();
+        if let Some(f) = &flags.config_file {
+            b = b.add_source(config::File::from(f.as_path()).format(config::FileFormat::Toml));
+        }
+        b = b.add_source(config::Environment::with_prefix("MERIDIAN").separator("__"));
+        let file: FileSettings = b.build()?.try_deserialize().context("gateway settings")?;
+        let pick = |flag: &Option<String>, file: Option<String>, default: &str| {
+            flag.clone().or(file).unwrap_or_else(|| default.to_string())
+        };
+        let mut upstreams = Vec::new();
+        if flags.upstreams.is_empty() {
+            for (region, eps) in &file.upstream {
+                upstreams.push(upstream(&format!("{region}={eps}"))?);
+            }
+        } else {
+            for u in &flags.upstreams {
+                upstreams.push(upstream(u)?);
+            }
+        }
+        if upstreams.is_empty() {
+            bail!("--upstream is required: one NAME=URL,URL,... per region");
+        }
+        for (i, u) in upstreams.iter().enumerate() {
+            if upstreams[..i].iter().any(|o| o.region == u.region) {
+                bail!("--upstream names region {:?} twice", u.region);
+            }
+        }
+        let region = pick(&flags.region, file.region, "default");
+        let cfg = Self {
+            name: pick(&flags.name, file.name, "gateway"),
+            region,
+            listen_client_urls: urls(
+                "--listen-client-urls",
+                &pick(&flags.listen_client_urls, file.listen_client_urls, "http://127.0.0.1:23790"),
+            )?,
+            listen_metrics_urls: urls(
+                "--listen-metrics-urls",
+                &pick(&flags.listen_metrics_urls, file.listen_metrics_urls, ""),
+            )?,
+            upstreams,
+            max_staleness: duration("--max-staleness", &pick(&flags.max_staleness, file.max_staleness, "5s"))?,
+            probe_interval: positive("--probe-interval", &pick(&flags.probe_interval, file.probe_interval, "200ms"))?,
+        };
+        if cfg.listen_client_urls.is_empty() {
+            bail!("--listen-client-urls is empty");
+        }
+        Ok(cfg)
+    }
+}
+
+/// `NAME=URL,URL,...`.
+fn upstream(s: &str) -> Result<Upstream> {
+    let (region, eps) = s.split_once('=').with_context(|| format!("--upstream {s:?}: want NAME=URL,URL,..."))?;
+    let region = region.trim();
+    if region.is_empty() {
+        bail!("--upstream {s:?}: the region name is empty");
+    }
+    let endpoints = endpoints(&format!("--upstream {region}"), eps)?;
+    if endpoints.is_empty() {
+        bail!("--upstream {s:?}: no endpoints");
+    }
+    Ok(Upstream { region: region.to_string(), endpoints })
+}
+
+fn urls(flag: &str, list: &str) -> Result<Vec<Url>> {
+    meridian_wire::url::parse_list(list).map_err(|e| anyhow::anyhow!("invalid {flag}: {e}"))
+}
+
+fn endpoints(flag: &str, list: &str) -> Result<Vec<Url>> {
+    meridian_wire::url::parse_endpoints(list).map_err(|e| anyhow::anyhow!("invalid {flag}: {e}"))
+}
+
+fn duration(flag: &str, s: &str) -> Result<Duration> {
+    parse_duration(s).with_context(|| format!("invalid {flag} {s:?}: want a duration like 5s or 500ms"))
+}
+
+fn positive(flag: &str, s: &str) -> Result<Duration> {
+    match duration(flag, s)? {
+        d if d.is_zero() => bail!("invalid {flag} {s:?}: must be above zero"),
+        d => Ok(d),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flags(upstreams: &[&str]) -> GatewayFlags {
+        GatewayFlags { upstreams: upstreams.iter().map(|s| s.to_string()).collect(), ..Default::default() }
+    }
+
+    #[test]
+    fn upstreams_and_defaults() {
+        let cfg = GatewayConfig::load(&flags(&[
+            "us-east=http://127.0.0.1:12379,http://127.0.0.1:22379",
+            "eu-west=127.0.0.1:42379",
+        ]))
+        .unwrap();
+        assert_eq!(cfg.upstreams.len(), 2);
+        assert_eq!(cfg.upstreams[0].region, "us-east");
+        assert_eq!(cfg.upstreams[0].endpoints.len(), 2);
+        assert_eq!(cfg.upstreams[1].endpoints[0].to_string(), "http://127.0.0.1:42379");
+        assert_eq!(cfg.max_staleness, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_values_name_their_flag() {
+        for (f, want) in [
+            (flags(&[]), "--upstream is required"),
+            (flags(&["nowhere"]), "want NAME=URL"),
+            (flags(&["a=http://h:1", "a=http://h:2"]), "twice"),
+            (flags(&["a="]), "no endpoints"),
+            (GatewayFlags { max_staleness: Some("soon".into()), ..flags(&["a=h:1"]) }, "--max-staleness"),
+            (GatewayFlags { probe_interval: Some("0".into()), ..flags(&["a=h:1"]) }, "--probe-interval"),
+        ] {
+            let err = GatewayConfig::load(&f).unwrap_err().to_string();
+            assert!(err.contains(want), "{err:?} does not say {want:?}");
+        }
+    }
+
+    #[test]
+    fn the_commented_config_file_loads() {
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../configs/gateway.toml");
+        let cfg = GatewayConfig::load(&GatewayFlags { config_file: Some(file), ..Default::default() }).unwrap();
+        assert_eq!((cfg.name.as_str(), cfg.region.as_str()), ("gw-eu", "eu-west"));
+        let regions: Vec<_> = cfg.upstreams.iter().map(|u| (u.region.as_str(), u.endpoints.len())).collect();
+        assert_eq!(regions, [("eu-west", 1), ("us-east", 3)]);
+        assert_eq!(cfg.probe_interval, Duration::from_millis(200));
+    }
+}

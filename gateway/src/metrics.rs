@@ -1,0 +1,80 @@
+//! The gateway's Prometheus metrics: requests by class, region and code,
+//! their latency, and what the probes see of each region.
+
+use prometheus::{
+    exponential_buckets, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::regions::RegionState;
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub latency: HistogramVec,
+    region_rtt: GaugeVec,
+    region_revision: IntGaugeVec,
+    region_staleness: GaugeVec,
+    region_healthy: IntGaugeVec,
+    region_primary: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new(gateway_region: &str) -> Self {
+        let r = Registry::new();
+        let opts = |name: &str, help: &str| Opts::new(name, help).const_label("region", gateway_region);
+        let reg = |c: Box<dyn prometheus::core::Collector>| r.register(c).expect("metric names are unique");
+        let requests = IntCounterVec::new(
+            opts("meridian_gateway_requests_total", "Requests by RPC class, serving region and gRPC code."),
+            &["class", "serving_region", "code"],
+        )
+        .expect("valid metric");
+        let latency = HistogramVec::new(
+            HistogramOpts::from(opts("meridian_gateway_request_duration_seconds", "Request latency by RPC class."))
+                .buckets(exponential_buckets(0.0001, 2.0, 18).expect("buckets")),
+            &["class"],
+        )
+        .expect("valid metric");
+        let gauge =
+            |name: &str, help: &str| GaugeVec::new(opts(name, help), &["upstream_region"]).expect("valid metric");
+        let int_gauge =
+            |name: &str, help: &str| IntGaugeVec::new(opts(name, help), &["upstream_region"]).expect("valid metric");
+        let m = Self {
+            requests,
+            latency,
+            region_rtt: gauge("meridian_gateway_region_rtt_seconds", "Smoothed round trip to each region."),
+            region_revision: int_gauge("meridian_gateway_region_revision", "Each region's applied revision."),
+            region_staleness: gauge(
+                "meridian_gateway_region_staleness_seconds",
+                "Each region's staleness as it reports it (0 for the primary, -1 unknown).",
+            ),
+            region_healthy: int_gauge("meridian_gateway_region_healthy", "1 when the last probe of the region passed."),
+            region_primary: int_gauge("meridian_gateway_region_primary", "1 for the region writes go to."),
+            registry: r.clone(),
+        };
+        reg(Box::new(m.requests.clone()));
+        reg(Box::new(m.latency.clone()));
+        reg(Box::new(m.region_rtt.clone()));
+        reg(Box::new(m.region_revision.clone()));
+        reg(Box::new(m.region_staleness.clone()));
+        reg(Box::new(m.region_healthy.clone()));
+        reg(Box::new(m.region_primary.clone()));
+        m
+    }
+
+    pub fn observe_region(&self, name: &str, st: &RegionState) {
+        self.region_rtt.with_label_values(&[name]).set(st.rtt_ms / 1000.0);
+        self.region_revision.with_label_values(&[name]).set(st.revision);
+        self.region_staleness.with_label_values(&[name]).set(st.staleness_seconds);
+        self.region_healthy.with_label_values(&[name]).set(i64::from(st.healthy));
+    }
+
+    pub fn set_primary(&self, regions: &[String], primary: Option<&str>) {
+        for r in regions {
+            self.region_primary.with_label_values(&[r]).set(i64::from(Some(r.as_str()) == primary));
+        }
+    }
+
+    pub fn render(&self) -> String {
+        TextEncoder::new().encode_to_string(&self.registry.gather()).unwrap_or_default()
+    }
+}

@@ -1,0 +1,407 @@
+//! The etcd v3 services, proxied: each request goes to the region its class
+//! and consistency call for, its answer (code and message included) comes
+//! back unchanged, with `x-meridian-region` and `x-meridian-revision` added.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::Stream;
+use meridian_proto::etcdserverpb::cluster_client::ClusterClient;
+use meridian_proto::etcdserverpb::cluster_server::Cluster;
+use meridian_proto::etcdserverpb::kv_client::KvClient;
+use meridian_proto::etcdserverpb::kv_server::Kv;
+use meridian_proto::etcdserverpb::lease_client::LeaseClient;
+use meridian_proto::etcdserverpb::lease_server::Lease;
+use meridian_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+use meridian_proto::etcdserverpb::maintenance_server::Maintenance;
+use meridian_proto::etcdserverpb::watch_client::WatchClient;
+use meridian_proto::etcdserverpb::watch_server::Watch;
+use meridian_proto::etcdserverpb::*;
+use parking_lot::Mutex;
+use tokio_stream::StreamExt;
+use tonic::metadata::{MetadataMap, MetadataValue};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::config::GatewayConfig;
+use crate::metrics::Metrics;
+use crate::regions::{Pick, Regions};
+use crate::route::{self, Class, Consistency};
+
+/// What a client sees when no region takes writes: `Unavailable`, which
+/// etcd clients retry, at once rather than after a timeout.
+pub const NO_PRIMARY: &str = "meridian: no primary region is reachable through this gateway";
+/// Client connections whose last revision is remembered, at most.
+const SEEN_CONNECTIONS: usize = 100_000;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The routing core every service shares.
+pub struct Gateway {
+    pub cfg: GatewayConfig,
+    pub regions: Arc<Regions>,
+    pub metrics: Arc<Metrics>,
+    /// This gateway's id in MemberList.
+    pub member_id: u64,
+    /// The highest revision each client connection wrote or read, so no
+    /// later read on it is served from a region behind that.
+    seen: Mutex<HashMap<SocketAddr, i64>>,
+}
+
+impl Gateway {
+    pub fn new(cfg: GatewayConfig, regions: Arc<Regions>, metrics: Arc<Metrics>) -> Self {
+        let member_id =
+            cfg.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        Self { cfg, regions, metrics, member_id, seen: Mutex::new(HashMap::new()) }
+    }
+
+    fn seen(&self, conn: Option<SocketAddr>) -> i64 {
+        conn.and_then(|c| self.seen.lock().get(&c).copied()).unwrap_or(0)
+    }
+
+    fn saw(&self, conn: Option<SocketAddr>, revision: i64) {
+        let Some(c) = conn else { return };
+        let mut seen = self.seen.lock();
+        if seen.len() >= SEEN_CONNECTIONS && !seen.contains_key(&c) {
+            seen.clear(); // forgetting only weakens a hint the client never asked for
+        }
+        let r = seen.entry(c).or_default();
+        *r = (*r).max(revision);
+    }
+
+    /// The region for a request of `class` on connection `conn`.
+    fn pick(&self, class: Class, conn: Option<SocketAddr>) -> Result<Pick, Status> {
+        let primary = || self.regions.primary().ok_or_else(|| Status::unavailable(NO_PRIMARY));
+        match class {
+            Class::Write | Class::Lease | Class::Read(Consistency::Linearizable) => primary(),
+            Class::Read(Consistency::Bounded { max_staleness, min_revision }) => {
+                let need = min_revision.max(self.seen(conn));
+                self.regions
+                    .nearest(|st| st.staleness().is_some_and(|s| s <= max_staleness) && st.revision >= need)
+                    .map_or_else(primary, Ok)
+            }
+            Class::Watch | Class::Maintenance => {
+                let pick = if class == Class::Watch {
+                    self.regions.nearest(|_| true)
+                } else {
+                    self.regions.local_or_nearest()
+                };
+                pick.ok_or_else(|| Status::unavailable("meridian: no region is reachable through this gateway"))
+            }
+        }
+    }
+
+    /// Counts the answer, remembers its revision for the connection, and
+    /// says who served it.
+    fn answer<T>(
+        &self,
+        class: Class,
+        pick: &Pick,
+        conn: Option<SocketAddr>,
+        started: Instant,
+        result: Result<Response<T>, Status>,
+        revision: impl Fn(&T) -> i64,
+    ) -> Result<Response<T>, Status> {
+        let code = match &result {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.metrics.requests.with_label_values(&[class.label(), &pick.region.name, &format!("{code:?}")]).inc();
+        self.metrics.latency.with_label_values(&[class.label()]).observe(started.elapsed().as_secs_f64());
+        let mut resp = result?;
+        let rev = revision(resp.get_ref());
+        self.saw(conn, rev);
+        served_by(resp.metadata_mut(), &pick.region.name, rev);
+        Ok(resp)
+    }
+
+    async fn unary<T, R, F, Fut>(
+        &self,
+        class: Class,
+        req: Request<T>,
+        call: F,
+        revision: fn(&R) -> i64,
+    ) -> Result<Response<R>, Status>
+    where
+        F: FnOnce(tonic::transport::Channel, Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<R>, Status>>,
+    {
+        let conn = req.remote_addr();
+        let pick = self.pick(class, conn)?;
+        let started = Instant::now();
+        let (channel, _) = pick.region.channel();
+        let (meta, _, msg) = req.into_parts();
+        let result = call(channel, forward(&meta, msg)).await;
+        self.answer(class, &pick, conn, started, result, revision)
+    }
+}
+
+/// A request for the upstream, with the client's credentials (etcd's
+/// `token` metadata) and nothing else of its transport.
+fn forward<T>(meta: &MetadataMap, msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    for key in ["token", "authorization"] {
+        if let Some(v) = meta.get(key) {
+            req.metadata_mut().insert(key, v.clone());
+        }
+    }
+    req
+}
+
+fn served_by(meta: &mut MetadataMap, region: &str, revision: i64) {
+    if let Ok(v) = MetadataValue::try_from(region) {
+        meta.insert(route::SERVED_BY, v);
+    }
+    meta.insert(route::SERVED_AT, MetadataValue::from(revision));
+}
+
+fn rev(h: &Option<ResponseHeader>) -> i64 {
+    h.as_ref().map_or(0, |h| h.revision)
+}
+
+pub struct KvProxy(pub Arc<Gateway>);
+
+#[tonic::async_trait]
+impl Kv for KvProxy {
+    async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let gw = &self.0;
+        let class = Class::Read(route::consistency(req.get_ref().serializable, req.metadata(), gw.cfg.max_staleness)?);
+        gw.unary(class, req, |c, r| async move { KvClient::new(c).range(r).await }, |r| rev(&r.header)).await
+    }
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        self.0.unary(Class::Write, req, |c, r| async move { KvClient::new(c).put(r).await }, |r| rev(&r.header)).await
+    }
+    async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+        self.0
+            .unary(Class::Write, req, |c, r| async move { KvClient::new(c).delete_range(r).await }, |r| rev(&r.header))
+            .await
+    }
+    async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let gw = &self.0;
+        let class = if route::txn_writes(req.get_ref()) {
+            Class::Write
+        } else {
+            Class::Read(route::consistency(
+                route::txn_serializable(req.get_ref()),
+                req.metadata(),
+                gw.cfg.max_staleness,
+            )?)
+        };
+        gw.unary(class, req, |c, r| async move { KvClient::new(c).txn(r).await }, |r| rev(&r.header)).await
+    }
+    async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+        self.0
+            .unary(Class::Write, req, |c, r| async move { KvClient::new(c).compact(r).await }, |r| rev(&r.header))
+            .await
+    }
+}
+
+pub struct WatchProxy(pub Arc<Gateway>);
+
+#[tonic::async_trait]
+impl Watch for WatchProxy {
+    type WatchStream = BoxStream<WatchResponse>;
+
+    /// One upstream stream per client stream, in the nearest healthy region.
+    async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+        let gw = &self.0;
+        let conn = req.remote_addr();
+        let pick = gw.pick(Class::Watch, conn)?;
+        let started = Instant::now();
+        let (meta, _, inbound) = req.into_parts();
+        let requests = inbound.map_while(Result::ok);
+        let result = WatchClient::new(pick.region.channel().0).watch(forward(&meta, requests)).await;
+        let result = result.map(|r| Response::new(Box::pin(r.into_inner()) as Self::WatchStream));
+        gw.answer(Class::Watch, &pick, conn, started, result, |_| pick.state.revision)
+    }
+}
+
+pub struct LeaseProxy(pub Arc<Gateway>);
+
+#[tonic::async_trait]
+impl Lease for LeaseProxy {
+    type LeaseKeepAliveStream = BoxStream<LeaseKeepAliveResponse>;
+
+    async fn lease_grant(&self, req: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+        self.0
+            .unary(
+                Class::Lease,
+                req,
+                |c, r| async move { LeaseClient::new(c).lease_grant(r).await },
+                |r| rev(&r.header),
+            )
+            .await
+    }
+    async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
+        self.0
+            .unary(
+                Class::Lease,
+                req,
+                |c, r| async move { LeaseClient::new(c).lease_revoke(r).await },
+                |r| rev(&r.header),
+            )
+            .await
+    }
+    async fn lease_keep_alive(
+        &self,
+        req: Request<Streaming<LeaseKeepAliveRequest>>,
+    ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        let gw = &self.0;
+        let conn = req.remote_addr();
+        let pick = gw.pick(Class::Lease, conn)?;
+        let started = Instant::now();
+        let (meta, _, inbound) = req.into_parts();
+        let requests = inbound.map_while(Result::ok);
+        let result = LeaseClient::new(pick.region.channel().0).lease_keep_alive(forward(&meta, requests)).await;
+        let result = result.map(|r| Response::new(Box::pin(r.into_inner()) as Self::LeaseKeepAliveStream));
+        gw.answer(Class::Lease, &pick, conn, started, result, |_| pick.state.revision)
+    }
+    async fn lease_time_to_live(
+        &self,
+        req: Request<LeaseTimeToLiveRequest>,
+    ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        self.0
+            .unary(
+                Class::Lease,
+                req,
+                |c, r| async move { LeaseClient::new(c).lease_time_to_live(r).await },
+                |r| rev(&r.header),
+            )
+            .await
+    }
+    async fn lease_leases(&self, req: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
+        self.0
+            .unary(
+                Class::Lease,
+                req,
+                |c, r| async move { LeaseClient::new(c).lease_leases(r).await },
+                |r| rev(&r.header),
+            )
+            .await
+    }
+}
+
+pub struct ClusterProxy(pub Arc<Gateway>);
+
+#[tonic::async_trait]
+impl Cluster for ClusterProxy {
+    async fn member_add(&self, _: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+        Err(Status::unimplemented("meridian: membership changes go to a region's members, not a gateway"))
+    }
+    async fn member_remove(&self, _: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
+        Err(Status::unimplemented("meridian: membership changes go to a region's members, not a gateway"))
+    }
+    async fn member_update(&self, _: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
+        Err(Status::unimplemented("meridian: membership changes go to a region's members, not a gateway"))
+    }
+    async fn member_promote(
+        &self,
+        _: Request<MemberPromoteRequest>,
+    ) -> Result<Response<MemberPromoteResponse>, Status> {
+        Err(Status::unimplemented("meridian: membership changes go to a region's members, not a gateway"))
+    }
+    /// The gateway lists itself, with its own client URLs (as etcd's
+    /// grpc-proxy does), so a client that syncs its endpoints from
+    /// MemberList keeps going through the gateway.
+    async fn member_list(&self, req: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
+        let gw = self.0.clone();
+        let mut resp = gw
+            .unary(
+                Class::Maintenance,
+                req,
+                |c, r| async move { ClusterClient::new(c).member_list(r).await },
+                |r| rev(&r.header),
+            )
+            .await?;
+        resp.get_mut().members = vec![Member {
+            id: gw.member_id,
+            name: gw.cfg.name.clone(),
+            peer_ur_ls: Vec::new(),
+            client_ur_ls: gw.cfg.listen_client_urls.iter().map(ToString::to_string).collect(),
+            is_learner: false,
+        }];
+        Ok(resp)
+    }
+}
+
+pub struct MaintenanceProxy(pub Arc<Gateway>);
+
+/// Maintenance answers for the region that serves it: this gateway's own,
+/// unless it is down.
+#[tonic::async_trait]
+impl Maintenance for MaintenanceProxy {
+    type SnapshotStream = BoxStream<SnapshotResponse>;
+
+    async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        self.0
+            .unary(
+                Class::Maintenance,
+                req,
+                |c, r| async move { MaintenanceClient::new(c).alarm(r).await },
+                |r| rev(&r.header),
+            )
+            .await
+    }
+    async fn status(&self, req: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        self.0
+            .unary(
+                Class::Maintenance,
+                req,
+                |c, r| async move { MaintenanceClient::new(c).status(r).await },
+                |r| rev(&r.header),
+            )
+            .await
+    }
+    async fn defragment(&self, req: Request<DefragmentRequest>) -> Result<Response<DefragmentResponse>, Status> {
+        self.0
+            .unary(
+                Class::Maintenance,
+                req,
+                |c, r| async move { MaintenanceClient::new(c).defragment(r).await },
+                |r| rev(&r.header),
+            )
+            .await
+    }
+    async fn hash(&self, req: Request<HashRequest>) -> Result<Response<HashResponse>, Status> {
+        self.0
+            .unary(
+                Class::Maintenance,
+                req,
+                |c, r| async move { MaintenanceClient::new(c).hash(r).await },
+                |r| rev(&r.header),
+            )
+            .await
+    }
+    async fn hash_kv(&self, req: Request<HashKvRequest>) -> Result<Response<HashKvResponse>, Status> {
+        self.0
+            .unary(
+                Class::Maintenance,
+                req,
+                |c, r| async move { MaintenanceClient::new(c).hash_kv(r).await },
+                |r| rev(&r.header),
+            )
+            .await
+    }
+    async fn snapshot(&self, req: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        let gw = &self.0;
+        let conn = req.remote_addr();
+        let pick = gw.pick(Class::Maintenance, conn)?;
+        let started = Instant::now();
+        let (meta, _, msg) = req.into_parts();
+        let result = MaintenanceClient::new(pick.region.channel().0).snapshot(forward(&meta, msg)).await;
+        let result = result.map(|r| Response::new(Box::pin(r.into_inner()) as Self::SnapshotStream));
+        gw.answer(Class::Maintenance, &pick, conn, started, result, |_| pick.state.revision)
+    }
+    async fn move_leader(&self, req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
+        self.0
+            .unary(
+                Class::Maintenance,
+                req,
+                |c, r| async move { MaintenanceClient::new(c).move_leader(r).await },
+                |r| rev(&r.header),
+            )
+            .await
+    }
+}

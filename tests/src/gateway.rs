@@ -1,0 +1,124 @@
+//! A `meridian gateway` process for tests: spawned with a leased client port and a log file,
+//! killed by PID on drop.
+
+use std::fs::File;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use tempfile::TempDir;
+
+use crate::{http_get, lease_port, meridian_bin, PortLease};
+
+pub struct GatewayProcess {
+    child: Option<Child>,
+    port: PortLease,
+    dir: TempDir,
+}
+
+impl GatewayProcess {
+    /// Starts `meridian gateway --name <name> --region <region> --listen-client-urls <leased>
+    /// --upstream R=EPS ... <extra>` and waits until `/readyz` says every region was probed.
+    /// `upstreams` are `(region, endpoints)`.
+    pub fn start(name: &str, region: &str, upstreams: &[(&str, Vec<String>)], extra: &[&str]) -> Result<Self> {
+        let port = lease_port()?;
+        let dir = tempfile::tempdir()?;
+        let log = File::create(dir.path().join("gateway.log"))?;
+        let mut args = vec![
+            "gateway".to_string(),
+            "--name".into(),
+            name.into(),
+            "--region".into(),
+            region.into(),
+            "--listen-client-urls".into(),
+            format!("http://127.0.0.1:{}", port.port()),
+        ];
+        for (r, eps) in upstreams {
+            args.push("--upstream".into());
+            args.push(format!("{r}={}", eps.join(",")));
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let child = Command::new(meridian_bin()?)
+            .args(&args)
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("spawn meridian gateway")?;
+        let gw = Self { child: Some(child), port, dir };
+        gw.wait_ready(Duration::from_secs(20))?;
+        Ok(gw)
+    }
+
+    /// `127.0.0.1:port`, for etcdctl `--endpoints` and clients.
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port.port())
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.endpoint().parse().expect("an address")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("gateway.log")
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// `GET /v1/regions`.
+    pub fn regions(&self) -> Result<serde_json::Value> {
+        let (code, body) = http_get(self.addr(), "/v1/regions")?;
+        if code != 200 {
+            bail!("/v1/regions answered {code}: {body}");
+        }
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Waits until `/readyz` is 200 and one region takes writes.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let ready = matches!(http_get(self.addr(), "/readyz"), Ok((200, _)))
+                && matches!(http_get(self.addr(), "/health"), Ok((200, _)));
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("gateway not ready within {timeout:?}; its log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until `check` holds for the `/v1/regions` document.
+    pub fn wait_regions(&self, timeout: Duration, check: impl Fn(&serde_json::Value) -> bool) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(doc) = self.regions() {
+                if check(&doc) {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    bail!("regions never matched within {timeout:?}: {doc}");
+                }
+            } else if Instant::now() > deadline {
+                bail!("no /v1/regions within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for GatewayProcess {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
