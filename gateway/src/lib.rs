@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod http;
+pub mod linear;
 pub mod metrics;
 pub mod proxy;
 pub mod regions;

@@ -35,6 +35,9 @@ use crate::route::{self, Class, Consistency};
 pub const NO_PRIMARY: &str = "meridian: no primary region is reachable through this gateway";
 /// Client connections whose last revision is remembered, at most.
 const SEEN_CONNECTIONS: usize = 100_000;
+/// How long a linearizable read waits for a nearer region to apply the
+/// primary's revision before the primary serves it.
+const LINEARIZABLE_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -48,13 +51,34 @@ pub struct Gateway {
     /// The highest revision each client connection wrote or read, so no
     /// later read on it is served from a region behind that.
     seen: Mutex<HashMap<SocketAddr, i64>>,
+    read_index: Arc<crate::linear::ReadIndex>,
+    /// Test faults, so the history checkers can be shown to catch a gateway
+    /// that breaks its promise: `MERIDIAN_FAILPOINT=gateway-stale-reads`
+    /// (linearizable reads skip the read index) and `gateway-ignores-bounds`
+    /// (bounded reads go to the nearest region, however stale).
+    stale_reads: bool,
+    ignores_bounds: bool,
 }
 
 impl Gateway {
     pub fn new(cfg: GatewayConfig, regions: Arc<Regions>, metrics: Arc<Metrics>) -> Self {
         let member_id =
             cfg.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
-        Self { cfg, regions, metrics, member_id, seen: Mutex::new(HashMap::new()) }
+        let failpoint = std::env::var("MERIDIAN_FAILPOINT").unwrap_or_default();
+        let (stale_reads, ignores_bounds) = (failpoint == "gateway-stale-reads", failpoint == "gateway-ignores-bounds");
+        if stale_reads || ignores_bounds {
+            tracing::warn!(failpoint, "failpoint armed: this gateway breaks its read promises");
+        }
+        Self {
+            cfg,
+            regions,
+            metrics,
+            member_id,
+            seen: Mutex::new(HashMap::new()),
+            read_index: Default::default(),
+            stale_reads,
+            ignores_bounds,
+        }
     }
 
     fn seen(&self, conn: Option<SocketAddr>) -> i64 {
@@ -138,6 +162,88 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// A linearizable Range from the nearest region: when that is not the
+    /// primary, the primary's leader gives its committed revision R (one
+    /// round trip, shared by concurrent reads), and the near region serves
+    /// the read as soon as it has applied R (its answer's revision proves
+    /// it). A region that does not get there within [`LINEARIZABLE_WAIT`]
+    /// hands the read to the primary, as do reads of an older revision.
+    async fn linearizable_range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let class = Class::Read(Consistency::Linearizable);
+        let conn = req.remote_addr();
+        let started = Instant::now();
+        let primary = self.pick(class, conn)?;
+        // A read of an older revision goes to the primary: a compaction does
+        // not move the revision, so a region could have the revision and not
+        // yet the compaction that makes that read fail.
+        let near = self
+            .regions
+            .nearest(|_| true)
+            .filter(|p| p.region.name != primary.region.name && req.get_ref().revision <= 0);
+        let (meta, _, msg) = req.into_parts();
+        if let Some(near) = near {
+            let need = if self.stale_reads { 0 } else { self.read_index.revision(&self.regions).await? };
+            let local = RangeRequest { serializable: true, ..msg.clone() };
+            if let Some(resp) = self.range_at_least(&near, &meta, &local, need).await {
+                return self.answer(class, &near, conn, started, Ok(resp), |r| rev(&r.header));
+            }
+        }
+        let result = KvClient::new(primary.region.channel().0).range(forward(&meta, msg)).await;
+        self.answer(class, &primary, conn, started, result, |r| rev(&r.header))
+    }
+
+    /// A serializable Range from the nearest region within `max_staleness`
+    /// whose answer is at `min_revision` or later, and at the revision this
+    /// connection last wrote or read (read-your-writes, monotonic reads);
+    /// the primary when none gets there within [`LINEARIZABLE_WAIT`].
+    async fn bounded_range(
+        &self,
+        req: Request<RangeRequest>,
+        max_staleness: std::time::Duration,
+        min_revision: i64,
+    ) -> Result<Response<RangeResponse>, Status> {
+        let class = Class::Read(Consistency::Bounded { max_staleness, min_revision });
+        let conn = req.remote_addr();
+        let started = Instant::now();
+        let need = min_revision.max(self.seen(conn));
+        let near = if self.ignores_bounds {
+            self.regions.nearest(|_| true)
+        } else {
+            self.regions.nearest(|st| st.staleness().is_some_and(|s| s <= max_staleness))
+        };
+        let (meta, _, msg) = req.into_parts();
+        if let Some(near) = near {
+            if let Some(resp) = self.range_at_least(&near, &meta, &msg, need).await {
+                return self.answer(class, &near, conn, started, Ok(resp), |r| rev(&r.header));
+            }
+        }
+        let primary = self.pick(Class::Write, conn)?;
+        let result = KvClient::new(primary.region.channel().0).range(forward(&meta, msg)).await;
+        self.answer(class, &primary, conn, started, result, |r| rev(&r.header))
+    }
+
+    /// `msg` served by `pick` once its answer's revision is `need` or later
+    /// (the answer proves what the region had applied), polled for up to
+    /// [`LINEARIZABLE_WAIT`]; `None` when it does not get there, or fails.
+    async fn range_at_least(
+        &self,
+        pick: &Pick,
+        meta: &MetadataMap,
+        msg: &RangeRequest,
+        need: i64,
+    ) -> Option<Response<RangeResponse>> {
+        let deadline = Instant::now() + LINEARIZABLE_WAIT;
+        loop {
+            match KvClient::new(pick.region.channel().0).range(forward(meta, msg.clone())).await {
+                Ok(resp) if rev(&resp.get_ref().header) >= need => return Some(resp),
+                Ok(_) if Instant::now() < deadline => tokio::time::sleep(std::time::Duration::from_millis(2)).await,
+                _ => return None,
+            }
+        }
+    }
+}
+
 /// A request for the upstream, with the client's credentials (etcd's
 /// `token` metadata) and nothing else of its transport.
 fn forward<T>(meta: &MetadataMap, msg: T) -> Request<T> {
@@ -168,7 +274,13 @@ impl Kv for KvProxy {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let gw = &self.0;
         let class = Class::Read(route::consistency(req.get_ref().serializable, req.metadata(), gw.cfg.max_staleness)?);
-        gw.unary(class, req, |c, r| async move { KvClient::new(c).range(r).await }, |r| rev(&r.header)).await
+        match class {
+            Class::Read(Consistency::Linearizable) => gw.linearizable_range(req).await,
+            Class::Read(Consistency::Bounded { max_staleness, min_revision }) => {
+                gw.bounded_range(req, max_staleness, min_revision).await
+            }
+            _ => unreachable!("a Range is a read"),
+        }
     }
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         self.0.unary(Class::Write, req, |c, r| async move { KvClient::new(c).put(r).await }, |r| rev(&r.header)).await

@@ -23,6 +23,9 @@ const RTT_WEIGHT: f64 = 0.1;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// RTTs closer than this are a tie, which the gateway's own region wins.
 const RTT_TIE_MS: f64 = 0.5;
+/// Failed probes in a row before a region that answered before counts as
+/// down: one slow answer on a busy machine does not move traffic.
+const FAILURES_TO_DOWN: u32 = 2;
 
 /// One member endpoint of a region.
 pub struct Member {
@@ -54,12 +57,23 @@ pub struct RegionState {
     leader_index: Option<usize>,
     #[serde(skip)]
     probed_at: Option<Instant>,
+    #[serde(skip)]
+    failures: u32,
 }
 
 impl RegionState {
-    /// Staleness as a duration; `None` while unknown.
+    /// Staleness now, as a duration; `None` while unknown. A secondary's
+    /// staleness grows at most as fast as time passes, so the figure the
+    /// last probe read plus the time since is an upper bound: a bounded
+    /// read is never sent to a region that may have gone past its bound
+    /// since the probe.
     pub fn staleness(&self) -> Option<Duration> {
-        (self.staleness_seconds >= 0.0).then(|| Duration::from_secs_f64(self.staleness_seconds))
+        if self.staleness_seconds < 0.0 {
+            return None;
+        }
+        let since =
+            if self.is_primary() { Duration::ZERO } else { self.probed_at.map(|t| t.elapsed()).unwrap_or_default() };
+        Some(Duration::from_secs_f64(self.staleness_seconds) + since)
     }
     pub fn is_primary(&self) -> bool {
         self.role == "primary"
@@ -202,8 +216,8 @@ async fn probe(region: Arc<Region>) {
         let answer = tokio::time::timeout(PROBE_TIMEOUT, client.status(StatusRequest {})).await;
         match answer {
             Ok(Ok(resp)) => Ok((resp.into_inner(), started.elapsed())),
-            Ok(Err(status)) => Err(status.message().to_string()),
-            Err(_) => Err(format!("no answer within {PROBE_TIMEOUT:?}")),
+            Ok(Err(status)) => Err((false, status.message().to_string())),
+            Err(_) => Err((true, format!("no answer within {PROBE_TIMEOUT:?}"))),
         }
     });
     let answers = futures::future::join_all(calls).await;
@@ -212,6 +226,7 @@ async fn probe(region: Arc<Region>) {
     let mut rtts = Vec::new();
     let mut revision = 0;
     let mut error = None;
+    let mut slow = false;
     for (i, a) in answers.iter().enumerate() {
         match a {
             Ok((status, rtt)) => {
@@ -225,7 +240,10 @@ async fn probe(region: Arc<Region>) {
                     }
                 }
             }
-            Err(e) => error = Some(format!("{}: {e}", region.members[i].url)),
+            Err((timed_out, e)) => {
+                slow |= *timed_out;
+                error = Some(format!("{}: {e}", region.members[i].url));
+            }
         }
     }
     let reachable = !rtts.is_empty();
@@ -242,7 +260,11 @@ async fn probe(region: Arc<Region>) {
     let mut st = region.state.write();
     st.probed_at = Some(Instant::now());
     st.error = error;
-    st.healthy = reachable && leader_id != 0 && mirror.is_some();
+    let passed = reachable && leader_id != 0 && mirror.is_some();
+    st.failures = if passed { 0 } else { st.failures + 1 };
+    // A region that refuses every connection is down at once; one that is
+    // slow to answer, or answered but failed a check, gets a second chance.
+    st.healthy = passed || ((reachable || slow) && st.healthy && st.failures < FAILURES_TO_DOWN);
     if let Some(rtt) = rtts.iter().copied().reduce(f64::min) {
         st.rtt_ms = if st.rtt_ms == 0.0 { rtt } else { st.rtt_ms + RTT_WEIGHT * (rtt - st.rtt_ms) };
     }

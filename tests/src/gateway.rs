@@ -23,6 +23,17 @@ impl GatewayProcess {
     /// --upstream R=EPS ... <extra>` and waits until `/readyz` says every region was probed.
     /// `upstreams` are `(region, endpoints)`.
     pub fn start(name: &str, region: &str, upstreams: &[(&str, Vec<String>)], extra: &[&str]) -> Result<Self> {
+        Self::start_with_env(name, region, upstreams, extra, &[])
+    }
+
+    /// [`GatewayProcess::start`] with extra environment variables (failpoints).
+    pub fn start_with_env(
+        name: &str,
+        region: &str,
+        upstreams: &[(&str, Vec<String>)],
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let port = lease_port()?;
         let dir = tempfile::tempdir()?;
         let log = File::create(dir.path().join("gateway.log"))?;
@@ -43,6 +54,7 @@ impl GatewayProcess {
         let child = Command::new(meridian_bin()?)
             .args(&args)
             .env("NO_COLOR", "1")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

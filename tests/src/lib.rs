@@ -69,7 +69,9 @@ mod bins;
 mod cluster;
 mod etcdctl;
 mod gateway;
+pub mod history;
 mod http;
+mod latency;
 mod mirror;
 mod ports;
 mod process;
@@ -81,5 +83,6 @@ pub use etcdctl::{
 };
 pub use gateway::GatewayProcess;
 pub use http::{check_health, http_get};
+pub use latency::LatencyProxy;
 pub use mirror::{mirror_token_file, secondary_flags, MirrorProcess};
 pub use ports::{lease_port, PortLease};

@@ -249,7 +249,7 @@ async fn kill9_leader_under_load_loses_no_acknowledged_write() -> Result<()> {
     let rows = assert_replicas_identical(&cluster, rev, "w").await?;
 
     let stored: BTreeMap<Vec<u8>, Vec<u8>> = rows.into_iter().map(|r| (r.0, r.1)).collect();
-    let missing: Vec<&String> = acked.keys().filter(|k| stored.get(k.as_bytes()).is_none()).collect();
+    let missing: Vec<&String> = acked.keys().filter(|k| !stored.contains_key(k.as_bytes())).collect();
     assert!(
         missing.is_empty(),
         "{} of {} acknowledged puts are lost after the leader crash, e.g. {:?}",

@@ -1,0 +1,74 @@
+//! Linearizable reads away from the primary. A read may be served by any
+//! region that has applied the primary's committed revision as of a moment
+//! after the read began: then it cannot miss a write that completed before
+//! it. [`ReadIndex`] obtains that revision from the primary's leader (a
+//! linearizable count-only Range: the leader's own ReadIndex), one request
+//! for every read that arrives while one is in flight (they all ride the
+//! next one, which starts after they arrived).
+
+use std::sync::Arc;
+
+use meridian_proto::etcdserverpb::kv_client::KvClient;
+use meridian_proto::etcdserverpb::RangeRequest;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
+use tonic::Status;
+
+use crate::regions::Regions;
+
+type Waiter = oneshot::Sender<Result<i64, Status>>;
+
+#[derive(Default)]
+struct Batch {
+    in_flight: bool,
+    next: Vec<Waiter>,
+}
+
+#[derive(Default)]
+pub struct ReadIndex {
+    batch: Mutex<Batch>,
+}
+
+impl ReadIndex {
+    /// The primary's committed revision, read after this call began.
+    ///
+    /// # Errors
+    ///
+    /// `Unavailable` with no primary, or the primary's own error.
+    pub async fn revision(self: &Arc<Self>, regions: &Arc<Regions>) -> Result<i64, Status> {
+        let (tx, rx) = oneshot::channel();
+        let start = {
+            let mut b = self.batch.lock();
+            b.next.push(tx);
+            !std::mem::replace(&mut b.in_flight, true)
+        };
+        if start {
+            tokio::spawn(self.clone().run(regions.clone()));
+        }
+        rx.await.unwrap_or_else(|_| Err(Status::unavailable("meridian: read index abandoned")))
+    }
+
+    async fn run(self: Arc<Self>, regions: Arc<Regions>) {
+        loop {
+            let batch = {
+                let mut b = self.batch.lock();
+                if b.next.is_empty() {
+                    b.in_flight = false;
+                    return;
+                }
+                std::mem::take(&mut b.next)
+            };
+            let answer = barrier(&regions).await;
+            for w in batch {
+                let _ = w.send(answer.clone());
+            }
+        }
+    }
+}
+
+async fn barrier(regions: &Regions) -> Result<i64, Status> {
+    let primary = regions.primary().ok_or_else(|| Status::unavailable(crate::proxy::NO_PRIMARY))?;
+    let probe = RangeRequest { key: vec![0], count_only: true, limit: 1, ..Default::default() };
+    let resp = KvClient::new(primary.region.channel().0).range(probe).await?;
+    Ok(resp.get_ref().header.as_ref().map_or(0, |h| h.revision))
+}
