@@ -33,6 +33,17 @@ pub struct GatewayFlags {
     /// How often each region is probed (a Go duration).
     #[arg(long)]
     pub probe_interval: Option<String>,
+    /// Acknowledge a write only once this many secondary regions applied it (default 0);
+    /// `x-meridian-wait-regions` overrides it per request.
+    #[arg(long)]
+    pub write_wait_regions: Option<usize>,
+    /// How long a write waits for those regions before the client gets DeadlineExceeded.
+    #[arg(long)]
+    pub write_wait_timeout: Option<String>,
+    /// Refuse writes ("etcdserver: too many requests") while every secondary is staler than
+    /// this (a Go duration; 0 = off): lag cannot silently grow past the RPO chosen.
+    #[arg(long)]
+    pub max_write_lag: Option<String>,
     /// TOML file with any of the settings above (snake_case keys; `upstream` is a table).
     #[arg(long)]
     pub config_file: Option<PathBuf>,
@@ -50,6 +61,9 @@ struct FileSettings {
     listen_metrics_urls: Option<String>,
     max_staleness: Option<String>,
     probe_interval: Option<String>,
+    write_wait_regions: Option<usize>,
+    write_wait_timeout: Option<String>,
+    max_write_lag: Option<String>,
 }
 
 /// One region the gateway routes to.
@@ -69,6 +83,10 @@ pub struct GatewayConfig {
     pub upstreams: Vec<Upstream>,
     pub max_staleness: Duration,
     pub probe_interval: Duration,
+    pub write_wait_regions: usize,
+    pub write_wait_timeout: Duration,
+    /// `None` when the RPO guard is off.
+    pub max_write_lag: Option<Duration>,
 }
 
 impl GatewayConfig {
@@ -120,6 +138,13 @@ impl GatewayConfig {
             upstreams,
             max_staleness: duration("--max-staleness", &pick(&flags.max_staleness, file.max_staleness, "5s"))?,
             probe_interval: positive("--probe-interval", &pick(&flags.probe_interval, file.probe_interval, "200ms"))?,
+            write_wait_regions: flags.write_wait_regions.or(file.write_wait_regions).unwrap_or(0),
+            write_wait_timeout: positive(
+                "--write-wait-timeout",
+                &pick(&flags.write_wait_timeout, file.write_wait_timeout, "2s"),
+            )?,
+            max_write_lag: Some(duration("--max-write-lag", &pick(&flags.max_write_lag, file.max_write_lag, "0"))?)
+                .filter(|d| !d.is_zero()),
         };
         if cfg.listen_client_urls.is_empty() {
             bail!("--listen-client-urls is empty");
@@ -192,6 +217,8 @@ mod tests {
             (flags(&["a="]), "no endpoints"),
             (GatewayFlags { max_staleness: Some("soon".into()), ..flags(&["a=h:1"]) }, "--max-staleness"),
             (GatewayFlags { probe_interval: Some("0".into()), ..flags(&["a=h:1"]) }, "--probe-interval"),
+            (GatewayFlags { write_wait_timeout: Some("0".into()), ..flags(&["a=h:1"]) }, "--write-wait-timeout"),
+            (GatewayFlags { max_write_lag: Some("1 year".into()), ..flags(&["a=h:1"]) }, "--max-write-lag"),
         ] {
             let err = GatewayConfig::load(&f).unwrap_err().to_string();
             assert!(err.contains(want), "{err:?} does not say {want:?}");

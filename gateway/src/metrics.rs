@@ -2,7 +2,8 @@
 //! their latency, and what the probes see of each region.
 
 use prometheus::{
-    exponential_buckets, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::regions::RegionState;
@@ -11,6 +12,11 @@ pub struct Metrics {
     registry: Registry,
     pub requests: IntCounterVec,
     pub latency: HistogramVec,
+    /// Writes waiting now for other regions, and those that gave up.
+    pub write_waits: IntGauge,
+    pub write_wait_timeouts: IntCounter,
+    /// 1 while the RPO guard (`--max-write-lag`) refuses writes.
+    pub rpo_guard: IntGauge,
     region_rtt: GaugeVec,
     region_revision: IntGaugeVec,
     region_staleness: GaugeVec,
@@ -41,6 +47,21 @@ impl Metrics {
         let m = Self {
             requests,
             latency,
+            write_waits: IntGauge::with_opts(opts(
+                "meridian_gateway_write_waits",
+                "Writes waiting now for secondary regions to apply them (x-meridian-wait-regions).",
+            ))
+            .expect("valid metric"),
+            write_wait_timeouts: IntCounter::with_opts(opts(
+                "meridian_gateway_write_wait_timeouts_total",
+                "Writes that committed on the primary but were not confirmed by enough regions in time.",
+            ))
+            .expect("valid metric"),
+            rpo_guard: IntGauge::with_opts(opts(
+                "meridian_gateway_rpo_guard_engaged",
+                "1 while writes are refused because every secondary is further behind than --max-write-lag.",
+            ))
+            .expect("valid metric"),
             region_rtt: gauge("meridian_gateway_region_rtt_seconds", "Smoothed round trip to each region."),
             region_revision: int_gauge("meridian_gateway_region_revision", "Each region's applied revision."),
             region_staleness: gauge(
@@ -53,6 +74,9 @@ impl Metrics {
         };
         reg(Box::new(m.requests.clone()));
         reg(Box::new(m.latency.clone()));
+        reg(Box::new(m.write_waits.clone()));
+        reg(Box::new(m.write_wait_timeouts.clone()));
+        reg(Box::new(m.rpo_guard.clone()));
         reg(Box::new(m.region_rtt.clone()));
         reg(Box::new(m.region_revision.clone()));
         reg(Box::new(m.region_staleness.clone()));

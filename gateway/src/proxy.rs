@@ -27,7 +27,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::config::GatewayConfig;
 use crate::metrics::Metrics;
-use crate::regions::{Pick, Regions};
+use crate::regions::{Pick, Region, Regions};
 use crate::route::{self, Class, Consistency};
 
 /// What a client sees when no region takes writes: `Unavailable`, which
@@ -244,6 +244,90 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// A write: refused while the RPO guard is engaged, sent to the
+    /// primary, and acknowledged once the regions it must wait for have it.
+    async fn write<T, R, F, Fut>(
+        &self,
+        req: Request<T>,
+        call: F,
+        revision: fn(&R) -> i64,
+    ) -> Result<Response<R>, Status>
+    where
+        F: FnOnce(tonic::transport::Channel, Request<T>) -> Fut,
+        Fut: std::future::Future<Output = Result<Response<R>, Status>>,
+    {
+        let wait = route::wait_regions(req.metadata(), self.cfg.write_wait_regions)?;
+        let secondaries: Vec<Arc<Region>> =
+            self.regions.all.iter().filter(|r| !r.state().is_primary()).cloned().collect();
+        if wait > secondaries.len() {
+            return Err(Status::invalid_argument(format!(
+                "{}: {wait} regions asked, but this gateway knows {} secondary regions",
+                route::WAIT_REGIONS,
+                secondaries.len()
+            )));
+        }
+        self.rpo_guard(&secondaries)?;
+        let resp = self.unary(Class::Write, req, call, revision).await?;
+        if wait > 0 {
+            self.metrics.write_waits.inc();
+            let confirmed = self.wait_for_regions(&secondaries, revision(resp.get_ref()), wait).await;
+            self.metrics.write_waits.dec();
+            confirmed?;
+        }
+        Ok(resp)
+    }
+
+    /// With `--max-write-lag`: refuses writes while every secondary is
+    /// further behind than the bound (or down, or of unknown staleness).
+    fn rpo_guard(&self, secondaries: &[Arc<Region>]) -> Result<(), Status> {
+        let Some(max) = self.cfg.max_write_lag else { return Ok(()) };
+        let behind = !secondaries.is_empty()
+            && secondaries.iter().all(|r| {
+                let st = r.state();
+                !st.healthy || st.staleness().is_none_or(|s| s > max)
+            });
+        self.metrics.rpo_guard.set(i64::from(behind));
+        if behind {
+            tracing::debug!(?max, "refusing a write: every secondary is further behind than --max-write-lag");
+            return Err(Status::resource_exhausted("etcdserver: too many requests"));
+        }
+        Ok(())
+    }
+
+    /// Waits until `n` of `secondaries` have applied `revision` (each
+    /// answer's revision proves it), up to `--write-wait-timeout`.
+    async fn wait_for_regions(&self, secondaries: &[Arc<Region>], revision: i64, n: usize) -> Result<(), Status> {
+        let deadline = Instant::now() + self.cfg.write_wait_timeout;
+        let mut confirmed: Vec<String> = Vec::new();
+        loop {
+            let probes = secondaries.iter().filter(|r| !confirmed.contains(&r.name)).map(|r| async move {
+                let probe =
+                    RangeRequest { key: vec![0], count_only: true, serializable: true, limit: 1, ..Default::default() };
+                let resp = KvClient::new(r.channel().0).range(probe).await;
+                (r.name.clone(), resp.is_ok_and(|resp| rev(&resp.get_ref().header) >= revision))
+            });
+            for (name, has) in futures::future::join_all(probes).await {
+                if has {
+                    confirmed.push(name);
+                }
+            }
+            if confirmed.len() >= n {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.metrics.write_wait_timeouts.inc();
+                return Err(Status::deadline_exceeded(format!(
+                    "meridian: the write committed on the primary at revision {revision}, but {n} secondary regions \
+                     did not confirm it within {:?} (confirmed by {confirmed:?})",
+                    self.cfg.write_wait_timeout
+                )));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+}
+
 /// A request for the upstream, with the client's credentials (etcd's
 /// `token` metadata) and nothing else of its transport.
 fn forward<T>(meta: &MetadataMap, msg: T) -> Request<T> {
@@ -283,18 +367,17 @@ impl Kv for KvProxy {
         }
     }
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        self.0.unary(Class::Write, req, |c, r| async move { KvClient::new(c).put(r).await }, |r| rev(&r.header)).await
+        self.0.write(req, |c, r| async move { KvClient::new(c).put(r).await }, |r| rev(&r.header)).await
     }
     async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
-        self.0
-            .unary(Class::Write, req, |c, r| async move { KvClient::new(c).delete_range(r).await }, |r| rev(&r.header))
-            .await
+        self.0.write(req, |c, r| async move { KvClient::new(c).delete_range(r).await }, |r| rev(&r.header)).await
     }
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let gw = &self.0;
-        let class = if route::txn_writes(req.get_ref()) {
-            Class::Write
-        } else {
+        if route::txn_writes(req.get_ref()) {
+            return gw.write(req, |c, r| async move { KvClient::new(c).txn(r).await }, |r| rev(&r.header)).await;
+        }
+        let class = {
             Class::Read(route::consistency(
                 route::txn_serializable(req.get_ref()),
                 req.metadata(),

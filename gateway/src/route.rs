@@ -14,6 +14,8 @@ use tonic::Status;
 pub const MAX_STALENESS: &str = "x-meridian-max-staleness";
 /// Asks a read to be served by a region that applied at least this revision.
 pub const MIN_REVISION: &str = "x-meridian-min-revision";
+/// Asks a write to be acknowledged only once this many secondary regions applied it.
+pub const WAIT_REGIONS: &str = "x-meridian-wait-regions";
 /// On every response: the region that served it, and its applied revision then.
 pub const SERVED_BY: &str = "x-meridian-region";
 pub const SERVED_AT: &str = "x-meridian-revision";
@@ -53,6 +55,23 @@ pub enum Consistency {
     Linearizable,
     /// Serializable: a region within `max_staleness` that applied `min_revision`.
     Bounded { max_staleness: Duration, min_revision: i64 },
+}
+
+/// How many secondary regions a write waits for: the request's
+/// `x-meridian-wait-regions`, else the gateway's default.
+///
+/// # Errors
+///
+/// `InvalidArgument` for a header that is not a count.
+pub fn wait_regions(meta: &MetadataMap, default: usize) -> Result<usize, Status> {
+    match meta.get(WAIT_REGIONS) {
+        None => Ok(default),
+        Some(v) => v
+            .to_str()
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| Status::invalid_argument(format!("{WAIT_REGIONS} must be a count of regions"))),
+    }
 }
 
 /// A Txn writes if any operation on either branch writes, nested ones included.

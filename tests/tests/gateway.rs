@@ -414,3 +414,73 @@ async fn bounded_reads_stay_within_their_bound_while_the_mirror_is_down() -> Res
     }
     Ok(())
 }
+
+fn put_waiting(key: &str, value: &str, regions: Option<&str>) -> Request<PutRequest> {
+    let mut req = Request::new(PutRequest { key: key.into(), value: value.into(), ..Default::default() });
+    if let Some(n) = regions {
+        req.metadata_mut().insert("x-meridian-wait-regions", n.parse().expect("ascii"));
+    }
+    req
+}
+
+/// `x-meridian-wait-regions: 1` acknowledges a write once the secondary has it; asking for more
+/// regions than exist is refused; with the mirror down the write times out with a message naming
+/// its revision. `--max-write-lag 1s` then refuses writes with etcd's "too many requests" until
+/// the mirror is back, with a gauge that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_for_regions_and_the_rpo_guard_holds() -> Result<()> {
+    let (primary, secondary) = regions_started()?;
+    let mut mirror = MirrorProcess::start(&primary.endpoints(), &secondary, &[])?;
+    let gateway = GatewayProcess::start(
+        "gw-eu",
+        "eu-west",
+        &[("us-east", primary.endpoints()), ("eu-west", secondary.endpoints())],
+        &["--write-wait-timeout", "500ms", "--max-write-lag", "1s"],
+    )?;
+    gateway.wait_regions(Duration::from_secs(20), |doc| {
+        doc["regions"].as_array().is_some_and(|rs| {
+            rs.iter().all(|r| {
+                r["healthy"] == true && r["staleness_seconds"].as_f64().is_some_and(|s| (0.0..0.5).contains(&s))
+            })
+        })
+    })?;
+    let mut kv = KvClient::connect(format!("http://{}", gateway.endpoint())).await?;
+    let mut direct = KvClient::connect(format!("http://{}", secondary.endpoint(1))).await?;
+
+    for n in 0..5 {
+        kv.put(put_waiting("w", &n.to_string(), Some("1"))).await?;
+        // Acknowledged only once the secondary has it: read there directly, right away.
+        let there = direct.range(RangeRequest { key: "w".into(), serializable: true, ..Default::default() }).await?;
+        assert_eq!(there.get_ref().kvs.first().map(|kv| kv.value.clone()), Some(n.to_string().into_bytes()));
+    }
+    let too_many = kv.put(put_waiting("w", "x", Some("2"))).await.unwrap_err();
+    assert_eq!(too_many.code(), tonic::Code::InvalidArgument, "{too_many:?}");
+
+    mirror.kill9()?;
+    let timed_out = kv.put(put_waiting("w", "lost-confirmation", Some("1"))).await.unwrap_err();
+    assert_eq!(timed_out.code(), tonic::Code::DeadlineExceeded, "{timed_out:?}");
+    ensure!(timed_out.message().contains("committed on the primary at revision"), "{}", timed_out.message());
+
+    // Every secondary more than 1 s behind: writes refused, the gauge engaged.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match kv.put(put_waiting("w", "guarded", None)).await {
+            Err(e) if e.code() == tonic::Code::ResourceExhausted => {
+                assert_eq!(e.message(), "etcdserver: too many requests");
+                break;
+            }
+            other => ensure!(Instant::now() < deadline, "the RPO guard never engaged: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (_, page) = meridian_tests::http_get(gateway.addr(), "/metrics")?;
+    ensure!(page.lines().any(|l| l.starts_with("meridian_gateway_rpo_guard_engaged") && l.ends_with(" 1")), "{page}");
+
+    mirror.spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while kv.put(put_waiting("w", "after", None)).await.is_err() {
+        ensure!(Instant::now() < deadline, "writes stayed refused after the mirror came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
