@@ -44,6 +44,9 @@ pub struct GatewayFlags {
     /// this (a Go duration; 0 = off): lag cannot silently grow past the RPO chosen.
     #[arg(long)]
     pub max_write_lag: Option<String>,
+    /// Most concurrent calls (HTTP/2 streams) one client connection may have open.
+    #[arg(long)]
+    pub max_concurrent_streams: Option<u32>,
     /// TOML file with any of the settings above (snake_case keys; `upstream` is a table).
     #[arg(long)]
     pub config_file: Option<PathBuf>,
@@ -64,6 +67,8 @@ struct FileSettings {
     write_wait_regions: Option<usize>,
     write_wait_timeout: Option<String>,
     max_write_lag: Option<String>,
+    max_concurrent_streams: Option<u32>,
+    rate_limits: crate::limits::RateLimits,
 }
 
 /// One region the gateway routes to.
@@ -87,6 +92,10 @@ pub struct GatewayConfig {
     pub write_wait_timeout: Duration,
     /// `None` when the RPO guard is off.
     pub max_write_lag: Option<Duration>,
+    /// Most concurrent calls (HTTP/2 streams) on one client connection.
+    pub max_concurrent_streams: u32,
+    /// Per client and class, from the config file's `[rate_limits]`.
+    pub rate_limits: crate::limits::RateLimits,
 }
 
 impl GatewayConfig {
@@ -145,7 +154,12 @@ impl GatewayConfig {
             )?,
             max_write_lag: Some(duration("--max-write-lag", &pick(&flags.max_write_lag, file.max_write_lag, "0"))?)
                 .filter(|d| !d.is_zero()),
+            max_concurrent_streams: flags.max_concurrent_streams.or(file.max_concurrent_streams).unwrap_or(1000),
+            rate_limits: file.rate_limits,
         };
+        if cfg.max_concurrent_streams == 0 {
+            bail!("--max-concurrent-streams must be > 0");
+        }
         if cfg.listen_client_urls.is_empty() {
             bail!("--listen-client-urls is empty");
         }
@@ -233,5 +247,7 @@ mod tests {
         let regions: Vec<_> = cfg.upstreams.iter().map(|u| (u.region.as_str(), u.endpoints.len())).collect();
         assert_eq!(regions, [("eu-west", 1), ("us-east", 3)]);
         assert_eq!(cfg.probe_interval, Duration::from_millis(200));
+        assert_eq!(cfg.rate_limits, crate::limits::RateLimits::default());
+        assert_eq!(cfg.max_concurrent_streams, 1000);
     }
 }

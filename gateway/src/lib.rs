@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod http;
+pub mod limits;
 pub mod linear;
 pub mod metrics;
 pub mod proxy;
@@ -56,6 +57,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     let regions = Arc::new(regions::Regions::new(&cfg.region, &cfg.upstreams)?);
     tokio::spawn(regions::run_probes(regions.clone(), cfg.probe_interval, metrics.clone()));
     let gw = Arc::new(Gateway::new(cfg.clone(), regions, metrics));
+    tokio::spawn(gw.limiter.clone().run_cleanup());
 
     let grpc = Routes::builder()
         .add_service(KvServer::new(KvProxy(gw.clone())).max_decoding_message_size(MAX_MESSAGE))
@@ -75,10 +77,10 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     for url in &cfg.listen_client_urls {
-        tasks.push(serve(url, client_routes.clone(), stop_rx.clone()).await?);
+        tasks.push(serve(url, client_routes.clone(), stop_rx.clone(), cfg.max_concurrent_streams).await?);
     }
     for url in &cfg.listen_metrics_urls {
-        tasks.push(serve(url, http_routes.clone(), stop_rx.clone()).await?);
+        tasks.push(serve(url, http_routes.clone(), stop_rx.clone(), cfg.max_concurrent_streams).await?);
     }
     tracing::info!(
         name = %cfg.name,
@@ -98,7 +100,12 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
 
 /// Serves `routes` on `url` until `stop`, with the `:authority` fix for
 /// etcd Go clients (etcdctl) on every connection.
-async fn serve(url: &Url, routes: Routes, mut stop: watch::Receiver<bool>) -> Result<tokio::task::JoinHandle<()>> {
+async fn serve(
+    url: &Url,
+    routes: Routes,
+    mut stop: watch::Receiver<bool>,
+    max_concurrent_streams: u32,
+) -> Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(url.host_port()).await.with_context(|| format!("listen on {url}"))?;
     tracing::info!(%url, "listening");
     let incoming = TcpListenerStream::new(listener).map(|conn| {
@@ -112,6 +119,7 @@ async fn serve(url: &Url, routes: Routes, mut stop: watch::Receiver<bool>) -> Re
             .accept_http1(true)
             .max_frame_size(MAX_FRAME as u32)
             .http2_max_header_list_size(MAX_HEADER_LIST as u32)
+            .max_concurrent_streams(max_concurrent_streams)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = stop.wait_for(|s| *s).await;

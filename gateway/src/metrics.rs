@@ -17,6 +17,8 @@ pub struct Metrics {
     pub write_wait_timeouts: IntCounter,
     /// 1 while the RPO guard (`--max-write-lag`) refuses writes.
     pub rpo_guard: IntGauge,
+    /// Requests refused by a rate limit, by class.
+    pub rate_limited: IntCounterVec,
     region_rtt: GaugeVec,
     region_revision: IntGaugeVec,
     region_staleness: GaugeVec,
@@ -62,6 +64,14 @@ impl Metrics {
                 "1 while writes are refused because every secondary is further behind than --max-write-lag.",
             ))
             .expect("valid metric"),
+            rate_limited: IntCounterVec::new(
+                opts(
+                    "meridian_gateway_rate_limited_total",
+                    "Requests refused by a rate limit ([rate_limits]), by class.",
+                ),
+                &["class"],
+            )
+            .expect("valid metric"),
             region_rtt: gauge("meridian_gateway_region_rtt_seconds", "Smoothed round trip to each region."),
             region_revision: int_gauge("meridian_gateway_region_revision", "Each region's applied revision."),
             region_staleness: gauge(
@@ -77,6 +87,7 @@ impl Metrics {
         reg(Box::new(m.write_waits.clone()));
         reg(Box::new(m.write_wait_timeouts.clone()));
         reg(Box::new(m.rpo_guard.clone()));
+        reg(Box::new(m.rate_limited.clone()));
         reg(Box::new(m.region_rtt.clone()));
         reg(Box::new(m.region_revision.clone()));
         reg(Box::new(m.region_staleness.clone()));

@@ -58,12 +58,14 @@ pub struct Gateway {
     /// (bounded reads go to the nearest region, however stale).
     stale_reads: bool,
     ignores_bounds: bool,
+    pub limiter: Arc<crate::limits::Limiter>,
 }
 
 impl Gateway {
     pub fn new(cfg: GatewayConfig, regions: Arc<Regions>, metrics: Arc<Metrics>) -> Self {
         let member_id =
             cfg.name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let cfg_limits = cfg.rate_limits.clone();
         let failpoint = std::env::var("MERIDIAN_FAILPOINT").unwrap_or_default();
         let (stale_reads, ignores_bounds) = (failpoint == "gateway-stale-reads", failpoint == "gateway-ignores-bounds");
         if stale_reads || ignores_bounds {
@@ -78,7 +80,15 @@ impl Gateway {
             read_index: Default::default(),
             stale_reads,
             ignores_bounds,
+            limiter: Arc::new(crate::limits::Limiter::new(&cfg_limits)),
         }
+    }
+
+    /// The rate limit for `class`, counted as a refused request when over.
+    fn admit(&self, class: Class, conn: Option<SocketAddr>) -> Result<(), Status> {
+        self.limiter.admit(class, conn).inspect_err(|_| {
+            self.metrics.rate_limited.with_label_values(&[class.label()]).inc();
+        })
     }
 
     fn seen(&self, conn: Option<SocketAddr>) -> i64 {
@@ -153,6 +163,7 @@ impl Gateway {
         Fut: std::future::Future<Output = Result<Response<R>, Status>>,
     {
         let conn = req.remote_addr();
+        self.admit(class, conn)?;
         let pick = self.pick(class, conn)?;
         let started = Instant::now();
         let (channel, _) = pick.region.channel();
@@ -172,6 +183,7 @@ impl Gateway {
     async fn linearizable_range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let class = Class::Read(Consistency::Linearizable);
         let conn = req.remote_addr();
+        self.admit(class, conn)?;
         let started = Instant::now();
         let primary = self.pick(class, conn)?;
         // A read of an older revision goes to the primary: a compaction does
@@ -205,6 +217,7 @@ impl Gateway {
     ) -> Result<Response<RangeResponse>, Status> {
         let class = Class::Read(Consistency::Bounded { max_staleness, min_revision });
         let conn = req.remote_addr();
+        self.admit(class, conn)?;
         let started = Instant::now();
         let need = min_revision.max(self.seen(conn));
         let near = if self.ignores_bounds {
@@ -403,6 +416,7 @@ impl Watch for WatchProxy {
     async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
         let gw = &self.0;
         let conn = req.remote_addr();
+        gw.admit(Class::Watch, conn)?;
         let pick = gw.pick(Class::Watch, conn)?;
         let started = Instant::now();
         let (meta, _, inbound) = req.into_parts();
@@ -445,6 +459,7 @@ impl Lease for LeaseProxy {
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
         let gw = &self.0;
         let conn = req.remote_addr();
+        gw.admit(Class::Lease, conn)?;
         let pick = gw.pick(Class::Lease, conn)?;
         let started = Instant::now();
         let (meta, _, inbound) = req.into_parts();

@@ -484,3 +484,39 @@ async fn writes_wait_for_regions_and_the_rpo_guard_holds() -> Result<()> {
     }
     Ok(())
 }
+
+/// `[rate_limits]` from the config file: a client past its write budget gets etcd's
+/// "etcdserver: too many requests" (RESOURCE_EXHAUSTED), counted by class; its reads and another
+/// client's writes are not held back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_refuse_a_client_over_its_budget() -> Result<()> {
+    let (primary, secondary) = regions_started()?;
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(&file, "[rate_limits]\nwrite = 5\n")?;
+    let gateway = GatewayProcess::start(
+        "gw-eu",
+        "eu-west",
+        &[("us-east", primary.endpoints()), ("eu-west", secondary.endpoints())],
+        &["--config-file", &file.display().to_string()],
+    )?;
+    let url = format!("http://{}", gateway.endpoint());
+    let mut kv = KvClient::connect(url.clone()).await?;
+    let (mut accepted, mut refused) = (0, None);
+    for n in 0..20 {
+        match kv.put(PutRequest { key: "r".into(), value: n.to_string().into(), ..Default::default() }).await {
+            Ok(_) => accepted += 1,
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let refused = refused.context("20 writes in a burst were all accepted under a limit of 5/s")?;
+    assert_eq!((refused.code(), refused.message()), (tonic::Code::ResourceExhausted, "etcdserver: too many requests"));
+    ensure!((5..=7).contains(&accepted), "{accepted} writes accepted before the limit");
+    kv.range(RangeRequest { key: "r".into(), ..Default::default() }).await.context("reads have no limit here")?;
+    let (_, page) = meridian_tests::http_get(gateway.addr(), "/metrics")?;
+    ensure!(page.contains(r#"meridian_gateway_rate_limited_total{class="write",region="eu-west"} 1"#), "{page}");
+    Ok(())
+}
