@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod regions;
 pub mod route;
+pub mod watches;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -19,6 +19,8 @@ pub struct Metrics {
     pub rpo_guard: IntGauge,
     /// Requests refused by a rate limit, by class.
     pub rate_limited: IntCounterVec,
+    /// Watch streams moved to another region after theirs failed.
+    pub watch_failovers: IntCounter,
     region_rtt: GaugeVec,
     region_revision: IntGaugeVec,
     region_staleness: GaugeVec,
@@ -64,6 +66,11 @@ impl Metrics {
                 "1 while writes are refused because every secondary is further behind than --max-write-lag.",
             ))
             .expect("valid metric"),
+            watch_failovers: IntCounter::with_opts(opts(
+                "meridian_gateway_watch_failovers_total",
+                "Watch streams moved to another region after theirs failed.",
+            ))
+            .expect("valid metric"),
             rate_limited: IntCounterVec::new(
                 opts(
                     "meridian_gateway_rate_limited_total",
@@ -88,6 +95,7 @@ impl Metrics {
         reg(Box::new(m.write_wait_timeouts.clone()));
         reg(Box::new(m.rpo_guard.clone()));
         reg(Box::new(m.rate_limited.clone()));
+        reg(Box::new(m.watch_failovers.clone()));
         reg(Box::new(m.region_rtt.clone()));
         reg(Box::new(m.region_revision.clone()));
         reg(Box::new(m.region_staleness.clone()));

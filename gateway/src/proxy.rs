@@ -17,7 +17,6 @@ use meridian_proto::etcdserverpb::lease_client::LeaseClient;
 use meridian_proto::etcdserverpb::lease_server::Lease;
 use meridian_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use meridian_proto::etcdserverpb::maintenance_server::Maintenance;
-use meridian_proto::etcdserverpb::watch_client::WatchClient;
 use meridian_proto::etcdserverpb::watch_server::Watch;
 use meridian_proto::etcdserverpb::*;
 use parking_lot::Mutex;
@@ -343,7 +342,7 @@ impl Gateway {
 
 /// A request for the upstream, with the client's credentials (etcd's
 /// `token` metadata) and nothing else of its transport.
-fn forward<T>(meta: &MetadataMap, msg: T) -> Request<T> {
+pub(crate) fn forward<T>(meta: &MetadataMap, msg: T) -> Request<T> {
     let mut req = Request::new(msg);
     for key in ["token", "authorization"] {
         if let Some(v) = meta.get(key) {
@@ -412,7 +411,8 @@ pub struct WatchProxy(pub Arc<Gateway>);
 impl Watch for WatchProxy {
     type WatchStream = BoxStream<WatchResponse>;
 
-    /// One upstream stream per client stream, in the nearest healthy region.
+    /// A session per client stream, with its upstream in the nearest healthy
+    /// region, moved to another region when that one fails (see `watches`).
     async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
         let gw = &self.0;
         let conn = req.remote_addr();
@@ -420,9 +420,14 @@ impl Watch for WatchProxy {
         let pick = gw.pick(Class::Watch, conn)?;
         let started = Instant::now();
         let (meta, _, inbound) = req.into_parts();
-        let requests = inbound.map_while(Result::ok);
-        let result = WatchClient::new(pick.region.channel().0).watch(forward(&meta, requests)).await;
-        let result = result.map(|r| Response::new(Box::pin(r.into_inner()) as Self::WatchStream));
+        let result = match crate::watches::open(&pick, &meta).await {
+            Ok(up) => {
+                let (out, rx) = tokio::sync::mpsc::channel(256);
+                tokio::spawn(crate::watches::Session::new(gw.clone(), meta, out).run(inbound, up));
+                Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as Self::WatchStream))
+            }
+            Err(status) => Err(status),
+        };
         gw.answer(Class::Watch, &pick, conn, started, result, |_| pick.state.revision)
     }
 }

@@ -21,8 +21,11 @@ use crate::config::Upstream;
 const RTT_WEIGHT: f64 = 0.1;
 /// A probe that takes longer counts as failed.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
-/// RTTs closer than this are a tie, which the gateway's own region wins.
-const RTT_TIE_MS: f64 = 0.5;
+/// RTTs closer than this, or than this share of the smaller, are a tie,
+/// which the gateway's own region wins: measurement noise does not move
+/// traffic away from it.
+const RTT_TIE_MS: f64 = 1.0;
+const RTT_TIE_SHARE: f64 = 0.1;
 /// Failed probes in a row before a region that answered before counts as
 /// down: one slow answer on a busy machine does not move traffic.
 const FAILURES_TO_DOWN: u32 = 2;
@@ -151,17 +154,22 @@ impl Regions {
     /// The nearest healthy region that `fits`, by smoothed RTT; a tie goes
     /// to this gateway's region.
     pub fn nearest(&self, fits: impl Fn(&RegionState) -> bool) -> Option<Pick> {
+        self.nearest_named(|_, st| fits(st))
+    }
+
+    /// [`Regions::nearest`], with the region's name given to `fits` too.
+    pub fn nearest_named(&self, fits: impl Fn(&str, &RegionState) -> bool) -> Option<Pick> {
         let mut best: Option<Pick> = None;
         for r in &self.all {
             let st = r.state();
-            if !st.healthy || !fits(&st) {
+            if !st.healthy || !fits(&r.name, &st) {
                 continue;
             }
             let better = match &best {
                 None => true,
                 Some(b) => {
                     let (mine, theirs) = (st.rtt_ms, b.state.rtt_ms);
-                    if (mine - theirs).abs() < RTT_TIE_MS {
+                    if (mine - theirs).abs() < RTT_TIE_MS.max(RTT_TIE_SHARE * mine.min(theirs)) {
                         r.name == self.local
                     } else {
                         mine < theirs

@@ -520,3 +520,72 @@ async fn rate_limits_refuse_a_client_over_its_budget() -> Result<()> {
     ensure!(page.contains(r#"meridian_gateway_rate_limited_total{class="write",region="eu-west"} 1"#), "{page}");
     Ok(())
 }
+
+/// A watch served by the gateway's own region (eu-west) while clients write: that region's only
+/// member is killed, and the gateway moves the watch to us-east from the last revision it
+/// delivered + 1. The client's stream sees one `created`, no error, and every write exactly once,
+/// in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_moves_to_another_region_and_loses_nothing() -> Result<()> {
+    const WRITES: usize = 150;
+    let (primary, mut secondary) = regions_started()?;
+    let _mirror = MirrorProcess::start(&primary.endpoints(), &secondary, &[])?;
+    // us-east 10 ms away each way, so the watch starts in eu-west.
+    let to_primary = LatencyProxy::start(&primary.endpoint(1), Duration::from_millis(10))?;
+    let gateway = GatewayProcess::start(
+        "gw-eu",
+        "eu-west",
+        &[("us-east", vec![to_primary.endpoint()]), ("eu-west", secondary.endpoints())],
+        &[],
+    )?;
+    gateway.wait_regions(Duration::from_secs(20), |doc| {
+        doc["regions"].as_array().is_some_and(|rs| rs.iter().all(|r| r["healthy"] == true))
+            && rtt_of(doc, "us-east") > 15.0
+    })?;
+    let url = format!("http://{}", gateway.endpoint());
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: "ev/".into(),
+            range_end: "ev0".into(),
+            ..Default::default()
+        })),
+    })
+    .await?;
+    let resp = WatchClient::connect(url.clone()).await?.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await?;
+    assert_eq!(served_by(&resp), "eu-west");
+    let mut events = resp.into_inner();
+    let created = tokio::time::timeout(Duration::from_secs(5), events.message()).await??.context("created")?;
+    ensure!(created.created, "first response: {created:?}");
+
+    let writer = tokio::spawn(async move {
+        let mut kv = KvClient::connect(url).await?;
+        let mut revisions = Vec::new();
+        for n in 0..WRITES {
+            let put = kv.put(PutRequest { key: format!("ev/{n:04}").into(), value: "x".into(), ..Default::default() });
+            revisions.push(put.await?.get_ref().header.as_ref().map_or(0, |h| h.revision));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok::<_, anyhow::Error>(revisions)
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    secondary.kill9(1)?;
+    let written = writer.await??;
+
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while seen.len() < WRITES {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let resp = tokio::time::timeout(left, events.message())
+            .await
+            .with_context(|| format!("{} of {WRITES} events after 20 s", seen.len()))??
+            .context("the watch stream ended")?;
+        ensure!(!resp.created && !resp.canceled, "a second created or a cancel reached the client: {resp:?}");
+        seen.extend(resp.events.iter().filter_map(|e| e.kv.as_ref().map(|kv| kv.mod_revision)));
+    }
+    assert_eq!(seen, written, "every write exactly once, in order");
+    let (_, page) = meridian_tests::http_get(gateway.addr(), "/metrics")?;
+    ensure!(page.contains("meridian_gateway_watch_failovers_total{region=\"eu-west\"} 1"), "{page}");
+    drop(tx);
+    Ok(())
+}
