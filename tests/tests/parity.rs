@@ -119,6 +119,54 @@ fn etcdctl_session_matches_etcd() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The same session through a gateway, in front of a 3-member primary and a secondary with its
+/// mirror (the gateway in the secondary's region), prints what etcd prints: linearizable reads
+/// served by the secondary after a read index, writes, errors and compactions on the primary.
+/// `--max-staleness 0s`, because every etcdctl command is a new connection: serializable reads
+/// go to the primary, as on a one-region etcd (bounded reads are tested in `gateway.rs`).
+#[test]
+fn etcdctl_session_through_a_gateway_matches_etcd() -> anyhow::Result<()> {
+    let etcd = EtcdCluster::start(1)?;
+    let primary = Cluster::start(
+        3,
+        ClusterOpts { extra_args: ["--region", "us-east"].map(String::from).to_vec(), ..ClusterOpts::fast() },
+    )?;
+    let secondary = Cluster::start(
+        1,
+        ClusterOpts { extra_args: meridian_tests::secondary_flags("eu-west", "us-east")?, ..ClusterOpts::fast() },
+    )?;
+    let _mirror = meridian_tests::MirrorProcess::start(&primary.endpoints(), &secondary, &[])?;
+    let gateway = meridian_tests::GatewayProcess::start(
+        "gw",
+        "eu-west",
+        &[("us-east", primary.endpoints()), ("eu-west", secondary.endpoints())],
+        &["--max-staleness", "0s"],
+    )?;
+    let gw = [gateway.endpoint()];
+    let mut mismatches = Vec::new();
+    for (args, input) in SESSION {
+        let want = observed(&match input {
+            Some(stdin) => etcdctl_with_input(&etcd.endpoints(), args, stdin)?,
+            None => etcd.etcdctl(args)?,
+        });
+        let got = observed(&match input {
+            Some(stdin) => etcdctl_with_input(&gw, args, stdin)?,
+            None => meridian_tests::etcdctl(&gw, args)?,
+        });
+        if want != got {
+            mismatches.push(format!("etcdctl {}\n  etcd:    {want}\n  gateway: {got}", args.join(" ")));
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} of {} commands differ:\n{}",
+        mismatches.len(),
+        SESSION.len(),
+        mismatches.join("\n")
+    );
+    Ok(())
+}
+
 /// `etcdctl endpoint hashkv --rev=R` for every revision up to the current
 /// one: the first endpoint's hash and compact revision, or the error.
 fn hashes(c: &Cluster) -> anyhow::Result<Vec<String>> {
