@@ -27,6 +27,18 @@ enum Command {
     Mirror(MirrorCommand),
     /// One etcd endpoint for a region: writes to the primary, reads to the nearest fresh region.
     Gateway(GatewayFlags),
+    /// Relay TCP connections with an added one-way delay (latency between regions, without netem).
+    DelayProxy(DelayProxyFlags),
+}
+
+#[derive(clap::Args)]
+struct DelayProxyFlags {
+    /// One-way delay added to every byte, in each direction (a Go duration: 25ms).
+    #[arg(long)]
+    delay: String,
+    /// LISTEN=TARGET, both host:port; repeat for more links.
+    #[arg(long = "route", required = true)]
+    routes: Vec<String>,
 }
 
 #[derive(clap::Args)]
@@ -79,6 +91,13 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(meridian_gateway::run(cfg, shutdown_signal()))?;
         }
+        Command::DelayProxy(flags) => {
+            init_logging("info");
+            let delay = meridian_wire::duration::parse_duration(&flags.delay)
+                .ok_or_else(|| anyhow::anyhow!("invalid --delay {:?}: want a duration like 25ms", flags.delay))?;
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(delay_proxy(delay, &flags.routes))?;
+        }
         Command::Mirror(MirrorCommand { action: None, flags }) => {
             let cfg = MirrorConfig::load(&flags)?;
             init_logging("info");
@@ -117,4 +136,21 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
+}
+
+/// Runs one delaying relay per `LISTEN=TARGET` route until SIGINT or SIGTERM.
+async fn delay_proxy(delay: std::time::Duration, routes: &[String]) -> anyhow::Result<()> {
+    let delay = meridian_wire::delay::Delay::new(delay);
+    for route in routes {
+        let (listen, target) =
+            route.split_once('=').ok_or_else(|| anyhow::anyhow!("invalid --route {route:?}: want LISTEN=TARGET"))?;
+        let target: std::net::SocketAddr =
+            target.parse().map_err(|e| anyhow::anyhow!("invalid --route {route:?} target: {e}"))?;
+        let listener =
+            tokio::net::TcpListener::bind(listen).await.map_err(|e| anyhow::anyhow!("listen on {listen}: {e}"))?;
+        tracing::info!(listen, %target, delay = ?delay.get(), "delaying");
+        tokio::spawn(meridian_wire::delay::run(listener, target, delay.clone()));
+    }
+    shutdown_signal().await;
+    Ok(())
 }

@@ -4,10 +4,12 @@
 //! - [`url`]: member URLs and endpoint lists, parsed once into [`url::Url`];
 //! - [`token`]: the mirror token that `Mirror.Apply` carries;
 //! - [`duration`]: Go durations (`10m`, `500ms`);
+//! - [`delay`]: a TCP proxy that injects latency between regions;
 //! - [`authority`]: lets etcd Go clients' schemed HTTP/2 `:authority` through
 //!   a client port (members and gateways).
 
 pub mod authority;
+pub mod delay;
 pub mod duration;
 pub mod token;
 pub mod url;
