@@ -3,8 +3,7 @@
 //! after the read began: then it cannot miss a write that completed before
 //! it. [`ReadIndex`] obtains that revision from the primary's leader (a
 //! linearizable count-only Range: the leader's own ReadIndex), one request
-//! for every read that arrives while one is in flight (they all ride the
-//! next one, which starts after they arrived).
+//! for the reads that arrive together.
 
 use std::sync::Arc;
 
@@ -20,7 +19,8 @@ type Waiter = oneshot::Sender<Result<i64, Status>>;
 
 #[derive(Default)]
 struct Batch {
-    in_flight: bool,
+    /// A flush is spawned and has not taken the batch yet.
+    scheduled: bool,
     next: Vec<Waiter>,
 }
 
@@ -32,36 +32,38 @@ pub struct ReadIndex {
 impl ReadIndex {
     /// The primary's committed revision, read after this call began.
     ///
+    /// Reads that arrive together share one request: the first schedules
+    /// a flush, which yields once so the others can join, then takes the
+    /// batch and asks. Flushes do not wait for each other, so a read waits
+    /// one round trip, not the rest of an earlier one too.
+    ///
     /// # Errors
     ///
     /// `Unavailable` with no primary, or the primary's own error.
     pub async fn revision(self: &Arc<Self>, regions: &Arc<Regions>) -> Result<i64, Status> {
         let (tx, rx) = oneshot::channel();
-        let start = {
+        let schedule = {
             let mut b = self.batch.lock();
             b.next.push(tx);
-            !std::mem::replace(&mut b.in_flight, true)
+            !std::mem::replace(&mut b.scheduled, true)
         };
-        if start {
-            tokio::spawn(self.clone().run(regions.clone()));
+        if schedule {
+            tokio::spawn(self.clone().flush(regions.clone()));
         }
         rx.await.unwrap_or_else(|_| Err(Status::unavailable("meridian: read index abandoned")))
     }
 
-    async fn run(self: Arc<Self>, regions: Arc<Regions>) {
-        loop {
-            let batch = {
-                let mut b = self.batch.lock();
-                if b.next.is_empty() {
-                    b.in_flight = false;
-                    return;
-                }
-                std::mem::take(&mut b.next)
-            };
-            let answer = barrier(&regions).await;
-            for w in batch {
-                let _ = w.send(answer.clone());
-            }
+    async fn flush(self: Arc<Self>, regions: Arc<Regions>) {
+        tokio::task::yield_now().await;
+        let batch = {
+            let mut b = self.batch.lock();
+            b.scheduled = false;
+            std::mem::take(&mut b.next)
+        };
+        // Every read in the batch began before this request is sent.
+        let answer = barrier(&regions).await;
+        for w in batch {
+            let _ = w.send(answer.clone());
         }
     }
 }

@@ -138,10 +138,10 @@ impl Gateway {
         revision: impl Fn(&T) -> i64,
     ) -> Result<Response<T>, Status> {
         let code = match &result {
-            Ok(_) => tonic::Code::Ok,
-            Err(s) => s.code(),
+            Ok(_) => "OK",
+            Err(s) => code_label(s.code()),
         };
-        self.metrics.requests.with_label_values(&[class.label(), &pick.region.name, &format!("{code:?}")]).inc();
+        self.metrics.requests.with_label_values(&[class.label(), &pick.region.name, code]).inc();
         self.metrics.latency.with_label_values(&[class.label()]).observe(started.elapsed().as_secs_f64());
         let mut resp = result?;
         let rev = revision(resp.get_ref());
@@ -247,7 +247,7 @@ impl Gateway {
     ) -> Option<Response<RangeResponse>> {
         let deadline = Instant::now() + LINEARIZABLE_WAIT;
         loop {
-            match KvClient::new(pick.region.channel().0).range(forward(meta, msg.clone())).await {
+            match KvClient::new(pick.region.read_channel()).range(forward(meta, msg.clone())).await {
                 Ok(resp) if rev(&resp.get_ref().header) >= need => return Some(resp),
                 Ok(_) if Instant::now() < deadline => tokio::time::sleep(std::time::Duration::from_millis(2)).await,
                 _ => return None,
@@ -350,6 +350,30 @@ pub(crate) fn forward<T>(meta: &MetadataMap, msg: T) -> Request<T> {
         }
     }
     req
+}
+
+/// gRPC's name for a code, as the `code` label.
+fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "Canceled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
 }
 
 fn served_by(meta: &mut MetadataMap, region: &str, revision: i64) {

@@ -62,6 +62,9 @@ pub struct RegionState {
     probed_at: Option<Instant>,
     #[serde(skip)]
     failures: u32,
+    /// Members that answered the last probe, by index.
+    #[serde(skip)]
+    answering: Vec<usize>,
 }
 
 impl RegionState {
@@ -86,11 +89,14 @@ impl RegionState {
 pub struct Region {
     pub name: String,
     pub members: Vec<Member>,
-    state: RwLock<RegionState>,
+    /// Swapped whole by each probe: a request takes a cheap reference.
+    state: RwLock<Arc<RegionState>>,
+    /// Turns for [`Region::read_channel`].
+    next_reader: std::sync::atomic::AtomicUsize,
 }
 
 impl Region {
-    pub fn state(&self) -> RegionState {
+    pub fn state(&self) -> Arc<RegionState> {
         self.state.read().clone()
     }
 
@@ -100,6 +106,19 @@ impl Region {
         let st = self.state.read();
         let i = st.leader_index.unwrap_or(0);
         (self.members[i].channel.clone(), self.members[i].url.clone())
+    }
+
+    /// A member to read from: the members that answered the last probe in
+    /// turn (a read's answer carries its own revision, so any member that
+    /// has what the read needs may serve it).
+    pub fn read_channel(&self) -> Channel {
+        let st = self.state.read();
+        if st.answering.is_empty() {
+            let i = st.leader_index.unwrap_or(0);
+            return self.members[i].channel.clone();
+        }
+        let turn = self.next_reader.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.members[st.answering[turn % st.answering.len()]].channel.clone()
     }
 }
 
@@ -112,7 +131,7 @@ pub struct Regions {
 /// A region picked for a request, with what it said at the last probe.
 pub struct Pick {
     pub region: Arc<Region>,
-    pub state: RegionState,
+    pub state: Arc<RegionState>,
 }
 
 impl Regions {
@@ -132,7 +151,12 @@ impl Regions {
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let state = RegionState { role: "unknown".into(), staleness_seconds: -1.0, ..Default::default() };
-            all.push(Arc::new(Region { name: u.region.clone(), members, state: RwLock::new(state) }));
+            all.push(Arc::new(Region {
+                name: u.region.clone(),
+                members,
+                state: RwLock::new(Arc::new(state)),
+                next_reader: Default::default(),
+            }));
         }
         Ok(Self { local: local.to_string(), all })
     }
@@ -265,7 +289,7 @@ async fn probe(region: Arc<Region>) {
             Err(_) => error = Some("Mirror.Status: no answer".to_string()),
         }
     }
-    let mut st = region.state.write();
+    let mut st = RegionState::clone(&region.state());
     st.probed_at = Some(Instant::now());
     st.error = error;
     let passed = reachable && leader_id != 0 && mirror.is_some();
@@ -278,6 +302,7 @@ async fn probe(region: Arc<Region>) {
     }
     st.leader = (leader_id != 0).then(|| format!("{leader_id:x}"));
     st.leader_index = leader_index;
+    st.answering = answers.iter().enumerate().filter(|(_, a)| a.is_ok()).map(|(i, _)| i).collect();
     st.leader_url = leader_index.map(|i| region.members[i].url.clone());
     if let Some(m) = mirror {
         st.role = m.role;
@@ -294,4 +319,5 @@ async fn probe(region: Arc<Region>) {
     } else {
         st.revision = revision.max(st.revision);
     }
+    *region.state.write() = Arc::new(st);
 }

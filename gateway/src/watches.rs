@@ -71,7 +71,7 @@ impl Session {
             tokio::select! {
                 msg = inbound.message() => match msg {
                     Ok(Some(req)) => {
-                        if let Some(req) = self.from_client(req) {
+                        if let Some(req) = self.on_client_request(req) {
                             // A failed send means the upstream is gone; its
                             // response stream ends next, and the failover
                             // re-sends what this watcher needs.
@@ -82,7 +82,7 @@ impl Session {
                 },
                 resp = up.responses.message() => match resp {
                     Ok(Some(r)) => {
-                        if !self.from_upstream(r).await {
+                        if !self.on_upstream_response(r).await {
                             return;
                         }
                     }
@@ -96,17 +96,19 @@ impl Session {
     }
 
     /// Records a client request and gives what to send upstream.
-    fn from_client(&mut self, req: WatchRequest) -> Option<WatchRequest> {
+    fn on_client_request(&mut self, req: WatchRequest) -> Option<WatchRequest> {
         match req.request_union {
             Some(RequestUnion::CreateRequest(mut c)) => {
                 if c.watch_id == 0 {
                     c.watch_id = (0..).find(|id| !self.watchers.contains_key(id)).expect("a free id");
                 }
-                if !self.watchers.contains_key(&c.watch_id) {
-                    let next_rev = c.start_revision.max(0);
-                    self.watchers
-                        .insert(c.watch_id, Watcher { create: c.clone(), next_rev, created: false, recreating: false });
-                }
+                let next_rev = c.start_revision.max(0);
+                self.watchers.entry(c.watch_id).or_insert_with(|| Watcher {
+                    create: c.clone(),
+                    next_rev,
+                    created: false,
+                    recreating: false,
+                });
                 Some(WatchRequest { request_union: Some(RequestUnion::CreateRequest(c)) })
             }
             other => Some(WatchRequest { request_union: other }),
@@ -115,7 +117,7 @@ impl Session {
 
     /// Tracks what a response delivers and passes it on (hiding the
     /// `created` of a re-created watcher); false once the client is gone.
-    async fn from_upstream(&mut self, r: WatchResponse) -> bool {
+    async fn on_upstream_response(&mut self, r: WatchResponse) -> bool {
         let header_rev = r.header.as_ref().map_or(0, |h| h.revision);
         if r.watch_id == -1 && !r.created {
             // A progress notification for the whole stream.

@@ -97,6 +97,20 @@ pub struct Compacted {
     pub total: std::time::Duration,
 }
 
+impl State {
+    /// Makes `index`, `size`, `marks` and `meta` the whole staged store (an
+    /// import or a snapshot restore), dropping whatever apply had pending.
+    fn replace_store(&mut self, index: KeyIndex, size: u64, marks: Marks, meta: BTreeMap<String, Vec<u8>>) {
+        self.index = index;
+        self.size = size;
+        self.pending.clear();
+        self.pending_compaction = None;
+        self.staged = marks;
+        self.meta_dirty = meta.keys().cloned().collect();
+        self.meta = meta;
+    }
+}
+
 /// The multi-version key-value store of one member.
 pub struct Mvcc {
     db: Database,
@@ -551,13 +565,7 @@ impl Mvcc {
             index.restore(&rec.key, version_of(rev, &rec));
             batch.insert(&kv, rev.to_key().to_vec(), bytes);
         }
-        st.index = index;
-        st.size = size;
-        st.pending.clear();
-        st.pending_compaction = None;
-        st.staged = marks;
-        st.meta_dirty = meta.keys().cloned().collect();
-        st.meta = meta;
+        st.replace_store(index, size, marks, meta);
         drop(st);
         self.stage(batch);
         Ok(())

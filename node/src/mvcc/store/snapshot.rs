@@ -184,13 +184,7 @@ impl Mvcc {
         st.retired.push(old);
         st.generation += 1;
         st.restoring = true;
-        st.index = std::mem::take(&mut received.index);
-        st.size = received.size;
-        st.pending.clear();
-        st.pending_compaction = None;
-        st.staged = marks;
-        st.meta_dirty = meta.keys().cloned().collect();
-        st.meta = meta;
+        st.replace_store(std::mem::take(&mut received.index), received.size, marks, meta);
         drop(st);
         self.stage(batch);
         Ok(true)
