@@ -30,10 +30,23 @@ const RTT_TIE_SHARE: f64 = 0.1;
 /// down: one slow answer on a busy machine does not move traffic.
 const FAILURES_TO_DOWN: u32 = 2;
 
+/// HTTP/2 connections to each member: requests from many clients share
+/// them, and one connection's stream bookkeeping is a point of contention.
+const CONNECTIONS_PER_MEMBER: usize = 4;
+
 /// One member endpoint of a region.
 pub struct Member {
     pub url: String,
-    pub channel: Channel,
+    channels: Vec<Channel>,
+    turn: std::sync::atomic::AtomicUsize,
+}
+
+impl Member {
+    /// One of the member's connections, in turn.
+    pub fn channel(&self) -> Channel {
+        let turn = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.channels[turn % self.channels.len()].clone()
+    }
 }
 
 /// A region's state as the last probe saw it (`GET /v1/regions` prints it).
@@ -105,7 +118,7 @@ impl Region {
     pub fn channel(&self) -> (Channel, String) {
         let st = self.state.read();
         let i = st.leader_index.unwrap_or(0);
-        (self.members[i].channel.clone(), self.members[i].url.clone())
+        (self.members[i].channel(), self.members[i].url.clone())
     }
 
     /// A member to read from: the members that answered the last probe in
@@ -115,10 +128,10 @@ impl Region {
         let st = self.state.read();
         if st.answering.is_empty() {
             let i = st.leader_index.unwrap_or(0);
-            return self.members[i].channel.clone();
+            return self.members[i].channel();
         }
         let turn = self.next_reader.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.members[st.answering[turn % st.answering.len()]].channel.clone()
+        self.members[st.answering[turn % st.answering.len()]].channel()
     }
 }
 
@@ -147,7 +160,8 @@ impl Regions {
                         .tcp_nodelay(true)
                         .http2_keep_alive_interval(Duration::from_secs(10))
                         .keep_alive_timeout(Duration::from_secs(10));
-                    Ok(Member { url: url.to_string(), channel: endpoint.connect_lazy() })
+                    let channels = (0..CONNECTIONS_PER_MEMBER).map(|_| endpoint.connect_lazy()).collect();
+                    Ok(Member { url: url.to_string(), channels, turn: Default::default() })
                 })
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let state = RegionState { role: "unknown".into(), staleness_seconds: -1.0, ..Default::default() };
@@ -244,7 +258,7 @@ pub async fn run_probes(regions: Arc<Regions>, interval: Duration, metrics: Arc<
 async fn probe(region: Arc<Region>) {
     let calls = region.members.iter().map(|m| async move {
         let started = Instant::now();
-        let mut client = MaintenanceClient::new(m.channel.clone());
+        let mut client = MaintenanceClient::new(m.channel());
         let answer = tokio::time::timeout(PROBE_TIMEOUT, client.status(StatusRequest {})).await;
         match answer {
             Ok(Ok(resp)) => Ok((resp.into_inner(), started.elapsed())),
@@ -282,7 +296,7 @@ async fn probe(region: Arc<Region>) {
     let mut mirror = None;
     if reachable && leader_id != 0 {
         let i = leader_index.unwrap_or_else(|| answers.iter().position(Result::is_ok).unwrap_or(0));
-        let mut client = MirrorClient::new(region.members[i].channel.clone());
+        let mut client = MirrorClient::new(region.members[i].channel());
         match tokio::time::timeout(PROBE_TIMEOUT, client.status(MirrorStatusRequest {})).await {
             Ok(Ok(resp)) => mirror = Some(resp.into_inner()),
             Ok(Err(status)) => error = Some(format!("Mirror.Status: {}", status.message())),
