@@ -589,3 +589,76 @@ async fn a_watch_moves_to_another_region_and_loses_nothing() -> Result<()> {
     drop(tx);
     Ok(())
 }
+
+/// Read-your-writes on one connection while the serving region changes: each serializable read
+/// right after a write on the same connection sees that write, before and after the latencies swap
+/// and the near region becomes us-east.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_holds_while_the_serving_region_changes() -> Result<()> {
+    let (primary, secondary) = regions_started()?;
+    let _mirror = MirrorProcess::start(&primary.endpoints(), &secondary, &[])?;
+    let to_primary = LatencyProxy::start(&primary.endpoint(1), Duration::from_millis(10))?;
+    let to_secondary = LatencyProxy::start(&secondary.endpoint(1), Duration::ZERO)?;
+    let gateway = GatewayProcess::start(
+        "gw-eu",
+        "eu-west",
+        &[("us-east", vec![to_primary.endpoint()]), ("eu-west", vec![to_secondary.endpoint()])],
+        &[],
+    )?;
+    gateway
+        .wait_regions(Duration::from_secs(20), |doc| rtt_of(doc, "us-east") > 15.0 && rtt_of(doc, "eu-west") < 10.0)?;
+    let mut kv = KvClient::connect(format!("http://{}", gateway.endpoint())).await?;
+    let mut served = std::collections::BTreeMap::<String, usize>::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in 0..400 {
+        if n == 100 {
+            to_primary.set_delay(Duration::ZERO);
+            to_secondary.set_delay(Duration::from_millis(20));
+        }
+        let value = format!("v{n}");
+        kv.put(PutRequest { key: "ryw".into(), value: value.clone().into(), ..Default::default() }).await?;
+        let read = kv.range(serializable("ryw", None)).await?;
+        let got = read.get_ref().kvs.first().map(|kv| String::from_utf8_lossy(&kv.value).into_owned());
+        ensure!(got.as_deref() == Some(value.as_str()), "read {n} on the writing connection saw {got:?}, not {value}");
+        *served.entry(served_by(&read)).or_default() += 1;
+        if served.get("us-east").is_some_and(|c| *c >= 20) && n > 150 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the loop took too long: {served:?}");
+    }
+    ensure!(served.get("eu-west").is_some_and(|c| *c > 0), "no read served in eu-west: {served:?}");
+    ensure!(served.get("us-east").is_some_and(|c| *c > 0), "no read served in us-east after the swap: {served:?}");
+    Ok(())
+}
+
+/// A region down: serializable reads that its gateway sent there keep being answered (a failed
+/// region hands the read to the primary at once), and within a probe interval or two every read
+/// is served elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_move_off_a_region_that_goes_down() -> Result<()> {
+    let r = two_regions()?;
+    let TwoRegions { primary: _primary, mut secondary, mirror: _mirror, gateway } = r;
+    let mut kv = KvClient::connect(format!("http://{}", gateway.endpoint())).await?;
+    kv.put(PutRequest { key: "k".into(), value: "1".into(), ..Default::default() }).await?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served_by(&kv.range(serializable("k", None)).await?) != "eu-west" {
+        ensure!(Instant::now() < deadline, "reads never went to eu-west");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    secondary.kill9(1)?;
+    let killed = Instant::now();
+    let mut moved_at = None;
+    while killed.elapsed() < Duration::from_secs(2) {
+        let resp = kv.range(serializable("k", None)).await.context("a read failed while its region went down")?;
+        assert_eq!(resp.get_ref().kvs.len(), 1);
+        if served_by(&resp) == "eu-west" {
+            moved_at = None;
+        } else if moved_at.is_none() {
+            moved_at = Some(killed.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let moved = moved_at.context("reads were still served by the dead region")?;
+    ensure!(moved < Duration::from_millis(600), "reads moved {moved:?} after the region went down");
+    Ok(())
+}
