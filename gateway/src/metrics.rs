@@ -21,6 +21,10 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     /// Watch streams moved to another region after theirs failed.
     pub watch_failovers: IntCounter,
+    /// Upstream watches shared by identical client watches, and the client
+    /// watchers in the group that changed last.
+    pub watch_groups: IntGauge,
+    pub watch_coalesced: IntGauge,
     region_rtt: GaugeVec,
     region_revision: IntGaugeVec,
     region_staleness: GaugeVec,
@@ -71,6 +75,16 @@ impl Metrics {
                 "Watch streams moved to another region after theirs failed.",
             ))
             .expect("valid metric"),
+            watch_groups: IntGauge::with_opts(opts(
+                "meridian_gateway_watch_groups",
+                "Upstream watches that identical client watches share.",
+            ))
+            .expect("valid metric"),
+            watch_coalesced: IntGauge::with_opts(opts(
+                "meridian_gateway_watch_coalesced",
+                "Client watchers in the watch group that last changed (a sample of coalescing).",
+            ))
+            .expect("valid metric"),
             rate_limited: IntCounterVec::new(
                 opts(
                     "meridian_gateway_rate_limited_total",
@@ -96,6 +110,8 @@ impl Metrics {
         reg(Box::new(m.rpo_guard.clone()));
         reg(Box::new(m.rate_limited.clone()));
         reg(Box::new(m.watch_failovers.clone()));
+        reg(Box::new(m.watch_groups.clone()));
+        reg(Box::new(m.watch_coalesced.clone()));
         reg(Box::new(m.region_rtt.clone()));
         reg(Box::new(m.region_revision.clone()));
         reg(Box::new(m.region_staleness.clone()));

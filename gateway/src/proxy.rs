@@ -58,6 +58,8 @@ pub struct Gateway {
     stale_reads: bool,
     ignores_bounds: bool,
     pub limiter: Arc<crate::limits::Limiter>,
+    /// Identical "now" watches sharing one upstream watch.
+    pub coalescer: Arc<crate::watches::Coalescer>,
 }
 
 impl Gateway {
@@ -80,6 +82,7 @@ impl Gateway {
             stale_reads,
             ignores_bounds,
             limiter: Arc::new(crate::limits::Limiter::new(&cfg_limits)),
+            coalescer: crate::watches::Coalescer::start(),
         }
     }
 

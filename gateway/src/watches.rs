@@ -10,10 +10,26 @@
 //! The gateway chooses auto watch ids itself (0, 1, 2, ... skipping ids in
 //! use, as etcd does) and sends them explicitly, so ids stay the same in
 //! every region.
+//!
+//! Identical watches from "now" (same range, filters, prev_kv and progress
+//! notification, same credentials) share one upstream watch: a [`Group`]
+//! runs an internal session of its own (so it moves regions the same way)
+//! and fans its responses out to every client watcher in it, each joining
+//! at the group's delivered revision. A client's progress request is
+//! answered with the lowest revision every one of its watchers has been
+//! delivered to, the shared ones included (asked of their groups in order
+//! with their events). A client too slow for its group leaves it and goes
+//! on from its next revision with a watcher of its own.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use meridian_proto::etcdserverpb::ResponseHeader;
+use parking_lot::Mutex;
+use tokio::sync::oneshot;
 
 use meridian_proto::etcdserverpb::watch_client::WatchClient;
 use meridian_proto::etcdserverpb::watch_request::RequestUnion;
@@ -38,6 +54,8 @@ struct Watcher {
     created: bool,
     /// Re-created after a failover: its `created` answer is not the client's.
     recreating: bool,
+    /// In a group: its handle, and this watcher's subscription there.
+    shared: Option<(mpsc::Sender<GroupCmd>, u64)>,
 }
 
 pub struct Upstream {
@@ -53,54 +71,112 @@ pub async fn open(pick: &Pick, meta: &MetadataMap) -> Result<Upstream, Status> {
     Ok(Upstream { region: pick.region.name.clone(), requests, responses: resp.into_inner() })
 }
 
+/// Events a group queues for one session, at most, before it drops that
+/// session's watchers from the group (they go on with watchers of their own).
+const GROUP_BUFFER: usize = 1024;
+
+/// A client's progress request waiting on its watchers' groups.
+struct PendingProgress {
+    /// The session's own upstream answer, once it came.
+    own: Option<WatchResponse>,
+    /// Shared watchers (client ids) whose group has not answered yet.
+    groups: BTreeSet<i64>,
+    lowest: i64,
+    /// Further progress requests that arrived meanwhile: they get the same answer.
+    extra: usize,
+}
+
 pub struct Session {
-    pub gw: Arc<Gateway>,
-    pub meta: MetadataMap,
-    pub out: mpsc::Sender<Result<WatchResponse, Status>>,
+    gw: Arc<Gateway>,
+    meta: MetadataMap,
+    out: mpsc::Sender<Result<WatchResponse, Status>>,
     watchers: BTreeMap<i64, Watcher>,
+    /// Whether this session's "now" watches may join groups (not for a
+    /// group's own internal session).
+    coalesce: bool,
+    group_tx: mpsc::Sender<(i64, GroupEvent)>,
+    group_rx: mpsc::Receiver<(i64, GroupEvent)>,
+    progress: Option<PendingProgress>,
 }
 
 impl Session {
+    /// A client's session.
     pub fn new(gw: Arc<Gateway>, meta: MetadataMap, out: mpsc::Sender<Result<WatchResponse, Status>>) -> Self {
-        Self { gw, meta, out, watchers: BTreeMap::new() }
+        let (group_tx, group_rx) = mpsc::channel(GROUP_BUFFER);
+        Self { gw, meta, out, watchers: BTreeMap::new(), coalesce: true, group_tx, group_rx, progress: None }
+    }
+
+    fn internal(gw: Arc<Gateway>, meta: MetadataMap, out: mpsc::Sender<Result<WatchResponse, Status>>) -> Self {
+        Self { coalesce: false, ..Self::new(gw, meta, out) }
     }
 
     /// Relays until the client leaves, moving regions when one fails.
-    pub async fn run(mut self, mut inbound: Streaming<WatchRequest>, mut up: Upstream) {
+    pub async fn run<S>(mut self, mut inbound: S, mut up: Upstream)
+    where
+        S: Stream<Item = Result<WatchRequest, Status>> + Unpin + Send,
+    {
         loop {
             tokio::select! {
-                msg = inbound.message() => match msg {
-                    Ok(Some(req)) => {
-                        if let Some(req) = self.on_client_request(req) {
+                msg = inbound.next() => match msg {
+                    Some(Ok(req)) => {
+                        if let Some(req) = self.on_client_request(req).await {
                             // A failed send means the upstream is gone; its
                             // response stream ends next, and the failover
                             // re-sends what this watcher needs.
                             let _ = up.requests.send(req).await;
                         }
                     }
-                    _ => return,
+                    _ => break,
                 },
                 resp = up.responses.message() => match resp {
                     Ok(Some(r)) => {
                         if !self.on_upstream_response(r).await {
-                            return;
+                            break;
                         }
                     }
                     Ok(None) | Err(_) => match self.failover(&up.region).await {
                         Some(next) => up = next,
-                        None => return,
+                        None => break,
                     },
                 },
+                Some((id, event)) = self.group_rx.recv() => {
+                    match self.on_group_event(id, event).await {
+                        Ok(Some(req)) => {
+                            let _ = up.requests.send(req).await;
+                        }
+                        Ok(None) => {}
+                        Err(()) => break,
+                    }
+                }
+            }
+        }
+        for w in self.watchers.values() {
+            if let Some((group, sub)) = &w.shared {
+                let _ = group.try_send(GroupCmd::Unsubscribe(*sub));
             }
         }
     }
 
     /// Records a client request and gives what to send upstream.
-    fn on_client_request(&mut self, req: WatchRequest) -> Option<WatchRequest> {
+    async fn on_client_request(&mut self, req: WatchRequest) -> Option<WatchRequest> {
         match req.request_union {
             Some(RequestUnion::CreateRequest(mut c)) => {
                 if c.watch_id == 0 {
                     c.watch_id = (0..).find(|id| !self.watchers.contains_key(id)).expect("a free id");
+                }
+                if self.coalesce && c.start_revision <= 0 && !c.fragment && !self.watchers.contains_key(&c.watch_id) {
+                    let joined = self.gw.coalescer.join(&self.gw, &self.meta, &c, self.group_tx.clone()).await;
+                    if let Some((group, sub, header)) = joined {
+                        let id = c.watch_id;
+                        let next_rev = header.revision + 1;
+                        let shared = Some((group, sub));
+                        self.watchers
+                            .insert(id, Watcher { create: c, next_rev, created: true, recreating: false, shared });
+                        let created =
+                            WatchResponse { header: Some(header), watch_id: id, created: true, ..Default::default() };
+                        let _ = self.out.send(Ok(created)).await;
+                        return None;
+                    }
                 }
                 let next_rev = c.start_revision.max(0);
                 self.watchers.entry(c.watch_id).or_insert_with(|| Watcher {
@@ -108,8 +184,45 @@ impl Session {
                     next_rev,
                     created: false,
                     recreating: false,
+                    shared: None,
                 });
                 Some(WatchRequest { request_union: Some(RequestUnion::CreateRequest(c)) })
+            }
+            Some(RequestUnion::CancelRequest(c))
+                if self.watchers.get(&c.watch_id).is_some_and(|w| w.shared.is_some()) =>
+            {
+                let w = self.watchers.remove(&c.watch_id).expect("checked");
+                if let Some((group, sub)) = w.shared {
+                    let _ = group.send(GroupCmd::Unsubscribe(sub)).await;
+                }
+                let header = ResponseHeader { revision: w.next_rev - 1, ..Default::default() };
+                let canceled =
+                    WatchResponse { header: Some(header), watch_id: c.watch_id, canceled: true, ..Default::default() };
+                let _ = self.out.send(Ok(canceled)).await;
+                None
+            }
+            Some(RequestUnion::ProgressRequest(p)) => {
+                let shared: Vec<(i64, mpsc::Sender<GroupCmd>, u64)> = self
+                    .watchers
+                    .iter()
+                    .filter_map(|(id, w)| w.shared.as_ref().map(|(g, s)| (*id, g.clone(), *s)))
+                    .collect();
+                let forward = Some(WatchRequest { request_union: Some(RequestUnion::ProgressRequest(p)) });
+                if shared.is_empty() {
+                    return forward;
+                }
+                if let Some(pending) = &mut self.progress {
+                    pending.extra += 1;
+                    return None;
+                }
+                let mut groups = BTreeSet::new();
+                for (id, group, sub) in shared {
+                    if group.send(GroupCmd::Progress(sub)).await.is_ok() {
+                        groups.insert(id);
+                    }
+                }
+                self.progress = Some(PendingProgress { own: None, groups, lowest: i64::MAX, extra: 0 });
+                forward
             }
             other => Some(WatchRequest { request_union: other }),
         }
@@ -121,8 +234,12 @@ impl Session {
         let header_rev = r.header.as_ref().map_or(0, |h| h.revision);
         if r.watch_id == -1 && !r.created {
             // A progress notification for the whole stream.
-            for w in self.watchers.values_mut().filter(|w| w.created) {
+            for w in self.watchers.values_mut().filter(|w| w.created && w.shared.is_none()) {
                 w.next_rev = w.next_rev.max(header_rev + 1);
+            }
+            if let Some(pending) = &mut self.progress {
+                pending.own = Some(r);
+                return self.answer_progress().await;
             }
         } else if let Some(w) = self.watchers.get_mut(&r.watch_id) {
             if r.created && !r.canceled {
@@ -144,6 +261,72 @@ impl Session {
             }
         }
         self.out.send(Ok(r)).await.is_ok()
+    }
+
+    /// A group's event for the client watcher `id`. Gives what to send
+    /// upstream (a watcher leaving its group); `Err` once the client is gone.
+    async fn on_group_event(&mut self, id: i64, event: GroupEvent) -> Result<Option<WatchRequest>, ()> {
+        let Some(w) = self.watchers.get_mut(&id).filter(|w| w.shared.is_some()) else { return Ok(None) };
+        match event {
+            GroupEvent::Response(mut r) => {
+                let header_rev = r.header.as_ref().map_or(0, |h| h.revision);
+                if let Some(last) = r.events.last().and_then(|e| e.kv.as_ref()) {
+                    w.next_rev = w.next_rev.max(last.mod_revision + 1);
+                } else if !r.canceled {
+                    w.next_rev = w.next_rev.max(header_rev + 1);
+                }
+                if r.canceled {
+                    self.watchers.remove(&id);
+                }
+                r.watch_id = id;
+                self.out.send(Ok(r)).await.map_err(|_| ())?;
+                Ok(None)
+            }
+            GroupEvent::Progress(rev) => {
+                w.next_rev = w.next_rev.max(rev + 1);
+                if let Some(pending) = &mut self.progress {
+                    if pending.groups.remove(&id) {
+                        pending.lowest = pending.lowest.min(rev);
+                    }
+                }
+                if self.answer_progress().await {
+                    Ok(None)
+                } else {
+                    Err(())
+                }
+            }
+            GroupEvent::Left => {
+                // Too slow for the group, or the group ended: a watcher of
+                // its own, from the first revision not delivered yet.
+                w.shared = None;
+                w.recreating = true;
+                if let Some(pending) = &mut self.progress {
+                    pending.groups.remove(&id);
+                }
+                let create = WatchCreateRequest { start_revision: w.next_rev, ..w.create.clone() };
+                Ok(Some(WatchRequest { request_union: Some(RequestUnion::CreateRequest(create)) }))
+            }
+        }
+    }
+
+    /// Answers a pending progress request once the session's own upstream
+    /// and every group asked have answered; false once the client is gone.
+    async fn answer_progress(&mut self) -> bool {
+        let ready = self.progress.as_ref().is_some_and(|p| p.own.is_some() && p.groups.is_empty());
+        if !ready {
+            return true;
+        }
+        let pending = self.progress.take().expect("ready");
+        let mut resp = pending.own.expect("ready");
+        if let Some(h) = resp.header.as_mut() {
+            h.revision = h.revision.min(pending.lowest);
+        }
+        for _ in 0..=pending.extra {
+            if self.out.send(Ok(resp.clone())).await.is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     /// Opens a stream in the nearest other healthy region and re-creates
@@ -178,7 +361,7 @@ impl Session {
     }
 
     async fn recreate(&mut self, up: &Upstream) -> bool {
-        for w in self.watchers.values_mut() {
+        for w in self.watchers.values_mut().filter(|w| w.shared.is_none()) {
             let mut create = w.create.clone();
             if w.created {
                 create.start_revision = w.next_rev;
@@ -190,5 +373,245 @@ impl Session {
             }
         }
         true
+    }
+}
+
+/// A group's answer to one of its client watchers.
+pub enum GroupEvent {
+    Response(WatchResponse),
+    /// Everything up to this revision has been delivered.
+    Progress(i64),
+    /// The watcher is no longer in the group (too slow, or the group ended).
+    Left,
+}
+
+pub enum GroupCmd {
+    Subscribe { sub: u64, client_id: i64, tx: mpsc::Sender<(i64, GroupEvent)>, reply: oneshot::Sender<ResponseHeader> },
+    Unsubscribe(u64),
+    Progress(u64),
+}
+
+/// What makes two watch creates the same watch (and who asks: a cached
+/// answer is never shared between identities).
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct GroupKey {
+    key: Vec<u8>,
+    range_end: Vec<u8>,
+    filters: Vec<i32>,
+    prev_kv: bool,
+    progress_notify: bool,
+    credentials: Option<Vec<u8>>,
+}
+
+/// The groups of identical "now" watches.
+pub struct Coalescer {
+    groups: Mutex<HashMap<GroupKey, mpsc::Sender<GroupCmd>>>,
+    next_sub: AtomicU64,
+    /// New groups go to a task that starts them: a session joining a group
+    /// must not itself spawn the group's own session (that would make the
+    /// session's future type contain itself).
+    starts: mpsc::Sender<(Group, MetadataMap, WatchCreateRequest, mpsc::Receiver<GroupCmd>)>,
+}
+
+impl Coalescer {
+    /// The coalescer, and the task that starts its groups. Call inside the runtime.
+    pub fn start() -> Arc<Self> {
+        let (starts, mut jobs) =
+            mpsc::channel::<(Group, MetadataMap, WatchCreateRequest, mpsc::Receiver<GroupCmd>)>(64);
+        tokio::spawn(async move {
+            while let Some((group, meta, create, cmds)) = jobs.recv().await {
+                tokio::spawn(group.run(meta, create, cmds));
+            }
+        });
+        Arc::new(Self { groups: Mutex::new(HashMap::new()), next_sub: AtomicU64::new(0), starts })
+    }
+
+    /// Joins (or starts) the group for `create`; the header of the join
+    /// point (its revision is the last one delivered to the group). `None`
+    /// when no group can be had: the caller watches on its own.
+    async fn join(
+        self: &Arc<Self>,
+        gw: &Arc<Gateway>,
+        meta: &MetadataMap,
+        create: &WatchCreateRequest,
+        tx: mpsc::Sender<(i64, GroupEvent)>,
+    ) -> Option<(mpsc::Sender<GroupCmd>, u64, ResponseHeader)> {
+        let mut filters = create.filters.clone();
+        filters.sort_unstable();
+        let key = GroupKey {
+            key: create.key.clone(),
+            range_end: create.range_end.clone(),
+            filters,
+            prev_kv: create.prev_kv,
+            progress_notify: create.progress_notify,
+            credentials: meta.get("token").map(|v| v.as_bytes().to_vec()),
+        };
+        let sub = self.next_sub.fetch_add(1, Ordering::Relaxed);
+        for _ in 0..2 {
+            let (cmds, new) = {
+                let mut groups = self.groups.lock();
+                match groups.get(&key) {
+                    Some(c) if !c.is_closed() => (c.clone(), None),
+                    _ => {
+                        let (cmds, rx) = mpsc::channel(64);
+                        groups.insert(key.clone(), cmds.clone());
+                        let group =
+                            Group { coalescer: self.clone(), key: key.clone(), gw: gw.clone(), cmds: cmds.clone() };
+                        (cmds, Some((group, rx)))
+                    }
+                }
+            };
+            if let Some((group, rx)) = new {
+                if self.starts.send((group, meta.clone(), create.clone(), rx)).await.is_err() {
+                    return None;
+                }
+            }
+            let (reply, answer) = oneshot::channel();
+            let subscribe = GroupCmd::Subscribe { sub, client_id: create.watch_id, tx: tx.clone(), reply };
+            if cmds.send(subscribe).await.is_err() {
+                continue; // the group just ended: start another
+            }
+            return match tokio::time::timeout(Duration::from_secs(5), answer).await {
+                Ok(Ok(header)) => Some((cmds, sub, header)),
+                _ => None,
+            };
+        }
+        None
+    }
+}
+
+/// One upstream watch shared by identical client watches.
+pub struct Group {
+    coalescer: Arc<Coalescer>,
+    key: GroupKey,
+    gw: Arc<Gateway>,
+    cmds: mpsc::Sender<GroupCmd>,
+}
+
+struct Member {
+    client_id: i64,
+    tx: mpsc::Sender<(i64, GroupEvent)>,
+}
+
+impl Group {
+    async fn run(self, meta: MetadataMap, create: WatchCreateRequest, mut cmds: mpsc::Receiver<GroupCmd>) {
+        self.gw.metrics.watch_groups.inc();
+        let mut members: HashMap<u64, Member> = HashMap::new();
+        if let Some((to_session, mut from_session)) = self.start(meta, create).await {
+            let mut joining: Vec<(u64, Member, oneshot::Sender<ResponseHeader>)> = Vec::new();
+            let mut header: Option<ResponseHeader> = None;
+            let mut delivered = 0;
+            let mut asking: Vec<u64> = Vec::new();
+            loop {
+                tokio::select! {
+                    cmd = cmds.recv() => match cmd {
+                        None => break,
+                        Some(GroupCmd::Subscribe { sub, client_id, tx, reply }) => {
+                            let member = Member { client_id, tx };
+                            match &header {
+                                Some(h) => {
+                                    let _ = reply.send(ResponseHeader { revision: delivered, ..*h });
+                                    members.insert(sub, member);
+                                }
+                                None => joining.push((sub, member, reply)),
+                            }
+                            self.gw.metrics.watch_coalesced.set(members.len() as i64);
+                        }
+                        Some(GroupCmd::Unsubscribe(sub)) => {
+                            members.remove(&sub);
+                            joining.retain(|(s, _, _)| *s != sub);
+                            asking.retain(|s| *s != sub);
+                            if members.is_empty() && joining.is_empty() {
+                                break;
+                            }
+                        }
+                        Some(GroupCmd::Progress(sub)) => {
+                            asking.push(sub);
+                            let progress = WatchRequest {
+                                request_union: Some(RequestUnion::ProgressRequest(Default::default())),
+                            };
+                            let _ = to_session.send(Ok(progress)).await;
+                        }
+                    },
+                    resp = from_session.recv() => {
+                        let Some(Ok(r)) = resp else { break };
+                        let rev = r.header.as_ref().map_or(0, |h| h.revision);
+                        if r.created && !r.canceled {
+                            header = r.header;
+                            delivered = rev;
+                            for (sub, member, reply) in joining.drain(..) {
+                                let _ = reply.send(ResponseHeader { revision: delivered, ..r.header.unwrap_or_default() });
+                                members.insert(sub, member);
+                            }
+                            continue;
+                        }
+                        if r.watch_id == -1 {
+                            delivered = delivered.max(rev);
+                            for sub in asking.drain(..) {
+                                if let Some(m) = members.get(&sub) {
+                                    send_or_drop(&m.tx, m.client_id, GroupEvent::Progress(delivered));
+                                }
+                            }
+                            continue;
+                        }
+                        delivered = delivered.max(r.events.last().and_then(|e| e.kv.as_ref()).map_or(rev, |kv| kv.mod_revision));
+                        if r.header.is_some() {
+                            header = r.header;
+                        }
+                        let canceled = r.canceled;
+                        members.retain(|_, m| send_or_drop(&m.tx, m.client_id, GroupEvent::Response(r.clone())));
+                        if canceled {
+                            members.clear();
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        // Whoever is still here goes on alone.
+        for (_, m) in members.drain() {
+            let (tx, id) = (m.tx, m.client_id);
+            tokio::spawn(async move {
+                let _ = tx.send((id, GroupEvent::Left)).await;
+            });
+        }
+        let mut groups = self.coalescer.groups.lock();
+        if groups.get(&self.key).is_some_and(|c| c.same_channel(&self.cmds)) {
+            groups.remove(&self.key);
+        }
+        drop(groups);
+        self.gw.metrics.watch_groups.dec();
+    }
+
+    /// The group's internal session, with its one watcher (id 0) created.
+    async fn start(
+        &self,
+        meta: MetadataMap,
+        create: WatchCreateRequest,
+    ) -> Option<(mpsc::Sender<Result<WatchRequest, Status>>, mpsc::Receiver<Result<WatchResponse, Status>>)> {
+        let pick = self.gw.regions.nearest(|_| true)?;
+        let up = open(&pick, &meta).await.ok()?;
+        let (to_session, inbound) = mpsc::channel(16);
+        let (out, from_session) = mpsc::channel(BUFFER);
+        tokio::spawn(Session::internal(self.gw.clone(), meta, out).run(ReceiverStream::new(inbound), up));
+        let create = WatchCreateRequest { watch_id: 0, start_revision: 0, ..create };
+        to_session.send(Ok(WatchRequest { request_union: Some(RequestUnion::CreateRequest(create)) })).await.ok()?;
+        Some((to_session, from_session))
+    }
+}
+
+/// Queues `event` for a member; false (it leaves the group) when its
+/// queue is full: it is told so once there is room, after what it has.
+fn send_or_drop(tx: &mpsc::Sender<(i64, GroupEvent)>, id: i64, event: GroupEvent) -> bool {
+    match tx.try_send((id, event)) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let _ = tx.send((id, GroupEvent::Left)).await;
+            });
+            false
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => false,
     }
 }

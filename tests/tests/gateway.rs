@@ -320,7 +320,10 @@ async fn linearizable_reads_through_a_secondary_check_out_from_the_history() -> 
     let (primary, secondary) = regions_started()?;
     let slow_source = LatencyProxy::start(&primary.endpoint(1), Duration::from_millis(30))?;
     let _mirror = MirrorProcess::start(&[slow_source.endpoint()], &secondary, &[])?;
-    let upstreams = [("us-east", primary.endpoints()), ("eu-west", secondary.endpoints())];
+    // The primary 10 ms from the gateways: eu-west is plainly the nearest, so the faulty gateway
+    // does serve from it (RTT noise on one machine could otherwise send its reads to the primary).
+    let to_primary = LatencyProxy::start(&primary.endpoint(1), Duration::from_millis(10))?;
+    let upstreams = [("us-east", vec![to_primary.endpoint()]), ("eu-west", secondary.endpoints())];
     let good = GatewayProcess::start("gw-eu", "eu-west", &upstreams, &[])?;
     let broken = GatewayProcess::start_with_env(
         "gw-broken",
@@ -332,6 +335,7 @@ async fn linearizable_reads_through_a_secondary_check_out_from_the_history() -> 
     for gw in [&good, &broken] {
         gw.wait_regions(Duration::from_secs(20), |doc| {
             doc["regions"].as_array().is_some_and(|rs| rs.iter().all(|r| r["healthy"] == true))
+                && rtt_of(doc, "us-east") > 15.0
         })?;
     }
 
@@ -360,7 +364,10 @@ async fn linearizable_reads_through_a_secondary_check_out_from_the_history() -> 
 async fn bounded_reads_stay_within_their_bound_while_the_mirror_is_down() -> Result<()> {
     let (primary, secondary) = regions_started()?;
     let mut mirror = MirrorProcess::start(&primary.endpoints(), &secondary, &[])?;
-    let upstreams = [("us-east", primary.endpoints()), ("eu-west", secondary.endpoints())];
+    // us-east 10 ms away each way: eu-west is plainly the nearest, so the faulty gateway does
+    // serve from it (on one machine, RTT noise could otherwise send its reads to the primary).
+    let to_primary = LatencyProxy::start(&primary.endpoint(1), Duration::from_millis(10))?;
+    let upstreams = [("us-east", vec![to_primary.endpoint()]), ("eu-west", secondary.endpoints())];
     let good = GatewayProcess::start("gw-eu", "eu-west", &upstreams, &[])?;
     let broken = GatewayProcess::start_with_env(
         "gw-broken",
@@ -375,7 +382,7 @@ async fn bounded_reads_stay_within_their_bound_while_the_mirror_is_down() -> Res
                 rs.iter().all(|r| {
                     r["healthy"] == true && r["staleness_seconds"].as_f64().is_some_and(|s| (0.0..1.0).contains(&s))
                 })
-            })
+            }) && rtt_of(doc, "us-east") > 15.0
         })?;
         let workload = tokio::spawn({
             let (w, r) = (good.endpoint(), gw.endpoint());
@@ -585,7 +592,11 @@ async fn a_watch_moves_to_another_region_and_loses_nothing() -> Result<()> {
     }
     assert_eq!(seen, written, "every write exactly once, in order");
     let (_, page) = meridian_tests::http_get(gateway.addr(), "/metrics")?;
-    ensure!(page.contains("meridian_gateway_watch_failovers_total{region=\"eu-west\"} 1"), "{page}");
+    let failovers: f64 = page
+        .lines()
+        .find_map(|l| l.strip_prefix("meridian_gateway_watch_failovers_total{region=\"eu-west\"} ")?.parse().ok())
+        .unwrap_or(0.0);
+    ensure!(failovers >= 1.0, "no watch failover counted:\n{page}");
     drop(tx);
     Ok(())
 }
@@ -660,5 +671,97 @@ async fn reads_move_off_a_region_that_goes_down() -> Result<()> {
     }
     let moved = moved_at.context("reads were still served by the dead region")?;
     ensure!(moved < Duration::from_millis(600), "reads moved {moved:?} after the region went down");
+    Ok(())
+}
+
+fn create(key: &str, range_end: &str) -> WatchRequest {
+    WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: key.into(),
+            range_end: range_end.into(),
+            ..Default::default()
+        })),
+    }
+}
+
+/// Five clients watching the same prefix from now share one upstream watch (the member counts one
+/// watcher); each gets every event once, in order. A progress request sent right after the writes
+/// is answered after every one of those events, at a revision that covers them (grpc-proxy drops
+/// progress requests). A client that cancels gets its cancel; the others go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_watches_share_one_upstream_watch() -> Result<()> {
+    const CLIENTS: usize = 5;
+    const PUTS: usize = 20;
+    let primary = Cluster::start(
+        1,
+        ClusterOpts { extra_args: ["--region", "us-east"].map(String::from).to_vec(), ..ClusterOpts::fast() },
+    )?;
+    let gateway = GatewayProcess::start("gw", "us-east", &[("us-east", primary.endpoints())], &[])?;
+    let url = format!("http://{}", gateway.endpoint());
+    let mut streams = Vec::new();
+    for _ in 0..CLIENTS {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        tx.send(create("c/", "c0")).await?;
+        let mut events = WatchClient::connect(url.clone())
+            .await?
+            .watch(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let created = tokio::time::timeout(Duration::from_secs(5), events.message()).await??.context("created")?;
+        ensure!(created.created && !created.canceled, "{created:?}");
+        streams.push((tx, events, created.watch_id));
+    }
+    let (_, member_page) = meridian_tests::http_get(primary.endpoint(1).parse()?, "/metrics")?;
+    ensure!(
+        member_page.lines().any(|l| l == "etcd_debugging_mvcc_watcher_total 1"),
+        "the member has more than one watcher for {CLIENTS} identical watches:\n{}",
+        member_page.lines().filter(|l| l.contains("watcher_total")).collect::<Vec<_>>().join("\n")
+    );
+
+    let mut kv = KvClient::connect(url.clone()).await?;
+    let mut revisions = Vec::new();
+    for n in 0..PUTS {
+        let put =
+            kv.put(PutRequest { key: format!("c/{n:02}").into(), value: "x".into(), ..Default::default() }).await?;
+        revisions.push(put.get_ref().header.as_ref().map_or(0, |h| h.revision));
+    }
+    let last = *revisions.last().context("puts")?;
+    // Client 0 asks for progress before reading anything.
+    streams[0].0.send(WatchRequest { request_union: Some(RequestUnion::ProgressRequest(Default::default())) }).await?;
+    for (i, (_, events, _)) in streams.iter_mut().enumerate() {
+        let mut seen = Vec::new();
+        while seen.len() < PUTS {
+            let resp =
+                tokio::time::timeout(Duration::from_secs(5), events.message()).await??.context("stream ended")?;
+            ensure!(resp.watch_id != -1 || resp.events.is_empty(), "{resp:?}");
+            if resp.events.is_empty() && resp.watch_id == -1 {
+                bail!("client {i}: a progress response came before all events ({} of {PUTS})", seen.len());
+            }
+            seen.extend(resp.events.iter().filter_map(|e| e.kv.as_ref().map(|kv| kv.mod_revision)));
+        }
+        assert_eq!(seen, revisions, "client {i}: every event once, in order");
+    }
+    let progress = tokio::time::timeout(Duration::from_secs(5), streams[0].1.message()).await??.context("progress")?;
+    ensure!(progress.watch_id == -1 && progress.events.is_empty(), "not a progress response: {progress:?}");
+    let at = progress.header.as_ref().map_or(0, |h| h.revision);
+    ensure!(at >= last, "progress at {at}, before the last event {last}");
+
+    // One client cancels; another still gets the next event.
+    let id = streams[1].2;
+    streams[1]
+        .0
+        .send(WatchRequest {
+            request_union: Some(RequestUnion::CancelRequest(meridian_proto::etcdserverpb::WatchCancelRequest {
+                watch_id: id,
+            })),
+        })
+        .await?;
+    let canceled = tokio::time::timeout(Duration::from_secs(5), streams[1].1.message()).await??.context("cancel")?;
+    ensure!(canceled.canceled && canceled.watch_id == id, "{canceled:?}");
+    kv.put(PutRequest { key: "c/after".into(), value: "y".into(), ..Default::default() }).await?;
+    let next = tokio::time::timeout(Duration::from_secs(5), streams[2].1.message()).await??.context("next event")?;
+    ensure!(next.events.len() == 1, "{next:?}");
+    let (_, page) = meridian_tests::http_get(gateway.addr(), "/metrics")?;
+    ensure!(page.contains("meridian_gateway_watch_groups{region=\"us-east\"} 1"), "{page}");
     Ok(())
 }
