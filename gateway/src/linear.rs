@@ -17,6 +17,10 @@ use crate::regions::Regions;
 
 type Waiter = oneshot::Sender<Result<i64, Status>>;
 
+/// A read index the primary does not give within this fails (`Unavailable`,
+/// which clients retry) rather than hold the reads.
+const BARRIER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Default)]
 struct Batch {
     /// A flush is spawned and has not taken the batch yet.
@@ -71,6 +75,9 @@ impl ReadIndex {
 async fn barrier(regions: &Regions) -> Result<i64, Status> {
     let primary = regions.primary().ok_or_else(|| Status::unavailable(crate::proxy::NO_PRIMARY))?;
     let probe = RangeRequest { key: vec![0], count_only: true, limit: 1, ..Default::default() };
-    let resp = KvClient::new(primary.region.channel().0).range(probe).await?;
+    let mut client = KvClient::new(primary.region.channel().0);
+    let resp = tokio::time::timeout(BARRIER_TIMEOUT, client.range(probe))
+        .await
+        .map_err(|_| Status::unavailable("meridian: the primary's leader did not answer the read index"))??;
     Ok(resp.get_ref().header.as_ref().map_or(0, |h| h.revision))
 }

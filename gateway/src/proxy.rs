@@ -139,6 +139,7 @@ impl Gateway {
         started: Instant,
         result: Result<Response<T>, Status>,
         revision: impl Fn(&T) -> i64,
+        remember: bool,
     ) -> Result<Response<T>, Status> {
         let code = match &result {
             Ok(_) => "OK",
@@ -148,7 +149,11 @@ impl Gateway {
         self.metrics.latency.with_label_values(&[class.label()]).observe(started.elapsed().as_secs_f64());
         let mut resp = result?;
         let rev = revision(resp.get_ref());
-        self.saw(conn, rev);
+        // A stream's figure is the region's, from the probe: the client has
+        // read nothing at it yet.
+        if remember {
+            self.saw(conn, rev);
+        }
         served_by(resp.metadata_mut(), &pick.region.name, rev);
         Ok(resp)
     }
@@ -171,7 +176,7 @@ impl Gateway {
         let (channel, _) = pick.region.channel();
         let (meta, _, msg) = req.into_parts();
         let result = call(channel, forward(&meta, msg)).await;
-        self.answer(class, &pick, conn, started, result, revision)
+        self.answer(class, &pick, conn, started, result, revision, true)
     }
 }
 
@@ -200,11 +205,11 @@ impl Gateway {
             let need = if self.stale_reads { 0 } else { self.read_index.revision(&self.regions).await? };
             let local = RangeRequest { serializable: true, ..msg.clone() };
             if let Some(resp) = self.range_at_least(&near, &meta, &local, need).await {
-                return self.answer(class, &near, conn, started, Ok(resp), |r| rev(&r.header));
+                return self.answer(class, &near, conn, started, Ok(resp), |r| rev(&r.header), true);
             }
         }
         let result = KvClient::new(primary.region.channel().0).range(forward(&meta, msg)).await;
-        self.answer(class, &primary, conn, started, result, |r| rev(&r.header))
+        self.answer(class, &primary, conn, started, result, |r| rev(&r.header), true)
     }
 
     /// A serializable Range from the nearest region within `max_staleness`
@@ -230,12 +235,12 @@ impl Gateway {
         let (meta, _, msg) = req.into_parts();
         if let Some(near) = near {
             if let Some(resp) = self.range_at_least(&near, &meta, &msg, need).await {
-                return self.answer(class, &near, conn, started, Ok(resp), |r| rev(&r.header));
+                return self.answer(class, &near, conn, started, Ok(resp), |r| rev(&r.header), true);
             }
         }
         let primary = self.pick(Class::Write, conn)?;
         let result = KvClient::new(primary.region.channel().0).range(forward(&meta, msg)).await;
-        self.answer(class, &primary, conn, started, result, |r| rev(&r.header))
+        self.answer(class, &primary, conn, started, result, |r| rev(&r.header), true)
     }
 
     /// `msg` served by `pick` once its answer's revision is `need` or later
@@ -248,12 +253,15 @@ impl Gateway {
         msg: &RangeRequest,
         need: i64,
     ) -> Option<Response<RangeResponse>> {
-        let deadline = Instant::now() + LINEARIZABLE_WAIT;
+        let deadline = tokio::time::Instant::now() + LINEARIZABLE_WAIT;
         loop {
-            match KvClient::new(pick.region.read_channel()).range(forward(meta, msg.clone())).await {
-                Ok(resp) if rev(&resp.get_ref().header) >= need => return Some(resp),
-                Ok(_) if Instant::now() < deadline => tokio::time::sleep(std::time::Duration::from_millis(2)).await,
-                _ => return None,
+            let mut client = KvClient::new(pick.region.read_channel());
+            match tokio::time::timeout_at(deadline, client.range(forward(meta, msg.clone()))).await {
+                Ok(Ok(resp)) if rev(&resp.get_ref().header) >= need => return Some(resp),
+                Ok(Ok(_)) if tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_millis(2)).await
+                }
+                _ => return None, // behind past the wait, failed, or silent
             }
         }
     }
@@ -314,13 +322,14 @@ impl Gateway {
     /// answer's revision proves it), up to `--write-wait-timeout`.
     async fn wait_for_regions(&self, secondaries: &[Arc<Region>], revision: i64, n: usize) -> Result<(), Status> {
         let deadline = Instant::now() + self.cfg.write_wait_timeout;
+        let until = tokio::time::Instant::now() + self.cfg.write_wait_timeout;
         let mut confirmed: Vec<String> = Vec::new();
         loop {
             let probes = secondaries.iter().filter(|r| !confirmed.contains(&r.name)).map(|r| async move {
                 let probe =
                     RangeRequest { key: vec![0], count_only: true, serializable: true, limit: 1, ..Default::default() };
-                let resp = KvClient::new(r.channel().0).range(probe).await;
-                (r.name.clone(), resp.is_ok_and(|resp| rev(&resp.get_ref().header) >= revision))
+                let resp = tokio::time::timeout_at(until, KvClient::new(r.channel().0).range(probe)).await;
+                (r.name.clone(), matches!(resp, Ok(Ok(resp)) if rev(&resp.get_ref().header) >= revision))
             });
             for (name, has) in futures::future::join_all(probes).await {
                 if has {
@@ -455,7 +464,7 @@ impl Watch for WatchProxy {
             }
             Err(status) => Err(status),
         };
-        gw.answer(Class::Watch, &pick, conn, started, result, |_| pick.state.revision)
+        gw.answer(Class::Watch, &pick, conn, started, result, |_| pick.state.revision, false)
     }
 }
 
@@ -498,7 +507,7 @@ impl Lease for LeaseProxy {
         let requests = inbound.map_while(Result::ok);
         let result = LeaseClient::new(pick.region.channel().0).lease_keep_alive(forward(&meta, requests)).await;
         let result = result.map(|r| Response::new(Box::pin(r.into_inner()) as Self::LeaseKeepAliveStream));
-        gw.answer(Class::Lease, &pick, conn, started, result, |_| pick.state.revision)
+        gw.answer(Class::Lease, &pick, conn, started, result, |_| pick.state.revision, false)
     }
     async fn lease_time_to_live(
         &self,
@@ -634,7 +643,7 @@ impl Maintenance for MaintenanceProxy {
         let (meta, _, msg) = req.into_parts();
         let result = MaintenanceClient::new(pick.region.channel().0).snapshot(forward(&meta, msg)).await;
         let result = result.map(|r| Response::new(Box::pin(r.into_inner()) as Self::SnapshotStream));
-        gw.answer(Class::Maintenance, &pick, conn, started, result, |_| pick.state.revision)
+        gw.answer(Class::Maintenance, &pick, conn, started, result, |_| pick.state.revision, false)
     }
     async fn move_leader(&self, req: Request<MoveLeaderRequest>) -> Result<Response<MoveLeaderResponse>, Status> {
         self.0

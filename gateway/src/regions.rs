@@ -73,6 +73,9 @@ pub struct RegionState {
     leader_index: Option<usize>,
     #[serde(skip)]
     probed_at: Option<Instant>,
+    /// When the Mirror.Status that gave `staleness_seconds` was sent.
+    #[serde(skip)]
+    staleness_at: Option<Instant>,
     #[serde(skip)]
     failures: u32,
     /// Members that answered the last probe, by index.
@@ -91,7 +94,7 @@ impl RegionState {
             return None;
         }
         let since =
-            if self.is_primary() { Duration::ZERO } else { self.probed_at.map(|t| t.elapsed()).unwrap_or_default() };
+            if self.is_primary() { Duration::ZERO } else { self.staleness_at.map(|t| t.elapsed()).unwrap_or_default() };
         Some(Duration::from_secs_f64(self.staleness_seconds) + since)
     }
     pub fn is_primary(&self) -> bool {
@@ -117,7 +120,7 @@ impl Region {
     /// that answered the last probe, else the first.
     pub fn channel(&self) -> (Channel, String) {
         let st = self.state.read();
-        let i = st.leader_index.unwrap_or(0);
+        let i = st.leader_index.or_else(|| st.answering.first().copied()).unwrap_or(0);
         (self.members[i].channel(), self.members[i].url.clone())
     }
 
@@ -195,12 +198,15 @@ impl Regions {
         self.nearest_named(|_, st| fits(st))
     }
 
-    /// [`Regions::nearest`], with the region's name given to `fits` too.
+    /// [`Regions::nearest`], with the region's name given to `fits` too. A
+    /// region that says primary but is not the primary (a fenced one with a
+    /// lower epoch) serves nothing: its history may have diverged.
     pub fn nearest_named(&self, fits: impl Fn(&str, &RegionState) -> bool) -> Option<Pick> {
+        let primary = self.primary().map(|p| p.region.name.clone());
         let mut best: Option<Pick> = None;
         for r in &self.all {
             let st = r.state();
-            if !st.healthy || !fits(&r.name, &st) {
+            if !st.healthy || !fits(&r.name, &st) || (st.is_primary() && primary.as_deref() != Some(r.name.as_str())) {
                 continue;
             }
             let better = match &best {
@@ -294,9 +300,11 @@ async fn probe(region: Arc<Region>) {
     }
     let reachable = !rtts.is_empty();
     let mut mirror = None;
+    let mut mirror_sent = Instant::now();
     if reachable && leader_id != 0 {
         let i = leader_index.unwrap_or_else(|| answers.iter().position(Result::is_ok).unwrap_or(0));
         let mut client = MirrorClient::new(region.members[i].channel());
+        mirror_sent = Instant::now();
         match tokio::time::timeout(PROBE_TIMEOUT, client.status(MirrorStatusRequest {})).await {
             Ok(Ok(resp)) => mirror = Some(resp.into_inner()),
             Ok(Err(status)) => error = Some(format!("Mirror.Status: {}", status.message())),
@@ -323,6 +331,8 @@ async fn probe(region: Arc<Region>) {
         st.epoch = m.epoch;
         st.revision = m.revision.max(revision);
         st.lag_revisions = m.lag_revisions;
+        // The figure was true when the request left, at the latest.
+        st.staleness_at = Some(mirror_sent);
         st.staleness_seconds = if st.role == "primary" {
             0.0
         } else if m.staleness_ms < 0 {

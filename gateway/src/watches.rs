@@ -21,7 +21,7 @@
 //! with their events). A client too slow for its group leaves it and goes
 //! on from its next revision with a watcher of its own.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -56,6 +56,14 @@ struct Watcher {
     recreating: bool,
     /// In a group: its handle, and this watcher's subscription there.
     shared: Option<(mpsc::Sender<GroupCmd>, u64)>,
+    /// The client asked to cancel it; the upstream has not confirmed yet.
+    canceling: bool,
+}
+
+/// Upstream watch ids are the client's plus one: 0 means "choose one" to a
+/// member, and the gateway's own ids start at 0, as etcd's do.
+fn upstream_id(id: i64) -> i64 {
+    id + 1
 }
 
 pub struct Upstream {
@@ -74,11 +82,33 @@ pub async fn open(pick: &Pick, meta: &MetadataMap) -> Result<Upstream, Status> {
 /// Events a group queues for one session, at most, before it drops that
 /// session's watchers from the group (they go on with watchers of their own).
 const GROUP_BUFFER: usize = 1024;
+/// A progress request the upstream has not answered after this long is
+/// sent again (a member answers only once its stream has caught up).
+const PROGRESS_RETRY: Duration = Duration::from_millis(500);
+/// etcd's refusal of a watch id already in use on the stream.
+const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
+
+/// Upstream errors that are the client's to see (a failover would not help).
+fn is_final(code: tonic::Code) -> bool {
+    use tonic::Code::*;
+    matches!(
+        code,
+        InvalidArgument
+            | FailedPrecondition
+            | OutOfRange
+            | PermissionDenied
+            | Unauthenticated
+            | Unimplemented
+            | ResourceExhausted
+    )
+}
 
 /// A client's progress request waiting on its watchers' groups.
 struct PendingProgress {
-    /// The session's own upstream answer, once it came.
+    /// The session's own upstream answer, once it came (or a stand-in when
+    /// the session has no watcher of its own).
     own: Option<WatchResponse>,
+    asked_at: Instant,
     /// Shared watchers (client ids) whose group has not answered yet.
     groups: BTreeSet<i64>,
     lowest: i64,
@@ -86,24 +116,46 @@ struct PendingProgress {
     extra: usize,
 }
 
+type GroupEvents = (i64, u64, GroupEvent);
+
 pub struct Session {
     gw: Arc<Gateway>,
     meta: MetadataMap,
     out: mpsc::Sender<Result<WatchResponse, Status>>,
     watchers: BTreeMap<i64, Watcher>,
+    /// Own creates sent upstream and not answered yet, in order: a refused
+    /// create comes back without its id.
+    pending_creates: VecDeque<i64>,
     /// Whether this session's "now" watches may join groups (not for a
     /// group's own internal session).
     coalesce: bool,
-    group_tx: mpsc::Sender<(i64, GroupEvent)>,
-    group_rx: mpsc::Receiver<(i64, GroupEvent)>,
+    group_tx: mpsc::Sender<GroupEvents>,
+    group_rx: mpsc::Receiver<GroupEvents>,
     progress: Option<PendingProgress>,
+    /// The last response header seen, for answers the session makes itself.
+    last_header: ResponseHeader,
+}
+
+fn progress_request() -> WatchRequest {
+    WatchRequest { request_union: Some(RequestUnion::ProgressRequest(Default::default())) }
 }
 
 impl Session {
     /// A client's session.
     pub fn new(gw: Arc<Gateway>, meta: MetadataMap, out: mpsc::Sender<Result<WatchResponse, Status>>) -> Self {
         let (group_tx, group_rx) = mpsc::channel(GROUP_BUFFER);
-        Self { gw, meta, out, watchers: BTreeMap::new(), coalesce: true, group_tx, group_rx, progress: None }
+        Self {
+            gw,
+            meta,
+            out,
+            watchers: BTreeMap::new(),
+            pending_creates: VecDeque::new(),
+            coalesce: true,
+            group_tx,
+            group_rx,
+            progress: None,
+            last_header: ResponseHeader::default(),
+        }
     }
 
     fn internal(gw: Arc<Gateway>, meta: MetadataMap, out: mpsc::Sender<Result<WatchResponse, Status>>) -> Self {
@@ -116,38 +168,36 @@ impl Session {
         S: Stream<Item = Result<WatchRequest, Status>> + Unpin + Send,
     {
         loop {
-            tokio::select! {
+            let step = tokio::select! {
                 msg = inbound.next() => match msg {
-                    Some(Ok(req)) => {
-                        if let Some(req) = self.on_client_request(req).await {
-                            // A failed send means the upstream is gone; its
-                            // response stream ends next, and the failover
-                            // re-sends what this watcher needs.
-                            let _ = up.requests.send(req).await;
-                        }
-                    }
-                    _ => break,
+                    Some(Ok(req)) => self.on_client_request(req).await,
+                    _ => Err(()),
                 },
                 resp = up.responses.message() => match resp {
-                    Ok(Some(r)) => {
-                        if !self.on_upstream_response(r).await {
-                            break;
-                        }
+                    Ok(Some(r)) => self.on_upstream_response(r).await,
+                    Err(status) if is_final(status.code()) => {
+                        let _ = self.out.send(Err(status)).await;
+                        Err(())
                     }
                     Ok(None) | Err(_) => match self.failover(&up.region).await {
-                        Some(next) => up = next,
-                        None => break,
+                        Some(next) => {
+                            up = next;
+                            // A progress request the old region did not answer goes again.
+                            Ok(self.progress.as_ref().filter(|p| p.own.is_none()).map(|_| progress_request()))
+                        }
+                        None => Err(()),
                     },
                 },
-                Some((id, event)) = self.group_rx.recv() => {
-                    match self.on_group_event(id, event).await {
-                        Ok(Some(req)) => {
-                            let _ = up.requests.send(req).await;
-                        }
-                        Ok(None) => {}
-                        Err(()) => break,
-                    }
+                Some((id, sub, event)) = self.group_rx.recv() => self.on_group_event(id, sub, event).await,
+            };
+            match step {
+                // A failed send means the upstream is gone; its response
+                // stream ends next, and the failover re-sends what is needed.
+                Ok(Some(req)) => {
+                    let _ = up.requests.send(req).await;
                 }
+                Ok(None) => {}
+                Err(()) => break,
             }
         }
         for w in self.watchers.values() {
@@ -157,102 +207,176 @@ impl Session {
         }
     }
 
-    /// Records a client request and gives what to send upstream.
-    async fn on_client_request(&mut self, req: WatchRequest) -> Option<WatchRequest> {
+    async fn send(&self, r: WatchResponse) -> Result<(), ()> {
+        self.out.send(Ok(r)).await.map_err(|_| ())
+    }
+
+    /// Records a client request and gives what to send upstream; `Err`
+    /// once the client is gone.
+    async fn on_client_request(&mut self, req: WatchRequest) -> Result<Option<WatchRequest>, ()> {
         match req.request_union {
             Some(RequestUnion::CreateRequest(mut c)) => {
                 if c.watch_id == 0 {
                     c.watch_id = (0..).find(|id| !self.watchers.contains_key(id)).expect("a free id");
+                } else if self.watchers.contains_key(&c.watch_id) {
+                    let refused = WatchResponse {
+                        header: Some(self.last_header),
+                        watch_id: -1,
+                        created: true,
+                        canceled: true,
+                        cancel_reason: DUPLICATE_ID.into(),
+                        ..Default::default()
+                    };
+                    return self.send(refused).await.map(|()| None);
                 }
-                if self.coalesce && c.start_revision <= 0 && !c.fragment && !self.watchers.contains_key(&c.watch_id) {
+                let id = c.watch_id;
+                if self.coalesce && c.start_revision <= 0 && !c.fragment {
                     let joined = self.gw.coalescer.join(&self.gw, &self.meta, &c, self.group_tx.clone()).await;
                     if let Some((group, sub, header)) = joined {
-                        let id = c.watch_id;
                         let next_rev = header.revision + 1;
-                        let shared = Some((group, sub));
-                        self.watchers
-                            .insert(id, Watcher { create: c, next_rev, created: true, recreating: false, shared });
+                        let w = Watcher {
+                            create: c,
+                            next_rev,
+                            created: true,
+                            recreating: false,
+                            shared: Some((group, sub)),
+                            canceling: false,
+                        };
+                        self.watchers.insert(id, w);
                         let created =
                             WatchResponse { header: Some(header), watch_id: id, created: true, ..Default::default() };
-                        let _ = self.out.send(Ok(created)).await;
-                        return None;
+                        return self.send(created).await.map(|()| None);
                     }
                 }
                 let next_rev = c.start_revision.max(0);
-                self.watchers.entry(c.watch_id).or_insert_with(|| Watcher {
+                let w = Watcher {
                     create: c.clone(),
                     next_rev,
                     created: false,
                     recreating: false,
                     shared: None,
-                });
-                Some(WatchRequest { request_union: Some(RequestUnion::CreateRequest(c)) })
+                    canceling: false,
+                };
+                self.watchers.insert(id, w);
+                self.pending_creates.push_back(id);
+                c.watch_id = upstream_id(id);
+                Ok(Some(WatchRequest { request_union: Some(RequestUnion::CreateRequest(c)) }))
             }
-            Some(RequestUnion::CancelRequest(c))
-                if self.watchers.get(&c.watch_id).is_some_and(|w| w.shared.is_some()) =>
-            {
-                let w = self.watchers.remove(&c.watch_id).expect("checked");
-                if let Some((group, sub)) = w.shared {
-                    let _ = group.send(GroupCmd::Unsubscribe(sub)).await;
+            Some(RequestUnion::CancelRequest(mut c)) => {
+                let id = c.watch_id;
+                match self.watchers.get_mut(&id) {
+                    Some(w) if w.shared.is_some() => {
+                        let w = self.watchers.remove(&id).expect("present");
+                        if let Some((group, sub)) = w.shared {
+                            let _ = group.try_send(GroupCmd::Unsubscribe(sub));
+                        }
+                        let header = ResponseHeader { revision: w.next_rev - 1, ..self.last_header };
+                        let canceled =
+                            WatchResponse { header: Some(header), watch_id: id, canceled: true, ..Default::default() };
+                        self.send(canceled).await?;
+                        self.progress_done(id, i64::MAX).await.map(|()| None)
+                    }
+                    Some(w) => {
+                        w.canceling = true;
+                        c.watch_id = upstream_id(id);
+                        Ok(Some(WatchRequest { request_union: Some(RequestUnion::CancelRequest(c)) }))
+                    }
+                    None => Ok(None), // etcd ignores a cancel for an id it does not know
                 }
-                let header = ResponseHeader { revision: w.next_rev - 1, ..Default::default() };
-                let canceled =
-                    WatchResponse { header: Some(header), watch_id: c.watch_id, canceled: true, ..Default::default() };
-                let _ = self.out.send(Ok(canceled)).await;
-                None
             }
             Some(RequestUnion::ProgressRequest(p)) => {
+                let forward = Some(WatchRequest { request_union: Some(RequestUnion::ProgressRequest(p)) });
                 let shared: Vec<(i64, mpsc::Sender<GroupCmd>, u64)> = self
                     .watchers
                     .iter()
                     .filter_map(|(id, w)| w.shared.as_ref().map(|(g, s)| (*id, g.clone(), *s)))
                     .collect();
-                let forward = Some(WatchRequest { request_union: Some(RequestUnion::ProgressRequest(p)) });
-                if shared.is_empty() {
-                    return forward;
+                if shared.is_empty() && self.progress.is_none() {
+                    return Ok(forward);
                 }
                 if let Some(pending) = &mut self.progress {
                     pending.extra += 1;
-                    return None;
+                    return Ok(None);
                 }
                 let mut groups = BTreeSet::new();
                 for (id, group, sub) in shared {
-                    if group.send(GroupCmd::Progress(sub)).await.is_ok() {
+                    if group.try_send(GroupCmd::Progress(sub)).is_ok() {
                         groups.insert(id);
                     }
                 }
-                self.progress = Some(PendingProgress { own: None, groups, lowest: i64::MAX, extra: 0 });
-                forward
+                let has_own = self.watchers.values().any(|w| w.shared.is_none());
+                // With no watcher of its own, the session's upstream has nothing to add.
+                let own = (!has_own).then(|| WatchResponse {
+                    header: Some(self.last_header),
+                    watch_id: -1,
+                    ..Default::default()
+                });
+                self.progress =
+                    Some(PendingProgress { own, asked_at: Instant::now(), groups, lowest: i64::MAX, extra: 0 });
+                self.answer_progress().await?;
+                Ok(if has_own { forward } else { None })
             }
-            other => Some(WatchRequest { request_union: other }),
+            other => Ok(Some(WatchRequest { request_union: other })),
         }
     }
 
     /// Tracks what a response delivers and passes it on (hiding the
-    /// `created` of a re-created watcher); false once the client is gone.
-    async fn on_upstream_response(&mut self, r: WatchResponse) -> bool {
+    /// `created` of a re-created watcher, mapping ids back); gives what to
+    /// send upstream; `Err` once the client is gone.
+    async fn on_upstream_response(&mut self, mut r: WatchResponse) -> Result<Option<WatchRequest>, ()> {
+        if let Some(h) = r.header {
+            self.last_header = h;
+        }
+        if r.watch_id >= 1 {
+            r.watch_id -= 1;
+        }
         let header_rev = r.header.as_ref().map_or(0, |h| h.revision);
+        let retry = self
+            .progress
+            .as_ref()
+            .is_some_and(|p| p.own.is_none() && p.asked_at.elapsed() > PROGRESS_RETRY)
+            .then(progress_request);
+        if retry.is_some() {
+            if let Some(p) = &mut self.progress {
+                p.asked_at = Instant::now();
+            }
+        }
+        if r.watch_id == -1 && r.created && r.canceled {
+            // A refused create (it carries no id): the oldest one waiting.
+            if let Some(id) = self.pending_creates.pop_front() {
+                self.watchers.remove(&id);
+            }
+            return self.send(r).await.map(|()| retry);
+        }
         if r.watch_id == -1 && !r.created {
-            // A progress notification for the whole stream.
+            // A progress answer for the whole stream: a member answers only
+            // once every watcher of the stream has caught up.
             for w in self.watchers.values_mut().filter(|w| w.created && w.shared.is_none()) {
                 w.next_rev = w.next_rev.max(header_rev + 1);
             }
             if let Some(pending) = &mut self.progress {
                 pending.own = Some(r);
-                return self.answer_progress().await;
+                return self.answer_progress().await.map(|()| None);
             }
-        } else if let Some(w) = self.watchers.get_mut(&r.watch_id) {
+            return self.send(r).await.map(|()| None);
+        }
+        if let Some(w) = self.watchers.get_mut(&r.watch_id) {
+            if r.created {
+                self.pending_creates.retain(|id| *id != r.watch_id);
+            }
             if r.created && !r.canceled {
                 w.created = true;
                 if w.next_rev == 0 {
                     w.next_rev = header_rev + 1;
                 }
                 if std::mem::take(&mut w.recreating) {
-                    return true; // the client has its `created` already
+                    return Ok(retry); // the client has its `created` already
                 }
             }
             if let Some(last) = r.events.last().and_then(|e| e.kv.as_ref()) {
-                w.next_rev = w.next_rev.max(last.mod_revision + 1);
+                // Mid-fragment, the rest of this revision is still to come.
+                let next = if r.fragment { last.mod_revision } else { last.mod_revision + 1 };
+                w.next_rev = w.next_rev.max(next);
             } else if !r.created && !r.canceled && !r.fragment {
                 w.next_rev = w.next_rev.max(header_rev + 1);
             }
@@ -260,73 +384,91 @@ impl Session {
                 self.watchers.remove(&r.watch_id);
             }
         }
-        self.out.send(Ok(r)).await.is_ok()
+        self.send(r).await.map(|()| retry)
     }
 
-    /// A group's event for the client watcher `id`. Gives what to send
-    /// upstream (a watcher leaving its group); `Err` once the client is gone.
-    async fn on_group_event(&mut self, id: i64, event: GroupEvent) -> Result<Option<WatchRequest>, ()> {
-        let Some(w) = self.watchers.get_mut(&id).filter(|w| w.shared.is_some()) else { return Ok(None) };
+    /// A group's event for the client watcher `id` (subscription `sub`).
+    /// Gives what to send upstream (a watcher leaving its group); `Err`
+    /// once the client is gone.
+    async fn on_group_event(&mut self, id: i64, sub: u64, event: GroupEvent) -> Result<Option<WatchRequest>, ()> {
+        let Some(w) = self.watchers.get_mut(&id).filter(|w| w.shared.as_ref().is_some_and(|(_, s)| *s == sub)) else {
+            return Ok(None); // from a subscription this watcher no longer is
+        };
         match event {
             GroupEvent::Response(mut r) => {
+                if let Some(h) = r.header {
+                    self.last_header = h;
+                }
                 let header_rev = r.header.as_ref().map_or(0, |h| h.revision);
                 if let Some(last) = r.events.last().and_then(|e| e.kv.as_ref()) {
                     w.next_rev = w.next_rev.max(last.mod_revision + 1);
                 } else if !r.canceled {
                     w.next_rev = w.next_rev.max(header_rev + 1);
                 }
-                if r.canceled {
+                let canceled = r.canceled;
+                if canceled {
                     self.watchers.remove(&id);
                 }
                 r.watch_id = id;
-                self.out.send(Ok(r)).await.map_err(|_| ())?;
+                self.send(r).await?;
+                if canceled {
+                    // A canceled watcher has nothing left to wait for.
+                    self.progress_done(id, i64::MAX).await?;
+                }
                 Ok(None)
             }
             GroupEvent::Progress(rev) => {
                 w.next_rev = w.next_rev.max(rev + 1);
-                if let Some(pending) = &mut self.progress {
-                    if pending.groups.remove(&id) {
-                        pending.lowest = pending.lowest.min(rev);
-                    }
-                }
-                if self.answer_progress().await {
-                    Ok(None)
-                } else {
-                    Err(())
-                }
+                self.progress_done(id, rev).await.map(|()| None)
             }
             GroupEvent::Left => {
                 // Too slow for the group, or the group ended: a watcher of
                 // its own, from the first revision not delivered yet.
                 w.shared = None;
                 w.recreating = true;
-                if let Some(pending) = &mut self.progress {
-                    pending.groups.remove(&id);
-                }
-                let create = WatchCreateRequest { start_revision: w.next_rev, ..w.create.clone() };
+                let next_rev = w.next_rev;
+                let create =
+                    WatchCreateRequest { start_revision: next_rev, watch_id: upstream_id(id), ..w.create.clone() };
+                // Its progress now waits on the session's own upstream.
+                self.progress_done(id, next_rev - 1).await?;
                 Ok(Some(WatchRequest { request_union: Some(RequestUnion::CreateRequest(create)) }))
             }
         }
     }
 
+    /// Watcher `id`'s group has answered a pending progress request (or it
+    /// no longer waits on one: `rev` is `i64::MAX`).
+    async fn progress_done(&mut self, id: i64, rev: i64) -> Result<(), ()> {
+        if let Some(pending) = &mut self.progress {
+            if pending.groups.remove(&id) {
+                pending.lowest = pending.lowest.min(rev);
+            }
+        }
+        self.answer_progress().await
+    }
+
     /// Answers a pending progress request once the session's own upstream
-    /// and every group asked have answered; false once the client is gone.
-    async fn answer_progress(&mut self) -> bool {
+    /// and every group asked have answered.
+    async fn answer_progress(&mut self) -> Result<(), ()> {
         let ready = self.progress.as_ref().is_some_and(|p| p.own.is_some() && p.groups.is_empty());
         if !ready {
-            return true;
+            return Ok(());
         }
         let pending = self.progress.take().expect("ready");
         let mut resp = pending.own.expect("ready");
+        // Every shared watcher has been delivered up to its next revision.
+        let shared_floor =
+            self.watchers.values().filter(|w| w.shared.is_some()).map(|w| w.next_rev - 1).min().unwrap_or(i64::MAX);
         if let Some(h) = resp.header.as_mut() {
-            h.revision = h.revision.min(pending.lowest);
-        }
-        for _ in 0..=pending.extra {
-            if self.out.send(Ok(resp.clone())).await.is_err() {
-                return false;
+            h.revision = h.revision.min(pending.lowest).min(shared_floor);
+            if h.revision == i64::MAX {
+                h.revision = self.last_header.revision;
             }
         }
-        true
+        for _ in 0..=pending.extra {
+            self.send(resp.clone()).await?;
+        }
+        Ok(())
     }
 
     /// Opens a stream in the nearest other healthy region and re-creates
@@ -361,11 +503,24 @@ impl Session {
     }
 
     async fn recreate(&mut self, up: &Upstream) -> bool {
-        for w in self.watchers.values_mut().filter(|w| w.shared.is_none()) {
-            let mut create = w.create.clone();
+        // A cancel the old region may not have seen: it is done here.
+        let canceling: Vec<i64> = self.watchers.iter().filter(|(_, w)| w.canceling).map(|(id, _)| *id).collect();
+        for id in canceling {
+            let w = self.watchers.remove(&id).expect("present");
+            let header = ResponseHeader { revision: w.next_rev - 1, ..self.last_header };
+            let canceled = WatchResponse { header: Some(header), watch_id: id, canceled: true, ..Default::default() };
+            if self.send(canceled).await.is_err() {
+                return false;
+            }
+        }
+        self.pending_creates.clear();
+        for (id, w) in self.watchers.iter_mut().filter(|(_, w)| w.shared.is_none()) {
+            let mut create = WatchCreateRequest { watch_id: upstream_id(*id), ..w.create.clone() };
             if w.created {
                 create.start_revision = w.next_rev;
                 w.recreating = true;
+            } else {
+                self.pending_creates.push_back(*id);
             }
             let req = WatchRequest { request_union: Some(RequestUnion::CreateRequest(create)) };
             if up.requests.send(req).await.is_err() {
@@ -386,7 +541,7 @@ pub enum GroupEvent {
 }
 
 pub enum GroupCmd {
-    Subscribe { sub: u64, client_id: i64, tx: mpsc::Sender<(i64, GroupEvent)>, reply: oneshot::Sender<ResponseHeader> },
+    Subscribe { sub: u64, client_id: i64, tx: mpsc::Sender<GroupEvents>, reply: oneshot::Sender<ResponseHeader> },
     Unsubscribe(u64),
     Progress(u64),
 }
@@ -434,7 +589,7 @@ impl Coalescer {
         gw: &Arc<Gateway>,
         meta: &MetadataMap,
         create: &WatchCreateRequest,
-        tx: mpsc::Sender<(i64, GroupEvent)>,
+        tx: mpsc::Sender<GroupEvents>,
     ) -> Option<(mpsc::Sender<GroupCmd>, u64, ResponseHeader)> {
         let mut filters = create.filters.clone();
         filters.sort_unstable();
@@ -490,7 +645,7 @@ pub struct Group {
 
 struct Member {
     client_id: i64,
-    tx: mpsc::Sender<(i64, GroupEvent)>,
+    tx: mpsc::Sender<GroupEvents>,
 }
 
 impl Group {
@@ -510,8 +665,10 @@ impl Group {
                             let member = Member { client_id, tx };
                             match &header {
                                 Some(h) => {
-                                    let _ = reply.send(ResponseHeader { revision: delivered, ..*h });
-                                    members.insert(sub, member);
+                                    // A joiner that gave up waiting is not added.
+                                    if reply.send(ResponseHeader { revision: delivered, ..*h }).is_ok() {
+                                        members.insert(sub, member);
+                                    }
                                 }
                                 None => joining.push((sub, member, reply)),
                             }
@@ -526,22 +683,28 @@ impl Group {
                             }
                         }
                         Some(GroupCmd::Progress(sub)) => {
+                            // One request upstream at a time: its answer serves
+                            // everyone asking meanwhile. Never waits on the
+                            // internal session, which may be waiting on this loop.
+                            if asking.is_empty() && to_session.try_send(Ok(progress_request())).is_err() {
+                                continue;
+                            }
                             asking.push(sub);
-                            let progress = WatchRequest {
-                                request_union: Some(RequestUnion::ProgressRequest(Default::default())),
-                            };
-                            let _ = to_session.send(Ok(progress)).await;
                         }
                     },
                     resp = from_session.recv() => {
                         let Some(Ok(r)) = resp else { break };
                         let rev = r.header.as_ref().map_or(0, |h| h.revision);
-                        if r.created && !r.canceled {
+                        if r.created && r.canceled {
+                            break; // the member refused the create: joiners watch on their own
+                        }
+                        if r.created {
                             header = r.header;
                             delivered = rev;
                             for (sub, member, reply) in joining.drain(..) {
-                                let _ = reply.send(ResponseHeader { revision: delivered, ..r.header.unwrap_or_default() });
-                                members.insert(sub, member);
+                                if reply.send(ResponseHeader { revision: delivered, ..r.header.unwrap_or_default() }).is_ok() {
+                                    members.insert(sub, member);
+                                }
                             }
                             continue;
                         }
@@ -549,7 +712,7 @@ impl Group {
                             delivered = delivered.max(rev);
                             for sub in asking.drain(..) {
                                 if let Some(m) = members.get(&sub) {
-                                    send_or_drop(&m.tx, m.client_id, GroupEvent::Progress(delivered));
+                                    send_or_drop(&m.tx, m.client_id, sub, GroupEvent::Progress(delivered));
                                 }
                             }
                             continue;
@@ -559,8 +722,8 @@ impl Group {
                             header = r.header;
                         }
                         let canceled = r.canceled;
-                        members.retain(|_, m| send_or_drop(&m.tx, m.client_id, GroupEvent::Response(r.clone())));
-                        if canceled {
+                        members.retain(|sub, m| send_or_drop(&m.tx, m.client_id, *sub, GroupEvent::Response(r.clone())));
+                        if canceled || (members.is_empty() && joining.is_empty()) {
                             members.clear();
                             break;
                         }
@@ -569,10 +732,10 @@ impl Group {
             }
         }
         // Whoever is still here goes on alone.
-        for (_, m) in members.drain() {
+        for (sub, m) in members.drain() {
             let (tx, id) = (m.tx, m.client_id);
             tokio::spawn(async move {
-                let _ = tx.send((id, GroupEvent::Left)).await;
+                let _ = tx.send((id, sub, GroupEvent::Left)).await;
             });
         }
         let mut groups = self.coalescer.groups.lock();
@@ -602,13 +765,13 @@ impl Group {
 
 /// Queues `event` for a member; false (it leaves the group) when its
 /// queue is full: it is told so once there is room, after what it has.
-fn send_or_drop(tx: &mpsc::Sender<(i64, GroupEvent)>, id: i64, event: GroupEvent) -> bool {
-    match tx.try_send((id, event)) {
+fn send_or_drop(tx: &mpsc::Sender<GroupEvents>, id: i64, sub: u64, event: GroupEvent) -> bool {
+    match tx.try_send((id, sub, event)) {
         Ok(()) => true,
         Err(mpsc::error::TrySendError::Full(_)) => {
             let tx = tx.clone();
             tokio::spawn(async move {
-                let _ = tx.send((id, GroupEvent::Left)).await;
+                let _ = tx.send((id, sub, GroupEvent::Left)).await;
             });
             false
         }

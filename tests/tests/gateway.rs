@@ -765,3 +765,63 @@ async fn identical_watches_share_one_upstream_watch() -> Result<()> {
     ensure!(page.contains("meridian_gateway_watch_groups{region=\"us-east\"} 1"), "{page}");
     Ok(())
 }
+
+/// Watch ids through a gateway behave as etcd's: an auto id freed by a cancel is handed out
+/// again and its events arrive under it; an explicit id already in use is refused with etcd's
+/// message; a progress request is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watch_ids_are_etcds_through_a_gateway() -> Result<()> {
+    let primary = Cluster::start(
+        1,
+        ClusterOpts { extra_args: ["--region", "us-east"].map(String::from).to_vec(), ..ClusterOpts::fast() },
+    )?;
+    let gateway = GatewayProcess::start("gw", "us-east", &[("us-east", primary.endpoints())], &[])?;
+    let url = format!("http://{}", gateway.endpoint());
+    let mut kv = KvClient::connect(url.clone()).await?;
+    kv.put(PutRequest { key: "i/a".into(), value: "1".into(), ..Default::default() }).await?;
+    let from_history = |key: &str, id: i64| WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest {
+            key: key.into(),
+            start_revision: 1,
+            watch_id: id,
+            ..Default::default()
+        })),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut events =
+        WatchClient::connect(url).await?.watch(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
+    tx.send(from_history("i/a", 0)).await?;
+    let created = tokio::time::timeout(Duration::from_secs(5), events.message()).await??.context("created")?;
+    ensure!(created.created && created.watch_id == 0, "{created:?}");
+    let history = tokio::time::timeout(Duration::from_secs(5), events.message()).await??.context("history")?;
+    ensure!(history.watch_id == 0 && history.events.len() == 1, "{history:?}");
+    tx.send(WatchRequest {
+        request_union: Some(RequestUnion::CancelRequest(meridian_proto::etcdserverpb::WatchCancelRequest {
+            watch_id: 0,
+        })),
+    })
+    .await?;
+    let canceled = tokio::time::timeout(Duration::from_secs(5), events.message()).await??.context("canceled")?;
+    ensure!(canceled.canceled && canceled.watch_id == 0, "{canceled:?}");
+    // Id 0 is free again: the next auto id.
+    tx.send(from_history("i/b", 0)).await?;
+    let created = tokio::time::timeout(Duration::from_secs(5), events.message()).await??.context("created again")?;
+    ensure!(created.created && created.watch_id == 0, "{created:?}");
+    kv.put(PutRequest { key: "i/b".into(), value: "2".into(), ..Default::default() }).await?;
+    let event = tokio::time::timeout(Duration::from_secs(5), events.message()).await??.context("event")?;
+    ensure!(event.watch_id == 0 && event.events.len() == 1, "the event came under id {}: {event:?}", event.watch_id);
+    // An explicit id in use is refused as etcd refuses it.
+    tx.send(from_history("i/c", 0)).await?;
+    let created = tokio::time::timeout(Duration::from_secs(5), events.message()).await??.context("created 1")?;
+    ensure!(created.watch_id == 1, "{created:?}");
+    tx.send(from_history("i/d", 1)).await?;
+    let refused = tokio::time::timeout(Duration::from_secs(5), events.message()).await??.context("refused")?;
+    ensure!(
+        refused.canceled && refused.cancel_reason == "mvcc: duplicate watch ID provided on the WatchStream",
+        "{refused:?}"
+    );
+    tx.send(WatchRequest { request_union: Some(RequestUnion::ProgressRequest(Default::default())) }).await?;
+    let progress = tokio::time::timeout(Duration::from_secs(5), events.message()).await??.context("progress")?;
+    ensure!(progress.watch_id == -1 && progress.events.is_empty(), "{progress:?}");
+    Ok(())
+}

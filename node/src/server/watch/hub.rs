@@ -167,9 +167,15 @@ impl WatchHub {
         &self.metrics
     }
 
-    /// The revision up to which every synced watcher's events are queued.
-    pub fn progress(&self) -> i64 {
-        self.hub.lock().rev
+    /// The revision up to which every watcher of `stream` has its events
+    /// queued; `None` while one of them is still catching up (as etcd, which
+    /// answers a progress request only when the whole stream is synced: an
+    /// answer would otherwise claim events not sent yet).
+    pub fn progress(&self, stream: u64) -> Option<i64> {
+        let hub = self.hub.lock();
+        let behind =
+            hub.watchers.iter().any(|(k, w)| k.0 == stream && matches!(w.state, State::Unsynced | State::Pending));
+        (!behind).then_some(hub.rev)
     }
 
     /// Drops every watcher of a stream that ended.

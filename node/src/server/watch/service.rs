@@ -99,7 +99,8 @@ impl Watch for WatchService {
                     },
                     Some(RequestUnion::ProgressRequest(_)) => {
                         // Broadcast to every watcher of the stream: no single watch id.
-                        let rev = hub.progress();
+                        // Not answered while a watcher catches up, as etcd.
+                        let Some(rev) = hub.progress(stream) else { continue };
                         WatchResponse { header: Some(header(rev)), watch_id: -1, ..Default::default() }
                     }
                     None => continue,
