@@ -319,8 +319,7 @@ impl Storage for LogStore {
             return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
         }
         let term = self.term(applied)?;
-        let mut snap = Snapshot::default();
-        snap.data = image.header().into();
+        let mut snap = Snapshot { data: image.header().into(), ..Default::default() };
         let meta = snap.mut_metadata();
         meta.index = applied;
         meta.term = term;

@@ -561,9 +561,7 @@ mod tests {
     }
 
     fn batch(cluster_id: u64, from: u64, msg_from: u64) -> RaftBatch {
-        let mut m = Message::default();
-        m.from = msg_from;
-        m.to = 1;
+        let m = Message { from: msg_from, to: 1, ..Default::default() };
         RaftBatch { cluster_id, from, to: 1, messages: vec![m.write_to_bytes().unwrap()] }
     }
 
@@ -584,9 +582,7 @@ mod tests {
     #[tokio::test]
     async fn a_snapshot_comes_only_by_its_own_stream() {
         let (svc, rx) = service();
-        let mut snap = Message::default();
-        snap.from = 2;
-        snap.to = 1;
+        let mut snap = Message { from: 2, to: 1, ..Default::default() };
         snap.set_msg_type(raft::eraftpb::MessageType::MsgSnapshot);
         let raw = snap.write_to_bytes().unwrap();
         let batch = RaftBatch { cluster_id: 7, from: 2, to: 1, messages: vec![raw.clone()] };
@@ -603,9 +599,7 @@ mod tests {
     }
 
     fn batch_message(from: u64) -> Vec<u8> {
-        let mut m = Message::default();
-        m.from = from;
-        m.write_to_bytes().unwrap()
+        Message { from, ..Default::default() }.write_to_bytes().unwrap()
     }
 
     #[test]
