@@ -72,7 +72,7 @@ impl Limiter {
         let limiter = self.classes.iter().find(|(c, _)| *c == limited).and_then(|(_, l)| l.as_ref());
         match limiter {
             Some(l) if l.check_key(&addr.ip()).is_err() => {
-                Err(Status::resource_exhausted("etcdserver: too many requests"))
+                Err(Status::resource_exhausted(meridian_wire::etcd::TOO_MANY_REQUESTS))
             }
             _ => Ok(()),
         }

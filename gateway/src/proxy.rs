@@ -313,7 +313,7 @@ impl Gateway {
         self.metrics.rpo_guard.set(i64::from(behind));
         if behind {
             tracing::debug!(?max, "refusing a write: every secondary is further behind than --max-write-lag");
-            return Err(Status::resource_exhausted("etcdserver: too many requests"));
+            return Err(Status::resource_exhausted(meridian_wire::etcd::TOO_MANY_REQUESTS));
         }
         Ok(())
     }
@@ -422,12 +422,12 @@ impl Kv for KvProxy {
     }
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let gw = &self.0;
-        if route::txn_writes(req.get_ref()) {
+        if !meridian_wire::etcd::txn_is_read_only(req.get_ref()) {
             return gw.write(req, |c, r| async move { KvClient::new(c).txn(r).await }, |r| rev(&r.header)).await;
         }
         let class = {
             Class::Read(route::consistency(
-                route::txn_serializable(req.get_ref()),
+                meridian_wire::etcd::txn_is_serializable(req.get_ref()),
                 req.metadata(),
                 gw.cfg.max_staleness,
             )?)

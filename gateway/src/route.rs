@@ -4,8 +4,6 @@
 
 use std::time::Duration;
 
-use meridian_proto::etcdserverpb::request_op::Request as Op;
-use meridian_proto::etcdserverpb::TxnRequest;
 use meridian_wire::duration::parse_duration;
 use tonic::metadata::MetadataMap;
 use tonic::Status;
@@ -74,26 +72,6 @@ pub fn wait_regions(meta: &MetadataMap, default: usize) -> Result<usize, Status>
     }
 }
 
-/// A Txn writes if any operation on either branch writes, nested ones included.
-pub fn txn_writes(txn: &TxnRequest) -> bool {
-    txn.success.iter().chain(&txn.failure).any(|op| match &op.request {
-        Some(Op::RequestPut(_)) | Some(Op::RequestDeleteRange(_)) => true,
-        Some(Op::RequestTxn(t)) => txn_writes(t),
-        Some(Op::RequestRange(_)) | None => false,
-    })
-}
-
-/// A read-only Txn is served serializably when every range in it asks to be,
-/// as etcd does.
-pub fn txn_serializable(txn: &TxnRequest) -> bool {
-    txn.success.iter().chain(&txn.failure).all(|op| match &op.request {
-        Some(Op::RequestRange(r)) => r.serializable,
-        Some(Op::RequestTxn(t)) => txn_serializable(t),
-        Some(Op::RequestPut(_)) | Some(Op::RequestDeleteRange(_)) => false,
-        None => true,
-    })
-}
-
 /// The consistency a read asks for: serializable reads are bounded by the
 /// request's `x-meridian-max-staleness`, else the gateway's default.
 ///
@@ -123,44 +101,7 @@ pub fn consistency(serializable: bool, meta: &MetadataMap, default_staleness: Du
 
 #[cfg(test)]
 mod tests {
-    use meridian_proto::etcdserverpb::{DeleteRangeRequest, PutRequest, RangeRequest, RequestOp};
-
     use super::*;
-
-    fn op(r: Op) -> RequestOp {
-        RequestOp { request: Some(r) }
-    }
-
-    #[test]
-    fn txn_classes() {
-        let range = || op(Op::RequestRange(RangeRequest::default()));
-        let put = || op(Op::RequestPut(PutRequest::default()));
-        let del = || op(Op::RequestDeleteRange(DeleteRangeRequest::default()));
-        let nested = |t: TxnRequest| op(Op::RequestTxn(t));
-        let table: Vec<(TxnRequest, bool)> = vec![
-            (TxnRequest::default(), false),
-            (TxnRequest { success: vec![range()], failure: vec![range()], ..Default::default() }, false),
-            (TxnRequest { success: vec![range(), put()], ..Default::default() }, true),
-            (TxnRequest { failure: vec![del()], ..Default::default() }, true),
-            (
-                TxnRequest {
-                    success: vec![nested(TxnRequest { failure: vec![put()], ..Default::default() })],
-                    ..Default::default()
-                },
-                true,
-            ),
-            (
-                TxnRequest {
-                    success: vec![nested(TxnRequest { success: vec![range()], ..Default::default() })],
-                    ..Default::default()
-                },
-                false,
-            ),
-        ];
-        for (txn, writes) in table {
-            assert_eq!(txn_writes(&txn), writes, "{txn:?}");
-        }
-    }
 
     #[test]
     fn consistency_from_metadata() {

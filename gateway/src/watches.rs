@@ -85,8 +85,6 @@ const GROUP_BUFFER: usize = 1024;
 /// A progress request the upstream has not answered after this long is
 /// sent again (a member answers only once its stream has caught up).
 const PROGRESS_RETRY: Duration = Duration::from_millis(500);
-/// etcd's refusal of a watch id already in use on the stream.
-const DUPLICATE_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
 
 /// Upstream errors that are the client's to see (a failover would not help).
 fn is_final(code: tonic::Code) -> bool {
@@ -224,7 +222,7 @@ impl Session {
                         watch_id: -1,
                         created: true,
                         canceled: true,
-                        cancel_reason: DUPLICATE_ID.into(),
+                        cancel_reason: meridian_wire::etcd::DUPLICATE_WATCH_ID.into(),
                         ..Default::default()
                     };
                     return self.send(refused).await.map(|()| None);

@@ -72,7 +72,7 @@ pub enum Error {
     #[error("etcdserver: request timed out, leader transfer took too long")]
     LeaderTransferTimeout,
     /// Apply is too far behind commit; etcd's backpressure error.
-    #[error("etcdserver: too many requests")]
+    #[error("{}", meridian_wire::etcd::TOO_MANY_REQUESTS)]
     TooManyRequests,
 
     // -- Internal: never deterministic; in the apply path these crash the node. --

@@ -4,6 +4,7 @@
 //! - [`url`]: member URLs and endpoint lists, parsed once into [`url::Url`];
 //! - [`token`]: the mirror token that `Mirror.Apply` carries;
 //! - [`duration`]: Go durations (`10m`, `500ms`);
+//! - [`etcd`]: etcd's refusal messages and request classes a gateway needs too;
 //! - [`delay`]: a TCP proxy that injects latency between regions;
 //! - [`authority`]: lets etcd Go clients' schemed HTTP/2 `:authority` through
 //!   a client port (members and gateways).
@@ -11,5 +12,6 @@
 pub mod authority;
 pub mod delay;
 pub mod duration;
+pub mod etcd;
 pub mod token;
 pub mod url;

@@ -395,24 +395,7 @@ fn check_intervals(ops: &[RequestOp]) -> Result<(Vec<Vec<u8>>, Vec<KeyRange>)> {
     Ok((puts, dels))
 }
 
-/// True if the txn (on every branch, nested too) only reads.
-pub fn txn_is_read_only(r: &TxnRequest) -> bool {
-    r.success.iter().chain(&r.failure).all(|op| match &op.request {
-        Some(Op::RequestRange(_)) | None => true,
-        Some(Op::RequestTxn(t)) => txn_is_read_only(t),
-        _ => false,
-    })
-}
-
-/// True if the txn only reads, and every read asks for serializable.
-pub fn txn_is_serializable(r: &TxnRequest) -> bool {
-    r.success.iter().chain(&r.failure).all(|op| match &op.request {
-        Some(Op::RequestRange(x)) => x.serializable,
-        Some(Op::RequestTxn(t)) => txn_is_serializable(t),
-        None => true,
-        _ => false,
-    })
-}
+pub use meridian_wire::etcd::{txn_is_read_only, txn_is_serializable};
 
 /// True if the txn writes anything on any branch (what the space quota counts).
 pub fn txn_has_put(r: &TxnRequest) -> bool {

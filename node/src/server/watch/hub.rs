@@ -250,7 +250,7 @@ impl Hub {
             *next - 1
         } else {
             if self.watchers.contains_key(&(stream, spec.watch_id)) {
-                return Err("mvcc: duplicate watch ID provided on the WatchStream".into());
+                return Err(meridian_wire::etcd::DUPLICATE_WATCH_ID.into());
             }
             spec.watch_id
         };
