@@ -329,9 +329,8 @@ impl<S: StateMachine> RaftNode<S> {
         let committed = ready.take_committed_entries();
         self.apply(&committed, &mut batch)?;
         if !ready.entries().is_empty() {
-            let bytes: u64 = ready.entries().iter().map(|e| u64::from(e.compute_size())).sum();
+            let bytes = self.raw.mut_store().append(ready.entries(), &mut batch);
             self.metrics.wal_write_bytes.add(bytes as i64);
-            self.raw.mut_store().append(ready.entries(), &mut batch);
         }
         if let Some(hs) = ready.hs() {
             self.raw.mut_store().set_hard_state(hs.clone(), &mut batch);

@@ -184,9 +184,10 @@ impl LogStore {
         self.start.0 + self.entries.len() as u64
     }
 
-    /// Appends `ents`, replacing any conflicting suffix of the log.
-    pub fn append(&mut self, ents: &[Entry], batch: &mut OwnedWriteBatch) {
-        let Some(first) = ents.first() else { return };
+    /// Appends `ents`, replacing any conflicting suffix of the log. Returns
+    /// the bytes of the encoded entries.
+    pub fn append(&mut self, ents: &[Entry], batch: &mut OwnedWriteBatch) -> u64 {
+        let Some(first) = ents.first() else { return 0 };
         let first_index = first.index;
         assert!(first_index > self.start.0, "append below the log start {}: {}", self.start.0, first_index);
         let last = self.last();
@@ -197,10 +198,14 @@ impl LogStore {
             self.entries.truncate((first_index - self.start.0 - 1) as usize);
         }
         assert_eq!(first_index, self.last() + 1, "log gap on append");
+        let mut bytes = 0;
         for e in ents {
-            batch.insert(&self.ks, entry_key(e.index).to_vec(), e.write_to_bytes().expect("encode"));
+            let encoded = e.write_to_bytes().expect("encode");
+            bytes += encoded.len() as u64;
+            batch.insert(&self.ks, entry_key(e.index).to_vec(), encoded);
             self.entries.push_back(e.clone());
         }
+        bytes
     }
 
     pub fn set_hard_state(&mut self, hs: HardState, batch: &mut OwnedWriteBatch) {
