@@ -170,6 +170,34 @@ async fn filters_progress_cancel_and_ids() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A progress request made while a watcher still replays history is answered once the replay is
+/// queued, after its last event: never dropped (etcd 3.4 drops it, and a client waiting on the
+/// answer waits forever), never ahead of events not sent yet.
+#[tokio::test]
+async fn progress_asked_during_a_replay_comes_after_it() -> anyhow::Result<()> {
+    let cluster = Cluster::start(1, ClusterOpts::fast())?;
+    let mut c = cluster.client().await?;
+    // More revisions than one catch-up round reads.
+    const PUTS: usize = 1500;
+    let mut last = 0;
+    for i in 0..PUTS {
+        last = c.put(format!("r/{i}"), "v", None).await?.header().unwrap().revision();
+    }
+    let (mut w, mut s) = c.watch("r/", Some(WatchOptions::new().with_prefix().with_start_revision(1))).await?;
+    w.request_progress().await?;
+    let mut seen = 0;
+    loop {
+        let r = next(&mut s).await?;
+        if r.watch_id() == -1 && r.events().is_empty() {
+            assert_eq!(seen, PUTS, "the progress answer came before the replay ended");
+            assert!(r.header().unwrap().revision() >= last);
+            break;
+        }
+        seen += r.events().len();
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn large_responses_fragment_when_asked() -> anyhow::Result<()> {
     let cluster = Cluster::start(1, ClusterOpts { max_request_bytes: Some(4096), ..ClusterOpts::fast() })?;

@@ -82,6 +82,9 @@ struct Hub {
     by_key: HashMap<Vec<u8>, HashSet<Key>>,
     ranges: HashSet<Key>,
     unsynced: HashSet<Key>,
+    /// Progress requests not answered yet, by stream: where to answer and
+    /// how many.
+    progress_asked: HashMap<u64, (Outbox, u32)>,
 }
 
 impl WatchHub {
@@ -107,6 +110,7 @@ impl WatchHub {
             by_key: HashMap::new(),
             ranges: HashSet::new(),
             unsynced: HashSet::new(),
+            progress_asked: HashMap::new(),
         };
         let this = Self { hub: Arc::new(Mutex::new(hub)), wake_sync: Arc::new(Notify::new()), metrics };
         tokio::spawn(this.clone().run(mvcc, progress_interval));
@@ -167,15 +171,15 @@ impl WatchHub {
         &self.metrics
     }
 
-    /// The revision up to which every watcher of `stream` has its events
-    /// queued; `None` while one of them is still catching up (as etcd, which
-    /// answers a progress request only when the whole stream is synced: an
-    /// answer would otherwise claim events not sent yet).
-    pub fn progress(&self, stream: u64) -> Option<i64> {
-        let hub = self.hub.lock();
-        let behind =
-            hub.watchers.iter().any(|(k, w)| k.0 == stream && matches!(w.state, State::Unsynced | State::Pending));
-        (!behind).then_some(hub.rev)
+    /// Answers a progress request on `stream` through `out` with the
+    /// revision up to which every watcher of the stream has its events
+    /// queued. While one of them still catches up the answer waits until
+    /// none does: an answer before would claim events not sent yet. (etcd
+    /// drops such a request; a client waiting on it would wait forever.)
+    pub fn progress(&self, stream: u64, out: Outbox) {
+        let mut hub = self.hub.lock();
+        hub.progress_asked.entry(stream).or_insert((out, 0)).1 += 1;
+        hub.answer_progress(stream);
     }
 
     /// Drops every watcher of a stream that ended.
@@ -186,6 +190,7 @@ impl WatchHub {
             hub.remove(k);
         }
         hub.next_auto_id.remove(&stream);
+        hub.progress_asked.remove(&stream);
     }
 
     /// Catch-up and progress notifications. The store read of a catch-up
@@ -197,7 +202,7 @@ impl WatchHub {
         loop {
             tokio::select! {
                 _ = self.wake_sync.notified() => {}
-                _ = sync_tick.tick() => {}
+                _ = sync_tick.tick() => self.hub.lock().answer_all_progress(),
                 _ = progress_tick.tick() => {
                     self.hub.lock().progress_notify();
                     continue;
@@ -265,6 +270,7 @@ impl Hub {
             self.set_state(key, State::Pending);
             self.watchers.remove(&key);
             self.metrics.watchers.set(self.watchers.len() as i64);
+            self.answer_progress(key.0);
             true
         } else {
             false
@@ -315,6 +321,42 @@ impl Hub {
             State::Pending | State::Compacted => {}
         }
         self.metrics.slow_watchers.set(self.unsynced.len() as i64);
+        if matches!(old, State::Pending | State::Unsynced) && matches!(state, State::Synced | State::Compacted) {
+            self.answer_progress(key.0);
+        }
+    }
+
+    /// Answers the progress requests waiting on `stream` once none of its
+    /// watchers is behind. A full outbox keeps them for the next sync tick.
+    fn answer_progress(&mut self, stream: u64) {
+        if !self.progress_asked.contains_key(&stream) {
+            return;
+        }
+        let behind =
+            self.watchers.iter().any(|(k, w)| k.0 == stream && matches!(w.state, State::Unsynced | State::Pending));
+        if behind {
+            return;
+        }
+        let Some((out, mut count)) = self.progress_asked.remove(&stream) else { return };
+        // Broadcast to every watcher of the stream: no single watch id.
+        let resp = WatchResponse { header: Some((self.header)(self.rev)), watch_id: -1, ..Default::default() };
+        while count > 0 {
+            match out.try_send(Ok(resp.clone())) {
+                Ok(()) => count -= 1,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    self.progress_asked.insert(stream, (out, count));
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+            }
+        }
+    }
+
+    fn answer_all_progress(&mut self) {
+        let streams: Vec<u64> = self.progress_asked.keys().copied().collect();
+        for stream in streams {
+            self.answer_progress(stream);
+        }
     }
 
     /// Hands newly published revisions to the synced watchers they match.

@@ -98,10 +98,8 @@ impl Watch for WatchService {
                         None => continue,
                     },
                     Some(RequestUnion::ProgressRequest(_)) => {
-                        // Broadcast to every watcher of the stream: no single watch id.
-                        // Not answered while a watcher catches up, as etcd.
-                        let Some(rev) = hub.progress(stream) else { continue };
-                        WatchResponse { header: Some(header(rev)), watch_id: -1, ..Default::default() }
+                        hub.progress(stream, out.clone());
+                        continue;
                     }
                     None => continue,
                 };
