@@ -58,7 +58,7 @@ async fn regions(gw: Arc<Gateway>) -> axum::response::Response {
                 "takes_writes": primary.as_deref() == Some(r.name.as_str()),
                 "role": st.role,
                 "epoch": st.epoch,
-                "endpoints": r.members.iter().map(|m| m.url.clone()).collect::<Vec<_>>(),
+                "endpoints": r.client.members.iter().map(|m| m.url.clone()).collect::<Vec<_>>(),
                 "leader": st.leader,
                 "leader_url": st.leader_url,
                 "healthy": st.healthy,

@@ -6,13 +6,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use meridian_proto::etcdserverpb::maintenance_client::MaintenanceClient;
-use meridian_proto::etcdserverpb::StatusRequest;
 use meridian_proto::meridian::v1::mirror_client::MirrorClient;
 use meridian_proto::meridian::v1::MirrorStatusRequest;
+use meridian_wire::region::RegionClient;
 use parking_lot::RwLock;
 use serde::Serialize;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::config::Upstream;
 
@@ -33,21 +32,6 @@ const FAILURES_TO_DOWN: u32 = 2;
 /// HTTP/2 connections to each member: requests from many clients share
 /// them, and one connection's stream bookkeeping is a point of contention.
 const CONNECTIONS_PER_MEMBER: usize = 4;
-
-/// One member endpoint of a region.
-pub struct Member {
-    pub url: String,
-    channels: Vec<Channel>,
-    turn: std::sync::atomic::AtomicUsize,
-}
-
-impl Member {
-    /// One of the member's connections, in turn.
-    pub fn channel(&self) -> Channel {
-        let turn = self.turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.channels[turn % self.channels.len()].clone()
-    }
-}
 
 /// A region's state as the last probe saw it (`GET /v1/regions` prints it).
 #[derive(Clone, Debug, Default, Serialize)]
@@ -70,17 +54,12 @@ pub struct RegionState {
     /// Why the last probe failed, if it did.
     pub error: Option<String>,
     #[serde(skip)]
-    leader_index: Option<usize>,
-    #[serde(skip)]
     probed_at: Option<Instant>,
     /// When the Mirror.Status that gave `staleness_seconds` was sent.
     #[serde(skip)]
     staleness_at: Option<Instant>,
     #[serde(skip)]
     failures: u32,
-    /// Members that answered the last probe, by index.
-    #[serde(skip)]
-    answering: Vec<usize>,
 }
 
 impl RegionState {
@@ -104,11 +83,10 @@ impl RegionState {
 
 pub struct Region {
     pub name: String,
-    pub members: Vec<Member>,
+    /// Its members, their connections, and which one leads.
+    pub client: RegionClient,
     /// Swapped whole by each probe: a request takes a cheap reference.
     state: RwLock<Arc<RegionState>>,
-    /// Turns for [`Region::read_channel`].
-    next_reader: std::sync::atomic::AtomicUsize,
 }
 
 impl Region {
@@ -119,22 +97,13 @@ impl Region {
     /// The member to send to: the leader when known, else the first member
     /// that answered the last probe, else the first.
     pub fn channel(&self) -> (Channel, String) {
-        let st = self.state.read();
-        let i = st.leader_index.or_else(|| st.answering.first().copied()).unwrap_or(0);
-        (self.members[i].channel(), self.members[i].url.clone())
+        let (channel, url) = self.client.channel();
+        (channel, url.to_string())
     }
 
-    /// A member to read from: the members that answered the last probe in
-    /// turn (a read's answer carries its own revision, so any member that
-    /// has what the read needs may serve it).
+    /// A member to read from, in turn among those that answered.
     pub fn read_channel(&self) -> Channel {
-        let st = self.state.read();
-        if st.answering.is_empty() {
-            let i = st.leader_index.unwrap_or(0);
-            return self.members[i].channel();
-        }
-        let turn = self.next_reader.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.members[st.answering[turn % st.answering.len()]].channel()
+        self.client.read_channel()
     }
 }
 
@@ -154,26 +123,10 @@ impl Regions {
     pub fn new(local: &str, upstreams: &[Upstream]) -> anyhow::Result<Self> {
         let mut all = Vec::new();
         for u in upstreams {
-            let members = u
-                .endpoints
-                .iter()
-                .map(|url| {
-                    let endpoint = Endpoint::from_shared(url.to_string())?
-                        .connect_timeout(Duration::from_secs(1))
-                        .tcp_nodelay(true)
-                        .http2_keep_alive_interval(Duration::from_secs(10))
-                        .keep_alive_timeout(Duration::from_secs(10));
-                    let channels = (0..CONNECTIONS_PER_MEMBER).map(|_| endpoint.connect_lazy()).collect();
-                    Ok(Member { url: url.to_string(), channels, turn: Default::default() })
-                })
-                .collect::<anyhow::Result<Vec<_>>>()?;
+            let urls: Vec<String> = u.endpoints.iter().map(ToString::to_string).collect();
+            let client = RegionClient::new(&urls, CONNECTIONS_PER_MEMBER)?;
             let state = RegionState { role: "unknown".into(), staleness_seconds: -1.0, ..Default::default() };
-            all.push(Arc::new(Region {
-                name: u.region.clone(),
-                members,
-                state: RwLock::new(Arc::new(state)),
-                next_reader: Default::default(),
-            }));
+            all.push(Arc::new(Region { name: u.region.clone(), client, state: RwLock::new(Arc::new(state)) }));
         }
         Ok(Self { local: local.to_string(), all })
     }
@@ -262,48 +215,13 @@ pub async fn run_probes(regions: Arc<Regions>, interval: Duration, metrics: Arc<
 /// One probe of a region: Status on every member (leader, revision, RTT),
 /// then Mirror.Status on the leader (role, epoch, staleness).
 async fn probe(region: Arc<Region>) {
-    let calls = region.members.iter().map(|m| async move {
-        let started = Instant::now();
-        let mut client = MaintenanceClient::new(m.channel());
-        let answer = tokio::time::timeout(PROBE_TIMEOUT, client.status(StatusRequest {})).await;
-        match answer {
-            Ok(Ok(resp)) => Ok((resp.into_inner(), started.elapsed())),
-            Ok(Err(status)) => Err((false, status.message().to_string())),
-            Err(_) => Err((true, format!("no answer within {PROBE_TIMEOUT:?}"))),
-        }
-    });
-    let answers = futures::future::join_all(calls).await;
-    let mut leader_index = None;
-    let mut leader_id = 0;
-    let mut rtts = Vec::new();
-    let mut revision = 0;
-    let mut error = None;
-    let mut slow = false;
-    for (i, a) in answers.iter().enumerate() {
-        match a {
-            Ok((status, rtt)) => {
-                rtts.push(rtt.as_secs_f64() * 1000.0);
-                let member = status.header.as_ref().map_or(0, |h| h.member_id);
-                revision = revision.max(status.header.as_ref().map_or(0, |h| h.revision));
-                if status.leader != 0 {
-                    leader_id = status.leader;
-                    if member == status.leader {
-                        leader_index = Some(i);
-                    }
-                }
-            }
-            Err((timed_out, e)) => {
-                slow |= *timed_out;
-                error = Some(format!("{}: {e}", region.members[i].url));
-            }
-        }
-    }
-    let reachable = !rtts.is_empty();
+    let view = region.client.probe(PROBE_TIMEOUT).await;
+    let reachable = !view.answering.is_empty();
+    let mut error = view.error.clone();
     let mut mirror = None;
     let mut mirror_sent = Instant::now();
-    if reachable && leader_id != 0 {
-        let i = leader_index.unwrap_or_else(|| answers.iter().position(Result::is_ok).unwrap_or(0));
-        let mut client = MirrorClient::new(region.members[i].channel());
+    if view.has_leader() {
+        let mut client = MirrorClient::new(region.client.channel().0);
         mirror_sent = Instant::now();
         match tokio::time::timeout(PROBE_TIMEOUT, client.status(MirrorStatusRequest {})).await {
             Ok(Ok(resp)) => mirror = Some(resp.into_inner()),
@@ -314,18 +232,17 @@ async fn probe(region: Arc<Region>) {
     let mut st = RegionState::clone(&region.state());
     st.probed_at = Some(Instant::now());
     st.error = error;
-    let passed = reachable && leader_id != 0 && mirror.is_some();
+    let passed = view.has_leader() && mirror.is_some();
     st.failures = if passed { 0 } else { st.failures + 1 };
     // A region that refuses every connection is down at once; one that is
     // slow to answer, or answered but failed a check, gets a second chance.
-    st.healthy = passed || ((reachable || slow) && st.healthy && st.failures < FAILURES_TO_DOWN);
-    if let Some(rtt) = rtts.iter().copied().reduce(f64::min) {
+    st.healthy = passed || ((reachable || view.timed_out) && st.healthy && st.failures < FAILURES_TO_DOWN);
+    if let Some(rtt) = view.min_rtt.map(|d| d.as_secs_f64() * 1000.0) {
         st.rtt_ms = if st.rtt_ms == 0.0 { rtt } else { st.rtt_ms + RTT_WEIGHT * (rtt - st.rtt_ms) };
     }
-    st.leader = (leader_id != 0).then(|| format!("{leader_id:x}"));
-    st.leader_index = leader_index;
-    st.answering = answers.iter().enumerate().filter(|(_, a)| a.is_ok()).map(|(i, _)| i).collect();
-    st.leader_url = leader_index.map(|i| region.members[i].url.clone());
+    st.leader = (view.leader_id != 0).then(|| format!("{:x}", view.leader_id));
+    st.leader_url = view.leader_index.map(|i| region.client.members[i].url.clone());
+    let revision = view.revision;
     if let Some(m) = mirror {
         st.role = m.role;
         st.epoch = m.epoch;

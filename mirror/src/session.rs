@@ -23,13 +23,14 @@ use meridian_proto::meridian::v1::{
 };
 use meridian_proto::mvccpb::event::EventType;
 use meridian_proto::mvccpb::Event;
+use meridian_wire::region::RegionClient;
 use meridian_wire::token::{unix_ms, TOKEN_METADATA};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use crate::catchup;
 use crate::config::MirrorConfig;
@@ -46,6 +47,8 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(100);
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(2);
 const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(5);
+/// How long the first probe of the source or the target may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Puts the mirror token on every call to the target.
 #[derive(Clone)]
@@ -64,14 +67,14 @@ impl tonic::service::Interceptor for Token {
 struct Heartbeats(tokio::task::JoinHandle<()>);
 
 impl Heartbeats {
-    fn start(cfg: &MirrorConfig, m: &Arc<Metrics>, token: Token, cluster_id: u64) -> anyhow::Result<Self> {
-        let mut members = Vec::new();
-        for url in &cfg.target {
-            let channel = Endpoint::from_shared(url.clone())?.connect_timeout(Duration::from_secs(1)).connect_lazy();
-            members.push((url.clone(), MirrorClient::with_interceptor(channel, token.clone())));
-        }
+    fn start(target: &RegionClient, m: &Arc<Metrics>, token: Token, cluster_id: u64) -> Self {
+        let mut members: Vec<_> = target
+            .members
+            .iter()
+            .map(|member| (member.url.clone(), MirrorClient::with_interceptor(member.channel(), token.clone())))
+            .collect();
         let m = m.clone();
-        Ok(Self(tokio::spawn(async move {
+        Self(tokio::spawn(async move {
             let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -97,7 +100,7 @@ impl Heartbeats {
                 });
                 futures::future::join_all(sends).await;
             }
-        })))
+        }))
     }
 }
 
@@ -130,21 +133,10 @@ struct Session<'a> {
     last_progress: Instant,
 }
 
-/// Connects to the first endpoint that answers.
-async fn connect(endpoints: &[String]) -> anyhow::Result<Channel> {
-    let mut last = None;
-    for ep in endpoints {
-        match Endpoint::from_shared(ep.clone())?
-            .connect_timeout(Duration::from_secs(2))
-            .tcp_nodelay(true)
-            .connect()
-            .await
-        {
-            Ok(ch) => return Ok(ch),
-            Err(e) => last = Some(anyhow::anyhow!("{ep}: {e}")),
-        }
-    }
-    Err(last.unwrap_or_else(|| anyhow::anyhow!("no endpoints")))
+/// A region's members, probed once: the session sends to the leader (or,
+/// with none known, the first member that answered).
+async fn connect(endpoints: &[String]) -> anyhow::Result<RegionClient> {
+    RegionClient::connect(endpoints, CONNECT_TIMEOUT).await.map_err(|e| anyhow::anyhow!(e))
 }
 
 /// Every lease id a cluster has.
@@ -164,8 +156,9 @@ async fn source_header(src: &Channel) -> anyhow::Result<ResponseHeader> {
 }
 
 pub async fn run(cfg: &MirrorConfig, m: &Arc<Metrics>) -> anyhow::Result<()> {
-    let src = connect(&cfg.source).await.context("source")?;
-    let dst = connect(&cfg.target).await.context("target")?;
+    let src_region = connect(&cfg.source).await.context("source")?;
+    let dst_region = connect(&cfg.target).await.context("target")?;
+    let (src, dst) = (src_region.channel().0, dst_region.channel().0);
     let token = Token(cfg.token.parse().context("the mirror token is not valid gRPC metadata")?);
     let mut target = MirrorClient::with_interceptor(dst.clone(), token.clone())
         .max_decoding_message_size(usize::MAX)
@@ -186,7 +179,7 @@ pub async fn run(cfg: &MirrorConfig, m: &Arc<Metrics>) -> anyhow::Result<()> {
     };
     let known_leases = lease_ids(dst).await.context("target leases")?;
     *m.labels.lock() = format!("region={:?},source_region={:?}", ts.region, ts.primary_region);
-    let _heartbeats = Heartbeats::start(cfg, m, token, cluster_id)?;
+    let _heartbeats = Heartbeats::start(&dst_region, m, token, cluster_id);
     m.applied_revision.store(ts.revision, Ordering::Relaxed);
     tracing::info!(
         source = match kind {

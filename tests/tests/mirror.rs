@@ -508,3 +508,38 @@ async fn a_new_source_replaces_a_secondary_only_when_allowed() -> anyhow::Result
     assert_eq!(dump(&secondary)?, dump(&second)?);
     Ok(())
 }
+
+/// The region client that the mirror and the gateway share finds a region's leader among its
+/// members, goes on with the members that answer when one is down (naming it), and refuses to
+/// connect when none answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_region_client_finds_the_leader_and_the_members_that_answer() -> anyhow::Result<()> {
+    use meridian_wire::region::RegionClient;
+    use std::time::Duration;
+    let mut cluster = Cluster::start(3, ClusterOpts::fast())?;
+    let urls: Vec<String> = cluster.endpoints().iter().map(|e| format!("http://{e}")).collect();
+    let client = RegionClient::connect(&urls, Duration::from_secs(2)).await.map_err(anyhow::Error::msg)?;
+    // Members count from 1, the client's indices from 0.
+    let leader = cluster.leader().await? - 1;
+    let view = client.view();
+    assert_eq!(view.leader_index, Some(leader), "{view:?}");
+    assert_eq!(view.answering, vec![0, 1, 2]);
+    assert_eq!(client.channel().1, urls[leader]);
+
+    let follower = (leader + 1) % 3;
+    cluster.kill9(follower + 1)?;
+    let view = client.probe(Duration::from_secs(1)).await;
+    assert_eq!(view.answering.len(), 2, "{view:?}");
+    assert!(!view.answering.contains(&follower));
+    assert!(view.error.as_deref().is_some_and(|e| e.starts_with(&urls[follower])), "{view:?}");
+    assert_eq!(client.channel().1, urls[leader], "still the leader");
+
+    for i in 0..3 {
+        if i != follower {
+            cluster.kill9(i + 1)?;
+        }
+    }
+    let refused = RegionClient::connect(&urls, Duration::from_millis(500)).await.err();
+    assert!(refused.is_some(), "connected to a region with no member up");
+    Ok(())
+}
