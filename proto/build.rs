@@ -14,6 +14,7 @@ const PROTO_FILES: &[&str] = &[
     "meridian/v1/record.proto",
     "meridian/v1/internal.proto",
     "meridian/v1/mirror.proto",
+    "meridian/v1/region.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

@@ -2,7 +2,7 @@
 
 use clap::{Parser, Subcommand};
 use meridian_gateway::{GatewayConfig, GatewayFlags};
-use meridian_mirror::{MirrorConfig, MirrorFlags, StatusFlags};
+use meridian_mirror::{region, MirrorConfig, MirrorFlags, StatusFlags};
 use meridian_node::compat::{take_etcd_flags, EtcdFlags};
 use meridian_node::config::{normalize_args, NodeConfig, NodeFlags};
 use tracing_subscriber::EnvFilter;
@@ -27,6 +27,8 @@ enum Command {
     Mirror(MirrorCommand),
     /// One etcd endpoint for a region: writes to the primary, reads to the nearest fresh region.
     Gateway(GatewayFlags),
+    /// A region's role, epoch, fence and lineage; promotion and planned switchover.
+    Region(RegionCommand),
     /// Relay TCP connections with an added one-way delay (latency between regions, without netem).
     DelayProxy(DelayProxyFlags),
 }
@@ -39,6 +41,22 @@ struct DelayProxyFlags {
     /// LISTEN=TARGET, both host:port; repeat for more links.
     #[arg(long = "route", required = true)]
     routes: Vec<String>,
+}
+
+#[derive(clap::Args)]
+struct RegionCommand {
+    #[command(subcommand)]
+    action: RegionAction,
+}
+
+#[derive(Subcommand)]
+enum RegionAction {
+    /// Print a cluster's region state (-w json for a program).
+    Status(region::RegionStatusFlags),
+    /// Make a secondary whose primary is lost the primary (unplanned failover).
+    Promote(region::PromoteFlags),
+    /// Hand the primary role to a secondary with no lost write (planned switchover).
+    Switchover(region::SwitchoverFlags),
 }
 
 #[derive(clap::Args)]
@@ -84,6 +102,16 @@ fn main() -> anyhow::Result<()> {
         Command::Mirror(MirrorCommand { action: Some(MirrorAction::Status(flags)), .. }) => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(meridian_mirror::print_status(&flags))?;
+        }
+        Command::Region(RegionCommand { action }) => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(async {
+                match action {
+                    RegionAction::Status(f) => region::status(&f).await,
+                    RegionAction::Promote(f) => region::promote(&f).await,
+                    RegionAction::Switchover(f) => region::switchover(&f).await,
+                }
+            })?;
         }
         Command::Gateway(flags) => {
             let cfg = GatewayConfig::load(&flags)?;

@@ -32,6 +32,7 @@
 mod catchup;
 mod config;
 mod metrics;
+pub mod region;
 mod session;
 mod status;
 

@@ -17,10 +17,11 @@ use meridian_proto::etcdserverpb::{
     WatchRequest,
 };
 use meridian_proto::meridian::v1::mirror_client::MirrorClient;
-use meridian_proto::meridian::v1::MirrorHeartbeat;
+use meridian_proto::meridian::v1::region_client::RegionClient as RegionRpcClient;
 use meridian_proto::meridian::v1::{
     KvRecord, MirrorApplyRequest, MirrorLease, MirrorRevision, MirrorStatusRequest, RangeStreamRequest,
 };
+use meridian_proto::meridian::v1::{LineageEntry, MirrorHeartbeat, RegionStatusRequest};
 use meridian_proto::mvccpb::event::EventType;
 use meridian_proto::mvccpb::Event;
 use meridian_wire::region::RegionClient;
@@ -125,6 +126,8 @@ struct Session<'a> {
     cluster_id: u64,
     epoch: u64,
     region: String,
+    /// The source's lineage, which the target keeps as its own.
+    lineage: Vec<LineageEntry>,
     target: MirrorClient<InterceptedService<Channel, Token>>,
     checkpoint: i64,
     /// Source compact revision last repeated on the target.
@@ -177,6 +180,14 @@ pub async fn run(cfg: &MirrorConfig, m: &Arc<Metrics>) -> anyhow::Result<()> {
         }
         Err(e) => return Err(e).context("source status"),
     };
+    let lineage = match kind {
+        Kind::Meridian => RegionRpcClient::new(src.clone())
+            .status(RegionStatusRequest {})
+            .await
+            .map(|s| s.into_inner().lineage)
+            .unwrap_or_default(),
+        Kind::Etcd => Vec::new(),
+    };
     let known_leases = lease_ids(dst).await.context("target leases")?;
     *m.labels.lock() = format!("region={:?},source_region={:?}", ts.region, ts.primary_region);
     let _heartbeats = Heartbeats::start(&dst_region, m, token, cluster_id);
@@ -198,6 +209,7 @@ pub async fn run(cfg: &MirrorConfig, m: &Arc<Metrics>) -> anyhow::Result<()> {
         cluster_id,
         epoch,
         region,
+        lineage,
         target,
         checkpoint: ts.revision,
         compacted: ts.compact_revision,
@@ -252,6 +264,7 @@ impl Session<'_> {
             allow_source_change: self.cfg.allow_source_change,
             source_revision: self.m.source_revision.load(Ordering::Relaxed),
             lag_ms: (self.m.lag_seconds() * 1000.0) as i64,
+            lineage: self.lineage.clone(),
             ..Default::default()
         }
     }

@@ -30,6 +30,7 @@ use meridian_proto::meridian::v1::internal_request::Request as Internal;
 use meridian_proto::meridian::v1::lease_forward_server::LeaseForwardServer;
 use meridian_proto::meridian::v1::mirror_server::MirrorServer;
 use meridian_proto::meridian::v1::raft_transport_server::RaftTransportServer;
+use meridian_proto::meridian::v1::region_server::RegionServer;
 use meridian_proto::meridian::v1::MemberAttributes;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -52,14 +53,15 @@ use crate::server::lease::service::{run_leader_duties, LeaderLink, LeaseForwardS
 use crate::server::lease::Lessor;
 use crate::server::maintenance::{MaintenanceService, ETCD_VERSION};
 use crate::server::mirror::MirrorService;
-use crate::server::region::{Role, RoleCell, RoleState};
+use crate::server::region::{Lineage, Role, RoleCell, RoleState};
+use crate::server::region_service::RegionService;
 use crate::server::version::VersionCell;
 use crate::server::watch::hub::HeaderFn;
 use crate::server::watch::{WatchHub, WatchService};
 use crate::server::{EtcdServer, Limits, GRPC_OVERHEAD_BYTES};
 use meridian_wire::url::Url;
 
-const META_CLUSTER_ID: &str = "cluster_id";
+pub(crate) const META_CLUSTER_ID: &str = "cluster_id";
 /// How long a stopping member lets in-flight requests finish.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -106,15 +108,25 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             let cid = config::cluster_id(&ids);
             members.store(&mvcc);
             mvcc.set_meta(META_CLUSTER_ID, cid.to_be_bytes().to_vec());
+            let role = match cfg.initial_role {
+                InitialRole::Primary => Role::Primary,
+                InitialRole::Secondary => Role::Secondary,
+            };
+            // A primary's history starts here; a secondary takes its source's.
+            let lineage = match role {
+                Role::Primary => {
+                    vec![Lineage { epoch: 0, first_revision: 1, primary_cluster_id: cid, region: cfg.region.clone() }]
+                }
+                Role::Secondary => Vec::new(),
+            };
             RoleState {
-                role: match cfg.initial_role {
-                    InitialRole::Primary => Role::Primary,
-                    InitialRole::Secondary => Role::Secondary,
-                },
+                role,
                 region: cfg.region.clone(),
                 primary_region: cfg.primary_region.clone(),
                 source_cluster_id: 0,
                 epoch: 0,
+                fence_revision: 0,
+                lineage,
             }
             .store(&mvcc);
             let mut batch = db.batch();
@@ -324,10 +336,11 @@ fn client_routes(
         .add_service(WatchServer::new(watch).max_decoding_message_size(max))
         .add_service(LeaseServer::new(leases).max_decoding_message_size(max))
         .add_service(
-            MirrorServer::new(MirrorService::new(server.clone(), mirror_token))
+            MirrorServer::new(MirrorService::new(server.clone(), mirror_token.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(usize::MAX),
         )
+        .add_service(RegionServer::new(RegionService::new(server.clone(), mirror_token)))
         .add_service(KvServer::new(KvService { server: server.clone() }).max_decoding_message_size(max))
         .add_service(
             MaintenanceServer::new(MaintenanceService { server: server.clone() }).max_decoding_message_size(max),

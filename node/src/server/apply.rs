@@ -11,7 +11,7 @@ use meridian_proto::etcdserverpb::{
     AlarmMember, AlarmResponse, AlarmType, DeleteRangeResponse, LeaseGrantResponse, PutResponse, TxnResponse,
 };
 use meridian_proto::meridian::v1::internal_request::Request;
-use meridian_proto::meridian::v1::{InternalRequest, KvRecord, MirrorApplyRequest, SnapshotData};
+use meridian_proto::meridian::v1::{InternalRequest, KvRecord, MirrorApplyRequest, RegionChange, SnapshotData};
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::sync::oneshot;
@@ -20,7 +20,7 @@ use super::cluster::{Alarms, Members};
 use super::lease::Lessor;
 use super::lease::LEASE_META_PREFIX;
 use super::ops;
-use super::region::{Role, RoleCell, RoleState};
+use super::region::{Lineage, Role, RoleCell, RoleState};
 use super::version::{self, VersionCell};
 use super::watch::WatchHub;
 use crate::error::{Error, Result};
@@ -202,6 +202,7 @@ impl EtcdStateMachine {
                 }
                 Ok(Applied::Done)
             }
+            Request::RegionChange(c) => self.region_change(c),
             Request::MemberAttributes(attrs) => {
                 let mut members = Members::load(&self.mvcc);
                 members.set_attributes(&attrs);
@@ -214,6 +215,71 @@ impl EtcdStateMachine {
 }
 
 impl EtcdStateMachine {
+    /// A promotion or a demotion. Both need a higher epoch than the current
+    /// one (asking again for the change already made, same epoch and role,
+    /// answers it again, so a retried call is safe). The fence is the
+    /// revision at which the entry applies: writes ordered before it in the
+    /// log are in the old role's history, every later one is refused or
+    /// goes on at fence + 1.
+    fn region_change(&mut self, c: RegionChange) -> Result<Applied> {
+        let role = self.role.get();
+        let to = match c.role.as_str() {
+            "primary" => Role::Primary,
+            "secondary" => Role::Secondary,
+            other => return Err(Error::Fenced(format!("unknown region role {other:?}"))),
+        };
+        let epoch = if c.epoch == 0 { role.epoch + 1 } else { c.epoch };
+        if to == role.role && epoch == role.epoch {
+            return Ok(Applied::Done);
+        }
+        if epoch <= role.epoch {
+            return Err(Error::Fenced(format!("epoch {epoch} is not above the current epoch {}", role.epoch)));
+        }
+        let current = self.mvcc.staged_marks().current;
+        let mut next = RoleState { epoch, fence_revision: current, ..role.clone() };
+        match to {
+            Role::Primary => {
+                if role.role != Role::Secondary {
+                    return Err(Error::Fenced("this cluster is already a primary".into()));
+                }
+                if c.expect_revision != 0 && c.expect_revision != current {
+                    return Err(Error::Fenced(format!(
+                        "applied revision {current} is not the expected fence {}",
+                        c.expect_revision
+                    )));
+                }
+                next.role = Role::Primary;
+                next.primary_region = role.region.clone();
+                next.lineage.push(Lineage {
+                    epoch,
+                    first_revision: current + 1,
+                    primary_cluster_id: c.primary_cluster_id,
+                    region: role.region.clone(),
+                });
+                // Clients may have kept their leases alive on the old
+                // primary after the mirror last saw them.
+                self.lessor.rearm_full(&self.mvcc);
+            }
+            Role::Secondary => {
+                if role.role != Role::Primary {
+                    return Err(Error::Fenced("this cluster is already a secondary".into()));
+                }
+                if role.lineage.is_empty() {
+                    // Bootstrapped before lineages were kept: its own history.
+                    let own = self.mvcc.meta(crate::META_CLUSTER_ID).and_then(|b| b.try_into().ok());
+                    let own = own.map_or(0, u64::from_be_bytes);
+                    next.lineage = role.lineage_for(own).iter().map(Lineage::from).collect();
+                }
+                next.role = Role::Secondary;
+                next.primary_region = c.primary_region.clone();
+                next.source_cluster_id = c.primary_cluster_id;
+            }
+        }
+        next.store(&self.mvcc);
+        self.role.set(next);
+        Ok(Applied::Done)
+    }
+
     /// Applies a batch of source revisions on a secondary, after fencing:
     /// the source cluster must be the one this secondary follows, and the
     /// epoch must not be older than the newest seen.
@@ -236,6 +302,11 @@ impl EtcdStateMachine {
         let adopted = RoleState {
             source_cluster_id: m.source_cluster_id,
             epoch: m.epoch,
+            lineage: if m.lineage.is_empty() {
+                role.lineage.clone()
+            } else {
+                m.lineage.iter().map(Lineage::from).collect()
+            },
             primary_region: if m.source_region.is_empty() {
                 role.primary_region.clone()
             } else {

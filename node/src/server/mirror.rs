@@ -56,22 +56,33 @@ impl MirrorService {
     /// Until auth exists, only a caller holding the token configured on this
     /// secondary may write into it, and only a secondary takes mirror writes.
     fn check_apply(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
-        let Some(want) = &self.token else {
-            return Err(Status::permission_denied(
-                "meridian: mirror writes (Mirror.Apply, Mirror.Heartbeat) are refused: this member has no --mirror-token-file",
-            ));
-        };
-        let given = metadata.get(TOKEN_METADATA).map(|v| v.as_bytes()).unwrap_or_default();
-        if !token::same_secret(given, want.as_bytes()) {
-            return Err(Status::unauthenticated(format!(
-                "meridian: mirror writes need the mirror token in {TOKEN_METADATA} (the --mirror-token-file of this secondary)"
-            )));
-        }
+        check_token(self.token.as_deref(), metadata, "mirror writes (Mirror.Apply, Mirror.Heartbeat)")?;
         if !self.server.role.is_secondary() {
             return Err(Error::Fenced("mirror writes go to a secondary; this cluster is a primary".into()).into());
         }
         Ok(())
     }
+}
+
+/// Refuses `what` unless the caller presents this member's mirror token;
+/// a member with none refuses it to everyone.
+pub(super) fn check_token(
+    want: Option<&str>,
+    metadata: &tonic::metadata::MetadataMap,
+    what: &str,
+) -> Result<(), Status> {
+    let Some(want) = want else {
+        return Err(Status::permission_denied(format!(
+            "meridian: {what} are refused: this member has no --mirror-token-file"
+        )));
+    };
+    let given = metadata.get(TOKEN_METADATA).map(|v| v.as_bytes()).unwrap_or_default();
+    if !token::same_secret(given, want.as_bytes()) {
+        return Err(Status::unauthenticated(format!(
+            "meridian: {what} need the mirror token in {TOKEN_METADATA} (the --mirror-token-file of this cluster)"
+        )));
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]

@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use meridian_proto::meridian::v1::LineageEntry;
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +32,45 @@ pub struct RoleState {
     pub source_cluster_id: u64,
     /// Fencing epoch: mirror writes with a lower epoch are refused.
     pub epoch: u64,
+    /// The revision at which this cluster last changed role (0: never).
+    #[serde(default)]
+    pub fence_revision: i64,
+    /// Who wrote which revisions, oldest epoch first. A primary appends to
+    /// it when promoted; a secondary keeps its source's.
+    #[serde(default)]
+    pub lineage: Vec<Lineage>,
+}
+
+/// One epoch of the history: from `first_revision` on, written by the
+/// primary cluster `primary_cluster_id` of `region`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lineage {
+    pub epoch: u64,
+    pub first_revision: i64,
+    pub primary_cluster_id: u64,
+    pub region: String,
+}
+
+impl From<&Lineage> for LineageEntry {
+    fn from(l: &Lineage) -> Self {
+        Self {
+            epoch: l.epoch,
+            first_revision: l.first_revision,
+            primary_cluster_id: l.primary_cluster_id,
+            region: l.region.clone(),
+        }
+    }
+}
+
+impl From<&LineageEntry> for Lineage {
+    fn from(l: &LineageEntry) -> Self {
+        Self {
+            epoch: l.epoch,
+            first_revision: l.first_revision,
+            primary_cluster_id: l.primary_cluster_id,
+            region: l.region.clone(),
+        }
+    }
 }
 
 impl RoleState {
@@ -42,6 +82,28 @@ impl RoleState {
 
     pub fn store(&self, mvcc: &Mvcc) {
         mvcc.set_meta(Self::META_KEY, serde_json::to_vec(self).expect("role encodes"));
+    }
+
+    /// The lineage as the wire carries it. A cluster bootstrapped before
+    /// lineages were kept has none stored: a primary's is then its own
+    /// history from revision 1 at its epoch.
+    pub fn lineage_for(&self, own_cluster_id: u64) -> Vec<LineageEntry> {
+        if self.lineage.is_empty() && self.role == Role::Primary {
+            return vec![LineageEntry {
+                epoch: self.epoch,
+                first_revision: 1,
+                primary_cluster_id: own_cluster_id,
+                region: self.region.clone(),
+            }];
+        }
+        self.lineage.iter().map(LineageEntry::from).collect()
+    }
+
+    pub fn role_name(&self) -> &'static str {
+        match self.role {
+            Role::Primary => "primary",
+            Role::Secondary => "secondary",
+        }
     }
 
     /// The error a client write gets on a secondary.

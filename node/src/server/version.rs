@@ -27,7 +27,7 @@ use super::cluster::Members;
 use crate::error::{Error, Result};
 
 /// The newest entry version this binary applies.
-pub const APPLY_VERSION: u32 = 1;
+pub const APPLY_VERSION: u32 = 2;
 
 /// The version of the cluster whose members are `members`: the lowest one
 /// any member published, and the base version while any has published none.
@@ -71,6 +71,7 @@ pub fn required(request: &Request) -> u32 {
         | Request::LeaseCheckpoint(_)
         | Request::MirrorApply(_)
         | Request::AutoCompaction(_) => 1,
+        Request::RegionChange(_) => 2,
     }
 }
 

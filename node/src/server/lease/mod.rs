@@ -186,6 +186,19 @@ impl Lessor {
         }
     }
 
+    /// A promotion: every lease gets its full TTL again (its remaining TTL
+    /// is forgotten), as etcd does on a leader change, since clients kept it
+    /// alive on the old primary unseen.
+    pub fn rearm_full(&self, mvcc: &Mvcc) {
+        let mut st = self.state.lock();
+        for (id, l) in st.leases.iter_mut() {
+            if l.remaining != 0 {
+                l.remaining = 0;
+                Self::store(mvcc, *id, l);
+            }
+        }
+    }
+
     pub fn exists(&self, id: i64) -> bool {
         self.state.lock().leases.contains_key(&id)
     }

@@ -1,0 +1,262 @@
+//! Failover between regions, through `meridian region` as an operator runs it: a planned
+//! switchover under a write load (nothing lost, HashKV equal at the fence, the old primary
+//! fenced and then following the new one, the gateway moving writes), and an unplanned
+//! promotion of a secondary whose primary was killed (refused without --allow-data-loss while
+//! the old primary may still take writes, the RPO bound printed, leases re-armed and expiring,
+//! stale-epoch mirror writes refused).
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use meridian_proto::meridian::v1::mirror_client::MirrorClient;
+use meridian_proto::meridian::v1::MirrorApplyRequest;
+use meridian_tests::{meridian_bin, mirror_token_file, Cluster, ClusterOpts, GatewayProcess, MirrorProcess};
+
+fn opts(region: &str, role: &str, primary_region: &str) -> Result<ClusterOpts> {
+    let token = mirror_token_file()?.display().to_string();
+    let extra = ["--region", region, "--initial-role", role, "--primary-region", primary_region]
+        .into_iter()
+        .map(String::from)
+        .chain(["--mirror-token-file".to_string(), token])
+        .collect();
+    Ok(ClusterOpts { extra_args: extra, ..ClusterOpts::fast() })
+}
+
+/// Runs `meridian region ARGS`; (success, stdout, stderr).
+fn region(args: &[&str]) -> Result<(bool, String, String)> {
+    let out = Command::new(meridian_bin()?)
+        .arg("region")
+        .args(args)
+        .env("MERIDIAN_MIRROR_TOKEN_FILE", mirror_token_file()?)
+        .output()
+        .context("run meridian region")?;
+    Ok((
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+fn status_json(c: &Cluster) -> Result<serde_json::Value> {
+    let (ok, out, err) = region(&["status", "--endpoints", &c.endpoints().join(","), "-w", "json"])?;
+    ensure!(ok, "region status failed: {err}");
+    Ok(serde_json::from_str(&out)?)
+}
+
+/// Every key with its mod revision and value.
+async fn contents(c: &Cluster) -> Result<BTreeMap<String, (i64, String)>> {
+    let mut client = c.client().await?;
+    let r = client.get("", Some(etcd_client::GetOptions::new().with_from_key())).await?;
+    Ok(r.kvs()
+        .iter()
+        .map(|kv| {
+            (
+                String::from_utf8_lossy(kv.key()).into_owned(),
+                (kv.mod_revision(), String::from_utf8_lossy(kv.value()).into_owned()),
+            )
+        })
+        .collect())
+}
+
+async fn wait_revision(c: &Cluster, rev: i64, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    let mut client = c.client().await?;
+    loop {
+        let at = client.get("\0", None).await?.header().map_or(0, |h| h.revision());
+        if at >= rev {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "revision {at}, not {rev}, within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A planned switchover while a client writes to the primary: every acknowledged write is on the
+/// new primary at its revision, HashKV is equal at the fence, the old primary refuses writes and
+/// follows the new one, a stale-epoch mirror write is refused, and a gateway sends writes to the
+/// new primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_switchover_under_a_write_load_loses_nothing() -> Result<()> {
+    let old = Cluster::start(3, opts("us-east", "primary", "us-east")?)?;
+    let new = Cluster::start(1, opts("eu-west", "secondary", "us-east")?)?;
+    let mirror = MirrorProcess::start(&old.endpoints(), &new, &[])?;
+    let gateway = GatewayProcess::start(
+        "gw",
+        "eu-west",
+        &[("us-east", old.endpoints()), ("eu-west", new.endpoints())],
+        &["--probe-interval", "50ms"],
+    )?;
+
+    // A writer on the old primary, bounded in count and time, until its writes are refused.
+    let mut writer = old.client().await?;
+    let load = tokio::spawn(async move {
+        let mut acked = BTreeMap::new();
+        let mut refusal = None;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for i in 0..20_000 {
+            if Instant::now() >= deadline {
+                break;
+            }
+            let (k, v) = (format!("load/{i:05}"), format!("v{i}"));
+            match writer.put(k.clone(), v.clone(), None).await {
+                Ok(r) => {
+                    acked.insert(k, (r.header().map_or(0, |h| h.revision()), v));
+                }
+                Err(e) => {
+                    refusal = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        (acked, refusal)
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (ok, printed, err) =
+        region(&["switchover", "--from", &old.endpoints().join(","), "--to", &new.endpoints().join(",")])?;
+    ensure!(ok, "switchover failed: {printed}{err}");
+    eprintln!("{printed}");
+    let (acked, refusal) = load.await?;
+    ensure!(acked.len() > 20, "the load wrote only {} keys before the switchover", acked.len());
+    let refusal = refusal.context("the old primary took writes after the switchover")?;
+    ensure!(refusal.contains("read-only secondary of region") && refusal.contains("eu-west"), "{refusal}");
+    let fence: i64 = printed
+        .lines()
+        .find_map(|l| l.split("its last revision is ").nth(1))
+        .and_then(|s| s.trim().parse().ok())
+        .with_context(|| format!("no fence in {printed}"))?;
+    ensure!(printed.contains("write-unavailability window: "), "{printed}");
+    let last_acked = acked.values().map(|(r, _)| *r).max().unwrap_or(0);
+    ensure!(last_acked <= fence, "a write acknowledged at {last_acked}, after the fence {fence}");
+
+    // Nothing lost: every acknowledged write is on the new primary, at its revision.
+    let on_new = contents(&new).await?;
+    for (k, want) in &acked {
+        ensure!(on_new.get(k) == Some(want), "{k}: acknowledged {want:?}, on the new primary {:?}", on_new.get(k));
+    }
+    let old_hash = old.member_client(1).await?.hash_kv(fence).await?.hash();
+    let new_hash = new.member_client(1).await?.hash_kv(fence).await?.hash();
+    ensure!(old_hash == new_hash, "HashKV differs at the fence {fence}");
+
+    // The state, for a program: same epoch, roles swapped, the lineage names the new epoch.
+    let (o, n) = (status_json(&old)?, status_json(&new)?);
+    ensure!(o["role"] == "secondary" && n["role"] == "primary", "{o} {n}");
+    ensure!(o["epoch"] == 1 && n["epoch"] == 1, "{o} {n}");
+    ensure!(o["fence_revision"] == fence && n["fence_revision"] == fence, "{o} {n}");
+    ensure!(o["primary_region"] == "eu-west", "{o}");
+    let lineage = n["lineage"].as_array().context("lineage")?;
+    ensure!(lineage.len() == 2, "{n}");
+    ensure!(lineage[0]["region"] == "us-east" && lineage[0]["first_revision"] == 1, "{n}");
+    ensure!(lineage[1]["region"] == "eu-west" && lineage[1]["first_revision"] == fence + 1, "{n}");
+    ensure!(lineage[1]["epoch"] == 1 && lineage[1]["primary_cluster_id"] == n["cluster_id"], "{n}");
+    // For a person.
+    let (_, simple, _) = region(&["status", "--endpoints", &new.endpoints().join(",")])?;
+    ensure!(simple.contains("role:            primary"), "{simple}");
+    ensure!(simple.contains(&format!("epoch 1 from revision {}", fence + 1)), "{simple}");
+
+    // New writes go on at fence + 1 on the new primary.
+    let mut c = new.client().await?;
+    let r = c.put("after", "1", None).await?;
+    ensure!(r.header().map(|h| h.revision()) == Some(fence + 1), "{r:?}");
+
+    // A mirror write of the old epoch into the fenced old primary is refused.
+    let mut apply = MirrorClient::connect(old.client_url(1)).await?;
+    let mut req = tonic::Request::new(MirrorApplyRequest {
+        source_cluster_id: u64::from_str_radix(n["cluster_id"].as_str().unwrap_or("0"), 16)?,
+        epoch: 0,
+        ..Default::default()
+    });
+    let token = std::fs::read_to_string(mirror_token_file()?)?;
+    req.metadata_mut().insert(meridian_wire::token::TOKEN_METADATA, token.trim().parse()?);
+    let stale = apply.apply(req).await.expect_err("a stale epoch was applied");
+    ensure!(stale.code() == tonic::Code::FailedPrecondition, "{stale:?}");
+    ensure!(stale.message().contains("stale mirror epoch 0 (current 1)"), "{stale:?}");
+
+    // The gateway now sends writes to the new primary (the highest epoch).
+    let gw = format!("http://{}", gateway.endpoint());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut kv = meridian_proto::etcdserverpb::kv_client::KvClient::connect(gw.clone()).await?;
+        let put =
+            meridian_proto::etcdserverpb::PutRequest { key: "via-gw".into(), value: "1".into(), ..Default::default() };
+        match kv.put(put).await {
+            Ok(r) if r.metadata().get("x-meridian-region").is_some_and(|v| v == "eu-west") => break,
+            other => ensure!(Instant::now() < deadline, "writes through the gateway: {other:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The old primary follows the new one, from the fence on.
+    drop(mirror);
+    let back = MirrorProcess::start(&new.endpoints(), &old, &[])?;
+    let rev = c.put("after", "2", None).await?.header().map_or(0, |h| h.revision());
+    wait_revision(&old, rev, Duration::from_secs(20)).await?;
+    ensure!(contents(&old).await? == contents(&new).await?, "the old primary differs from the new one");
+    ensure!(status_json(&old)?["lineage"] == n["lineage"], "the old primary keeps the new lineage");
+    drop(back);
+    Ok(())
+}
+
+/// The primary region is killed: a promotion is refused while the old primary may still take
+/// writes, then goes ahead with --allow-data-loss, printing the RPO bound; the fence is the
+/// applied revision, writes go on after it, a lease nobody keeps alive expires, and the killed
+/// primary's mirror writes are refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unplanned_promotion_fences_and_rearms_leases() -> Result<()> {
+    let mut old = Cluster::start(1, opts("us-east", "primary", "us-east")?)?;
+    let new = Cluster::start(1, opts("eu-west", "secondary", "us-east")?)?;
+    let mut mirror = MirrorProcess::start(&old.endpoints(), &new, &[])?;
+    let mut c = old.client().await?;
+    let lease = c.lease_grant(4, None).await?.id();
+    c.put("leased", "1", Some(etcd_client::PutOptions::new().with_lease(lease))).await?;
+    let mut last = 0;
+    for i in 0..50 {
+        last = c.put(format!("k{i}"), "v", None).await?.header().map_or(0, |h| h.revision());
+    }
+    mirror.wait_applied(last, Duration::from_secs(20))?;
+    // Heartbeats carry the source revision; give one time to arrive.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    old.kill9(1)?;
+    mirror.kill9()?;
+
+    let eps = new.endpoints().join(",");
+    let (ok, out, err) = region(&["promote", "--endpoints", &eps])?;
+    ensure!(!ok, "promoted while the old primary was heard from just now: {out}");
+    ensure!(err.contains("the old primary may still be taking writes"), "{err}");
+    ensure!(out.contains("RPO bound: 0 revisions"), "{out}");
+
+    let started = Instant::now();
+    let (ok, out, err) = region(&["promote", "--endpoints", &eps, "--allow-data-loss"])?;
+    ensure!(ok, "promote failed: {out}{err}");
+    ensure!(out.contains(&format!("fence revision {last}")), "{out}");
+    let mut n = new.client().await?;
+    let r = n.put("after", "1", None).await?;
+    ensure!(r.header().map(|h| h.revision()) == Some(last + 1), "{r:?}");
+    let promoted_in = started.elapsed();
+    let st = status_json(&new)?;
+    ensure!(st["role"] == "primary" && st["epoch"] == 1 && st["fence_revision"] == last, "{st}");
+
+    // A second promotion of a primary is refused.
+    let (ok, _, err) = region(&["promote", "--endpoints", &eps, "--allow-data-loss"])?;
+    ensure!(!ok && err.contains("already the primary"), "{err}");
+
+    // The lease lives on with its id and full TTL, then expires: nobody keeps it alive.
+    let ttl = n.lease_time_to_live(lease, None).await?;
+    ensure!(ttl.ttl() > 2, "lease {lease:x} after promotion: {ttl:?}");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while n.get("leased", None).await?.count() == 1 {
+        ensure!(Instant::now() < deadline, "the leased key outlived its TTL on the new primary");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The killed primary comes back; its mirror (the old epoch) is refused by the new primary.
+    old.restart(1)?;
+    let stale = MirrorProcess::start(&old.endpoints(), &new, &[])?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let log = stale.log();
+    ensure!(log.contains("not a secondary") || log.contains("is a primary"), "{log}");
+    ensure!(n.get("k0", None).await?.count() == 1);
+    eprintln!("promote to first write: {promoted_in:?}");
+    Ok(())
+}
