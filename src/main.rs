@@ -57,6 +57,8 @@ enum RegionAction {
     Promote(region::PromoteFlags),
     /// Hand the primary role to a secondary with no lost write (planned switchover).
     Switchover(region::SwitchoverFlags),
+    /// Make a failed old primary a secondary of the new one: rewind to the fence, report what is dropped.
+    Rejoin(region::RejoinFlags),
 }
 
 #[derive(clap::Args)]
@@ -110,6 +112,7 @@ fn main() -> anyhow::Result<()> {
                     RegionAction::Status(f) => region::status(&f).await,
                     RegionAction::Promote(f) => region::promote(&f).await,
                     RegionAction::Switchover(f) => region::switchover(&f).await,
+                    RegionAction::Rejoin(f) => region::rejoin(&f).await,
                 }
             })?;
         }

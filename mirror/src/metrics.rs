@@ -18,6 +18,9 @@ pub struct Metrics {
     /// Revisions applied since start.
     pub applied_total: AtomicU64,
     pub resyncs: AtomicU64,
+    /// Every copy of the source's whole history (a first copy, a new
+    /// source, a resync): what a rejoin without a full copy avoids.
+    pub copies: AtomicU64,
     pub errors: AtomicU64,
     /// When the oldest revision not yet applied was first seen.
     pub oldest_unapplied: Mutex<Option<Instant>>,
@@ -40,6 +43,7 @@ pub struct Snapshot {
     pub apply_rate: f64,
     pub applied_total: u64,
     pub resyncs_total: u64,
+    pub copies_total: u64,
     pub errors_total: u64,
 }
 
@@ -74,6 +78,7 @@ impl Metrics {
             apply_rate,
             applied_total: total,
             resyncs_total: self.resyncs.load(Ordering::Relaxed),
+            copies_total: self.copies.load(Ordering::Relaxed),
             errors_total: self.errors.load(Ordering::Relaxed),
         }
     }
@@ -127,6 +132,12 @@ impl Metrics {
             "counter",
             "Full copies after the source compacted past the checkpoint.",
             s.resyncs_total.to_string(),
+        );
+        metric(
+            "meridian_mirror_copies_total",
+            "counter",
+            "Copies of the source's whole history (first copy, new source, resync).",
+            s.copies_total.to_string(),
         );
         metric(
             "meridian_mirror_errors_total",

@@ -1,6 +1,7 @@
 //! `meridian region`: the region state of a cluster (status), an unplanned
-//! promotion of a secondary (promote), and a planned switchover with no
-//! lost write (switchover). Each change is one call to the cluster's
+//! promotion of a secondary (promote), a planned switchover with no lost
+//! write (switchover), and the return of a failed old primary as a
+//! secondary, with a report of every write it drops (rejoin). Each change is one call to the cluster's
 //! `meridian.v1.Region` service, which makes it one raft entry.
 
 use std::path::PathBuf;
@@ -8,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use meridian_proto::meridian::v1::region_client::RegionClient as RegionRpc;
-use meridian_proto::meridian::v1::{DemoteRequest, PromoteRequest, RegionStatusRequest, RegionStatusResponse};
+use meridian_proto::meridian::v1::{
+    DemoteRequest, KvRecord, LineageEntry, PromoteRequest, RegionStatusRequest, RegionStatusResponse,
+};
 use meridian_wire::region::RegionClient;
 use meridian_wire::token::TOKEN_METADATA;
 use serde_json::json;
@@ -102,7 +105,12 @@ impl Cluster {
     }
 
     async fn demote(&mut self, epoch: u64, region: &str, cluster_id: u64) -> anyhow::Result<RegionStatusResponse> {
-        let req = self.request(DemoteRequest { epoch, primary_region: region.into(), primary_cluster_id: cluster_id });
+        let req = self.request(DemoteRequest {
+            epoch,
+            primary_region: region.into(),
+            primary_cluster_id: cluster_id,
+            ..Default::default()
+        });
         Ok(self.rpc.demote(req).await.map_err(status_error)?.into_inner())
     }
 }
@@ -329,4 +337,236 @@ pub async fn switchover(flags: &SwitchoverFlags) -> anyhow::Result<()> {
         promoted.region, o.region, flags.to, flags.from
     );
     Ok(())
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct RejoinFlags {
+    /// The endpoints of the failed old primary (running again, cut off from writes).
+    #[arg(long)]
+    pub endpoints: String,
+    /// The endpoints of the current primary it is to follow.
+    #[arg(long)]
+    pub primary: String,
+    /// Where to write every revision the old primary drops (JSON lines, then a summary line).
+    #[arg(long)]
+    pub report: PathBuf,
+    /// The --mirror-token-file both clusters were given.
+    #[arg(long, env = "MERIDIAN_MIRROR_TOKEN_FILE")]
+    pub mirror_token_file: PathBuf,
+}
+
+/// The fence between two lineages: the revision after which they part (the
+/// revision before the first epoch the new primary's lineage has and the
+/// old one's does not, or where they disagree). `None` when the new
+/// lineage adds nothing: then there is nothing to rejoin.
+pub fn fence_between(old: &[LineageEntry], new: &[LineageEntry]) -> Option<i64> {
+    let common = old.iter().zip(new).take_while(|(a, b)| a == b).count();
+    let theirs = new.get(common)?;
+    // Where the old one went its own way too, history parted at the earlier point.
+    let ours = old.get(common).map_or(i64::MAX, |o| o.first_revision);
+    Some(theirs.first_revision.min(ours) - 1)
+}
+
+/// A key or value for the report: text when it is UTF-8, else base64 under
+/// `<name>_base64`.
+fn bytes_field(map: &mut serde_json::Map<String, serde_json::Value>, name: &str, b: &[u8]) {
+    use base64::Engine as _;
+    match std::str::from_utf8(b) {
+        Ok(s) => map.insert(name.into(), s.into()),
+        Err(_) => map.insert(format!("{name}_base64"), base64::engine::general_purpose::STANDARD.encode(b).into()),
+    };
+}
+
+fn kv_json(rec: &KvRecord) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    bytes_field(&mut m, "key", &rec.key);
+    bytes_field(&mut m, "value", &rec.value);
+    m.insert("create_revision".into(), rec.create_revision.into());
+    m.insert("mod_revision".into(), rec.main.into());
+    m.insert("version".into(), rec.version.into());
+    m.insert("lease".into(), rec.lease.into());
+    m.into()
+}
+
+/// One dropped change as a report line.
+fn report_line(rec: &KvRecord, prev: Option<&KvRecord>) -> serde_json::Value {
+    let mut m = serde_json::Map::new();
+    m.insert("revision".into(), rec.main.into());
+    m.insert("sub".into(), rec.sub.into());
+    m.insert("op".into(), if rec.tombstone { "delete" } else { "put" }.into());
+    bytes_field(&mut m, "key", &rec.key);
+    if !rec.tombstone {
+        bytes_field(&mut m, "value", &rec.value);
+        m.insert("lease".into(), rec.lease.into());
+    }
+    m.insert("prev_kv".into(), prev.filter(|p| !p.tombstone).map_or(serde_json::Value::Null, kv_json));
+    m.into()
+}
+
+/// Every change after `fence` in the old primary's retained history, with
+/// the version each one replaced; and whether the history after the fence
+/// is whole (nothing compacted away).
+async fn dropped_changes(channel: Channel, fence: i64) -> anyhow::Result<(Vec<serde_json::Value>, bool)> {
+    use meridian_proto::meridian::v1::mirror_client::MirrorClient;
+    use meridian_proto::meridian::v1::RangeStreamRequest;
+    let mut stream = MirrorClient::new(channel)
+        .max_decoding_message_size(usize::MAX)
+        .range_stream(RangeStreamRequest { key: vec![0], range_end: vec![0] })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    let mut latest: std::collections::HashMap<Vec<u8>, KvRecord> = std::collections::HashMap::new();
+    let mut lines = Vec::new();
+    let mut compacted = 0;
+    while let Some(chunk) = stream.message().await.map_err(status_error)? {
+        compacted = chunk.compact_revision;
+        for rec in chunk.records {
+            if rec.main > fence {
+                lines.push(report_line(&rec, latest.get(&rec.key)));
+            }
+            latest.insert(rec.key.clone(), rec);
+        }
+    }
+    Ok((lines, compacted <= fence))
+}
+
+async fn hash_at(channel: Channel, rev: i64) -> Result<(u32, i64), tonic::Status> {
+    use meridian_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+    use meridian_proto::etcdserverpb::HashKvRequest;
+    let r = MaintenanceClient::new(channel).hash_kv(HashKvRequest { revision: rev }).await?.into_inner();
+    Ok((r.hash, r.compact_revision))
+}
+
+/// `meridian region rejoin`: turns a failed old primary into a secondary of
+/// the current one without a full copy when their histories agree up to the
+/// fence, and names every write it drops.
+///
+/// # Errors
+///
+/// The lineages do not say where the two parted, the report cannot be
+/// written, or a call failed (nothing was changed before the report is on
+/// disk).
+pub async fn rejoin(flags: &RejoinFlags) -> anyhow::Result<()> {
+    let token = Some(&flags.mirror_token_file);
+    let old_region = RegionClient::connect(&endpoints("--endpoints", &flags.endpoints)?, Duration::from_secs(3))
+        .await
+        .map_err(|e| anyhow::anyhow!("--endpoints: no member answers: {e}"))?;
+    let new_region = RegionClient::connect(&endpoints("--primary", &flags.primary)?, Duration::from_secs(3))
+        .await
+        .map_err(|e| anyhow::anyhow!("--primary: no member answers: {e}"))?;
+    let mut old = Cluster::connect("--endpoints", &flags.endpoints, token).await?;
+    let mut new = Cluster::connect("--primary", &flags.primary, token).await?;
+    let (o, n) = (old.status().await?, new.status().await?);
+    if n.role != "primary" {
+        bail!("--primary is region {:?}, a {}, not the primary", n.region, n.role);
+    }
+    if o.role == "primary" && o.epoch >= n.epoch {
+        bail!("region {:?} is the primary at epoch {}, not older than {:?}'s {}", o.region, o.epoch, n.region, n.epoch);
+    }
+    let fence = fence_between(&o.lineage, &n.lineage).ok_or_else(|| {
+        anyhow::anyhow!("the lineages do not part: {:?} already holds {:?}'s history", o.region, n.region)
+    })?;
+    // HashKV covers the revisions after each side's compact revision: the
+    // two agree only when that is the same on both sides.
+    let hashes = (hash_at(old_region.channel().0, fence).await, hash_at(new_region.channel().0, fence).await);
+    let (equal, why) = match hashes {
+        (Ok(a), Ok(b)) if a == b => (true, String::new()),
+        (Ok(a), Ok(b)) if a.1 != b.1 => (false, format!("compacted at {} and {}: not comparable", a.1, b.1)),
+        (Ok(_), Ok(_)) => (false, "HashKV differs at the fence".to_string()),
+        (Err(e), _) | (_, Err(e)) => (false, format!("HashKV at the fence failed: {}", e.message())),
+    };
+    let (lines, complete) = dropped_changes(old_region.channel().0, fence).await?;
+    let summary = json!({
+        "summary": true,
+        "fence": fence,
+        "epoch": n.epoch,
+        "count": lines.len(),
+        "region": o.region,
+        "primary_region": n.region,
+        "first_revision": fence + 1,
+        "last_revision": o.revision,
+        "hash_equal": equal,
+        "complete": complete,
+        "recopied": !equal,
+    });
+    let mut text = String::new();
+    for l in lines.iter().chain(std::iter::once(&summary)) {
+        text.push_str(&l.to_string());
+        text.push('\n');
+    }
+    write_durably(&flags.report, text.as_bytes())
+        .with_context(|| format!("writing the report {}", flags.report.display()))?;
+    println!(
+        "report: {} changes after the fence {fence} (revisions {}..={}) written to {}",
+        lines.len(),
+        fence + 1,
+        o.revision,
+        flags.report.display()
+    );
+    if !complete {
+        println!("warning: {:?} compacted past the fence; the report lists what its store kept", o.region);
+    }
+    let req = old.request(DemoteRequest {
+        epoch: n.epoch,
+        primary_region: n.region.clone(),
+        primary_cluster_id: cluster_id(&n),
+        rewind_to: fence,
+        wipe: !equal,
+        lineage: n.lineage.clone(),
+    });
+    let done = old.rpc.demote(req).await.map_err(status_error)?.into_inner();
+    if equal {
+        println!(
+            "rewound: region {:?} is a secondary of {:?} at epoch {}, at revision {fence}; the mirror resumes at {}",
+            done.region,
+            n.region,
+            done.epoch,
+            fence + 1
+        );
+    } else {
+        println!(
+            "emptied: region {:?} is a secondary of {:?} at epoch {} ({why}); the mirror copies its history",
+            done.region, n.region, done.epoch
+        );
+    }
+    println!("next: meridian mirror --source {} --target {}", flags.primary, flags.endpoints);
+    Ok(())
+}
+
+/// Writes `data` to `path` through a temporary file that is synced and then
+/// renamed, so a crash leaves the old file or the whole new one.
+fn write_durably(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(epoch: u64, first: i64, cluster: u64) -> LineageEntry {
+        LineageEntry { epoch, first_revision: first, primary_cluster_id: cluster, region: String::new() }
+    }
+
+    #[test]
+    fn fences_between_lineages() {
+        let base = vec![e(0, 1, 7)];
+        // The new primary took over after revision 41.
+        assert_eq!(fence_between(&base, &[e(0, 1, 7), e(1, 42, 9)]), Some(41));
+        // Nothing new: nothing to rejoin.
+        assert_eq!(fence_between(&base, &base), None);
+        assert_eq!(fence_between(&[e(0, 1, 7), e(1, 42, 9)], &base), None);
+        // Both went their own way: the earlier point.
+        assert_eq!(fence_between(&[e(0, 1, 7), e(1, 30, 5)], &[e(0, 1, 7), e(1, 42, 9)]), Some(29));
+        // Several epochs later.
+        assert_eq!(fence_between(&base, &[e(0, 1, 7), e(1, 42, 9), e(2, 90, 7)]), Some(41));
+    }
 }

@@ -516,6 +516,7 @@ impl Session<'_> {
     /// the target had, then lifts it to the source's revision at the copy.
     async fn resync(&mut self, compacted: i64) -> anyhow::Result<()> {
         let started = Instant::now();
+        self.m.copies.fetch_add(1, Ordering::Relaxed);
         let (records, compact, rev) = match self.kind {
             Kind::Meridian => self.read_meridian_history().await?,
             Kind::Etcd => self.read_etcd_state(compacted).await?,

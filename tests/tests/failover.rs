@@ -260,3 +260,177 @@ async fn an_unplanned_promotion_fences_and_rearms_leases() -> Result<()> {
     eprintln!("promote to first write: {promoted_in:?}");
     Ok(())
 }
+
+/// The lines of a rejoin report: the changes, then the summary.
+fn read_report(path: &std::path::Path) -> Result<(Vec<serde_json::Value>, serde_json::Value)> {
+    let text = std::fs::read_to_string(path)?;
+    let mut lines: Vec<serde_json::Value> =
+        text.lines().map(serde_json::from_str).collect::<Result<_, _>>().context("report line")?;
+    let summary = lines.pop().context("empty report")?;
+    ensure!(summary["summary"] == true, "the last line is not the summary: {summary}");
+    Ok((lines, summary))
+}
+
+/// The whole primary region is killed under a write load after its mirror stopped, so writes are
+/// lost; the secondary is promoted and takes new writes; the old primary comes back and rejoins:
+/// the report names every acknowledged write missing on the new primary and only writes the
+/// client made, exactly the revisions after the fence; the old store is rewound (older revisions
+/// still readable) and follows the new primary with no full copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_primary_rejoins_with_a_report_of_every_lost_write() -> Result<()> {
+    let mut old = Cluster::start(3, opts("us-east", "primary", "us-east")?)?;
+    let new = Cluster::start(1, opts("eu-west", "secondary", "us-east")?)?;
+    let mut mirror = MirrorProcess::start(&old.endpoints(), &new, &[])?;
+
+    let mut writer = old.client().await?;
+    let load = tokio::spawn(async move {
+        let mut acked: BTreeMap<String, (i64, String)> = BTreeMap::new();
+        let mut attempted = std::collections::BTreeSet::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for i in 0..50_000 {
+            if Instant::now() >= deadline {
+                break;
+            }
+            let (k, v) = (format!("load/{i:05}"), format!("v{i}"));
+            attempted.insert(k.clone());
+            match writer.put(k.clone(), v.clone(), None).await {
+                Ok(r) => {
+                    acked.insert(k, (r.header().map_or(0, |h| h.revision()), v));
+                }
+                Err(_) => break,
+            }
+        }
+        (acked, attempted)
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    mirror.kill9()?;
+    // Writes go on with nobody mirroring them: these are the ones a failover loses.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for i in 1..=3 {
+        old.kill9(i)?;
+    }
+    let (acked, attempted) = load.await?;
+    let last_acked = acked.values().map(|(r, _)| *r).max().context("no write acknowledged")?;
+
+    let (ok, out, err) = region(&["promote", "--endpoints", &new.endpoints().join(","), "--allow-data-loss"])?;
+    ensure!(ok, "promote failed: {out}{err}");
+    let fence: i64 = out
+        .split("fence revision ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .and_then(|s| s.trim().parse().ok())
+        .with_context(|| format!("no fence in {out}"))?;
+    ensure!(fence < last_acked, "nothing was lost (fence {fence}, last acknowledged {last_acked})");
+    // The new primary takes writes at the revisions the old one also used.
+    let mut n = new.client().await?;
+    for i in 0..5 {
+        n.put(format!("new/{i}"), "n", None).await?;
+    }
+    let on_new = contents(&new).await?;
+
+    for i in 1..=3 {
+        old.spawn(i)?;
+    }
+    old.wait_ready_all()?;
+    let old_revision = status_json(&old)?["revision"].as_i64().context("revision")?;
+    let dir = tempfile::tempdir()?;
+    let report = dir.path().join("lost.jsonl");
+    let (ok, out, err) = region(&[
+        "rejoin",
+        "--endpoints",
+        &old.endpoints().join(","),
+        "--primary",
+        &new.endpoints().join(","),
+        "--report",
+        report.to_str().context("path")?,
+    ])?;
+    ensure!(ok, "rejoin failed: {out}{err}");
+    ensure!(out.contains("rewound:"), "{out}");
+    let (lines, summary) = read_report(&report)?;
+    ensure!(summary["fence"] == fence && summary["epoch"] == 1 && summary["count"] == lines.len(), "{summary}");
+    ensure!(summary["hash_equal"] == true && summary["recopied"] == false, "{summary}");
+
+    // Exactly the revisions after the fence, each a put of the load.
+    let revisions: Vec<i64> = lines.iter().filter_map(|l| l["revision"].as_i64()).collect();
+    ensure!(revisions == (fence + 1..=old_revision).collect::<Vec<_>>(), "report revisions {revisions:?}");
+    let mut reported = BTreeMap::new();
+    for l in &lines {
+        let key = l["key"].as_str().context("key")?.to_string();
+        ensure!(l["op"] == "put" && attempted.contains(&key), "a write the client never made: {l}");
+        ensure!(l["prev_kv"].is_null(), "the load writes each key once: {l}");
+        reported.insert(key, (l["revision"].as_i64().unwrap_or(0), l["value"].as_str().unwrap_or("").to_string()));
+    }
+    // Every acknowledged write is on the new primary or in the report, never both.
+    for (k, want) in &acked {
+        let kept = on_new.get(k) == Some(want);
+        let listed = reported.get(k) == Some(want);
+        ensure!(kept != listed, "{k} {want:?}: on the new primary {kept}, in the report {listed}");
+        ensure!(kept == (want.0 <= fence), "{k} at {}: fence {fence}", want.0);
+    }
+
+    // Rewound, not copied: older revisions stay readable, and the mirror copies nothing.
+    let st = status_json(&old)?;
+    ensure!(st["role"] == "secondary" && st["revision"] == fence && st["fence_revision"] == fence, "{st}");
+    let mut o = old.client().await?;
+    let early = o.get("load/00000", Some(etcd_client::GetOptions::new().with_revision(fence))).await?;
+    ensure!(early.count() == 1, "revision {fence} is not readable on the rewound store");
+    let back = MirrorProcess::start(&new.endpoints(), &old, &[])?;
+    let rev = n.put("after-rejoin", "1", None).await?.header().map_or(0, |h| h.revision());
+    back.wait_applied(rev, Duration::from_secs(20))?;
+    ensure!(contents(&old).await? == contents(&new).await?, "the rejoined region differs from the primary");
+    let m = back.status()?;
+    ensure!(m["copies_total"] == 0, "the rejoin needed a full copy: {m}");
+    ensure!(status_json(&old)?["lineage"] == status_json(&new)?["lineage"]);
+    Ok(())
+}
+
+/// A rejoin where the histories differ before the fence (the promoted region mirrored only a
+/// prefix) empties the old primary after writing its report, and the mirror copies the new
+/// primary's history into it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejoin_with_different_histories_recopies() -> Result<()> {
+    let mut old = Cluster::start(1, opts("us-east", "primary", "us-east")?)?;
+    let new = Cluster::start(1, opts("eu-west", "secondary", "us-east")?)?;
+    let mut c = old.client().await?;
+    // y/1 is never mirrored: the two histories differ from revision 2 on.
+    c.put("y/1", "b", None).await?;
+    c.put("x/1", "a", None).await?;
+    let mut mirror = MirrorProcess::start(&old.endpoints(), &new, &["--prefix", "x/"])?;
+    let mut n = new.client().await?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while n.get("x/1", None).await?.count() == 0 {
+        ensure!(Instant::now() < deadline, "x/1 never reached the secondary");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    mirror.kill9()?;
+    c.put("x/2", "lost", None).await?;
+    old.kill9(1)?;
+    let (ok, out, err) = region(&["promote", "--endpoints", &new.endpoints().join(","), "--allow-data-loss"])?;
+    ensure!(ok, "promote failed: {out}{err}");
+    n.put("x/3", "new", None).await?;
+
+    old.restart(1)?;
+    let dir = tempfile::tempdir()?;
+    let report = dir.path().join("lost.jsonl");
+    let (ok, out, err) = region(&[
+        "rejoin",
+        "--endpoints",
+        &old.endpoints().join(","),
+        "--primary",
+        &new.endpoints().join(","),
+        "--report",
+        report.to_str().context("path")?,
+    ])?;
+    ensure!(ok, "rejoin failed: {out}{err}");
+    ensure!(out.contains("emptied:"), "{out}");
+    let (lines, summary) = read_report(&report)?;
+    ensure!(summary["hash_equal"] == false && summary["recopied"] == true, "{summary}");
+    ensure!(lines.iter().any(|l| l["key"] == "x/2" && l["value"] == "lost"), "{lines:?}");
+
+    let back = MirrorProcess::start(&new.endpoints(), &old, &[])?;
+    let rev = n.put("after", "1", None).await?.header().map_or(0, |h| h.revision());
+    back.wait_applied(rev, Duration::from_secs(20))?;
+    ensure!(contents(&old).await? == contents(&new).await?, "the re-copied region differs from the primary");
+    ensure!(back.status()?["copies_total"] == 1, "{}", back.status()?);
+    Ok(())
+}

@@ -572,6 +572,51 @@ impl Mvcc {
         Ok(())
     }
 
+    /// Drops every revision after `to`, staged into `batch`: the store
+    /// becomes what it was at `to`, with its history up to there (a rejoin
+    /// rewinds a failed primary to the fence). Readers see `Compacted`
+    /// until the batch is published, and a read view begun before fails the
+    /// same way after.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Compacted`] if `to` is below the compact revision (the
+    /// history to rewind through is gone); storage errors.
+    pub fn rewind(&self, to: i64, batch: &mut OwnedWriteBatch) -> Result<()> {
+        let mut st = self.state.write();
+        if to < st.staged.compacted {
+            return Err(Error::Compacted);
+        }
+        if to >= st.staged.current {
+            return Ok(());
+        }
+        st.pending.retain(|rev, _| rev.main <= to);
+        let kv = st.kv.clone();
+        let cut = Revision::new(to + 1, 0).to_key();
+        let mut index = KeyIndex::default();
+        let mut size = 0;
+        for item in kv.iter() {
+            let (k, v) = item.into_inner()?;
+            if k.as_ref() >= cut.as_slice() {
+                batch.remove(&kv, k.to_vec());
+                continue;
+            }
+            let rec = decode_record(&k, &v)?;
+            size += v.len() as u64;
+            index.restore(&rec.key, version_of(Revision::new(rec.main, rec.sub), &rec));
+        }
+        for (rev, rec) in &st.pending {
+            size += rec.encoded_len() as u64;
+            index.restore(&rec.key, version_of(*rev, rec));
+        }
+        st.index = index;
+        st.size = size;
+        st.staged.current = to;
+        st.restoring = true;
+        st.generation += 1;
+        Ok(())
+    }
+
     /// Walks the index for `range` at `opts.rev` (or `current`): the
     /// versions to return (at most the limit) and the full count.
     fn visit_in(

@@ -281,3 +281,40 @@ fn hash_kv_equals_etcds() {
     assert_eq!(hash(6).unwrap(), 3_861_387_746);
     assert_eq!(hash(0).unwrap(), hash(7).unwrap());
 }
+
+/// A rewind drops every revision after its target, stored or still pending in the same batch;
+/// the store reads as it did at the target, survives a reopen, and goes on from there.
+#[test]
+fn rewind_drops_the_revisions_after_the_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path());
+    put(&store, "k", "a"); // 2
+    put(&store, "k", "b"); // 3
+    put(&store, "gone", "x"); // 4
+    commit(&store, 1);
+    put(&store, "k", "c"); // 5, pending in the rewind's batch
+    let mut batch = store.db_handle().batch();
+    store.rewind(3, &mut batch).unwrap();
+    assert!(matches!(store.range(&KeyRange::new(b"k", b""), RangeOpts::default()), Err(Error::Compacted)));
+    store.set_applied(2);
+    store.stage(&mut batch);
+    batch.commit().unwrap();
+    store.publish().unwrap();
+    let check = |store: &Mvcc| {
+        assert_eq!(store.marks().current, 3);
+        assert_eq!(get(store, "k", 0).unwrap().map(|v| v.0), Some("b".into()));
+        assert_eq!(get(store, "k", 2).unwrap().map(|v| v.0), Some("a".into()), "history before stays");
+        assert_eq!(get(store, "gone", 0).unwrap(), None);
+        assert_eq!(store.history(4, 10, 100).unwrap(), vec![]);
+    };
+    check(&store);
+    drop(store);
+    let store = open(dir.path());
+    check(&store);
+    assert_eq!(put(&store, "k", "d"), 4, "the next write takes the next revision");
+    store.compact(3).unwrap();
+    commit(&store, 3);
+    let mut batch = store.db_handle().batch();
+    assert!(matches!(store.rewind(2, &mut batch), Err(Error::Compacted)), "history before 3 is gone");
+    assert_eq!(store.staged_marks().current, 4, "a refused rewind changes nothing");
+}

@@ -202,7 +202,7 @@ impl EtcdStateMachine {
                 }
                 Ok(Applied::Done)
             }
-            Request::RegionChange(c) => self.region_change(c),
+            Request::RegionChange(c) => self.region_change(c, batch),
             Request::MemberAttributes(attrs) => {
                 let mut members = Members::load(&self.mvcc);
                 members.set_attributes(&attrs);
@@ -221,7 +221,7 @@ impl EtcdStateMachine {
     /// revision at which the entry applies: writes ordered before it in the
     /// log are in the old role's history, every later one is refused or
     /// goes on at fence + 1.
-    fn region_change(&mut self, c: RegionChange) -> Result<Applied> {
+    fn region_change(&mut self, c: RegionChange, batch: &mut OwnedWriteBatch) -> Result<Applied> {
         let role = self.role.get();
         let to = match c.role.as_str() {
             "primary" => Role::Primary,
@@ -261,10 +261,29 @@ impl EtcdStateMachine {
                 self.lessor.rearm_full(&self.mvcc);
             }
             Role::Secondary => {
-                if role.role != Role::Primary {
+                let rejoin = c.rewind_to > 0 || c.wipe;
+                if role.role != Role::Primary && !rejoin {
                     return Err(Error::Fenced("this cluster is already a secondary".into()));
                 }
-                if role.lineage.is_empty() {
+                if c.wipe {
+                    // Histories differ: the mirror copies the new primary's whole.
+                    let applied = self.mvcc.staged_marks().applied;
+                    let mut meta = self.mvcc.all_meta();
+                    meta.retain(|name, _| !name.starts_with(LEASE_META_PREFIX));
+                    self.mvcc.import(Marks { current: 1, compacted: 0, applied }, Vec::new(), meta, batch)?;
+                    self.lessor.rebuild(&self.mvcc);
+                    self.restored = true;
+                    next.fence_revision = c.rewind_to;
+                } else if c.rewind_to > 0 {
+                    // The revisions after the fence were never the new primary's.
+                    self.mvcc.rewind(c.rewind_to, batch)?;
+                    self.lessor.rebuild(&self.mvcc);
+                    self.restored = true;
+                    next.fence_revision = c.rewind_to;
+                }
+                if !c.lineage.is_empty() {
+                    next.lineage = c.lineage.iter().map(Lineage::from).collect();
+                } else if role.lineage.is_empty() {
                     // Bootstrapped before lineages were kept: its own history.
                     let own = self.mvcc.meta(crate::META_CLUSTER_ID).and_then(|b| b.try_into().ok());
                     let own = own.map_or(0, u64::from_be_bytes);

@@ -71,6 +71,7 @@ impl Region for RegionService {
             expect_revision: r.expect_revision,
             primary_region: String::new(),
             primary_cluster_id: self.server.cluster_id,
+            ..Default::default()
         })
         .await
     }
@@ -87,6 +88,9 @@ impl Region for RegionService {
             expect_revision: 0,
             primary_region: r.primary_region,
             primary_cluster_id: r.primary_cluster_id,
+            rewind_to: r.rewind_to,
+            wipe: r.wipe,
+            lineage: r.lineage,
         })
         .await
     }

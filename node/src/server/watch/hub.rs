@@ -126,6 +126,30 @@ impl WatchHub {
     /// The store was replaced by a snapshot: every watcher re-reads from it.
     pub fn restored(&self) {
         let mut hub = self.hub.lock();
+        let now = hub.mvcc.marks().current;
+        if now < hub.rev {
+            // A rewind (rejoin): revisions the watchers may have seen are
+            // gone, and the numbers will be reused by other writes. Every
+            // watcher ends, saying why.
+            let keys: Vec<Key> = hub.watchers.keys().copied().collect();
+            for key in keys {
+                if let Some(w) = hub.watchers.get(&key) {
+                    let resp = WatchResponse {
+                        header: Some((hub.header)(now)),
+                        watch_id: key.1,
+                        canceled: true,
+                        cancel_reason: format!(
+                            "meridian: the store was rewound to revision {now} (rejoin); later revisions were lost"
+                        ),
+                        ..Default::default()
+                    };
+                    let _ = w.out.try_send(Ok(resp));
+                }
+                hub.remove(key);
+            }
+            hub.rev = now;
+            return;
+        }
         let synced: Vec<Key> = hub.by_key.values().flatten().chain(&hub.ranges).copied().collect();
         let old = hub.rev;
         for key in synced {
