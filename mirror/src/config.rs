@@ -7,9 +7,11 @@ use serde::Deserialize;
 
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct MirrorFlags {
-    /// Source endpoints (Meridian or etcd), comma-separated host:port or URLs.
+    /// Source endpoints (Meridian or etcd), comma-separated host:port or URLs. Repeat it, once
+    /// per other region, to follow the topology: the mirror always copies from the region that
+    /// is the primary with the highest epoch, and idles while its target is the primary.
     #[arg(long)]
-    pub source: Option<String>,
+    pub source: Vec<String>,
     /// Target (secondary) endpoints, comma-separated.
     #[arg(long)]
     pub target: Option<String>,
@@ -48,7 +50,8 @@ pub struct StatusFlags {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(default)]
 pub struct MirrorConfig {
-    pub source: Vec<String>,
+    /// Each source region's endpoints; with more than one, the mirror follows the primary.
+    pub sources: Vec<Vec<String>>,
     pub target: Vec<String>,
     pub prefix: String,
     pub dest_prefix: Option<String>,
@@ -61,7 +64,9 @@ pub struct MirrorConfig {
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 struct FileConfig {
+    /// One region's endpoints; `sources` lists several.
     source: Option<String>,
+    sources: Option<Vec<String>>,
     target: Option<String>,
     prefix: Option<String>,
     dest_prefix: Option<String>,
@@ -94,13 +99,19 @@ impl MirrorConfig {
         b = b.add_source(config::Environment::with_prefix("MERIDIAN_MIRROR"));
         let file: FileConfig = b.build()?.try_deserialize()?;
         let pick = |flag: &Option<String>, file: Option<String>| flag.clone().or(file);
-        let source = pick(&flags.source, file.source).unwrap_or_default();
+        let sources: Vec<String> = if !flags.source.is_empty() {
+            flags.source.clone()
+        } else if let Some(list) = file.sources {
+            list
+        } else {
+            file.source.into_iter().collect()
+        };
         let target = pick(&flags.target, file.target).unwrap_or_default();
         let token_file = flags.mirror_token_file.clone().or(file.mirror_token_file).ok_or_else(|| {
             anyhow::anyhow!("--mirror-token-file is required: the file the target secondary was given")
         })?;
         let cfg = Self {
-            source: endpoints("--source", &source)?,
+            sources: sources.iter().map(|s| endpoints("--source", s)).collect::<anyhow::Result<_>>()?,
             target: endpoints("--target", &target)?,
             prefix: pick(&flags.prefix, file.prefix).unwrap_or_default(),
             dest_prefix: pick(&flags.dest_prefix, file.dest_prefix),
@@ -108,7 +119,7 @@ impl MirrorConfig {
             token: meridian_wire::token::read_token(&token_file).map_err(anyhow::Error::msg)?,
             allow_source_change: flags.allow_source_change || file.allow_source_change.unwrap_or(false),
         };
-        anyhow::ensure!(!cfg.source.is_empty(), "--source is required");
+        anyhow::ensure!(!cfg.sources.is_empty(), "--source is required");
         anyhow::ensure!(!cfg.target.is_empty(), "--target is required");
         Ok(cfg)
     }

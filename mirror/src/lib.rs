@@ -35,12 +35,16 @@ mod metrics;
 pub mod region;
 mod session;
 mod status;
+mod topology;
 
 pub use config::{MirrorConfig, MirrorFlags, StatusFlags};
 pub use status::print_status;
 
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How often an idle mirror (its target is the primary) looks again.
+const IDLE_RECHECK: Duration = Duration::from_secs(1);
 
 /// Runs the mirror until `shutdown` resolves.
 ///
@@ -55,8 +59,33 @@ pub async fn run(cfg: MirrorConfig, shutdown: impl std::future::Future<Output = 
     let work = async {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match session::run(&cfg, &metrics).await {
+            let source = match topology::choose(&cfg).await {
+                Ok(topology::Choice::Follow(source)) => Ok(source),
+                Ok(topology::Choice::Idle(why)) => {
+                    let state = format!("idle: {why}");
+                    if *metrics.state.lock() != state {
+                        tracing::info!("{state}; mirroring resumes when another region is the primary");
+                        *metrics.state.lock() = state;
+                    }
+                    backoff = Duration::from_millis(100);
+                    tokio::time::sleep(IDLE_RECHECK).await;
+                    continue;
+                }
+                Err(e) => Err(e),
+            };
+            let result = match source {
+                Ok(source) => {
+                    *metrics.state.lock() = format!("following {}", source.join(","));
+                    session::run(&cfg, &source, &metrics).await
+                }
+                Err(e) => Err(e),
+            };
+            match result {
                 Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) if e.downcast_ref::<session::TopologyChanged>().is_some() => {
+                    tracing::info!("{e}: choosing the source again");
+                    backoff = Duration::from_millis(100);
+                }
                 Err(e) => {
                     metrics.errors.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::warn!(error = format!("{e:#}"), retry_in = ?backoff, "mirror session ended");

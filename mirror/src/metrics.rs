@@ -32,6 +32,9 @@ pub struct Metrics {
     /// `region="…",source_region="…"`: the secondary's region and the region
     /// it mirrors, on every metric; learned from the target at session start.
     pub labels: Mutex<String>,
+    /// What the mirror does now: `following <endpoints>`, `idle: <why>`,
+    /// or `choosing` before the first choice.
+    pub state: Mutex<String>,
 }
 
 #[derive(Serialize)]
@@ -45,6 +48,7 @@ pub struct Snapshot {
     pub resyncs_total: u64,
     pub copies_total: u64,
     pub errors_total: u64,
+    pub state: String,
 }
 
 impl Metrics {
@@ -79,6 +83,7 @@ impl Metrics {
             applied_total: total,
             resyncs_total: self.resyncs.load(Ordering::Relaxed),
             copies_total: self.copies.load(Ordering::Relaxed),
+            state: self.state.lock().clone(),
             errors_total: self.errors.load(Ordering::Relaxed),
         }
     }

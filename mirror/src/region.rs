@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use meridian_proto::meridian::v1::region_client::RegionClient as RegionRpc;
 use meridian_proto::meridian::v1::{
-    DemoteRequest, KvRecord, LineageEntry, PromoteRequest, RegionStatusRequest, RegionStatusResponse,
+    DemoteRequest, KvRecord, PromoteRequest, RegionStatusRequest, RegionStatusResponse,
 };
+use meridian_wire::lineage::fence_between;
 use meridian_wire::region::RegionClient;
 use meridian_wire::token::TOKEN_METADATA;
 use serde_json::json;
@@ -355,18 +356,6 @@ pub struct RejoinFlags {
     pub mirror_token_file: PathBuf,
 }
 
-/// The fence between two lineages: the revision after which they part (the
-/// revision before the first epoch the new primary's lineage has and the
-/// old one's does not, or where they disagree). `None` when the new
-/// lineage adds nothing: then there is nothing to rejoin.
-pub fn fence_between(old: &[LineageEntry], new: &[LineageEntry]) -> Option<i64> {
-    let common = old.iter().zip(new).take_while(|(a, b)| a == b).count();
-    let theirs = new.get(common)?;
-    // Where the old one went its own way too, history parted at the earlier point.
-    let ours = old.get(common).map_or(i64::MAX, |o| o.first_revision);
-    Some(theirs.first_revision.min(ours) - 1)
-}
-
 /// A key or value for the report: text when it is UTF-8, else base64 under
 /// `<name>_base64`.
 fn bytes_field(map: &mut serde_json::Map<String, serde_json::Value>, name: &str, b: &[u8]) {
@@ -546,27 +535,4 @@ fn write_durably(path: &std::path::Path, data: &[u8]) -> std::io::Result<()> {
         std::fs::File::open(dir)?.sync_all()?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn e(epoch: u64, first: i64, cluster: u64) -> LineageEntry {
-        LineageEntry { epoch, first_revision: first, primary_cluster_id: cluster, region: String::new() }
-    }
-
-    #[test]
-    fn fences_between_lineages() {
-        let base = vec![e(0, 1, 7)];
-        // The new primary took over after revision 41.
-        assert_eq!(fence_between(&base, &[e(0, 1, 7), e(1, 42, 9)]), Some(41));
-        // Nothing new: nothing to rejoin.
-        assert_eq!(fence_between(&base, &base), None);
-        assert_eq!(fence_between(&[e(0, 1, 7), e(1, 42, 9)], &base), None);
-        // Both went their own way: the earlier point.
-        assert_eq!(fence_between(&[e(0, 1, 7), e(1, 30, 5)], &[e(0, 1, 7), e(1, 42, 9)]), Some(29));
-        // Several epochs later.
-        assert_eq!(fence_between(&base, &[e(0, 1, 7), e(1, 42, 9), e(2, 90, 7)]), Some(41));
-    }
 }

@@ -47,6 +47,9 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 /// How often every target member gets a heartbeat.
 const HEARTBEAT_EVERY: Duration = Duration::from_millis(100);
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(2);
+/// How often a mirror with several sources checks that its source is still
+/// the primary.
+const TOPOLOGY_EVERY: Duration = Duration::from_millis(250);
 const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(5);
 /// How long the first probe of the source or the target may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -136,6 +139,20 @@ struct Session<'a> {
     last_progress: Instant,
 }
 
+/// A session ends with this when its source is no longer the primary and
+/// other sources are configured: not a failure, the next session follows
+/// the new primary.
+#[derive(Debug)]
+pub struct TopologyChanged(pub String);
+
+impl std::fmt::Display for TopologyChanged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for TopologyChanged {}
+
 /// A region's members, probed once: the session sends to the leader (or,
 /// with none known, the first member that answered).
 async fn connect(endpoints: &[String]) -> anyhow::Result<RegionClient> {
@@ -158,8 +175,11 @@ async fn source_header(src: &Channel) -> anyhow::Result<ResponseHeader> {
     Ok(r.header.unwrap_or_default())
 }
 
-pub async fn run(cfg: &MirrorConfig, m: &Arc<Metrics>) -> anyhow::Result<()> {
-    let src_region = connect(&cfg.source).await.context("source")?;
+/// One session from `source` (one region's endpoints) into the target.
+/// Ends with `Ok` when the source stops being the primary while other
+/// sources are configured: the next session follows the new primary.
+pub async fn run(cfg: &MirrorConfig, source: &[String], m: &Arc<Metrics>) -> anyhow::Result<()> {
+    let src_region = connect(source).await.context("source")?;
     let dst_region = connect(&cfg.target).await.context("target")?;
     let (src, dst) = (src_region.channel().0, dst_region.channel().0);
     let token = Token(cfg.token.parse().context("the mirror token is not valid gRPC metadata")?);
@@ -218,7 +238,16 @@ pub async fn run(cfg: &MirrorConfig, m: &Arc<Metrics>) -> anyhow::Result<()> {
     };
     // A target that follows another source is only ever replaced on the
     // operator's word: its revisions mean nothing on this source.
-    let foreign = ts.source_cluster_id != 0 && ts.source_cluster_id != cluster_id;
+    let foreign = ts.source_cluster_id != 0
+        && ts.source_cluster_id != cluster_id
+        && !meridian_wire::lineage::continues(&s.lineage, ts.source_cluster_id, ts.revision);
+    if ts.source_cluster_id != cluster_id && !foreign && ts.source_cluster_id != 0 {
+        tracing::info!(
+            old = format!("{:x}", ts.source_cluster_id),
+            new = format!("{cluster_id:x}"),
+            "the source took over from the cluster the target followed: going on without a copy"
+        );
+    }
     if foreign && !cfg.allow_source_change {
         bail!(
             "the target follows source cluster {:x}, not this source {cluster_id:x}; start the mirror with \
@@ -297,6 +326,7 @@ impl Session<'_> {
             .into_inner();
         let mut progress = tokio::time::interval(PROGRESS_EVERY);
         let mut housekeeping = tokio::time::interval(HOUSEKEEPING_EVERY);
+        let mut topology = tokio::time::interval(TOPOLOGY_EVERY);
         let mut batch: Vec<MirrorRevision> = Vec::new();
         let mut bytes = 0;
         loop {
@@ -305,6 +335,10 @@ impl Session<'_> {
                     r = stream.message() => Some(r?),
                     _ = progress.tick() => {
                         let _ = tx.try_send(WatchRequest { request_union: Some(RequestUnion::ProgressRequest(WatchProgressRequest {})) });
+                        None
+                    }
+                    _ = topology.tick() => {
+                        self.check_source_role().await?;
                         None
                     }
                     _ = housekeeping.tick() => {
@@ -488,6 +522,22 @@ impl Session<'_> {
 
     /// Drops leases the source no longer has, and repeats the source's
     /// compactions (Meridian sources; etcd sources compact on their own).
+    /// With several sources: ends the session once this one is no longer
+    /// the primary.
+    async fn check_source_role(&self) -> anyhow::Result<()> {
+        if self.cfg.sources.len() > 1 && matches!(self.kind, Kind::Meridian) {
+            let s = RegionRpcClient::new(self.src.clone()).status(RegionStatusRequest {}).await?.into_inner();
+            if s.role != "primary" {
+                return Err(TopologyChanged(format!(
+                    "the source region {:?} is now a {} at epoch {}",
+                    s.region, s.role, s.epoch
+                ))
+                .into());
+            }
+        }
+        Ok(())
+    }
+
     async fn housekeeping(&mut self) -> anyhow::Result<()> {
         let mut req = self.request();
         if !self.known_leases.is_empty() {

@@ -250,12 +250,21 @@ async fn an_unplanned_promotion_fences_and_rearms_leases() -> Result<()> {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    // The killed primary comes back; its mirror (the old epoch) is refused by the new primary.
+    // The killed primary comes back: a mirror from it into the new primary idles, saying why,
+    // and a mirror write of the old epoch is refused.
     old.restart(1)?;
     let stale = MirrorProcess::start(&old.endpoints(), &new, &[])?;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let log = stale.log();
-    ensure!(log.contains("not a secondary") || log.contains("is a primary"), "{log}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stale.log().contains("idle: the target region \"eu-west\" is the primary (epoch 1)") {
+        ensure!(Instant::now() < deadline, "{}", stale.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut apply = MirrorClient::connect(new.client_url(1)).await?;
+    let mut req = tonic::Request::new(MirrorApplyRequest { epoch: 0, ..Default::default() });
+    let token = std::fs::read_to_string(mirror_token_file()?)?;
+    req.metadata_mut().insert(meridian_wire::token::TOKEN_METADATA, token.trim().parse()?);
+    let refused = apply.apply(req).await.expect_err("the new primary took a mirror write");
+    ensure!(refused.message().contains("mirror writes go to a secondary"), "{refused:?}");
     ensure!(n.get("k0", None).await?.count() == 1);
     eprintln!("promote to first write: {promoted_in:?}");
     Ok(())
@@ -432,5 +441,64 @@ async fn a_rejoin_with_different_histories_recopies() -> Result<()> {
     back.wait_applied(rev, Duration::from_secs(20))?;
     ensure!(contents(&old).await? == contents(&new).await?, "the re-copied region differs from the primary");
     ensure!(back.status()?["copies_total"] == 1, "{}", back.status()?);
+    Ok(())
+}
+
+/// Three regions, a mirror into each listing the other two: after a switchover and then an
+/// unplanned failover, every live secondary converges on the new primary with no command re-run,
+/// and the mirror into the primary idles, saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_follow_the_topology_through_a_switchover_and_a_failover() -> Result<()> {
+    let a = Cluster::start(1, opts("us-east", "primary", "us-east")?)?;
+    let mut b = Cluster::start(1, opts("eu-west", "secondary", "us-east")?)?;
+    let c = Cluster::start(1, opts("ap-south", "secondary", "us-east")?)?;
+    let eps = |x: &Cluster| x.endpoints().join(",");
+    let into = |target: &Cluster, others: [&Cluster; 2]| {
+        MirrorProcess::start(&others[0].endpoints(), target, &["--source", &eps(others[1])])
+    };
+    let ma = into(&a, [&b, &c])?;
+    let mb = into(&b, [&a, &c])?;
+    let mc = into(&c, [&a, &b])?;
+    let mut ca = a.client().await?;
+    let rev = ca.put("k", "from-a", None).await?.header().map_or(0, |h| h.revision());
+    mb.wait_applied(rev, Duration::from_secs(20))?;
+    mc.wait_applied(rev, Duration::from_secs(20))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ma.status()?["state"]
+        .as_str()
+        .unwrap_or("")
+        .starts_with("idle: the target region \"us-east\" is the primary")
+    {
+        ensure!(Instant::now() < deadline, "the mirror into the primary does not idle: {}", ma.status()?);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The first copy into the empty secondary; no other comes after.
+    let first_copies = mc.status()?["copies_total"].clone();
+
+    // Planned: b takes over; a and c follow it.
+    let (ok, out, err) = region(&["switchover", "--from", &eps(&a), "--to", &eps(&b)])?;
+    ensure!(ok, "switchover failed: {out}{err}");
+    let mut cb = b.client().await?;
+    let rev = cb.put("k", "from-b", None).await?.header().map_or(0, |h| h.revision());
+    for (name, target) in [("us-east", &a), ("ap-south", &c)] {
+        wait_revision(target, rev, Duration::from_secs(20)).await.with_context(|| format!("{name}"))?;
+        ensure!(contents(target).await? == contents(&b).await?, "{name} differs from the primary");
+    }
+
+    // Unplanned: b is killed once both have its last write; a is promoted; c follows a.
+    let rev = cb.put("k", "last-from-b", None).await?.header().map_or(0, |h| h.revision());
+    wait_revision(&a, rev, Duration::from_secs(20)).await?;
+    wait_revision(&c, rev, Duration::from_secs(20)).await?;
+    b.kill9(1)?;
+    let (ok, out, err) = region(&["promote", "--endpoints", &eps(&a), "--allow-data-loss"])?;
+    ensure!(ok, "promote failed: {out}{err}");
+    let rev = ca.put("k", "from-a-again", None).await?.header().map_or(0, |h| h.revision());
+    wait_revision(&c, rev, Duration::from_secs(20)).await?;
+    ensure!(contents(&c).await? == contents(&a).await?, "ap-south differs from the new primary");
+    let st = status_json(&c)?;
+    ensure!(st["epoch"] == 2 && st["primary_region"] == "us-east", "{st}");
+    ensure!(mc.status()?["copies_total"] == first_copies, "a secondary was copied again: {}", mc.status()?);
+    drop((ma, mb));
     Ok(())
 }

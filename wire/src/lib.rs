@@ -5,6 +5,8 @@
 //! - [`token`]: the mirror token that `Mirror.Apply` carries;
 //! - [`duration`]: Go durations (`10m`, `500ms`);
 //! - [`etcd`]: etcd's refusal messages and request classes a gateway needs too;
+//! - [`lineage`]: where two clusters' histories part, and when a
+//!   secondary may follow a new primary without a copy;
 //! - [`region`]: connections to every member of one region's cluster, and
 //!   the probe that finds its leader (gateway and mirror);
 //! - [`delay`]: a TCP proxy that injects latency between regions;
@@ -15,6 +17,7 @@ pub mod authority;
 pub mod delay;
 pub mod duration;
 pub mod etcd;
+pub mod lineage;
 pub mod region;
 pub mod token;
 pub mod url;

@@ -308,7 +308,12 @@ impl EtcdStateMachine {
             return Err(Error::Fenced("mirror writes go to a secondary; this cluster is a primary".into()));
         }
         let switching = m.reset && m.allow_source_change;
-        if role.source_cluster_id != 0 && role.source_cluster_id != m.source_cluster_id && !switching {
+        // A source that took over from the one this secondary followed
+        // (its lineage says so, and the secondary holds nothing after the
+        // takeover) is the same history going on.
+        let takeover =
+            meridian_wire::lineage::continues(&m.lineage, role.source_cluster_id, self.mvcc.staged_marks().current);
+        if role.source_cluster_id != 0 && role.source_cluster_id != m.source_cluster_id && !switching && !takeover {
             return Err(Error::Fenced(format!(
                 "mirror source cluster {:x} is not this secondary's source {:x} \
                  (a mirror started with --allow-source-change may replace it)",
