@@ -16,6 +16,7 @@
 
 pub mod config;
 pub mod http;
+pub mod keepalive;
 pub mod limits;
 pub mod linear;
 pub mod metrics;

@@ -21,6 +21,7 @@ pub struct Metrics {
     pub rate_limited: IntCounterVec,
     /// Watch streams moved to another region after theirs failed.
     pub watch_failovers: IntCounter,
+    pub keepalive_failovers: IntCounter,
     /// Upstream watches shared by identical client watches, and the client
     /// watchers in the group that changed last.
     pub watch_groups: IntGauge,
@@ -75,6 +76,11 @@ impl Metrics {
                 "Watch streams moved to another region after theirs failed.",
             ))
             .expect("valid metric"),
+            keepalive_failovers: IntCounter::with_opts(opts(
+                "meridian_gateway_keepalive_failovers_total",
+                "Lease keep-alive streams moved to the primary after theirs ended or was refused.",
+            ))
+            .expect("valid metric"),
             watch_groups: IntGauge::with_opts(opts(
                 "meridian_gateway_watch_groups",
                 "Upstream watches that identical client watches share.",
@@ -110,6 +116,7 @@ impl Metrics {
         reg(Box::new(m.rpo_guard.clone()));
         reg(Box::new(m.rate_limited.clone()));
         reg(Box::new(m.watch_failovers.clone()));
+        reg(Box::new(m.keepalive_failovers.clone()));
         reg(Box::new(m.watch_groups.clone()));
         reg(Box::new(m.watch_coalesced.clone()));
         reg(Box::new(m.region_rtt.clone()));

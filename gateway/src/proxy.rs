@@ -20,7 +20,6 @@ use meridian_proto::etcdserverpb::maintenance_server::Maintenance;
 use meridian_proto::etcdserverpb::watch_server::Watch;
 use meridian_proto::etcdserverpb::*;
 use parking_lot::Mutex;
-use tokio_stream::StreamExt;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -504,9 +503,16 @@ impl Lease for LeaseProxy {
         let pick = gw.pick(Class::Lease, conn)?;
         let started = Instant::now();
         let (meta, _, inbound) = req.into_parts();
-        let requests = inbound.map_while(Result::ok);
-        let result = LeaseClient::new(pick.region.channel().0).lease_keep_alive(forward(&meta, requests)).await;
-        let result = result.map(|r| Response::new(Box::pin(r.into_inner()) as Self::LeaseKeepAliveStream));
+        let result = match crate::keepalive::open(&pick, &meta).await {
+            Ok(up) => {
+                let (out, rx) = tokio::sync::mpsc::channel(64);
+                tokio::spawn(crate::keepalive::Session::new(gw.clone(), meta, out).run(inbound, up));
+                Ok(Response::new(
+                    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)) as Self::LeaseKeepAliveStream
+                ))
+            }
+            Err(status) => Err(status),
+        };
         gw.answer(Class::Lease, &pick, conn, started, result, |_| pick.state.revision, false)
     }
     async fn lease_time_to_live(

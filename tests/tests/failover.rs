@@ -502,3 +502,56 @@ async fn mirrors_follow_the_topology_through_a_switchover_and_a_failover() -> Re
     drop((ma, mb));
     Ok(())
 }
+
+/// A client of a gateway keeps a lease alive and watches a key across a switchover: its
+/// keep-alive stream moves to the new primary with no error, the lease outlives several TTLs
+/// there, and its watch (served in the gateway's region, which now follows the new primary) sees
+/// the writes made after the switchover.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_alives_and_watches_through_a_gateway_go_on_after_a_switchover() -> Result<()> {
+    let old = Cluster::start(1, opts("us-east", "primary", "us-east")?)?;
+    let new = Cluster::start(1, opts("eu-west", "secondary", "us-east")?)?;
+    // A mirror into each region; each idles while its target is the primary.
+    let _into_new = MirrorProcess::start(&old.endpoints(), &new, &[])?;
+    let _into_old = MirrorProcess::start(&new.endpoints(), &old, &[])?;
+    let gateway = GatewayProcess::start(
+        "gw",
+        "us-east",
+        &[("us-east", old.endpoints()), ("eu-west", new.endpoints())],
+        &["--probe-interval", "50ms"],
+    )?;
+    let mut c = etcd_client::Client::connect([gateway.endpoint()], None).await?;
+    let lease = c.lease_grant(3, None).await?.id();
+    let rev = c.put("leased", "1", Some(etcd_client::PutOptions::new().with_lease(lease))).await?;
+    let rev = rev.header().map_or(0, |h| h.revision());
+    wait_revision(&new, rev, Duration::from_secs(20)).await?;
+    let (mut keeper, mut answers) = c.lease_keep_alive(lease).await?;
+    let (_watcher, mut watch) = c.watch("w", None).await?;
+
+    let (ok, out, err) =
+        region(&["switchover", "--from", &old.endpoints().join(","), "--to", &new.endpoints().join(",")])?;
+    ensure!(ok, "switchover failed: {out}{err}");
+    // Eight seconds of keep-alives, well past the 3 s TTL and its re-arm on promotion.
+    for i in 0..8 {
+        keeper.keep_alive().await?;
+        let answer = tokio::time::timeout(Duration::from_secs(5), answers.message()).await?;
+        let answer = answer?.with_context(|| format!("keep-alive {i}: the stream ended"))?;
+        ensure!(answer.ttl() > 0, "keep-alive {i}: the lease is gone: {answer:?}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    let mut n = new.client().await?;
+    ensure!(n.get("leased", None).await?.count() == 1, "the kept-alive lease expired on the new primary");
+
+    let put = c.put("w", "after", None).await?;
+    let at = put.header().map_or(0, |h| h.revision());
+    let event = tokio::time::timeout(Duration::from_secs(10), watch.message()).await??.context("watch ended")?;
+    let kv = event.events().first().and_then(|e| e.kv()).context("no event")?;
+    ensure!(kv.value() == b"after" && kv.mod_revision() == at, "{event:?}");
+    let (_, page) = meridian_tests::http_get(gateway.endpoint().parse()?, "/metrics")?;
+    let moved = page
+        .lines()
+        .find(|l| l.starts_with("meridian_gateway_keepalive_failovers_total"))
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok());
+    ensure!(moved.is_some_and(|n| n >= 1.0), "{page}");
+    Ok(())
+}
