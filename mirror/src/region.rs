@@ -138,6 +138,7 @@ pub fn status_json(s: &RegionStatusResponse) -> serde_json::Value {
         "source_revision": s.source_revision,
         "heard_ms_ago": s.heard_ms_ago,
         "staleness_ms": s.staleness_ms,
+        "primary_lease_ms": s.primary_lease_ms,
         "lineage": s.lineage.iter().map(|l| json!({
             "epoch": l.epoch,
             "first_revision": l.first_revision,
@@ -325,6 +326,17 @@ pub async fn switchover(flags: &SwitchoverFlags) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let promoted = new.promote(epoch, fence).await?;
+    // With a topology cluster the new primary takes writes once it holds
+    // the primary lease: that is part of the window.
+    if promoted.primary_lease_ms >= 0 {
+        let lease_deadline = Instant::now() + Duration::from_secs(30);
+        while new.status().await?.primary_lease_ms <= 0 {
+            if Instant::now() >= lease_deadline {
+                bail!("region {:?} was promoted but does not hold the primary lease after 30 s", promoted.region);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
     let window = started.elapsed();
     println!(
         "promoted: region {:?} is the primary at epoch {}; new writes go on at revision {}",

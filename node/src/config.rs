@@ -106,6 +106,21 @@ pub struct NodeFlags {
     /// File holding the token a mirror must present to write into this secondary (Mirror.Apply).
     #[arg(long)]
     pub mirror_token_file: Option<PathBuf>,
+    /// The cross-region topology cluster (one member per region), comma-separated: with it a
+    /// primary holds the primary lease and refuses writes without it. For three or more regions.
+    #[arg(long)]
+    pub topology_endpoints: Option<String>,
+    /// The primary lease's TTL (a Go duration): a primary cut off from the topology cluster
+    /// stops taking writes within it.
+    #[arg(long)]
+    pub primary_lease_ttl: Option<String>,
+    /// Promote this (secondary) region when no primary has held the lease for --failover-after
+    /// and it is the most up-to-date reachable secondary. Needs --topology-endpoints.
+    #[arg(long)]
+    pub auto_failover: bool,
+    /// How long no primary must hold the lease before --auto-failover promotes (a Go duration).
+    #[arg(long)]
+    pub failover_after: Option<String>,
     /// TOML file with any of the settings above (snake_case keys), or etcd's YAML configuration
     /// file (*.yml, *.yaml) with etcd's keys.
     #[arg(long)]
@@ -175,6 +190,14 @@ pub struct Settings {
     pub log_level: String,
     #[serde(alias = "mirror-token-file")]
     pub mirror_token_file: Option<PathBuf>,
+    #[serde(alias = "topology-endpoints")]
+    pub topology_endpoints: String,
+    #[serde(alias = "primary-lease-ttl")]
+    pub primary_lease_ttl: String,
+    #[serde(alias = "auto-failover")]
+    pub auto_failover: bool,
+    #[serde(alias = "failover-after")]
+    pub failover_after: String,
     /// etcd settings of a YAML file that Meridian ignores, for the log.
     #[serde(skip)]
     pub etcd_warnings: Vec<String>,
@@ -219,6 +242,10 @@ impl Default for Settings {
             primary_region: String::new(),
             log_level: "info".into(),
             mirror_token_file: None,
+            topology_endpoints: String::new(),
+            primary_lease_ttl: "5s".into(),
+            auto_failover: false,
+            failover_after: "10s".into(),
             etcd_warnings: Vec::new(),
         }
     }
@@ -322,6 +349,8 @@ pub struct NodeConfig {
     pub log_level: String,
     /// The token `Mirror.Apply` must carry; without one, Apply is refused.
     pub mirror_token: Option<String>,
+    /// The primary lease and auto-failover; `None` without a topology cluster.
+    pub topology: Option<crate::server::primary_lease::TopologyConfig>,
     /// etcd settings of the config file that Meridian accepts and ignores.
     pub etcd_warnings: Vec<String>,
 }
@@ -400,8 +429,12 @@ impl Settings {
             auto_compaction_retention,
             region,
             initial_role,
-            primary_region
+            primary_region,
+            topology_endpoints,
+            primary_lease_ttl,
+            failover_after
         );
+        cfg.auto_failover |= flags.auto_failover;
         if let Some(d) = &flags.data_dir {
             cfg.data_dir = Some(d.clone());
         }
@@ -412,6 +445,31 @@ impl Settings {
             cfg.mirror_token_file = Some(f.clone());
         }
         Ok(cfg)
+    }
+
+    /// `--topology-endpoints` and the settings that go with it.
+    fn topology(&self) -> Result<Option<crate::server::primary_lease::TopologyConfig>> {
+        if self.topology_endpoints.is_empty() {
+            if self.auto_failover {
+                return Err(Error::Config("--auto-failover needs --topology-endpoints".into()));
+            }
+            return Ok(None);
+        }
+        let endpoints = meridian_wire::url::parse_endpoints(&self.topology_endpoints)
+            .map_err(|e| Error::Config(format!("--topology-endpoints: {e}")))?;
+        let ttl = positive_duration("--primary-lease-ttl", &self.primary_lease_ttl)?;
+        if ttl < Duration::from_secs(1) {
+            return Err(Error::Config(format!(
+                "--primary-lease-ttl {} is below the 1s minimum",
+                self.primary_lease_ttl
+            )));
+        }
+        Ok(Some(crate::server::primary_lease::TopologyConfig {
+            endpoints: endpoints.iter().map(ToString::to_string).collect(),
+            ttl,
+            auto_failover: self.auto_failover,
+            failover_after: positive_duration("--failover-after", &self.failover_after)?,
+        }))
     }
 
     /// Checks every value and parses it into its type.
@@ -519,6 +577,7 @@ impl Settings {
                 .transpose()?,
             initial_role,
             primary_region,
+            topology: self.topology()?,
             etcd_warnings: self.etcd_warnings.clone(),
             name: self.name,
             initial_cluster_token: self.initial_cluster_token,

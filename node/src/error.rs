@@ -71,6 +71,10 @@ pub enum Error {
     /// etcd has no gRPC mapping for it, so clients see code UNKNOWN.
     #[error("etcdserver: request timed out, leader transfer took too long")]
     LeaderTransferTimeout,
+    /// A primary that does not hold the primary lease now (see
+    /// `server::primary_lease`); retryable, since a new primary takes over.
+    #[error("meridian: this primary does not hold the primary lease ({0}); retry, or write through a gateway")]
+    NoPrimaryLease(String),
     /// Apply is too far behind commit; etcd's backpressure error.
     #[error("{}", meridian_wire::etcd::TOO_MANY_REQUESTS)]
     TooManyRequests,
@@ -107,7 +111,7 @@ impl Error {
             TooManyRequests => Code::ResourceExhausted,
             LeaderTransferTimeout => Code::Unknown,
             LeaseTtlTooLarge => Code::OutOfRange,
-            NoLeader | Timeout | LeaderChanged | Stopped => Code::Unavailable,
+            NoLeader | Timeout | LeaderChanged | Stopped | NoPrimaryLease(_) => Code::Unavailable,
             Config(_) => Code::InvalidArgument,
             Storage(_) | Corrupt(_) | Raft(_) | Io(_) | Internal(_) => Code::Internal,
         }
@@ -143,7 +147,14 @@ impl Error {
             | ReadOnly(_)
             | Fenced(_)
             | ClusterVersion { .. } => true,
-            NoLeader | Timeout | LeaderChanged | Stopped | NotLeader | LeaderTransferTimeout | TooManyRequests => false,
+            NoLeader
+            | Timeout
+            | LeaderChanged
+            | Stopped
+            | NotLeader
+            | LeaderTransferTimeout
+            | TooManyRequests
+            | NoPrimaryLease(_) => false,
             Storage(_) | Corrupt(_) | Raft(_) | Config(_) | Io(_) | Internal(_) => false,
         }
     }

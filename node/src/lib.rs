@@ -288,6 +288,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     if let Some(retention) = cfg.auto_compaction {
         tokio::spawn(server::compactor::run(server.clone(), retention));
     }
+    if let Some(topology) = cfg.topology.clone() {
+        tokio::spawn(server::primary_lease::run(server.clone(), topology));
+    }
     tokio::spawn(publish_attributes(
         server.clone(),
         MemberAttributes {

@@ -555,3 +555,103 @@ async fn keep_alives_and_watches_through_a_gateway_go_on_after_a_switchover() ->
     ensure!(moved.is_some_and(|n| n >= 1.0), "{page}");
     Ok(())
 }
+
+/// Three regions and a topology cluster: the primary holds the primary lease; cut off from the
+/// topology cluster, it stops taking writes within its lease (a retryable error), and the most
+/// up-to-date secondary promotes itself (--auto-failover) and takes writes; the old primary, back
+/// in touch, still refuses them, since another region holds the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_cut_off_stops_taking_writes_and_a_secondary_takes_over() -> Result<()> {
+    use meridian_tests::LatencyProxy;
+    let topology = Cluster::start(3, ClusterOpts::fast())?;
+    // The primary reaches the topology cluster through relays that the test can cut.
+    let relays: Vec<LatencyProxy> =
+        topology.endpoints().iter().map(|e| LatencyProxy::start(e, Duration::ZERO)).collect::<Result<_>>()?;
+    let through: Vec<String> = relays.iter().map(LatencyProxy::endpoint).collect();
+    let with_topology = |mut o: ClusterOpts, eps: &[String], auto: bool| {
+        o.extra_args.extend([
+            "--topology-endpoints".to_string(),
+            eps.join(","),
+            "--primary-lease-ttl".into(),
+            "2s".into(),
+        ]);
+        if auto {
+            o.extra_args.extend(["--auto-failover".to_string(), "--failover-after".into(), "2s".into()]);
+        }
+        o
+    };
+    let direct = topology.endpoints();
+    let a = Cluster::start(1, with_topology(opts("us-east", "primary", "us-east")?, &through, false))?;
+    let b = Cluster::start(1, with_topology(opts("eu-west", "secondary", "us-east")?, &direct, true))?;
+    let c = Cluster::start(1, with_topology(opts("ap-south", "secondary", "us-east")?, &direct, true))?;
+    let eps = |x: &Cluster| x.endpoints().join(",");
+    let _into_b = MirrorProcess::start(&a.endpoints(), &b, &["--source", &eps(&c)])?;
+    let _into_c = MirrorProcess::start(&a.endpoints(), &c, &["--source", &eps(&b)])?;
+
+    // The primary takes writes once it holds the lease.
+    let mut ca = a.client().await?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let rev = loop {
+        match ca.put("k", "from-a", None).await {
+            Ok(r) => break r.header().map_or(0, |h| h.revision()),
+            Err(e) => ensure!(Instant::now() < deadline, "the primary never took a write: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    wait_revision(&b, rev, Duration::from_secs(20)).await?;
+    wait_revision(&c, rev, Duration::from_secs(20)).await?;
+    let st = status_json(&a)?;
+    ensure!(st["primary_lease_ms"].as_i64().is_some_and(|ms| ms > 0), "{st}");
+    ensure!(status_json(&b)?["primary_lease_ms"] == 0, "a secondary holds no lease");
+
+    // Cut off: no renewal gets through.
+    let cut = Instant::now();
+    for r in &relays {
+        r.set_delay(Duration::from_secs(3600));
+    }
+    let refusal = loop {
+        match ca.put("k", "while-cut-off", None).await {
+            Err(e) => break e.to_string(),
+            Ok(_) => {
+                ensure!(cut.elapsed() < Duration::from_secs(6), "still taking writes {:?} after the cut", cut.elapsed())
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let fenced_in = cut.elapsed();
+    ensure!(fenced_in <= Duration::from_millis(2000 + 1500), "writes stopped only after {fenced_in:?}");
+    ensure!(refusal.contains("does not hold the primary lease"), "{refusal}");
+    ensure!(refusal.contains("Unavailable") || refusal.contains("unavailable"), "{refusal}");
+
+    // A secondary takes over by itself: the lease ran out (2 s) and none held it for 2 s more.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (winner, mut cw) = loop {
+        let mut found = None;
+        for x in [&b, &c] {
+            let mut client = x.client().await?;
+            if client.put("k", "after-failover", None).await.is_ok() {
+                found = Some((status_json(x)?["region"].as_str().unwrap_or("").to_string(), client));
+                break;
+            }
+        }
+        if let Some(f) = found {
+            break f;
+        }
+        ensure!(Instant::now() < deadline, "no secondary took over within 20 s");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let rto = cut.elapsed();
+    ensure!(winner == "ap-south" || winner == "eu-west", "{winner}");
+    let rev = cw.get("k", None).await?.header().map_or(0, |h| h.revision());
+    ensure!(rev > 0);
+
+    // Back in touch, the old primary still refuses writes: another region holds the lease.
+    for r in &relays {
+        r.set_delay(Duration::ZERO);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let err = ca.put("k", "old-primary-again", None).await.expect_err("the old primary took a write").to_string();
+    ensure!(err.contains("holds the primary lease") || err.contains("does not hold the primary lease"), "{err}");
+    eprintln!("writes stopped {fenced_in:?} after the cut; {winner} took a write {rto:?} after it");
+    Ok(())
+}

@@ -102,7 +102,7 @@ impl Kv for KvService {
         let r = req.into_inner();
         self.server.check_message_size(r.encoded_len())?;
         ops::check_put(&r)?;
-        self.server.role.check_writable()?;
+        self.server.check_writable()?;
         self.check_quota(put_cost(&r))?;
         match self.server.propose(Internal::Put(r)).await? {
             Applied::Put(mut resp) => {
@@ -117,7 +117,7 @@ impl Kv for KvService {
         let r = req.into_inner();
         self.server.check_message_size(r.encoded_len())?;
         ops::check_delete(&r)?;
-        self.server.role.check_writable()?;
+        self.server.check_writable()?;
         match self.server.propose(Internal::DeleteRange(r)).await? {
             Applied::DeleteRange(mut resp) => {
                 resp.header = Some(self.server.header(resp.header.map(|h| h.revision).unwrap_or_default()));
@@ -139,7 +139,7 @@ impl Kv for KvService {
             self.server.metrics.txn_total.inc();
             ops::txn(&mut self.server.mvcc.read(), &r, &|_| true)?
         } else {
-            self.server.role.check_writable()?;
+            self.server.check_writable()?;
             self.check_quota(txn_cost(&r))?;
             match self.server.propose(Internal::Txn(r)).await? {
                 Applied::Txn(resp) => resp,
@@ -152,7 +152,7 @@ impl Kv for KvService {
 
     async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
         let r = req.into_inner();
-        self.server.role.check_writable()?;
+        self.server.check_writable()?;
         match self.server.propose(Internal::Compaction(r)).await? {
             Applied::Compaction(rev) => Ok(Response::new(CompactionResponse { header: Some(self.server.header(rev)) })),
             other => Err(Self::unexpected(other)),

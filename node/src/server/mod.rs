@@ -23,6 +23,7 @@ pub mod lease;
 pub mod maintenance;
 pub mod mirror;
 pub mod ops;
+pub mod primary_lease;
 pub mod region;
 pub mod region_service;
 pub mod version;
@@ -89,6 +90,8 @@ pub struct EtcdServer {
     pub version: VersionCell,
     /// On a secondary: how stale this member is, from the mirror's heartbeats.
     pub freshness: freshness::Freshness,
+    /// With a topology cluster: whether this primary holds the primary lease.
+    pub primary_lease: primary_lease::PrimaryLease,
     ids: IdGen,
     /// Proposals (count, bytes) accepted and not yet answered.
     pending: Mutex<(usize, usize)>,
@@ -120,10 +123,23 @@ impl EtcdServer {
             role,
             version,
             freshness: freshness::Freshness::default(),
+            primary_lease: primary_lease::PrimaryLease::default(),
             ids: IdGen::new(member_id),
             pending: Mutex::new((0, 0)),
             detached: Arc::new(Semaphore::new(MAX_DETACHED_PROPOSALS)),
         }
+    }
+
+    /// Refuses a client write on a secondary, and on a primary that does
+    /// not hold the primary lease. (Apply checks only the role: the lease
+    /// is a matter of time, which apply must not depend on.)
+    ///
+    /// # Errors
+    ///
+    /// [`Error::ReadOnly`] or [`Error::NoPrimaryLease`].
+    pub fn check_writable(&self) -> Result<()> {
+        self.role.check_writable()?;
+        self.primary_lease.check()
     }
 
     /// A response header at `revision`, with this member's ids and raft term.

@@ -44,6 +44,7 @@ impl RegionService {
             source_revision: f.source_revision,
             heard_ms_ago: ms(f.heartbeat_age_seconds),
             staleness_ms: if role.role_name() == "primary" { 0 } else { ms(f.staleness_seconds) },
+            primary_lease_ms: self.server.primary_lease.remaining().map_or(-1, |d| d.as_millis() as i64),
         }
     }
 

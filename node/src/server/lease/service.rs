@@ -143,7 +143,7 @@ pub struct LeaseService {
 impl Lease for LeaseService {
     async fn lease_grant(&self, req: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
         let mut r = req.into_inner();
-        self.server.role.check_writable()?;
+        self.server.check_writable()?;
         if r.ttl > MAX_LEASE_TTL {
             return Err(Error::LeaseTtlTooLarge.into());
         }
@@ -160,7 +160,7 @@ impl Lease for LeaseService {
     }
 
     async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
-        self.server.role.check_writable()?;
+        self.server.check_writable()?;
         match self.server.propose(Internal::LeaseRevoke(req.into_inner())).await? {
             Applied::LeaseRevoke(rev) => {
                 Ok(Response::new(LeaseRevokeResponse { header: Some(self.server.header(rev)) }))
@@ -182,7 +182,7 @@ impl Lease for LeaseService {
             while let Ok(Some(r)) = inbound.message().await {
                 // A secondary's leases live on its source: refuse at once,
                 // with a code clients do not retry.
-                let renewed = match server.role.check_writable() {
+                let renewed = match server.check_writable() {
                     Ok(()) => leader.renew(r.id).await,
                     Err(e) => Err(e),
                 };
