@@ -21,8 +21,11 @@ const VALUE_BYTES: usize = 64 * 1024;
 /// Puts in flight in the calm run.
 const CALM: usize = 16;
 /// What the flood may cost above the calm run: the pending-proposal budget (64 MiB) held in a
-/// few copies on its way through gRPC and raft, with room for allocator noise.
-const FLOOD_OVERHEAD_MIB: u64 = 256;
+/// few copies on its way through gRPC and raft, plus the requests decoded at once before they
+/// are refused, with room for allocator noise. Queueing the whole flood would hold 6,000 × 64
+/// KiB = 375 MiB of values alone, in more than one copy. (256 MiB failed once on a loaded
+/// machine at 270 MiB, with 5,012 puts acknowledged.)
+const FLOOD_OVERHEAD_MIB: u64 = 340;
 const TOO_MANY: &str = "etcdserver: too many requests";
 
 fn peak_rss_mib(pid: u32) -> Result<u64> {
