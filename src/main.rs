@@ -21,6 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Three regions on one machine, with latency between them: members, gateways, mirrors.
+    Lab(meridian_lab::LabFlags),
     /// Run one cluster member. Takes etcd's flags.
     Node(NodeFlags),
     /// Copy every revision of a source cluster into a read-only secondary.
@@ -104,6 +106,11 @@ fn main() -> anyhow::Result<()> {
         Command::Mirror(MirrorCommand { action: Some(MirrorAction::Status(flags)), .. }) => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(meridian_mirror::print_status(&flags))?;
+        }
+        Command::Lab(flags) => {
+            init_logging("warn");
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            runtime.block_on(meridian_lab::run(&flags, shutdown_signal()))?;
         }
         Command::Region(RegionCommand { action }) => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -1,0 +1,524 @@
+//! `meridian lab`: three regions on one machine in one command.
+//!
+//! Every member, gateway and mirror is a child process of the same binary,
+//! so a kill is a real kill. The lab process itself relays every link that
+//! crosses regions with a one-way delay of half the pair's RTT
+//! ([`meridian_wire::delay`], userspace: the kernel here has no netem):
+//! region R reaches region S's members through R's relays to S. Traffic
+//! inside a region is not delayed, nor is the control cluster's raft
+//! traffic (each of its members advertises one peer URL for all regions).
+//!
+//! ```text
+//!   us-east (primary)          eu-west                 ap-south
+//!   m1 m2 m3  gateway  mirror  m1 m2 m3 gateway mirror m1 m2 m3 gateway mirror
+//!         \________ relays with delay between every pair of regions ________/
+//!   control cluster: one member per region (primary lease, auto-failover)
+//! ```
+//!
+//! The layout (ports, paths) is decided once and kept in
+//! `lab.meridian/lab.json`, so a second `meridian lab` resumes the same
+//! lab on the same ports; `--fresh` starts over.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// The regions, the first one the primary.
+pub const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
+
+/// Round trips between regions, as cockroach demo --global injects them
+/// between us-east1, europe-west1 and us-west1 (66, 64 and 146 ms): the
+/// lab's us-east ↔ eu-west 64 ms, us-east ↔ ap-south 66 ms, eu-west ↔
+/// ap-south 146 ms.
+pub const DEFAULT_RTT_MS: [(&str, &str, u64); 3] =
+    [("us-east", "eu-west", 64), ("us-east", "ap-south", 66), ("eu-west", "ap-south", 146)];
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct LabFlags {
+    /// Members per region (1, 3 or 5).
+    #[arg(long, default_value_t = 3)]
+    pub members: usize,
+    /// Round trips between regions: one duration for every pair (`50ms`, `0` for none), or
+    /// pairs `us-east:eu-west=64ms,eu-west:ap-south=146ms,...` (pairs left out keep their
+    /// default).
+    #[arg(long)]
+    pub latency: Option<String>,
+    /// Where the lab keeps its data and `lab.json`.
+    #[arg(long, default_value = "lab.meridian")]
+    pub dir: PathBuf,
+    /// Delete the lab's data and start over.
+    #[arg(long)]
+    pub fresh: bool,
+    /// First port of the lab's block of ports.
+    #[arg(long, default_value_t = 23000)]
+    pub base_port: u16,
+}
+
+/// One member of a region's cluster.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct MemberLayout {
+    pub name: String,
+    pub client_url: String,
+    pub peer_url: String,
+    pub data_dir: PathBuf,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct RegionLayout {
+    pub name: String,
+    pub role: String,
+    pub members: Vec<MemberLayout>,
+    pub gateway_url: String,
+    pub dashboard_url: String,
+    pub gateway_metrics: String,
+    pub mirror_metrics: String,
+    /// For every other region: the relay ports this region dials it by, one
+    /// per member of that region, in member order.
+    pub relays: BTreeMap<String, Vec<String>>,
+}
+
+/// What `lab.json` holds: everything a program needs to drive the lab.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Layout {
+    pub regions: Vec<RegionLayout>,
+    /// The control cluster (primary lease, auto-failover): one member per region.
+    pub control: Vec<MemberLayout>,
+    /// Round trips between regions, in ms, `"a:b"` → ms.
+    pub rtt_ms: BTreeMap<String, u64>,
+    pub mirror_token_file: PathBuf,
+}
+
+/// The round trip between two regions.
+fn rtt(table: &BTreeMap<String, u64>, a: &str, b: &str) -> u64 {
+    table.get(&format!("{a}:{b}")).or_else(|| table.get(&format!("{b}:{a}"))).copied().unwrap_or(0)
+}
+
+/// `--latency`: the round-trip table.
+///
+/// # Errors
+///
+/// A value that is neither a duration nor `a:b=duration` pairs of known regions.
+pub fn parse_latency(s: Option<&str>) -> Result<BTreeMap<String, u64>> {
+    let mut table: BTreeMap<String, u64> = DEFAULT_RTT_MS.iter().map(|(a, b, ms)| (format!("{a}:{b}"), *ms)).collect();
+    let Some(s) = s.map(str::trim).filter(|s| !s.is_empty()) else { return Ok(table) };
+    let ms = |v: &str| -> Result<u64> {
+        if v == "0" {
+            return Ok(0);
+        }
+        let d = meridian_wire::duration::parse_duration(v)
+            .ok_or_else(|| anyhow::anyhow!("--latency: {v:?} is not a duration like 64ms"))?;
+        Ok(d.as_millis() as u64)
+    };
+    if !s.contains('=') {
+        let all = ms(s)?;
+        for v in table.values_mut() {
+            *v = all;
+        }
+        return Ok(table);
+    }
+    for pair in s.split(',') {
+        let (regions, v) =
+            pair.split_once('=').ok_or_else(|| anyhow::anyhow!("--latency: {pair:?} is not a:b=duration"))?;
+        let (a, b) =
+            regions.split_once(':').ok_or_else(|| anyhow::anyhow!("--latency: {regions:?} is not two regions a:b"))?;
+        let (a, b) = (a.trim(), b.trim());
+        if !REGIONS.contains(&a) || !REGIONS.contains(&b) || a == b {
+            bail!("--latency: {a}:{b} is not a pair of the lab's regions ({})", REGIONS.join(", "));
+        }
+        table.remove(&format!("{b}:{a}"));
+        table.insert(format!("{a}:{b}"), ms(v.trim())?);
+    }
+    Ok(table)
+}
+
+impl Layout {
+    /// The lab's layout: ports from `base`, data under `dir`.
+    pub fn new(dir: &Path, members: usize, base: u16, rtt_ms: BTreeMap<String, u64>) -> Self {
+        let mut port = base;
+        let mut next = || {
+            port += 1;
+            port
+        };
+        let url = |p: u16| format!("http://127.0.0.1:{p}");
+        let mut regions: Vec<RegionLayout> = REGIONS
+            .iter()
+            .enumerate()
+            .map(|(i, name)| RegionLayout {
+                name: name.to_string(),
+                role: if i == 0 { "primary" } else { "secondary" }.into(),
+                members: (1..=members)
+                    .map(|m| MemberLayout {
+                        name: format!("{name}-{m}"),
+                        client_url: url(next()),
+                        peer_url: url(next()),
+                        data_dir: dir.join(name).join(format!("m{m}")),
+                    })
+                    .collect(),
+                gateway_url: String::new(),
+                dashboard_url: String::new(),
+                gateway_metrics: String::new(),
+                mirror_metrics: String::new(),
+                relays: BTreeMap::new(),
+            })
+            .collect();
+        for r in &mut regions {
+            let gw = next();
+            r.gateway_url = url(gw);
+            r.dashboard_url = format!("{}/v1/regions", url(gw));
+            r.gateway_metrics = format!("127.0.0.1:{}", next());
+            r.mirror_metrics = format!("127.0.0.1:{}", next());
+        }
+        for i in 0..regions.len() {
+            for j in 0..regions.len() {
+                if i != j {
+                    let ports = (0..members).map(|_| format!("127.0.0.1:{}", next())).collect();
+                    let other = regions[j].name.clone();
+                    regions[i].relays.insert(other, ports);
+                }
+            }
+        }
+        let control = REGIONS
+            .iter()
+            .map(|name| MemberLayout {
+                name: format!("control-{name}"),
+                client_url: url(next()),
+                peer_url: url(next()),
+                data_dir: dir.join("control").join(name),
+            })
+            .collect();
+        Self { regions, control, rtt_ms, mirror_token_file: dir.join("mirror.token") }
+    }
+
+    fn region(&self, name: &str) -> &RegionLayout {
+        self.regions.iter().find(|r| r.name == name).expect("a lab region")
+    }
+
+    /// How region `from` reaches region `to`: its relays, or the members
+    /// themselves for its own region.
+    pub fn endpoints(&self, from: &str, to: &str) -> Vec<String> {
+        if from == to {
+            return self.region(to).members.iter().map(|m| m.client_url.clone()).collect();
+        }
+        self.region(from).relays[to].iter().map(|p| format!("http://{p}")).collect()
+    }
+}
+
+/// A child process of the lab, stopped (SIGTERM, then SIGKILL) on drop.
+struct Proc {
+    what: String,
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SIGTERM by PID, then a bounded wait, then SIGKILL.
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        tracing::warn!(what = %self.what, "did not stop on SIGTERM; killed");
+    }
+}
+
+fn spawn(bin: &Path, what: &str, args: &[String], log: &Path) -> Result<Proc> {
+    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let child = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("start {what}"))?;
+    Ok(Proc { what: what.to_string(), child })
+}
+
+/// GET `path` on `addr` (host:port); the status code.
+async fn http_status(addr: &str, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s =
+        tokio::time::timeout(Duration::from_millis(500), tokio::net::TcpStream::connect(addr)).await.ok()?.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut buf = vec![0; 64];
+    let n = tokio::time::timeout(Duration::from_secs(2), s.read(&mut buf)).await.ok()?.ok()?;
+    std::str::from_utf8(&buf[..n]).ok()?.split(' ').nth(1)?.parse().ok()
+}
+
+fn host_port(url: &str) -> &str {
+    url.trim_start_matches("http://")
+}
+
+async fn wait_healthy(what: &str, addr: &str, limit: Duration) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while http_status(addr, "/health").await != Some(200) {
+        if Instant::now() >= deadline {
+            bail!("{what} ({addr}) is not healthy after {limit:?}; see its log under the lab directory");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}
+
+/// Prints what the lab is and where (also in `lab.json`).
+pub fn print_table(layout: &Layout) {
+    println!();
+    println!("{:<10} {:<10} {:<24} members", "region", "role", "gateway");
+    for r in &layout.regions {
+        let members: Vec<&str> = r.members.iter().map(|m| host_port(&m.client_url)).collect();
+        println!("{:<10} {:<10} {:<24} {}", r.name, r.role, host_port(&r.gateway_url), members.join(","));
+    }
+    let pairs: Vec<String> = layout.rtt_ms.iter().map(|(k, v)| format!("{k} {v} ms")).collect();
+    println!("round trips: {}", pairs.join(", "));
+    println!("regions, lag and RTT as JSON: {}", layout.regions[0].dashboard_url);
+    println!("try: etcdctl --endpoints={} put greeting hello", host_port(&layout.regions[1].gateway_url));
+    println!("     etcdctl --endpoints={} get greeting", host_port(&layout.regions[2].gateway_url));
+    println!("Ctrl-C stops the lab; `meridian lab` again resumes it, `--fresh` starts over.");
+}
+
+/// Runs the lab until `shutdown` resolves: every process is stopped then.
+///
+/// # Errors
+///
+/// Bad flags, a lab directory that cannot be written, or a process that
+/// does not come up (its log is under the lab directory).
+pub async fn run(flags: &LabFlags, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+    if !matches!(flags.members, 1 | 3 | 5) {
+        bail!("--members {} : a region has 1, 3 or 5 members", flags.members);
+    }
+    let rtt_ms = parse_latency(flags.latency.as_deref())?;
+    let dir = &flags.dir;
+    if flags.fresh && dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("remove {}", dir.display()))?;
+    }
+    let json = dir.join("lab.json");
+    let resumed = json.exists();
+    let layout = if resumed {
+        let mut l: Layout = serde_json::from_slice(&std::fs::read(&json)?).context("lab.json")?;
+        if l.regions[0].members.len() != flags.members {
+            bail!(
+                "{} has {} members per region; use --members {} or --fresh",
+                dir.display(),
+                l.regions[0].members.len(),
+                l.regions[0].members.len()
+            );
+        }
+        if flags.latency.is_some() {
+            l.rtt_ms = rtt_ms;
+        }
+        l
+    } else {
+        std::fs::create_dir_all(dir)?;
+        let dir = dir.canonicalize()?;
+        Layout::new(&dir, flags.members, flags.base_port, rtt_ms)
+    };
+    std::fs::create_dir_all(dir.join("logs"))?;
+    if !layout.mirror_token_file.exists() {
+        let token: String =
+            format!("lab-{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos());
+        std::fs::write(&layout.mirror_token_file, format!("{token}\n"))?;
+    }
+    std::fs::write(&json, serde_json::to_vec_pretty(&layout)?)?;
+    let bin = std::env::current_exe()?;
+    let logs = dir.join("logs");
+    let started = Instant::now();
+    let step = |what: &str| eprintln!("[{:>5.1}s] {what}", started.elapsed().as_secs_f64());
+    step(if resumed { "resuming the lab" } else { "starting a new lab" });
+
+    // The relays: region R dials region S's member i at R's relay i for S.
+    let mut relays = Vec::new();
+    for r in &layout.regions {
+        for (to, ports) in &r.relays {
+            let one_way = Duration::from_millis(rtt(&layout.rtt_ms, &r.name, to) / 2);
+            let delay = meridian_wire::delay::Delay::new(one_way);
+            for (i, listen) in ports.iter().enumerate() {
+                let target: std::net::SocketAddr = host_port(&layout.region(to).members[i].client_url).parse()?;
+                let listener =
+                    tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
+                relays.push(tokio::spawn(meridian_wire::delay::run(listener, target, delay.clone())));
+            }
+        }
+    }
+    step("latency relays up");
+
+    let mut procs: Vec<Proc> = Vec::new();
+    // The control cluster.
+    let control_cluster: Vec<String> = layout.control.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
+    for m in &layout.control {
+        let args = node_args(m, &control_cluster.join(","), "lab-control");
+        procs.push(spawn(&bin, &m.name, &args, &logs.join(format!("{}.log", m.name)))?);
+    }
+    for m in &layout.control {
+        wait_healthy(&m.name, host_port(&m.client_url), Duration::from_secs(60)).await?;
+    }
+    step("control cluster up (primary lease, auto-failover)");
+    let control: Vec<String> = layout.control.iter().map(|m| m.client_url.clone()).collect();
+
+    // The regions' clusters.
+    for r in &layout.regions {
+        let cluster: Vec<String> = r.members.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
+        for m in &r.members {
+            let mut args = node_args(m, &cluster.join(","), &format!("lab-{}", r.name));
+            args.extend(
+                [
+                    "--region",
+                    &r.name,
+                    "--initial-role",
+                    &r.role,
+                    "--primary-region",
+                    REGIONS[0],
+                    "--mirror-token-file",
+                    &layout.mirror_token_file.display().to_string(),
+                    "--topology-endpoints",
+                    &control.join(","),
+                    "--auto-failover",
+                ]
+                .map(String::from),
+            );
+            procs.push(spawn(&bin, &m.name, &args, &logs.join(format!("{}.log", m.name)))?);
+        }
+    }
+    for r in &layout.regions {
+        for m in &r.members {
+            wait_healthy(&m.name, host_port(&m.client_url), Duration::from_secs(60)).await?;
+        }
+        step(&format!("region {} up ({} members)", r.name, r.members.len()));
+    }
+
+    // A mirror into each region, from the others (it follows the primary),
+    // and a gateway in each.
+    for r in &layout.regions {
+        let mut args: Vec<String> =
+            vec!["mirror".into(), "--target".into(), layout.endpoints(&r.name, &r.name).join(",")];
+        for other in layout.regions.iter().filter(|o| o.name != r.name) {
+            args.extend(["--source".to_string(), layout.endpoints(&r.name, &other.name).join(",")]);
+        }
+        args.extend(
+            [
+                "--mirror-token-file",
+                &layout.mirror_token_file.display().to_string(),
+                "--listen-metrics",
+                &r.mirror_metrics,
+            ]
+            .map(String::from),
+        );
+        let what = format!("mirror-{}", r.name);
+        procs.push(spawn(&bin, &what, &args, &logs.join(format!("{what}.log")))?);
+        let mut args: Vec<String> =
+            ["gateway", "--name", &format!("gw-{}", r.name), "--region", &r.name].map(String::from).to_vec();
+        args.extend(["--listen-client-urls".to_string(), r.gateway_url.clone()]);
+        args.extend(["--listen-metrics-urls".to_string(), format!("http://{}", r.gateway_metrics)]);
+        for other in &layout.regions {
+            args.extend([
+                "--upstream".to_string(),
+                format!("{}={}", other.name, layout.endpoints(&r.name, &other.name).join(",")),
+            ]);
+        }
+        let what = format!("gateway-{}", r.name);
+        procs.push(spawn(&bin, &what, &args, &logs.join(format!("{what}.log")))?);
+    }
+    for r in &layout.regions {
+        wait_healthy(&format!("gateway-{}", r.name), host_port(&r.gateway_url), Duration::from_secs(60)).await?;
+    }
+    step("mirrors and gateways up");
+    print_table(&layout);
+
+    // Until Ctrl-C, or a child that exits on its own (reported, the lab goes on).
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut check = tokio::time::interval(Duration::from_secs(1));
+    let mut gone = std::collections::HashSet::new();
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = check.tick() => {
+                for p in &mut procs {
+                    if let Ok(Some(status)) = p.child.try_wait() {
+                        if gone.insert(p.what.clone()) {
+                            eprintln!("{} exited ({status}); its log: {}", p.what, logs.join(format!("{}.log", p.what)).display());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("stopping the lab");
+    // Gateways and mirrors first, then the members.
+    while let Some(p) = procs.pop() {
+        drop(p);
+    }
+    for r in relays {
+        r.abort();
+    }
+    eprintln!("stopped; `meridian lab` resumes it");
+    Ok(())
+}
+
+fn node_args(m: &MemberLayout, cluster: &str, token: &str) -> Vec<String> {
+    [
+        "node",
+        "--name",
+        &m.name,
+        "--data-dir",
+        &m.data_dir.display().to_string(),
+        "--listen-client-urls",
+        &m.client_url,
+        "--advertise-client-urls",
+        &m.client_url,
+        "--listen-peer-urls",
+        &m.peer_url,
+        "--initial-advertise-peer-urls",
+        &m.peer_url,
+        "--initial-cluster",
+        cluster,
+        "--initial-cluster-token",
+        token,
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_tables() {
+        let t = parse_latency(None).unwrap();
+        assert_eq!(rtt(&t, "eu-west", "us-east"), 64);
+        assert_eq!(rtt(&t, "ap-south", "eu-west"), 146);
+        let t = parse_latency(Some("20ms")).unwrap();
+        assert!(t.values().all(|v| *v == 20));
+        let t = parse_latency(Some("eu-west:ap-south=10ms")).unwrap();
+        assert_eq!((rtt(&t, "ap-south", "eu-west"), rtt(&t, "us-east", "eu-west")), (10, 64));
+        assert!(parse_latency(Some("us-east:mars=5ms")).is_err());
+        assert!(parse_latency(Some("fast")).is_err());
+    }
+
+    #[test]
+    fn layouts_have_distinct_ports_and_relays_for_every_pair() {
+        let l = Layout::new(Path::new("lab"), 3, 23000, parse_latency(None).unwrap());
+        let mut ports = Vec::new();
+        for r in &l.regions {
+            ports.extend(r.members.iter().flat_map(|m| [m.client_url.clone(), m.peer_url.clone()]));
+            ports.extend([r.gateway_url.clone(), r.gateway_metrics.clone(), r.mirror_metrics.clone()]);
+            ports.extend(r.relays.values().flatten().cloned());
+            assert_eq!(r.relays.len(), 2);
+        }
+        ports.extend(l.control.iter().flat_map(|m| [m.client_url.clone(), m.peer_url.clone()]));
+        let n = ports.len();
+        ports.sort();
+        ports.dedup();
+        assert_eq!(ports.len(), n, "every port once");
+        assert_eq!(l.endpoints("eu-west", "us-east").len(), 3);
+        assert_eq!(l.endpoints("us-east", "us-east")[0], l.regions[0].members[0].client_url);
+    }
+}

@@ -1,0 +1,134 @@
+//! `meridian lab` as a newcomer runs it: three regions up in one command, `lab.json` for
+//! programs, a write through one region's gateway read through another's, latency between the
+//! regions, Ctrl-C stopping every process, and a second run resuming the same data.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use meridian_tests::{etcdctl, meridian_bin};
+
+/// Outside the harness's port range (15000..32000) and bench.sh's (12000..14999).
+const BASE_PORT: &str = "10000";
+
+/// Starts the lab and waits until it printed its table.
+fn start(dir: &std::path::Path) -> Result<Child> {
+    let mut child = Command::new(meridian_bin()?)
+        .args(["lab", "--members", "1", "--latency", "20ms", "--base-port", BASE_PORT, "--dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let out = child.stdout.take().context("stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.starts_with("Ctrl-C stops the lab") => return Ok(child),
+            Ok(_) => {}
+            Err(_) => {
+                let _ = child.kill();
+                anyhow::bail!("the lab did not come up within 90 s");
+            }
+        }
+    }
+}
+
+/// SIGINT, as Ctrl-C; the lab must exit cleanly.
+fn stop(mut child: Child) -> Result<()> {
+    let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status()?;
+    ensure!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait()? {
+            ensure!(status.success(), "the lab exited with {status}");
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            anyhow::bail!("the lab did not stop within 30 s of SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn gateway(layout: &serde_json::Value, region: &str) -> Result<String> {
+    let r = layout["regions"].as_array().context("regions")?.iter().find(|r| r["name"] == region).context("region")?;
+    Ok(r["gateway_url"].as_str().context("gateway_url")?.trim_start_matches("http://").to_string())
+}
+
+#[test]
+fn the_lab_comes_up_serves_stops_and_resumes() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("lab.meridian");
+    let lab = start(&dir)?;
+    let layout: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("lab.json"))?)?;
+    let names: Vec<&str> =
+        layout["regions"].as_array().context("regions")?.iter().filter_map(|r| r["name"].as_str()).collect();
+    ensure!(names == ["us-east", "eu-west", "ap-south"], "{names:?}");
+    ensure!(layout["regions"][0]["role"] == "primary", "{layout}");
+
+    // A write through eu-west's gateway reaches the primary; ap-south's gateway serves it.
+    let (eu, ap) = (gateway(&layout, "eu-west")?, gateway(&layout, "ap-south")?);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let put = etcdctl(&[&eu], &["put", "greeting", "hello"])?;
+        if put.success() {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "no write through the eu-west gateway: {}", put.stderr);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = etcdctl(&[&ap], &["get", "greeting", "--print-value-only", "--consistency=s"])?;
+        if got.stdout.trim() == "hello" {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "ap-south's gateway never served the write: {got:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The regions are 20 ms apart, as asked; a region is near itself.
+    let (_, body) = meridian_tests::http_get(ap.parse()?, "/v1/regions")?;
+    let regions: serde_json::Value = serde_json::from_str(&body)?;
+    let rtt = |name: &str| -> f64 {
+        let list = regions.get("regions").unwrap_or(&regions);
+        list.as_array()
+            .into_iter()
+            .flatten()
+            .find(|r| r["name"] == name)
+            .and_then(|r| r["rtt_ms"].as_f64())
+            .unwrap_or(0.0)
+    };
+    ensure!(rtt("us-east") >= 18.0 && rtt("ap-south") < 10.0, "{regions}");
+    stop(lab)?;
+
+    // Stopped means stopped: nothing answers on the members' ports.
+    for r in layout["regions"].as_array().into_iter().flatten() {
+        for m in r["members"].as_array().into_iter().flatten() {
+            let addr = m["client_url"].as_str().unwrap_or("").trim_start_matches("http://");
+            ensure!(std::net::TcpStream::connect(addr).is_err(), "{addr} still answers after the lab stopped");
+        }
+    }
+
+    // A second run resumes the same lab.
+    let lab = start(&dir)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = etcdctl(&[&eu], &["get", "greeting", "--print-value-only"])?;
+        if got.stdout.trim() == "hello" {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "the resumed lab lost the write: {got:?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop(lab)
+}
