@@ -22,7 +22,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Three regions on one machine, with latency between them: members, gateways, mirrors.
-    Lab(meridian_lab::LabFlags),
+    Lab(LabCommand),
     /// Run one cluster member. Takes etcd's flags.
     Node(NodeFlags),
     /// Copy every revision of a source cluster into a read-only secondary.
@@ -43,6 +43,15 @@ struct DelayProxyFlags {
     /// LISTEN=TARGET, both host:port; repeat for more links.
     #[arg(long = "route", required = true)]
     routes: Vec<String>,
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct LabCommand {
+    #[command(subcommand)]
+    verb: Option<meridian_lab::admin::Verb>,
+    #[command(flatten)]
+    flags: meridian_lab::LabFlags,
 }
 
 #[derive(clap::Args)]
@@ -107,10 +116,17 @@ fn main() -> anyhow::Result<()> {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             runtime.block_on(meridian_mirror::print_status(&flags))?;
         }
-        Command::Lab(flags) => {
+        Command::Lab(LabCommand { verb: None, flags }) => {
             init_logging("warn");
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            runtime.block_on(meridian_lab::run(&flags, shutdown_signal()))?;
+            let result = runtime.block_on(meridian_lab::run(&flags, shutdown_signal()));
+            // An admin call still waiting on a child must not hold the exit.
+            runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+            result?;
+        }
+        Command::Lab(LabCommand { verb: Some(verb), flags }) => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            runtime.block_on(meridian_lab::admin::run_verb(&flags.dir, &verb))?;
         }
         Command::Region(RegionCommand { action }) => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;

@@ -19,10 +19,13 @@
 //! `lab.meridian/lab.json`, so a second `meridian lab` resumes the same
 //! lab on the same ports; `--fresh` starts over.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+pub mod admin;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -47,8 +50,8 @@ pub struct LabFlags {
     /// default).
     #[arg(long)]
     pub latency: Option<String>,
-    /// Where the lab keeps its data and `lab.json`.
-    #[arg(long, default_value = "lab.meridian")]
+    /// Where the lab keeps its data and `lab.json` (the verbs find the lab there too).
+    #[arg(long, default_value = "lab.meridian", global = true)]
     pub dir: PathBuf,
     /// Delete the lab's data and start over.
     #[arg(long)]
@@ -79,11 +82,16 @@ pub struct RegionLayout {
     /// For every other region: the relay ports this region dials it by, one
     /// per member of that region, in member order.
     pub relays: BTreeMap<String, Vec<String>>,
+    /// For every other region: the relay port this region dials that
+    /// region's control member by.
+    pub control_relays: BTreeMap<String, String>,
 }
 
 /// What `lab.json` holds: everything a program needs to drive the lab.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct Layout {
+    /// The lab's admin API (`meridian lab status`, `kill`, ...).
+    pub admin_url: String,
     pub regions: Vec<RegionLayout>,
     /// The control cluster (primary lease, auto-failover): one member per region.
     pub control: Vec<MemberLayout>,
@@ -163,6 +171,7 @@ impl Layout {
                 gateway_metrics: String::new(),
                 mirror_metrics: String::new(),
                 relays: BTreeMap::new(),
+                control_relays: BTreeMap::new(),
             })
             .collect();
         for r in &mut regions {
@@ -177,7 +186,8 @@ impl Layout {
                 if i != j {
                     let ports = (0..members).map(|_| format!("127.0.0.1:{}", next())).collect();
                     let other = regions[j].name.clone();
-                    regions[i].relays.insert(other, ports);
+                    regions[i].relays.insert(other.clone(), ports);
+                    regions[i].control_relays.insert(other, format!("127.0.0.1:{}", next()));
                 }
             }
         }
@@ -190,11 +200,27 @@ impl Layout {
                 data_dir: dir.join("control").join(name),
             })
             .collect();
-        Self { regions, control, rtt_ms, mirror_token_file: dir.join("mirror.token") }
+        Self { admin_url: url(base), regions, control, rtt_ms, mirror_token_file: dir.join("mirror.token") }
     }
 
-    fn region(&self, name: &str) -> &RegionLayout {
+    pub fn region(&self, name: &str) -> &RegionLayout {
         self.regions.iter().find(|r| r.name == name).expect("a lab region")
+    }
+
+    /// How region `from`'s members reach the control cluster: their own
+    /// region's member directly, the others through relays.
+    pub fn control_endpoints(&self, from: &str) -> Vec<String> {
+        REGIONS
+            .iter()
+            .zip(&self.control)
+            .map(|(name, m)| {
+                if *name == from {
+                    m.client_url.clone()
+                } else {
+                    format!("http://{}", self.region(from).control_relays[*name])
+                }
+            })
+            .collect()
     }
 
     /// How region `from` reaches region `to`: its relays, or the members
@@ -207,39 +233,80 @@ impl Layout {
     }
 }
 
-/// A child process of the lab, stopped (SIGTERM, then SIGKILL) on drop.
-struct Proc {
-    what: String,
-    child: Child,
+/// A child process of the lab: how to start it, and the running child.
+pub struct Proc {
+    pub what: String,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+    /// SIGSTOPped by a partition.
+    pub frozen: bool,
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SIGTERM by PID, then a bounded wait, then SIGKILL.
-        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+impl Proc {
+    fn new(what: &str, args: Vec<String>, log: PathBuf) -> Self {
+        Self { what: what.to_string(), args, log, child: None, frozen: false }
+    }
+
+    fn start(&mut self, bin: &Path) -> Result<()> {
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&self.log)?;
+        let child = Command::new(bin)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("start {}", self.what))?;
+        self.child = Some(child);
+        self.frozen = false;
+        Ok(())
+    }
+
+    pub fn running(&mut self) -> bool {
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        if let Some(c) = &self.child {
+            let _ = Command::new("kill").arg(format!("-{sig}")).arg(c.id().to_string()).status();
+        }
+    }
+
+    /// SIGKILL: a real crash.
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, a bounded wait, then SIGKILL.
+    fn stop(&mut self) {
+        let Some(mut c) = self.child.take() else { return };
+        if self.frozen {
+            self.signal("CONT");
+        }
+        let _ = Command::new("kill").arg("-TERM").arg(c.id().to_string()).status();
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
+            if let Ok(Some(_)) = c.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = c.kill();
+        let _ = c.wait();
         tracing::warn!(what = %self.what, "did not stop on SIGTERM; killed");
     }
 }
 
-fn spawn(bin: &Path, what: &str, args: &[String], log: &Path) -> Result<Proc> {
-    let out = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
-    let child = Command::new(bin)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out)
-        .spawn()
-        .with_context(|| format!("start {what}"))?;
-    Ok(Proc { what: what.to_string(), child })
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 /// GET `path` on `addr` (host:port); the status code.
@@ -254,7 +321,7 @@ async fn http_status(addr: &str, path: &str) -> Option<u16> {
     std::str::from_utf8(&buf[..n]).ok()?.split(' ').nth(1)?.parse().ok()
 }
 
-fn host_port(url: &str) -> &str {
+pub fn host_port(url: &str) -> &str {
     url.trim_start_matches("http://")
 }
 
@@ -280,9 +347,251 @@ pub fn print_table(layout: &Layout) {
     let pairs: Vec<String> = layout.rtt_ms.iter().map(|(k, v)| format!("{k} {v} ms")).collect();
     println!("round trips: {}", pairs.join(", "));
     println!("regions, lag and RTT as JSON: {}", layout.regions[0].dashboard_url);
+    println!("admin: {} (meridian lab status | kill | restart | partition | heal | latency | ...)", layout.admin_url);
     println!("try: etcdctl --endpoints={} put greeting hello", host_port(&layout.regions[1].gateway_url));
     println!("     etcdctl --endpoints={} get greeting", host_port(&layout.regions[2].gateway_url));
     println!("Ctrl-C stops the lab; `meridian lab` again resumes it, `--fresh` starts over.");
+}
+
+/// A delay that stands for a cut link: nothing gets through in any time a
+/// client waits.
+const CUT: Duration = Duration::from_secs(24 * 3600);
+
+/// The running lab, shared with its admin API.
+pub struct Lab {
+    pub layout: Mutex<Layout>,
+    pub dir: PathBuf,
+    bin: PathBuf,
+    /// By name: `us-east/1`, `us-east/gateway`, `us-east/mirror`, `control/us-east`.
+    pub procs: Mutex<BTreeMap<String, Proc>>,
+    /// The delays of the relays from one region to another, by (from, to).
+    delays: BTreeMap<(String, String), meridian_wire::delay::Delay>,
+    /// Links cut by `partition`, as (from, to).
+    pub cut: Mutex<BTreeSet<(String, String)>>,
+}
+
+impl Lab {
+    /// Sets the delay of both directions between `a` and `b` from the
+    /// table, or cuts them.
+    fn apply_link(&self, a: &str, b: &str) {
+        let cut = self.cut.lock().expect("lock").contains(&(a.to_string(), b.to_string()));
+        let one_way =
+            if cut { CUT } else { Duration::from_millis(rtt(&self.layout.lock().expect("lock").rtt_ms, a, b) / 2) };
+        for key in [(a.to_string(), b.to_string()), (b.to_string(), a.to_string())] {
+            if let Some(d) = self.delays.get(&key) {
+                d.set(one_way);
+            }
+        }
+    }
+
+    fn names(&self, target: &str) -> Result<Vec<String>> {
+        let procs = self.procs.lock().expect("lock");
+        let names: Vec<String> = if target.contains('/') {
+            procs.keys().filter(|k| k.as_str() == target).cloned().collect()
+        } else {
+            // A whole region: its members, gateway and mirror, and its control member.
+            procs
+                .keys()
+                .filter(|k| k.starts_with(&format!("{target}/")) || k.as_str() == format!("control/{target}"))
+                .cloned()
+                .collect()
+        };
+        if names.is_empty() {
+            bail!("no {target:?} in the lab (regions: {}; members: REGION/N)", REGIONS.join(", "));
+        }
+        Ok(names)
+    }
+
+    /// `kill REGION[/MEMBER]`: SIGKILL.
+    pub fn kill(&self, target: &str) -> Result<String> {
+        let names = self.names(target)?;
+        let mut procs = self.procs.lock().expect("lock");
+        for n in &names {
+            if let Some(p) = procs.get_mut(n) {
+                p.kill9();
+            }
+        }
+        Ok(format!("killed {}", names.join(", ")))
+    }
+
+    /// `restart REGION[/MEMBER]`: starts what is not running.
+    pub fn restart(&self, target: &str) -> Result<String> {
+        let names = self.names(target)?;
+        let mut procs = self.procs.lock().expect("lock");
+        let mut started = Vec::new();
+        for n in &names {
+            if let Some(p) = procs.get_mut(n) {
+                if !p.running() {
+                    p.start(&self.bin)?;
+                    started.push(n.clone());
+                }
+            }
+        }
+        Ok(if started.is_empty() { "everything was running".into() } else { format!("started {}", started.join(", ")) })
+    }
+
+    /// `partition A [B]`: cuts A from B, or from every other region (its
+    /// control member is then frozen too, since the control cluster's own
+    /// traffic has no relay).
+    pub fn partition(&self, a: &str, b: Option<&str>) -> Result<String> {
+        check_region(a)?;
+        let others: Vec<&str> = match b {
+            Some(b) => {
+                check_region(b)?;
+                vec![b]
+            }
+            None => REGIONS.iter().copied().filter(|r| *r != a).collect(),
+        };
+        {
+            let mut cut = self.cut.lock().expect("lock");
+            for o in &others {
+                cut.insert((a.to_string(), o.to_string()));
+                cut.insert((o.to_string(), a.to_string()));
+            }
+        }
+        for o in &others {
+            self.apply_link(a, o);
+        }
+        if b.is_none() {
+            if let Some(p) = self.procs.lock().expect("lock").get_mut(&format!("control/{a}")) {
+                p.signal("STOP");
+                p.frozen = true;
+            }
+        }
+        Ok(format!("cut {a} from {}", others.join(", ")))
+    }
+
+    /// `heal`: every link back to its latency, frozen processes resumed.
+    pub fn heal(&self) -> Result<String> {
+        self.cut.lock().expect("lock").clear();
+        for (i, a) in REGIONS.iter().enumerate() {
+            for b in &REGIONS[i + 1..] {
+                self.apply_link(a, b);
+            }
+        }
+        for p in self.procs.lock().expect("lock").values_mut() {
+            if p.frozen {
+                p.signal("CONT");
+                p.frozen = false;
+            }
+        }
+        Ok("every link is back".into())
+    }
+
+    /// `latency A B RTT`.
+    pub fn latency(&self, a: &str, b: &str, rtt_text: &str) -> Result<String> {
+        check_region(a)?;
+        check_region(b)?;
+        let table = parse_latency(Some(&format!("{a}:{b}={rtt_text}")))?;
+        let ms = rtt(&table, a, b);
+        {
+            let mut layout = self.layout.lock().expect("lock");
+            layout.rtt_ms.remove(&format!("{b}:{a}"));
+            layout.rtt_ms.insert(format!("{a}:{b}"), ms);
+            std::fs::write(self.dir.join("lab.json"), serde_json::to_vec_pretty(&*layout)?)?;
+        }
+        self.apply_link(a, b);
+        Ok(format!("{a} ↔ {b}: {ms} ms round trip"))
+    }
+
+    /// Runs `meridian region ARGS` with the lab's token.
+    fn region_command(&self, args: &[String]) -> Result<String> {
+        let token = self.layout.lock().expect("lock").mirror_token_file.clone();
+        let out = Command::new(&self.bin).arg("region").args(args).env("MERIDIAN_MIRROR_TOKEN_FILE", token).output()?;
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        if !out.status.success() {
+            bail!("{}", text.trim_end());
+        }
+        Ok(text.trim_end().to_string())
+    }
+
+    fn members(&self, region: &str) -> Result<String> {
+        check_region(region)?;
+        let layout = self.layout.lock().expect("lock");
+        Ok(layout.endpoints(region, region).join(","))
+    }
+
+    /// Each region's `meridian region status -w json`, or why not.
+    pub fn region_states(&self) -> BTreeMap<String, serde_json::Value> {
+        REGIONS
+            .iter()
+            .map(|r| {
+                let v = self
+                    .members(r)
+                    .and_then(|eps| {
+                        self.region_command(&["status".into(), "--endpoints".into(), eps, "-w".into(), "json".into()])
+                    })
+                    .and_then(|out| Ok(serde_json::from_str::<serde_json::Value>(&out)?))
+                    .unwrap_or_else(|e| serde_json::json!({ "error": format!("{e:#}") }));
+                (r.to_string(), v)
+            })
+            .collect()
+    }
+
+    /// The region that is the primary with the highest epoch.
+    fn primary(&self) -> Result<String> {
+        let states = self.region_states();
+        states
+            .iter()
+            .filter(|(_, s)| s["role"] == "primary")
+            .max_by_key(|(_, s)| s["epoch"].as_u64().unwrap_or(0))
+            .map(|(r, _)| r.clone())
+            .ok_or_else(|| anyhow::anyhow!("no region answers as the primary"))
+    }
+
+    /// `promote REGION`: an unplanned failover, at once.
+    pub fn promote(&self, region: &str) -> Result<String> {
+        let eps = self.members(region)?;
+        self.region_command(&["promote".into(), "--endpoints".into(), eps, "--allow-data-loss".into()])
+    }
+
+    /// `switchover REGION`: the primary hands over to REGION.
+    pub fn switchover(&self, region: &str) -> Result<String> {
+        let from = self.primary()?;
+        if from == region {
+            bail!("{region} is the primary already");
+        }
+        let (from_eps, to_eps) = (self.members(&from)?, self.members(region)?);
+        self.region_command(&["switchover".into(), "--from".into(), from_eps, "--to".into(), to_eps])
+    }
+
+    /// `rejoin REGION`: a failed old primary follows the current one; the
+    /// report goes under the lab directory.
+    pub fn rejoin(&self, region: &str) -> Result<String> {
+        let primary = self.primary()?;
+        let report = self.dir.join(format!(
+            "rejoin-{region}-{}.jsonl",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs()
+        ));
+        let (old, new) = (self.members(region)?, self.members(&primary)?);
+        self.region_command(&[
+            "rejoin".into(),
+            "--endpoints".into(),
+            old,
+            "--primary".into(),
+            new,
+            "--report".into(),
+            report.display().to_string(),
+        ])
+    }
+
+    /// What `meridian lab status` shows.
+    pub fn status(&self) -> serde_json::Value {
+        let running: BTreeMap<String, bool> =
+            self.procs.lock().expect("lock").iter_mut().map(|(k, p)| (k.clone(), p.running() && !p.frozen)).collect();
+        let cut: Vec<String> = self.cut.lock().expect("lock").iter().map(|(a, b)| format!("{a}->{b}")).collect();
+        let regions = self.region_states();
+        let rtt_ms = self.layout.lock().expect("lock").rtt_ms.clone();
+        serde_json::json!({ "regions": regions, "processes": running, "rtt_ms": rtt_ms, "cut": cut })
+    }
+}
+
+fn check_region(r: &str) -> Result<()> {
+    if REGIONS.contains(&r) {
+        Ok(())
+    } else {
+        bail!("no region {r:?} in the lab ({})", REGIONS.join(", "))
+    }
 }
 
 /// Runs the lab until `shutdown` resolves: every process is stopped then.
@@ -293,7 +602,7 @@ pub fn print_table(layout: &Layout) {
 /// does not come up (its log is under the lab directory).
 pub async fn run(flags: &LabFlags, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     if !matches!(flags.members, 1 | 3 | 5) {
-        bail!("--members {} : a region has 1, 3 or 5 members", flags.members);
+        bail!("--members {}: a region has 1, 3 or 5 members", flags.members);
     }
     let rtt_ms = parse_latency(flags.latency.as_deref())?;
     let dir = &flags.dir;
@@ -321,11 +630,11 @@ pub async fn run(flags: &LabFlags, shutdown: impl std::future::Future<Output = (
         let dir = dir.canonicalize()?;
         Layout::new(&dir, flags.members, flags.base_port, rtt_ms)
     };
+    let dir = dir.canonicalize()?;
     std::fs::create_dir_all(dir.join("logs"))?;
     if !layout.mirror_token_file.exists() {
-        let token: String =
-            format!("lab-{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos());
-        std::fs::write(&layout.mirror_token_file, format!("{token}\n"))?;
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos();
+        std::fs::write(&layout.mirror_token_file, format!("lab-{nanos:x}\n"))?;
     }
     std::fs::write(&json, serde_json::to_vec_pretty(&layout)?)?;
     let bin = std::env::current_exe()?;
@@ -334,39 +643,37 @@ pub async fn run(flags: &LabFlags, shutdown: impl std::future::Future<Output = (
     let step = |what: &str| eprintln!("[{:>5.1}s] {what}", started.elapsed().as_secs_f64());
     step(if resumed { "resuming the lab" } else { "starting a new lab" });
 
-    // The relays: region R dials region S's member i at R's relay i for S.
+    // The relays: region R dials region S's member i at R's relay i for S,
+    // and S's control member at R's control relay for S.
     let mut relays = Vec::new();
+    let mut delays = BTreeMap::new();
     for r in &layout.regions {
         for (to, ports) in &r.relays {
             let one_way = Duration::from_millis(rtt(&layout.rtt_ms, &r.name, to) / 2);
             let delay = meridian_wire::delay::Delay::new(one_way);
-            for (i, listen) in ports.iter().enumerate() {
-                let target: std::net::SocketAddr = host_port(&layout.region(to).members[i].client_url).parse()?;
+            let control_target = REGIONS.iter().position(|n| n == to).map(|i| &layout.control[i].client_url);
+            let targets = layout.region(to).members.iter().map(|m| &m.client_url).chain(control_target);
+            let listens = ports.iter().chain(std::iter::once(&r.control_relays[to]));
+            for (listen, target) in listens.zip(targets) {
+                let target: std::net::SocketAddr = host_port(target).parse()?;
                 let listener =
                     tokio::net::TcpListener::bind(listen).await.with_context(|| format!("listen on {listen}"))?;
                 relays.push(tokio::spawn(meridian_wire::delay::run(listener, target, delay.clone())));
             }
+            delays.insert((r.name.clone(), to.clone()), delay);
         }
     }
     step("latency relays up");
 
-    let mut procs: Vec<Proc> = Vec::new();
-    // The control cluster.
+    let mut procs = BTreeMap::new();
     let control_cluster: Vec<String> = layout.control.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
-    for m in &layout.control {
+    for (name, m) in REGIONS.iter().zip(&layout.control) {
         let args = node_args(m, &control_cluster.join(","), "lab-control");
-        procs.push(spawn(&bin, &m.name, &args, &logs.join(format!("{}.log", m.name)))?);
+        procs.insert(format!("control/{name}"), Proc::new(&m.name, args, logs.join(format!("{}.log", m.name))));
     }
-    for m in &layout.control {
-        wait_healthy(&m.name, host_port(&m.client_url), Duration::from_secs(60)).await?;
-    }
-    step("control cluster up (primary lease, auto-failover)");
-    let control: Vec<String> = layout.control.iter().map(|m| m.client_url.clone()).collect();
-
-    // The regions' clusters.
     for r in &layout.regions {
         let cluster: Vec<String> = r.members.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
-        for m in &r.members {
+        for (i, m) in r.members.iter().enumerate() {
             let mut args = node_args(m, &cluster.join(","), &format!("lab-{}", r.name));
             args.extend(
                 [
@@ -379,24 +686,17 @@ pub async fn run(flags: &LabFlags, shutdown: impl std::future::Future<Output = (
                     "--mirror-token-file",
                     &layout.mirror_token_file.display().to_string(),
                     "--topology-endpoints",
-                    &control.join(","),
+                    &layout.control_endpoints(&r.name).join(","),
                     "--auto-failover",
                 ]
                 .map(String::from),
             );
-            procs.push(spawn(&bin, &m.name, &args, &logs.join(format!("{}.log", m.name)))?);
+            procs.insert(
+                format!("{}/{}", r.name, i + 1),
+                Proc::new(&m.name, args, logs.join(format!("{}.log", m.name))),
+            );
         }
-    }
-    for r in &layout.regions {
-        for m in &r.members {
-            wait_healthy(&m.name, host_port(&m.client_url), Duration::from_secs(60)).await?;
-        }
-        step(&format!("region {} up ({} members)", r.name, r.members.len()));
-    }
-
-    // A mirror into each region, from the others (it follows the primary),
-    // and a gateway in each.
-    for r in &layout.regions {
+        // A mirror into the region from the others (it follows the primary).
         let mut args: Vec<String> =
             vec!["mirror".into(), "--target".into(), layout.endpoints(&r.name, &r.name).join(",")];
         for other in layout.regions.iter().filter(|o| o.name != r.name) {
@@ -412,7 +712,7 @@ pub async fn run(flags: &LabFlags, shutdown: impl std::future::Future<Output = (
             .map(String::from),
         );
         let what = format!("mirror-{}", r.name);
-        procs.push(spawn(&bin, &what, &args, &logs.join(format!("{what}.log")))?);
+        procs.insert(format!("{}/mirror", r.name), Proc::new(&what, args, logs.join(format!("{what}.log"))));
         let mut args: Vec<String> =
             ["gateway", "--name", &format!("gw-{}", r.name), "--region", &r.name].map(String::from).to_vec();
         args.extend(["--listen-client-urls".to_string(), r.gateway_url.clone()]);
@@ -424,41 +724,91 @@ pub async fn run(flags: &LabFlags, shutdown: impl std::future::Future<Output = (
             ]);
         }
         let what = format!("gateway-{}", r.name);
-        procs.push(spawn(&bin, &what, &args, &logs.join(format!("{what}.log")))?);
+        procs.insert(format!("{}/gateway", r.name), Proc::new(&what, args, logs.join(format!("{what}.log"))));
     }
-    for r in &layout.regions {
-        wait_healthy(&format!("gateway-{}", r.name), host_port(&r.gateway_url), Duration::from_secs(60)).await?;
+    let lab = std::sync::Arc::new(Lab {
+        layout: Mutex::new(layout.clone()),
+        dir: dir.clone(),
+        bin: bin.clone(),
+        procs: Mutex::new(procs),
+        delays,
+        cut: Mutex::new(BTreeSet::new()),
+    });
+    let result = bring_up(&lab, &layout, &step).await;
+    if let Err(e) = result {
+        lab.procs.lock().expect("lock").clear();
+        return Err(e);
     }
-    step("mirrors and gateways up");
+    let admin = admin::serve(lab.clone(), host_port(&layout.admin_url)).await?;
     print_table(&layout);
 
-    // Until Ctrl-C, or a child that exits on its own (reported, the lab goes on).
+    // Until Ctrl-C; a child that exits on its own is reported and the lab goes on.
     let mut shutdown = std::pin::pin!(shutdown);
     let mut check = tokio::time::interval(Duration::from_secs(1));
-    let mut gone = std::collections::HashSet::new();
+    let mut reported = std::collections::HashSet::new();
     loop {
         tokio::select! {
             _ = &mut shutdown => break,
             _ = check.tick() => {
-                for p in &mut procs {
-                    if let Ok(Some(status)) = p.child.try_wait() {
-                        if gone.insert(p.what.clone()) {
-                            eprintln!("{} exited ({status}); its log: {}", p.what, logs.join(format!("{}.log", p.what)).display());
+                let mut procs = lab.procs.lock().expect("lock");
+                for (name, p) in procs.iter_mut() {
+                    let exited = p.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+                    match exited {
+                        Some(status) if reported.insert(name.clone()) => {
+                            eprintln!("{name} exited ({status}); its log: {}", p.log.display());
                         }
+                        None if p.child.is_some() => {
+                            reported.remove(name);
+                        }
+                        _ => {}
                     }
                 }
             }
         }
     }
     eprintln!("stopping the lab");
-    // Gateways and mirrors first, then the members.
-    while let Some(p) = procs.pop() {
-        drop(p);
+    admin.abort();
+    let procs = std::mem::take(&mut *lab.procs.lock().expect("lock"));
+    // Gateways and mirrors first, then the regions' members, then the control cluster.
+    let (mut front, rest): (Vec<_>, Vec<_>) =
+        procs.into_iter().partition(|(k, _)| k.ends_with("/gateway") || k.ends_with("/mirror"));
+    let (mut members, mut control): (Vec<_>, Vec<_>) = rest.into_iter().partition(|(k, _)| !k.starts_with("control/"));
+    for (_, p) in front.iter_mut().chain(members.iter_mut()).chain(control.iter_mut()) {
+        p.stop();
     }
     for r in relays {
         r.abort();
     }
     eprintln!("stopped; `meridian lab` resumes it");
+    Ok(())
+}
+
+/// Starts every process in order, each step once the previous is healthy.
+async fn bring_up(lab: &Lab, layout: &Layout, step: &dyn Fn(&str)) -> Result<()> {
+    let start = |prefix: &dyn Fn(&str) -> bool| -> Result<()> {
+        let mut procs = lab.procs.lock().expect("lock");
+        for (name, p) in procs.iter_mut().filter(|(n, _)| prefix(n)) {
+            p.start(&lab.bin).with_context(|| name.clone())?;
+        }
+        Ok(())
+    };
+    start(&|n| n.starts_with("control/"))?;
+    for m in &layout.control {
+        wait_healthy(&m.name, host_port(&m.client_url), Duration::from_secs(60)).await?;
+    }
+    step("control cluster up (primary lease, auto-failover)");
+    start(&|n| n.rsplit('/').next().is_some_and(|last| last.parse::<usize>().is_ok()))?;
+    for r in &layout.regions {
+        for m in &r.members {
+            wait_healthy(&m.name, host_port(&m.client_url), Duration::from_secs(60)).await?;
+        }
+        step(&format!("region {} up ({} members)", r.name, r.members.len()));
+    }
+    start(&|n| n.ends_with("/mirror") || n.ends_with("/gateway"))?;
+    for r in &layout.regions {
+        wait_healthy(&format!("gateway-{}", r.name), host_port(&r.gateway_url), Duration::from_secs(60)).await?;
+    }
+    step("mirrors and gateways up");
     Ok(())
 }
 
@@ -511,9 +861,12 @@ mod tests {
             ports.extend(r.members.iter().flat_map(|m| [m.client_url.clone(), m.peer_url.clone()]));
             ports.extend([r.gateway_url.clone(), r.gateway_metrics.clone(), r.mirror_metrics.clone()]);
             ports.extend(r.relays.values().flatten().cloned());
+            ports.extend(r.control_relays.values().cloned());
             assert_eq!(r.relays.len(), 2);
         }
         ports.extend(l.control.iter().flat_map(|m| [m.client_url.clone(), m.peer_url.clone()]));
+        ports.push(l.admin_url.clone());
+        let mut ports: Vec<String> = ports.iter().map(|p| host_port(p).to_string()).collect();
         let n = ports.len();
         ports.sort();
         ports.dedup();

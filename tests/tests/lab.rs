@@ -12,8 +12,21 @@ use meridian_tests::{etcdctl, meridian_bin};
 /// Outside the harness's port range (15000..32000) and bench.sh's (12000..14999).
 const BASE_PORT: &str = "10000";
 
+/// The running lab; stopped (SIGINT, then SIGKILL) if a check fails first.
+struct Running(Option<Child>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(child) = self.0.take() {
+            if stop(child).is_err() {
+                eprintln!("the lab did not stop cleanly");
+            }
+        }
+    }
+}
+
 /// Starts the lab and waits until it printed its table.
-fn start(dir: &std::path::Path) -> Result<Child> {
+fn start(dir: &std::path::Path) -> Result<Running> {
     let mut child = Command::new(meridian_bin()?)
         .args(["lab", "--members", "1", "--latency", "20ms", "--base-port", BASE_PORT, "--dir"])
         .arg(dir)
@@ -32,7 +45,7 @@ fn start(dir: &std::path::Path) -> Result<Child> {
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok(line) if line.starts_with("Ctrl-C stops the lab") => return Ok(child),
+            Ok(line) if line.starts_with("Ctrl-C stops the lab") => return Ok(Running(Some(child))),
             Ok(_) => {}
             Err(_) => {
                 let _ = child.kill();
@@ -43,6 +56,10 @@ fn start(dir: &std::path::Path) -> Result<Child> {
 }
 
 /// SIGINT, as Ctrl-C; the lab must exit cleanly.
+fn stop_lab(mut lab: Running) -> Result<()> {
+    stop(lab.0.take().context("stopped already")?)
+}
+
 fn stop(mut child: Child) -> Result<()> {
     let status = Command::new("kill").args(["-INT", &child.id().to_string()]).status()?;
     ensure!(status.success());
@@ -58,6 +75,14 @@ fn stop(mut child: Child) -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// `meridian lab VERB... --dir DIR`; its output, or why it failed.
+fn verb(dir: &std::path::Path, args: &[&str]) -> Result<String> {
+    let out = Command::new(meridian_bin()?).arg("lab").args(args).arg("--dir").arg(dir).output()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    ensure!(out.status.success(), "meridian lab {args:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+    Ok(text)
 }
 
 fn gateway(layout: &serde_json::Value, region: &str) -> Result<String> {
@@ -109,7 +134,36 @@ fn the_lab_comes_up_serves_stops_and_resumes() -> Result<()> {
             .unwrap_or(0.0)
     };
     ensure!(rtt("us-east") >= 18.0 && rtt("ap-south") < 10.0, "{regions}");
-    stop(lab)?;
+
+    // The verbs, from a second terminal.
+    let status = verb(&dir, &["status", "-w", "json"])?;
+    let status: serde_json::Value = serde_json::from_str(&status)?;
+    ensure!(status["regions"]["us-east"]["role"] == "primary", "{status}");
+    ensure!(status["processes"]["ap-south/1"] == true, "{status}");
+    verb(&dir, &["kill", "ap-south/1"])?;
+    let status: serde_json::Value = serde_json::from_str(&verb(&dir, &["status", "-w", "json"])?)?;
+    ensure!(status["processes"]["ap-south/1"] == false, "{status}");
+    verb(&dir, &["restart", "ap-south/1"])?;
+    verb(&dir, &["latency", "us-east", "ap-south", "30ms"])?;
+    verb(&dir, &["partition", "eu-west", "ap-south"])?;
+    let status: serde_json::Value = serde_json::from_str(&verb(&dir, &["status", "-w", "json"])?)?;
+    ensure!(status["rtt_ms"]["us-east:ap-south"] == 30, "{status}");
+    ensure!(status["cut"].as_array().is_some_and(|c| c.len() == 2), "{status}");
+    verb(&dir, &["heal"])?;
+    let out = verb(&dir, &["switchover", "eu-west"])?;
+    ensure!(out.contains("write-unavailability window"), "{out}");
+    let printed = verb(&dir, &["status"])?;
+    ensure!(printed.lines().any(|l| l.starts_with("eu-west") && l.contains("primary")), "{printed}");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let put = etcdctl(&[&ap], &["put", "greeting", "hola"])?;
+        if put.success() {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "no write through ap-south after the switchover: {}", put.stderr);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    stop_lab(lab)?;
 
     // Stopped means stopped: nothing answers on the members' ports.
     for r in layout["regions"].as_array().into_iter().flatten() {
@@ -119,16 +173,16 @@ fn the_lab_comes_up_serves_stops_and_resumes() -> Result<()> {
         }
     }
 
-    // A second run resumes the same lab.
+    // A second run resumes the same lab (eu-west is the primary now).
     let lab = start(&dir)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let got = etcdctl(&[&eu], &["get", "greeting", "--print-value-only"])?;
-        if got.stdout.trim() == "hello" {
+        if got.stdout.trim() == "hola" {
             break;
         }
         ensure!(Instant::now() < deadline, "the resumed lab lost the write: {got:?}");
         std::thread::sleep(Duration::from_millis(200));
     }
-    stop(lab)
+    stop_lab(lab)
 }
