@@ -229,10 +229,12 @@ impl EtcdStateMachine {
             other => return Err(Error::Fenced(format!("unknown region role {other:?}"))),
         };
         let epoch = if c.epoch == 0 { role.epoch + 1 } else { c.epoch };
-        if to == role.role && epoch == role.epoch {
+        // A rejoin may rewind a secondary that already has the new epoch.
+        let rejoin = to == Role::Secondary && (c.rewind_to > 0 || c.wipe);
+        if to == role.role && epoch == role.epoch && !rejoin {
             return Ok(Applied::Done);
         }
-        if epoch <= role.epoch {
+        if epoch < role.epoch || (epoch == role.epoch && !rejoin) {
             return Err(Error::Fenced(format!("epoch {epoch} is not above the current epoch {}", role.epoch)));
         }
         let current = self.mvcc.staged_marks().current;
@@ -261,7 +263,6 @@ impl EtcdStateMachine {
                 self.lessor.rearm_full(&self.mvcc);
             }
             Role::Secondary => {
-                let rejoin = c.rewind_to > 0 || c.wipe;
                 if role.role != Role::Primary && !rejoin {
                     return Err(Error::Fenced("this cluster is already a secondary".into()));
                 }

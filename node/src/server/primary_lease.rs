@@ -297,14 +297,16 @@ pub async fn run(server: Arc<EtcdServer>, cfg: TopologyConfig) {
     let mut held: Option<i64> = None;
     let mut absent_since: Option<Instant> = None;
     let mut candidacy = 0;
-    let mut interval = tokio::time::interval(tick);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_epoch = 0;
     loop {
-        interval.tick().await;
+        // Quick while the lease changes hands (a switchover waits on it);
+        // steady renewals while it is held, or while another region holds it.
+        let settled = held.is_some() || absent_since.is_none();
+        tokio::time::sleep(if settled { tick } else { tick.min(Duration::from_millis(100)) }).await;
         let _ = topo.region.probe(call_timeout).await;
         let step = tokio::time::timeout(
             call_timeout,
-            step(&server, &cfg, &topo, &mut held, &mut absent_since, &mut candidacy),
+            step(&server, &cfg, &topo, &mut held, &mut absent_since, &mut candidacy, &mut last_epoch),
         );
         match step.await {
             Ok(Ok(())) => {}
@@ -321,6 +323,7 @@ async fn step(
     held: &mut Option<i64>,
     absent_since: &mut Option<Instant>,
     candidacy: &mut i64,
+    last_epoch: &mut u64,
 ) -> anyhow::Result<()> {
     let role = server.role.get();
     let me = Holder {
@@ -331,6 +334,9 @@ async fn step(
         clean: false,
     };
     let current = topo.holder().await?;
+    if let Some((h, _)) = &current {
+        *last_epoch = (*last_epoch).max(h.epoch);
+    }
     match role.role {
         Role::Primary => {
             *absent_since = None;
@@ -413,7 +419,8 @@ async fn step(
             let all = topo.candidates().await?;
             let best = all.iter().max_by(|a, b| a.revision.cmp(&b.revision).then_with(|| b.region.cmp(&a.region)));
             if best.is_some_and(|b| b.cluster_id == c.cluster_id) {
-                let epoch = all.iter().map(|c| c.epoch).max().unwrap_or(role.epoch).max(role.epoch) + 1;
+                // Above every epoch seen: the candidates' and the last holder's.
+                let epoch = all.iter().map(|c| c.epoch).max().unwrap_or(0).max(role.epoch).max(*last_epoch) + 1;
                 tracing::warn!(
                     revision,
                     epoch,
