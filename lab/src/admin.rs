@@ -106,10 +106,12 @@ pub enum Verb {
     Switchover { region: String },
     /// Make a failed old primary follow the current one (report under the lab directory).
     Rejoin { region: String },
+    /// Run a disaster-recovery drill against the lab and write its report.
+    Drill(crate::drill::DrillFlags),
 }
 
 /// One HTTP/1.1 exchange with the lab's admin port; the body of the answer.
-async fn call(addr: &str, method: &str, path: &str, body: &str) -> Result<String> {
+pub(crate) async fn call(addr: &str, method: &str, path: &str, body: &str) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
         .await
@@ -179,6 +181,7 @@ pub async fn run_verb(dir: &Path, verb: &Verb) -> Result<()> {
         Verb::Promote { region } => post("promote", req(region)).await,
         Verb::Switchover { region } => post("switchover", req(region)).await,
         Verb::Rejoin { region } => post("rejoin", req(region)).await,
+        Verb::Drill(flags) => crate::drill::run(dir, flags).await,
     }
 }
 

@@ -26,9 +26,14 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub mod admin;
+pub mod drill;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+
+/// The lab's primary lease and auto-failover delay (production defaults: 5s, 10s).
+pub const LAB_LEASE_TTL: &str = "2s";
+pub const LAB_FAILOVER_AFTER: &str = "3s";
 
 /// The regions, the first one the primary.
 pub const REGIONS: [&str; 3] = ["us-east", "eu-west", "ap-south"];
@@ -688,6 +693,12 @@ pub async fn run(flags: &LabFlags, shutdown: impl std::future::Future<Output = (
                     "--topology-endpoints",
                     &layout.control_endpoints(&r.name).join(","),
                     "--auto-failover",
+                    // Lab timings: a region loss fails over in seconds, not the
+                    // production defaults' 16.
+                    "--primary-lease-ttl",
+                    LAB_LEASE_TTL,
+                    "--failover-after",
+                    LAB_FAILOVER_AFTER,
                 ]
                 .map(String::from),
             );

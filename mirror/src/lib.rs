@@ -44,7 +44,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// How often an idle mirror (its target is the primary) looks again.
-const IDLE_RECHECK: Duration = Duration::from_secs(1);
+const IDLE_RECHECK: Duration = Duration::from_millis(250);
 
 /// Runs the mirror until `shutdown` resolves.
 ///
@@ -64,7 +64,7 @@ pub async fn run(cfg: MirrorConfig, shutdown: impl std::future::Future<Output = 
                 Ok(topology::Choice::Idle(why)) => {
                     let state = format!("idle: {why}");
                     if *metrics.state.lock() != state {
-                        tracing::info!("{state}; mirroring resumes when another region is the primary");
+                        tracing::info!("{state}; looking again every {IDLE_RECHECK:?}");
                         *metrics.state.lock() = state;
                     }
                     backoff = Duration::from_millis(100);

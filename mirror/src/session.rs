@@ -523,11 +523,13 @@ impl Session<'_> {
     /// Drops leases the source no longer has, and repeats the source's
     /// compactions (Meridian sources; etcd sources compact on their own).
     /// With several sources: ends the session once this one is no longer
-    /// the primary.
+    /// the primary and the target holds everything it has.
     async fn check_source_role(&self) -> anyhow::Result<()> {
         if self.cfg.sources.len() > 1 && matches!(self.kind, Kind::Meridian) {
             let s = RegionRpcClient::new(self.src.clone()).status(RegionStatusRequest {}).await?.into_inner();
-            if s.role != "primary" {
+            // A fenced primary takes no more writes: drain it to its last
+            // revision first (a switchover waits for exactly that).
+            if s.role != "primary" && self.checkpoint >= s.revision {
                 return Err(TopologyChanged(format!(
                     "the source region {:?} is now a {} at epoch {}",
                     s.region, s.role, s.epoch

@@ -36,7 +36,8 @@ pub async fn region_status(endpoints: &[String]) -> Option<RegionStatusResponse>
 ///
 /// # Errors
 ///
-/// With several sources: none of them is a reachable primary.
+/// None: a region that does not answer is left out, and with none to follow
+/// the mirror idles.
 pub async fn choose(cfg: &MirrorConfig) -> anyhow::Result<Choice> {
     let target = region_status(&cfg.target).await;
     if cfg.sources.len() == 1 {
@@ -64,7 +65,9 @@ pub async fn choose(cfg: &MirrorConfig) -> anyhow::Result<Choice> {
                     None => format!("{} does not answer", eps.join(",")),
                 })
                 .collect();
-            anyhow::bail!("no source region is a reachable primary ({})", seen.join("; "))
+            // Between a demotion and a promotion, or while the primary is
+            // lost: wait and look again.
+            Ok(Choice::Idle(format!("no source region is a reachable primary ({})", seen.join("; "))))
         }
     }
 }
