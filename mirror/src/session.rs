@@ -208,6 +208,11 @@ pub async fn run(cfg: &MirrorConfig, source: &[String], m: &Arc<Metrics>) -> any
             .unwrap_or_default(),
         Kind::Etcd => Vec::new(),
     };
+    let target_lineage = RegionRpcClient::new(dst.clone())
+        .status(RegionStatusRequest {})
+        .await
+        .map(|s| s.into_inner().lineage)
+        .unwrap_or_default();
     let known_leases = lease_ids(dst).await.context("target leases")?;
     *m.labels.lock() = format!("region={:?},source_region={:?}", ts.region, ts.primary_region);
     let _heartbeats = Heartbeats::start(&dst_region, m, token, cluster_id);
@@ -240,7 +245,8 @@ pub async fn run(cfg: &MirrorConfig, source: &[String], m: &Arc<Metrics>) -> any
     // operator's word: its revisions mean nothing on this source.
     let foreign = ts.source_cluster_id != 0
         && ts.source_cluster_id != cluster_id
-        && !meridian_wire::lineage::continues(&s.lineage, ts.source_cluster_id, ts.revision);
+        && !meridian_wire::lineage::continues(&s.lineage, ts.source_cluster_id, ts.revision)
+        && !meridian_wire::lineage::already_follows(&target_lineage, &s.lineage, cluster_id);
     if ts.source_cluster_id != cluster_id && !foreign && ts.source_cluster_id != 0 {
         tracing::info!(
             old = format!("{:x}", ts.source_cluster_id),
@@ -523,19 +529,26 @@ impl Session<'_> {
     /// Drops leases the source no longer has, and repeats the source's
     /// compactions (Meridian sources; etcd sources compact on their own).
     /// With several sources: ends the session once this one is no longer
-    /// the primary and the target holds everything it has.
-    async fn check_source_role(&self) -> anyhow::Result<()> {
+    /// the primary and the target holds everything it has. The source's
+    /// lineage is refreshed on the way and handed to the target (an old
+    /// primary that now follows the new one carries the new lineage), so
+    /// the target may follow the new primary next without a copy.
+    async fn check_source_role(&mut self) -> anyhow::Result<()> {
         if self.cfg.sources.len() > 1 && matches!(self.kind, Kind::Meridian) {
             let s = RegionRpcClient::new(self.src.clone()).status(RegionStatusRequest {}).await?.into_inner();
-            // A fenced primary takes no more writes: drain it to its last
-            // revision first (a switchover waits for exactly that).
             if s.role != "primary" && self.checkpoint >= s.revision {
+                if s.lineage != self.lineage {
+                    self.lineage = s.lineage.clone();
+                    let req = self.request();
+                    self.target.apply(req).await.context("lineage apply")?;
+                }
                 return Err(TopologyChanged(format!(
                     "the source region {:?} is now a {} at epoch {}",
                     s.region, s.role, s.epoch
                 ))
                 .into());
             }
+            self.lineage = s.lineage;
         }
         Ok(())
     }

@@ -283,7 +283,9 @@ async fn register_history(
         tasks.push(tokio::spawn(async move {
             let mut ops = Vec::new();
             let mut n = 0;
-            while Instant::now() < deadline && n < 2000 {
+            // Bounded in time, and in count well past what the time allows: a read is paced, so
+            // a fast machine does not finish its reads before the outage the test injects.
+            while Instant::now() < deadline && n < 20_000 {
                 n += 1;
                 let start = Instant::now();
                 let kind = if client < writers {
@@ -297,6 +299,7 @@ async fn register_history(
                         ReadAs::Bounded(bound) => serializable("reg", Some(bound)),
                     };
                     let resp = kv.range(req).await.context("read")?;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
                     OpKind::Read { saw: resp.get_ref().kvs.first().map_or(0, |kv| kv.mod_revision) }
                 };
                 ops.push(Op { client, start, end: Instant::now(), kind });

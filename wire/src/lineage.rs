@@ -27,6 +27,15 @@ pub fn continues(lineage: &[LineageEntry], followed: u64, revision: i64) -> bool
     lineage.get(j + 1).is_some_and(|next| revision < next.first_revision)
 }
 
+/// Whether a secondary whose own lineage is `own` already holds the
+/// history of `source` (cluster `source_cluster`, lineage `lineage`): its
+/// newest epoch is that cluster's, and the source's lineage goes on from
+/// it. (It got that history through another secondary that followed the
+/// source, so its revisions are the source's.)
+pub fn already_follows(own: &[LineageEntry], lineage: &[LineageEntry], source_cluster: u64) -> bool {
+    own.last().is_some_and(|l| l.primary_cluster_id == source_cluster) && lineage.starts_with(own)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -47,6 +56,16 @@ mod tests {
         assert_eq!(fence_between(&[e(0, 1, 7), e(1, 30, 5)], &[e(0, 1, 7), e(1, 42, 9)]), Some(29));
         // Several epochs later.
         assert_eq!(fence_between(&base, &[e(0, 1, 7), e(1, 42, 9), e(2, 90, 7)]), Some(41));
+    }
+
+    #[test]
+    fn a_secondary_that_already_holds_the_new_primarys_epoch_follows_it() {
+        let new = [e(0, 1, 7), e(1, 42, 9)];
+        assert!(already_follows(&new, &new, 9));
+        assert!(already_follows(&new, &[e(0, 1, 7), e(1, 42, 9), e(2, 90, 9)], 9));
+        assert!(!already_follows(&[e(0, 1, 7)], &new, 9), "its newest epoch is not the source's");
+        assert!(!already_follows(&[e(0, 1, 7), e(1, 40, 9)], &new, 9), "a different epoch start");
+        assert!(!already_follows(&[], &new, 9));
     }
 
     #[test]
