@@ -270,6 +270,21 @@ async fn an_unplanned_promotion_fences_and_rearms_leases() -> Result<()> {
     Ok(())
 }
 
+/// Runs `meridian region rejoin` of `old` onto `new` with its report at `report`; what it printed.
+fn rejoin(old: &Cluster, new: &Cluster, report: &std::path::Path) -> Result<String> {
+    let (ok, out, err) = region(&[
+        "rejoin",
+        "--endpoints",
+        &old.endpoints().join(","),
+        "--primary",
+        &new.endpoints().join(","),
+        "--report",
+        report.to_str().context("path")?,
+    ])?;
+    ensure!(ok, "rejoin failed: {out}{err}");
+    Ok(out)
+}
+
 /// The lines of a rejoin report: the changes, then the summary.
 fn read_report(path: &std::path::Path) -> Result<(Vec<serde_json::Value>, serde_json::Value)> {
     let text = std::fs::read_to_string(path)?;
@@ -344,16 +359,7 @@ async fn a_killed_primary_rejoins_with_a_report_of_every_lost_write() -> Result<
     let old_revision = status_json(&old)?["revision"].as_i64().context("revision")?;
     let dir = tempfile::tempdir()?;
     let report = dir.path().join("lost.jsonl");
-    let (ok, out, err) = region(&[
-        "rejoin",
-        "--endpoints",
-        &old.endpoints().join(","),
-        "--primary",
-        &new.endpoints().join(","),
-        "--report",
-        report.to_str().context("path")?,
-    ])?;
-    ensure!(ok, "rejoin failed: {out}{err}");
+    let out = rejoin(&old, &new, &report)?;
     ensure!(out.contains("rewound:"), "{out}");
     let (lines, summary) = read_report(&report)?;
     ensure!(summary["fence"] == fence && summary["epoch"] == 1 && summary["count"] == lines.len(), "{summary}");
@@ -421,16 +427,7 @@ async fn a_rejoin_with_different_histories_recopies() -> Result<()> {
     old.restart(1)?;
     let dir = tempfile::tempdir()?;
     let report = dir.path().join("lost.jsonl");
-    let (ok, out, err) = region(&[
-        "rejoin",
-        "--endpoints",
-        &old.endpoints().join(","),
-        "--primary",
-        &new.endpoints().join(","),
-        "--report",
-        report.to_str().context("path")?,
-    ])?;
-    ensure!(ok, "rejoin failed: {out}{err}");
+    let out = rejoin(&old, &new, &report)?;
     ensure!(out.contains("emptied:"), "{out}");
     let (lines, summary) = read_report(&report)?;
     ensure!(summary["hash_equal"] == false && summary["recopied"] == true, "{summary}");
