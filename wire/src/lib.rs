@@ -1,5 +1,5 @@
-//! The engine-free pieces that every Meridian process (node, mirror, and
-//! the gateway and lab to come) needs, with no storage or raft in them.
+//! The engine-free pieces that every Meridian process (node, mirror,
+//! gateway, lab) needs, with no storage or raft in them.
 //!
 //! - [`url`]: member URLs and endpoint lists, parsed once into [`url::Url`];
 //! - [`token`]: the mirror token that `Mirror.Apply` carries;
