@@ -172,7 +172,10 @@ async fn reads_go_where_their_consistency_allows() -> Result<()> {
 async fn primary_down_writes_fail_fast_and_reads_go_on() -> Result<()> {
     let mut r = two_regions()?;
     let mut kv = KvClient::connect(format!("http://{}", r.gateway.endpoint())).await?;
-    kv.put(PutRequest { key: "k".into(), value: "1".into(), ..Default::default() }).await?;
+    let put = kv.put(PutRequest { key: "k".into(), value: "1".into(), ..Default::default() }).await?;
+    // The secondary has the write before the primary dies (else the read below, which must not go
+    // behind this connection's own write, has no region to go to).
+    r.mirror.wait_applied(put.get_ref().header.as_ref().map_or(0, |h| h.revision), Duration::from_secs(10))?;
     r.primary.kill9(1)?;
     r.gateway.wait_regions(Duration::from_secs(10), |doc| {
         doc["regions"].as_array().is_some_and(|rs| rs.iter().any(|r| r["name"] == "us-east" && r["healthy"] == false))
