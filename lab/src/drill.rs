@@ -123,13 +123,8 @@ async fn status(addr: &str) -> Result<serde_json::Value> {
 }
 
 /// The region that is the primary with the highest epoch, as the lab sees it.
-fn primary_of(status: &serde_json::Value) -> Option<String> {
-    status["regions"]
-        .as_object()?
-        .iter()
-        .filter(|(_, s)| s["role"] == "primary")
-        .max_by_key(|(_, s)| s["epoch"].as_u64().unwrap_or(0))
-        .map(|(r, _)| r.clone())
+fn primary_in(status: &serde_json::Value) -> Option<String> {
+    crate::primary_of(status["regions"].as_object()?.iter())
 }
 
 fn lag_of(status: &serde_json::Value) -> BTreeMap<String, serde_json::Value> {
@@ -179,7 +174,7 @@ pub async fn run(dir: &Path, flags: &DrillFlags) -> Result<()> {
     };
 
     let before = status(&addr).await?;
-    let old = primary_of(&before).context("no region is the primary now")?;
+    let old = primary_in(&before).context("no region is the primary now")?;
     let others: Vec<&str> = REGIONS.iter().copied().filter(|r| *r != old).collect();
     // The switchover goes to the first other region; the client writes in the last.
     let (target, client_region) = (others[0], others[others.len() - 1]);
@@ -295,7 +290,7 @@ pub async fn run(dir: &Path, flags: &DrillFlags) -> Result<()> {
 
     // Who took over, and what it lacks.
     let after = status(&addr).await?;
-    let new = primary_of(&after).unwrap_or_default();
+    let new = primary_in(&after).unwrap_or_default();
     step(format!("new primary: {new}"));
     let acked = acks.lock().expect("lock").clone();
     let mut lost = Vec::new();

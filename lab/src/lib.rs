@@ -535,13 +535,7 @@ impl Lab {
 
     /// The region that is the primary with the highest epoch.
     fn primary(&self) -> Result<String> {
-        let states = self.region_states();
-        states
-            .iter()
-            .filter(|(_, s)| s["role"] == "primary")
-            .max_by_key(|(_, s)| s["epoch"].as_u64().unwrap_or(0))
-            .map(|(r, _)| r.clone())
-            .ok_or_else(|| anyhow::anyhow!("no region answers as the primary"))
+        primary_of(self.region_states().iter()).ok_or_else(|| anyhow::anyhow!("no region answers as the primary"))
     }
 
     /// `promote REGION`: an unplanned failover, at once.
@@ -589,6 +583,15 @@ impl Lab {
         let rtt_ms = self.layout.lock().expect("lock").rtt_ms.clone();
         serde_json::json!({ "regions": regions, "processes": running, "rtt_ms": rtt_ms, "cut": cut })
     }
+}
+
+/// Of regions and their `region status -w json`, the one that is the
+/// primary with the highest epoch.
+pub fn primary_of<'a>(states: impl Iterator<Item = (&'a String, &'a serde_json::Value)>) -> Option<String> {
+    states
+        .filter(|(_, s)| s["role"] == "primary")
+        .max_by_key(|(_, s)| s["epoch"].as_u64().unwrap_or(0))
+        .map(|(r, _)| r.clone())
 }
 
 fn check_region(r: &str) -> Result<()> {

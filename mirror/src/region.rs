@@ -68,6 +68,8 @@ pub struct SwitchoverFlags {
 
 /// One cluster, through its leader.
 struct Cluster {
+    /// The leader's connection (or the first member that answered).
+    channel: Channel,
     rpc: RegionRpc<Channel>,
     token: Option<tonic::metadata::AsciiMetadataValue>,
 }
@@ -85,7 +87,8 @@ impl Cluster {
             }
             None => None,
         };
-        Ok(Self { rpc: RegionRpc::new(region.channel().0), token })
+        let channel = region.channel().0;
+        Ok(Self { rpc: RegionRpc::new(channel.clone()), channel, token })
     }
 
     async fn status(&mut self) -> anyhow::Result<RegionStatusResponse> {
@@ -449,12 +452,6 @@ async fn hash_at(channel: Channel, rev: i64) -> Result<(u32, i64), tonic::Status
 /// disk).
 pub async fn rejoin(flags: &RejoinFlags) -> anyhow::Result<()> {
     let token = Some(&flags.mirror_token_file);
-    let old_region = RegionClient::connect(&endpoints("--endpoints", &flags.endpoints)?, Duration::from_secs(3))
-        .await
-        .map_err(|e| anyhow::anyhow!("--endpoints: no member answers: {e}"))?;
-    let new_region = RegionClient::connect(&endpoints("--primary", &flags.primary)?, Duration::from_secs(3))
-        .await
-        .map_err(|e| anyhow::anyhow!("--primary: no member answers: {e}"))?;
     let mut old = Cluster::connect("--endpoints", &flags.endpoints, token).await?;
     let mut new = Cluster::connect("--primary", &flags.primary, token).await?;
     let (o, n) = (old.status().await?, new.status().await?);
@@ -469,14 +466,14 @@ pub async fn rejoin(flags: &RejoinFlags) -> anyhow::Result<()> {
     })?;
     // HashKV covers the revisions after each side's compact revision: the
     // two agree only when that is the same on both sides.
-    let hashes = (hash_at(old_region.channel().0, fence).await, hash_at(new_region.channel().0, fence).await);
+    let hashes = (hash_at(old.channel.clone(), fence).await, hash_at(new.channel.clone(), fence).await);
     let (equal, why) = match hashes {
         (Ok(a), Ok(b)) if a == b => (true, String::new()),
         (Ok(a), Ok(b)) if a.1 != b.1 => (false, format!("compacted at {} and {}: not comparable", a.1, b.1)),
         (Ok(_), Ok(_)) => (false, "HashKV differs at the fence".to_string()),
         (Err(e), _) | (_, Err(e)) => (false, format!("HashKV at the fence failed: {}", e.message())),
     };
-    let (lines, complete) = dropped_changes(old_region.channel().0, fence).await?;
+    let (lines, complete) = dropped_changes(old.channel.clone(), fence).await?;
     let summary = json!({
         "summary": true,
         "fence": fence,

@@ -312,11 +312,13 @@ impl EtcdStateMachine {
         // A source that took over from the one this secondary followed
         // (its lineage says so, and the secondary holds nothing after the
         // takeover) is the same history going on.
-        let own: Vec<_> = role.lineage.iter().map(meridian_proto::meridian::v1::LineageEntry::from).collect();
-        let takeover =
+        // Checked only when the source changes: not on every batch.
+        let takeover = || {
+            let own: Vec<_> = role.lineage.iter().map(meridian_proto::meridian::v1::LineageEntry::from).collect();
             meridian_wire::lineage::continues(&m.lineage, role.source_cluster_id, self.mvcc.staged_marks().current)
-                || meridian_wire::lineage::already_follows(&own, &m.lineage, m.source_cluster_id);
-        if role.source_cluster_id != 0 && role.source_cluster_id != m.source_cluster_id && !switching && !takeover {
+                || meridian_wire::lineage::already_follows(&own, &m.lineage, m.source_cluster_id)
+        };
+        if role.source_cluster_id != 0 && role.source_cluster_id != m.source_cluster_id && !switching && !takeover() {
             return Err(Error::Fenced(format!(
                 "mirror source cluster {:x} is not this secondary's source {:x} \
                  (a mirror started with --allow-source-change may replace it)",
