@@ -29,7 +29,7 @@ enum Command {
     Mirror(MirrorCommand),
     /// One etcd endpoint for a region: writes to the primary, reads to the nearest fresh region.
     Gateway(GatewayFlags),
-    /// A region's role, epoch, fence and lineage; promotion and planned switchover.
+    /// A region's role, epoch, fence and lineage; promotion, planned switchover and rejoin.
     Region(RegionCommand),
     /// Relay TCP connections with an added one-way delay (latency between regions, without netem).
     DelayProxy(DelayProxyFlags),
