@@ -47,7 +47,12 @@ pub struct GatewayFlags {
     /// Most concurrent calls (HTTP/2 streams) one client connection may have open.
     #[arg(long)]
     pub max_concurrent_streams: Option<u32>,
-    /// TOML file with any of the settings above (snake_case keys; `upstream` is a table).
+    /// Another region's gateway, for the dashboard's RTT matrix: `REGION=URL` of its
+    /// /v1/regions (its client or metrics URL). Repeat once per region.
+    #[arg(long = "peer-gateway")]
+    pub peer_gateways: Vec<String>,
+    /// TOML file with any of the settings above (snake_case keys; `upstream` and
+    /// `peer_gateway` are tables).
     #[arg(long)]
     pub config_file: Option<PathBuf>,
 }
@@ -69,6 +74,8 @@ struct FileSettings {
     max_write_lag: Option<String>,
     max_concurrent_streams: Option<u32>,
     rate_limits: crate::limits::RateLimits,
+    /// region name -> that region's gateway URL.
+    peer_gateway: std::collections::BTreeMap<String, String>,
 }
 
 /// One region the gateway routes to.
@@ -96,6 +103,9 @@ pub struct GatewayConfig {
     pub max_concurrent_streams: u32,
     /// Per client and class, from the config file's `[rate_limits]`.
     pub rate_limits: crate::limits::RateLimits,
+    /// Other regions' gateways (region, base URL), whose RTT rows the
+    /// dashboard shows.
+    pub peer_gateways: Vec<(String, String)>,
 }
 
 impl GatewayConfig {
@@ -132,6 +142,18 @@ impl GatewayConfig {
                 bail!("--upstream names region {:?} twice", u.region);
             }
         }
+        let mut peer_gateways = Vec::new();
+        let peers: Vec<String> = if flags.peer_gateways.is_empty() {
+            file.peer_gateway.iter().map(|(r, u)| format!("{r}={u}")).collect()
+        } else {
+            flags.peer_gateways.clone()
+        };
+        for p in &peers {
+            let (region, url) = p.split_once('=').with_context(|| format!("--peer-gateway {p:?}: want REGION=URL"))?;
+            let url = meridian_wire::url::Url::parse(url.trim())
+                .map_err(|e| anyhow::anyhow!("invalid --peer-gateway {p:?}: {e}"))?;
+            peer_gateways.push((region.trim().to_string(), url.to_string()));
+        }
         let region = pick(&flags.region, file.region, "default");
         let cfg = Self {
             name: pick(&flags.name, file.name, "gateway"),
@@ -156,6 +178,7 @@ impl GatewayConfig {
                 .filter(|d| !d.is_zero()),
             max_concurrent_streams: flags.max_concurrent_streams.or(file.max_concurrent_streams).unwrap_or(1000),
             rate_limits: file.rate_limits,
+            peer_gateways,
         };
         if cfg.max_concurrent_streams == 0 {
             bail!("--max-concurrent-streams must be > 0");
@@ -233,6 +256,8 @@ mod tests {
             (GatewayFlags { probe_interval: Some("0".into()), ..flags(&["a=h:1"]) }, "--probe-interval"),
             (GatewayFlags { write_wait_timeout: Some("0".into()), ..flags(&["a=h:1"]) }, "--write-wait-timeout"),
             (GatewayFlags { max_write_lag: Some("1 year".into()), ..flags(&["a=h:1"]) }, "--max-write-lag"),
+            (GatewayFlags { peer_gateways: vec!["b".into()], ..flags(&["a=h:1"]) }, "want REGION=URL"),
+            (GatewayFlags { peer_gateways: vec!["b=ftp://x".into()], ..flags(&["a=h:1"]) }, "--peer-gateway"),
         ] {
             let err = GatewayConfig::load(&f).unwrap_err().to_string();
             assert!(err.contains(want), "{err:?} does not say {want:?}");
@@ -249,5 +274,6 @@ mod tests {
         assert_eq!(cfg.probe_interval, Duration::from_millis(200));
         assert_eq!(cfg.rate_limits, crate::limits::RateLimits::default());
         assert_eq!(cfg.max_concurrent_streams, 1000);
+        assert_eq!(cfg.peer_gateways, [("us-east".to_string(), "http://127.0.0.1:3380".to_string())]);
     }
 }

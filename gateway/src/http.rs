@@ -1,23 +1,36 @@
 //! Plain HTTP beside gRPC: `/health` (a primary takes writes), `/readyz`
-//! (every region probed once, and one healthy), `/metrics`, and the admin
-//! API `GET /v1/regions`.
+//! (every region probed once, and one healthy), `/metrics`, the admin API
+//! `GET /v1/regions` and `GET /v1/dashboard?since=N`, and the lag dashboard
+//! at `/dashboard` (see `dashboard`).
 
 use std::sync::Arc;
 
-use axum::http::{header, StatusCode};
+use axum::http::{header, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 
+use crate::dashboard::{self, History};
 use crate::proxy::Gateway;
 
-pub fn routes(router: Router, gw: Arc<Gateway>) -> Router {
-    let (g1, g2, g3, g4) = (gw.clone(), gw.clone(), gw.clone(), gw);
+pub fn routes(router: Router, gw: Arc<Gateway>, history: Arc<History>) -> Router {
+    let (g1, g2, g3, g4, g5) = (gw.clone(), gw.clone(), gw.clone(), gw.clone(), gw);
     router
         .route("/health", get(move || health(g1.clone())))
         .route("/readyz", get(move || readyz(g2.clone())))
         .route("/metrics", get(move || metrics(g3.clone())))
         .route("/v1/regions", get(move || regions(g4.clone())))
+        .route("/v1/dashboard", get(move |uri: Uri| dashboard_data(g5.clone(), history.clone(), uri)))
+        .route("/dashboard", get(|| asset("text/html; charset=utf-8", dashboard::PAGE)))
+        .route("/dashboard/dashboard.js", get(|| asset("text/javascript; charset=utf-8", dashboard::SCRIPT)))
+        .route("/dashboard/dashboard.css", get(|| asset("text/css; charset=utf-8", dashboard::STYLE)))
+}
+
+/// One of the dashboard's compiled-in files; the policy keeps the page from
+/// loading anything that is not this gateway's.
+async fn asset(content_type: &'static str, body: &'static str) -> axum::response::Response {
+    let policy = "default-src 'self'; img-src 'self' data:";
+    ([(header::CONTENT_TYPE, content_type), (header::CONTENT_SECURITY_POLICY, policy)], body).into_response()
 }
 
 fn json(code: StatusCode, body: String) -> axum::response::Response {
@@ -45,6 +58,35 @@ async fn metrics(gw: Arc<Gateway>) -> impl IntoResponse {
 
 /// Every region as the probes see it; the fields are documented in the README.
 async fn regions(gw: Arc<Gateway>) -> axum::response::Response {
+    json(StatusCode::OK, regions_doc(&gw).to_string())
+}
+
+/// What the dashboard shows: the regions now, the RTT matrix (this
+/// gateway's row and its peers'), and the samples and events after
+/// `?since=N`; `seq` is the next call's `since`. Fields in the README.
+async fn dashboard_data(gw: Arc<Gateway>, history: Arc<History>, uri: Uri) -> axum::response::Response {
+    let since = uri
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|kv| kv.strip_prefix("since=")?.parse::<u64>().ok())
+        .unwrap_or(0);
+    let (samples, events, mut rtt, seq) = history.since(since);
+    let own = gw.regions.all.iter().map(|r| (r.name.clone(), (r.state().rtt_ms * 1000.0).round() / 1000.0)).collect();
+    rtt.insert(gw.regions.local.clone(), own);
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    let mut doc = regions_doc(&gw);
+    doc["now_ms"] = serde_json::json!(now_ms);
+    doc["window_seconds"] = serde_json::json!(dashboard::WINDOW.as_secs());
+    doc["seq"] = serde_json::json!(seq);
+    doc["started_ms"] = serde_json::json!(history.started_ms);
+    doc["rtt_ms"] = serde_json::json!(rtt);
+    doc["samples"] = serde_json::json!(samples);
+    doc["events"] = serde_json::json!(events);
+    json(StatusCode::OK, doc.to_string())
+}
+
+fn regions_doc(gw: &Gateway) -> serde_json::Value {
     let primary = gw.regions.primary().map(|p| p.region.name.clone());
     let list: Vec<serde_json::Value> = gw
         .regions
@@ -70,6 +112,5 @@ async fn regions(gw: Arc<Gateway>) -> axum::response::Response {
             })
         })
         .collect();
-    let body = serde_json::json!({ "gateway": gw.cfg.name, "region": gw.regions.local, "regions": list });
-    json(StatusCode::OK, body.to_string())
+    serde_json::json!({ "gateway": gw.cfg.name, "region": gw.regions.local, "regions": list })
 }

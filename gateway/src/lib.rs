@@ -15,6 +15,7 @@
 //! ```
 
 pub mod config;
+pub mod dashboard;
 pub mod http;
 pub mod keepalive;
 pub mod limits;
@@ -57,7 +58,9 @@ const MAX_MESSAGE: usize = 128 << 20;
 pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     let metrics = Arc::new(metrics::Metrics::new(&cfg.region));
     let regions = Arc::new(regions::Regions::new(&cfg.region, &cfg.upstreams)?);
-    tokio::spawn(regions::run_probes(regions.clone(), cfg.probe_interval, metrics.clone()));
+    let history = Arc::new(dashboard::History::new());
+    tokio::spawn(regions::run_probes(regions.clone(), cfg.probe_interval, metrics.clone(), history.clone()));
+    tokio::spawn(dashboard::run_peers(history.clone(), cfg.peer_gateways.clone()));
     let gw = Arc::new(Gateway::new(cfg.clone(), regions, metrics));
     tokio::spawn(gw.limiter.clone().run_cleanup());
 
@@ -73,8 +76,8 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         )
         .clone()
         .routes();
-    let client_routes = Routes::from(http::routes(grpc.into_axum_router(), gw.clone()));
-    let http_routes = Routes::from(http::routes(axum::Router::new(), gw.clone()));
+    let client_routes = Routes::from(http::routes(grpc.into_axum_router(), gw.clone(), history.clone()));
+    let http_routes = Routes::from(http::routes(axum::Router::new(), gw.clone(), history));
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();

@@ -197,7 +197,12 @@ impl Regions {
 }
 
 /// Probes every region every `interval`, forever.
-pub async fn run_probes(regions: Arc<Regions>, interval: Duration, metrics: Arc<crate::metrics::Metrics>) {
+pub async fn run_probes(
+    regions: Arc<Regions>,
+    interval: Duration,
+    metrics: Arc<crate::metrics::Metrics>,
+    history: Arc<crate::dashboard::History>,
+) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -209,6 +214,7 @@ pub async fn run_probes(regions: Arc<Regions>, interval: Duration, metrics: Arc<
         }
         let names: Vec<String> = regions.all.iter().map(|r| r.name.clone()).collect();
         metrics.set_primary(&names, regions.primary().map(|p| p.region.name.clone()).as_deref());
+        history.record(&regions);
     }
 }
 

@@ -182,8 +182,8 @@ impl Layout {
         for r in &mut regions {
             let gw = next();
             r.gateway_url = url(gw);
-            r.dashboard_url = format!("{}/v1/regions", url(gw));
             r.gateway_metrics = format!("127.0.0.1:{}", next());
+            r.dashboard_url = format!("http://{}/dashboard", r.gateway_metrics);
             r.mirror_metrics = format!("127.0.0.1:{}", next());
         }
         for i in 0..regions.len() {
@@ -344,14 +344,15 @@ async fn wait_healthy(what: &str, addr: &str, limit: Duration) -> Result<()> {
 /// Prints what the lab is and where (also in `lab.json`).
 pub fn print_table(layout: &Layout) {
     println!();
-    println!("{:<10} {:<10} {:<24} members", "region", "role", "gateway");
+    println!("{:<10} {:<10} {:<18} {:<38} members", "region", "role", "gateway", "dashboard");
     for r in &layout.regions {
         let members: Vec<&str> = r.members.iter().map(|m| host_port(&m.client_url)).collect();
-        println!("{:<10} {:<10} {:<24} {}", r.name, r.role, host_port(&r.gateway_url), members.join(","));
+        let (gw, dash) = (host_port(&r.gateway_url), &r.dashboard_url);
+        println!("{:<10} {:<10} {:<18} {:<38} {}", r.name, r.role, gw, dash, members.join(","));
     }
     let pairs: Vec<String> = layout.rtt_ms.iter().map(|(k, v)| format!("{k} {v} ms")).collect();
     println!("round trips: {}", pairs.join(", "));
-    println!("regions, lag and RTT as JSON: {}", layout.regions[0].dashboard_url);
+    println!("open the lag dashboard: {}", layout.regions[0].dashboard_url);
     println!("admin: {} (meridian lab status | kill | restart | partition | heal | latency | ...)", layout.admin_url);
     println!("try: etcdctl --endpoints={} put greeting hello", host_port(&layout.regions[1].gateway_url));
     println!("     etcdctl --endpoints={} get greeting", host_port(&layout.regions[2].gateway_url));
@@ -736,6 +737,9 @@ pub async fn run(flags: &LabFlags, shutdown: impl std::future::Future<Output = (
                 "--upstream".to_string(),
                 format!("{}={}", other.name, layout.endpoints(&r.name, &other.name).join(",")),
             ]);
+            if other.name != r.name {
+                args.extend(["--peer-gateway".to_string(), format!("{}=http://{}", other.name, other.gateway_metrics)]);
+            }
         }
         let what = format!("gateway-{}", r.name);
         procs.insert(format!("{}/gateway", r.name), Proc::new(&what, args, logs.join(format!("{what}.log"))));

@@ -66,6 +66,7 @@
 //! out it signals the test's whole process group, which includes the members.
 
 mod bins;
+pub mod chromium;
 mod cluster;
 mod etcdctl;
 mod gateway;

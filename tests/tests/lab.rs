@@ -158,6 +158,22 @@ fn the_lab_comes_up_serves_stops_and_resumes() -> Result<()> {
     ensure!(out.contains("write-unavailability window"), "{out}");
     let printed = verb(&dir, &["status"])?;
     ensure!(printed.lines().any(|l| l.starts_with("eu-west") && l.contains("primary")), "{printed}");
+    // Each gateway's dashboard marks the switchover and has every region's row of the RTT matrix.
+    let dash = layout["regions"][2]["dashboard_url"].as_str().context("dashboard_url")?;
+    let dash_addr = dash.trim_start_matches("http://").trim_end_matches("/dashboard").parse()?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let (_, body) = meridian_tests::http_get(dash_addr, "/v1/dashboard")?;
+        let doc: serde_json::Value = serde_json::from_str(&body)?;
+        let rows = doc["rtt_ms"].as_object().map_or(0, |m| m.len());
+        let marked =
+            doc["events"].as_array().into_iter().flatten().any(|e| e["kind"] == "failover" && e["region"] == "eu-west");
+        if rows == 3 && marked {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "ap-south's dashboard: {rows} RTT rows, failover marked: {marked}\n{doc}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let put = etcdctl(&[&ap], &["put", "greeting", "hola"])?;
