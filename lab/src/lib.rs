@@ -212,6 +212,23 @@ impl Layout {
         self.regions.iter().find(|r| r.name == name).expect("a lab region")
     }
 
+    /// Every endpoint that serves `/metrics`, as Prometheus file-based
+    /// discovery reads it (`deploy/prometheus/prometheus.yml` points at
+    /// `lab.meridian/prometheus-targets.json`): one group per job and region.
+    pub fn prometheus_targets(&self) -> serde_json::Value {
+        let group = |job: &str, region: &str, targets: Vec<&str>| serde_json::json!({ "targets": targets, "labels": { "job": job, "region": region } });
+        let mut groups = Vec::new();
+        for r in &self.regions {
+            groups.push(group("meridian-node", &r.name, r.members.iter().map(|m| host_port(&m.client_url)).collect()));
+            groups.push(group("meridian-gateway", &r.name, vec![&r.gateway_metrics]));
+            groups.push(group("meridian-mirror", &r.name, vec![&r.mirror_metrics]));
+        }
+        for (m, r) in self.control.iter().zip(&self.regions) {
+            groups.push(group("meridian-control", &r.name, vec![host_port(&m.client_url)]));
+        }
+        serde_json::Value::Array(groups)
+    }
+
     /// How region `from`'s members reach the control cluster: their own
     /// region's member directly, the others through relays.
     pub fn control_endpoints(&self, from: &str) -> Vec<String> {
@@ -646,6 +663,7 @@ pub async fn run(flags: &LabFlags, shutdown: impl std::future::Future<Output = (
         std::fs::write(&layout.mirror_token_file, format!("lab-{nanos:x}\n"))?;
     }
     std::fs::write(&json, serde_json::to_vec_pretty(&layout)?)?;
+    std::fs::write(dir.join("prometheus-targets.json"), serde_json::to_vec_pretty(&layout.prometheus_targets())?)?;
     let bin = std::env::current_exe()?;
     let logs = dir.join("logs");
     let started = Instant::now();

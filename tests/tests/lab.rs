@@ -255,3 +255,247 @@ fn drills_run_and_report() -> Result<()> {
     ensure!(json["passed"] == true && json["rpo_writes"] == 0 && json["hashes_equal"] == true, "{json}");
     stop_lab(lab)
 }
+
+fn repo_file(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(path)
+}
+
+/// `promtool ARGS...` (Debian's `prometheus` package), run in `deploy/prometheus`.
+fn promtool(args: &[&str]) -> Result<String> {
+    let out = Command::new("promtool")
+        .args(args)
+        .current_dir(repo_file("deploy/prometheus"))
+        .output()
+        .context("run promtool (apt-get install prometheus)")?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    ensure!(out.status.success(), "promtool {args:?} failed:\n{text}");
+    Ok(text)
+}
+
+/// Every PromQL expression of the alert rules (`alert` → `expr`).
+fn rule_exprs() -> Result<Vec<(String, String)>> {
+    let text = std::fs::read_to_string(repo_file("deploy/prometheus/alerts.yml"))?;
+    let docs = yaml_rust2::YamlLoader::load_from_str(&text)?;
+    let mut out = Vec::new();
+    for group in docs[0]["groups"].as_vec().context("groups")? {
+        for rule in group["rules"].as_vec().context("rules")? {
+            let name = rule["alert"].as_str().or(rule["record"].as_str()).context("a rule without a name")?;
+            out.push((name.to_string(), rule["expr"].as_str().context("a rule without expr")?.to_string()));
+        }
+    }
+    Ok(out)
+}
+
+/// Every PromQL expression of the Grafana dashboard (panel targets and annotations), with
+/// Grafana's variables given values; and the metrics its template variables query.
+fn dashboard_exprs() -> Result<(Vec<(String, String)>, Vec<String>)> {
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(repo_file("deploy/grafana/meridian.json"))?)?;
+    let grafana = |e: &str| e.replace("$__rate_interval", "1m").replace("$region", ".*");
+    let mut exprs = Vec::new();
+    for panel in doc["panels"].as_array().context("panels")? {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            let title = panel["title"].as_str().unwrap_or("?");
+            exprs.push((title.to_string(), grafana(t["expr"].as_str().context("a target without expr")?)));
+        }
+    }
+    for a in doc["annotations"]["list"].as_array().into_iter().flatten() {
+        exprs.push((a["name"].as_str().unwrap_or("?").to_string(), grafana(a["expr"].as_str().context("expr")?)));
+    }
+    let mut queried = Vec::new();
+    for v in doc["templating"]["list"].as_array().into_iter().flatten() {
+        if let Some(q) = v["query"]["query"].as_str() {
+            let inner = q.strip_prefix("label_values(").context("a variable query that is not label_values")?;
+            queried.push(inner.split([',', '{', ')']).next().unwrap_or_default().trim().to_string());
+        }
+    }
+    Ok((exprs, queried))
+}
+
+/// The metric names a PromQL expression selects: label matchers, ranges, strings and the label
+/// lists of `by`/`without`/`on`/`ignoring`/`group_*` are dropped, then every identifier that is
+/// not a function call, a keyword or a number is a metric.
+fn metric_names(expr: &str) -> Vec<String> {
+    const KEYWORDS: &[&str] = &[
+        "and",
+        "or",
+        "unless",
+        "bool",
+        "offset",
+        "inf",
+        "nan",
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "count",
+        "group",
+        "stddev",
+        "stdvar",
+        "topk",
+        "bottomk",
+        "quantile",
+        "count_values",
+    ];
+    const LABEL_LISTS: &[&str] = &["by", "without", "on", "ignoring", "group_left", "group_right"];
+    let chars: Vec<char> = expr.chars().collect();
+    let mut plain = String::new();
+    let mut i = 0;
+    while i < chars.len() {
+        match chars[i] {
+            '"' | '\'' | '`' => {
+                let q = chars[i];
+                i += 1;
+                while i < chars.len() && chars[i] != q {
+                    i += if chars[i] == '\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            '{' | '[' => {
+                let close = if chars[i] == '{' { '}' } else { ']' };
+                while i < chars.len() && chars[i] != close {
+                    i += 1;
+                }
+                i += 1;
+                plain.push(' ');
+            }
+            c => {
+                plain.push(c);
+                i += 1;
+            }
+        }
+    }
+    let is_ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let chars: Vec<char> = plain.chars().collect();
+    let mut names = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let starts = (chars[i].is_ascii_alphabetic() || chars[i] == '_')
+            && (i == 0 || !is_ident(chars[i - 1]) && chars[i - 1] != '.');
+        if !starts {
+            i += 1;
+            continue;
+        }
+        let begin = i;
+        while i < chars.len() && is_ident(chars[i]) {
+            i += 1;
+        }
+        let word: String = chars[begin..i].iter().collect();
+        let mut j = i;
+        while j < chars.len() && chars[j].is_whitespace() {
+            j += 1;
+        }
+        let call = j < chars.len() && chars[j] == '(';
+        if call && LABEL_LISTS.contains(&word.as_str()) {
+            // Skip the label list itself.
+            while j < chars.len() && chars[j] != ')' {
+                j += 1;
+            }
+            i = j + 1;
+            continue;
+        }
+        if !call && !KEYWORDS.contains(&word.to_ascii_lowercase().as_str()) {
+            names.push(word);
+        }
+    }
+    names
+}
+
+#[test]
+fn metric_names_are_read_from_promql() {
+    let e = r#"min by (region) (a_total{job="x", b="y"} unless on (region, c) (b_gauge == 1)) > 5 and rate(c_bucket[5m]) or 1e9 * d:rec offset 5m"#;
+    assert_eq!(metric_names(e), ["a_total", "b_gauge", "c_bucket", "d:rec"]);
+    assert_eq!(metric_names("histogram_quantile(0.99, sum by (le) (rate(x_bucket[1m])))"), ["x_bucket"]);
+}
+
+/// The alert rules pass `promtool check rules` and their unit tests (`alerts_test.yml`), the
+/// Prometheus config is valid, and every expression of the Grafana dashboard parses as PromQL
+/// (checked by promtool as recording rules).
+#[test]
+fn the_alert_rules_and_the_dashboard_pass_promtool() -> Result<()> {
+    let checked = promtool(&["check", "rules", "alerts.yml"])?;
+    ensure!(checked.contains("SUCCESS"), "{checked}");
+    promtool(&["test", "rules", "alerts_test.yml"])?;
+    promtool(&["check", "config", "prometheus.yml"])?;
+    let rules = rule_exprs()?;
+    for wanted in [
+        "etcdNoLeader",
+        "MeridianMirrorLagHigh",
+        "MeridianMirrorStalled",
+        "MeridianCheckpointCompactedBehind",
+        "MeridianSemiSyncDegraded",
+        "MeridianRpoBudgetExceeded",
+    ] {
+        ensure!(rules.iter().any(|(n, _)| n == wanted), "no {wanted} rule");
+    }
+    let (exprs, _) = dashboard_exprs()?;
+    ensure!(exprs.len() >= 20, "only {} dashboard expressions", exprs.len());
+    let mut file = String::from("groups:\n  - name: dashboard\n    rules:\n");
+    for (i, (_, e)) in exprs.iter().enumerate() {
+        file.push_str(&format!("      - record: dashboard:expr_{i}\n        expr: {}\n", serde_json::json!(e)));
+    }
+    let tmp = tempfile::tempdir()?;
+    let path = tmp.path().join("dashboard-rules.yml");
+    std::fs::write(&path, file)?;
+    promtool(&["check", "rules", path.to_str().context("path")?])?;
+    Ok(())
+}
+
+/// Every metric that the alert rules and the Grafana dashboard name is exported by a running
+/// lab: every target of `prometheus-targets.json` (members, gateways, mirrors, the control
+/// cluster) is scraped after a write has crossed regions.
+#[test]
+fn the_rules_and_the_dashboard_name_only_metrics_a_lab_exports() -> Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("lab.meridian");
+    let lab = start_at(&dir, "10800")?;
+    let layout: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("lab.json"))?)?;
+    let (eu, ap) = (gateway(&layout, "eu-west")?, gateway(&layout, "ap-south")?);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !etcdctl(&[&eu], &["put", "k", "v"])?.success() {
+        ensure!(Instant::now() < deadline, "no write through eu-west's gateway");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    while etcdctl(&[&ap], &["get", "k", "--print-value-only", "--consistency=s"])?.stdout.trim() != "v" {
+        ensure!(Instant::now() < deadline, "the write never reached ap-south");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let targets: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("prometheus-targets.json"))?)?;
+    let mut exported = std::collections::BTreeSet::from(["up".to_string()]);
+    let mut jobs = std::collections::BTreeSet::new();
+    for group in targets.as_array().context("target groups")? {
+        jobs.insert(group["labels"]["job"].as_str().unwrap_or_default().to_string());
+        for t in group["targets"].as_array().into_iter().flatten() {
+            let addr = t.as_str().context("target")?;
+            let (code, page) = meridian_tests::http_get(addr.parse()?, "/metrics")?;
+            ensure!(code == 200, "{addr}/metrics answered {code}");
+            for line in page.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+                exported.insert(line.split(['{', ' ']).next().unwrap_or_default().to_string());
+            }
+        }
+    }
+    ensure!(
+        jobs == ["meridian-control", "meridian-gateway", "meridian-mirror", "meridian-node"].map(String::from).into(),
+        "{jobs:?}"
+    );
+    let (dash, queried) = dashboard_exprs()?;
+    let mut missing = Vec::new();
+    for (what, expr) in rule_exprs()?.into_iter().chain(dash) {
+        for name in metric_names(&expr) {
+            if !exported.contains(&name) {
+                missing.push(format!("{what}: {name}"));
+            }
+        }
+    }
+    for name in queried {
+        if !exported.contains(&name) {
+            missing.push(format!("a dashboard variable: {name}"));
+        }
+    }
+    ensure!(missing.is_empty(), "not exported by the lab: {missing:?}");
+    stop_lab(lab)
+}

@@ -152,6 +152,9 @@ impl PeerLink {
             .max_encoding_message_size(self.ctx.max_message)
             .max_decoding_message_size(self.ctx.max_message);
         let to_label = format!("{:x}", self.to);
+        // At zero from the start, so `rate()` over it (etcd's members-down
+        // alert) has a series before the first failure.
+        self.ctx.metrics.peer_sent_failures.with_label_values(&[&to_label]).inc_by(0);
         let budget = self.ctx.max_message.saturating_sub(BATCH_SLACK).max(1);
         let mut failing = false;
         // An encoded message that did not fit the last batch: it opens the next.
