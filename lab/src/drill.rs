@@ -27,6 +27,7 @@ use anyhow::{bail, Context, Result};
 use meridian_proto::etcdserverpb::kv_client::KvClient;
 use meridian_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use meridian_proto::etcdserverpb::{HashKvRequest, PutRequest, RangeRequest};
+use meridian_wire::progress::{Lines, Progress};
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
@@ -168,8 +169,10 @@ pub async fn run(dir: &Path, flags: &DrillFlags) -> Result<()> {
     let t0 = Instant::now();
     let since = move || t0.elapsed().as_secs_f64();
     let steps = Arc::new(Mutex::new(Vec::<Step>::new()));
+    // A bar over the load's duration on a terminal (lines every 2 s otherwise); the steps above it.
+    let progress = Arc::new(Mutex::new(Progress::new("drill", "s", duration.as_secs().max(1), Lines::Stderr)));
     let step = |what: String| {
-        eprintln!("[{:>6.2}s] {what}", since());
+        progress.lock().expect("lock").note(&format!("[{:>6.2}s] {what}", since()));
         steps.lock().expect("lock").push(Step { at_s: since(), what });
     };
 
@@ -236,6 +239,20 @@ pub async fn run(dir: &Path, flags: &DrillFlags) -> Result<()> {
                 while tasks.try_join_next().is_some() {}
             }
             while tasks.join_next().await.is_some() {}
+        })
+    };
+
+    let ticker = {
+        let (progress, acks, failed) = (progress.clone(), acks.clone(), failed.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let (acked, failed) =
+                    (acks.lock().expect("lock").len(), failed.load(std::sync::atomic::Ordering::Relaxed));
+                let mut p = progress.lock().expect("lock");
+                p.message(format!("drill: {acked} writes acknowledged, {failed} failed"));
+                p.set(t0.elapsed().as_secs().min(duration.as_secs()));
+            }
         })
     };
 
@@ -427,6 +444,8 @@ pub async fn run(dir: &Path, flags: &DrillFlags) -> Result<()> {
         acks_per_100ms,
         passed: rto_ok && rpo_ok && hashes_equal,
     };
+    ticker.abort();
+    progress.lock().expect("lock").finish();
     write_reports(&flags.report, &report)?;
     eprintln!("report: {} (and .json, .html)", flags.report.display());
     if !report.passed {

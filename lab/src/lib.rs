@@ -29,6 +29,7 @@ pub mod admin;
 pub mod drill;
 
 use anyhow::{bail, Context, Result};
+use meridian_wire::progress::{Lines, Progress};
 use serde::{Deserialize, Serialize};
 
 /// The lab's primary lease and auto-failover delay (production defaults: 5s, 10s).
@@ -667,7 +668,15 @@ pub async fn run(flags: &LabFlags, shutdown: impl std::future::Future<Output = (
     let bin = std::env::current_exe()?;
     let logs = dir.join("logs");
     let started = Instant::now();
-    let step = |what: &str| eprintln!("[{:>5.1}s] {what}", started.elapsed().as_secs_f64());
+    // Steps: the start, the relays, the control cluster, each region, the mirrors and gateways.
+    let steps = 4 + layout.regions.len() as u64;
+    let progress = std::cell::RefCell::new(Progress::steps("starting the lab", steps, Lines::Stderr));
+    let step = |what: &str| {
+        let mut p = progress.borrow_mut();
+        p.note(&format!("[{:>5.1}s] {what}", started.elapsed().as_secs_f64()));
+        p.message(what);
+        p.inc(1);
+    };
     step(if resumed { "resuming the lab" } else { "starting a new lab" });
 
     // The relays: region R dials region S's member i at R's relay i for S,
@@ -771,6 +780,7 @@ pub async fn run(flags: &LabFlags, shutdown: impl std::future::Future<Output = (
         cut: Mutex::new(BTreeSet::new()),
     });
     let result = bring_up(&lab, &layout, &step).await;
+    progress.borrow_mut().finish();
     if let Err(e) = result {
         lab.procs.lock().expect("lock").clear();
         return Err(e);

@@ -24,6 +24,7 @@ use meridian_proto::meridian::v1::{
 use meridian_proto::meridian::v1::{LineageEntry, MirrorHeartbeat, RegionStatusRequest};
 use meridian_proto::mvccpb::event::EventType;
 use meridian_proto::mvccpb::Event;
+use meridian_wire::progress::{Lines, Progress};
 use meridian_wire::region::RegionClient;
 use meridian_wire::token::{unix_ms, TOKEN_METADATA};
 use prost::Message;
@@ -431,6 +432,8 @@ impl Session<'_> {
         let mut parallel = catchup::FIRST_PARALLEL;
         let mut batch = Vec::new();
         let mut bytes = 0;
+        let mut progress =
+            Progress::new("fetching the source's history", "revisions", (head - from + 1) as u64, Lines::Tracing);
         loop {
             while in_flight.len() < parallel && next <= head {
                 let to = (next + catchup::SEGMENT_REVS).min(head + 1);
@@ -452,9 +455,12 @@ impl Session<'_> {
             if bytes >= BATCH_BYTES {
                 self.flush(std::mem::take(&mut batch)).await?;
                 bytes = 0;
+                progress.set((self.checkpoint - from + 1).max(0) as u64);
             }
         }
         self.flush(batch).await?;
+        progress.set((self.checkpoint - from + 1).max(0) as u64);
+        progress.finish();
         tracing::info!(revision = self.checkpoint, took = ?started.elapsed(), "caught up; following the source");
         Ok(None)
     }
@@ -603,6 +609,7 @@ impl Session<'_> {
         let mut chunk = Vec::new();
         let mut bytes = 0;
         let total = revisions.len();
+        let mut progress = Progress::new("copying to the target", "revisions", total as u64, Lines::Tracing);
         for r in revisions {
             bytes += r.changes.iter().map(Message::encoded_len).sum::<usize>();
             chunk.push(r);
@@ -611,10 +618,13 @@ impl Session<'_> {
                 self.apply(std::mem::take(&mut chunk), first.then_some(compact)).await?;
                 first = false;
                 bytes = 0;
-                tracing::info!(copied, total, "copy in progress");
+                progress.set(copied as u64);
             }
         }
+        copied += chunk.len();
         self.apply(chunk, first.then_some(compact)).await?;
+        progress.set(copied as u64);
+        progress.finish();
         self.compacted = compact;
         tracing::info!(revision = self.checkpoint, took = ?started.elapsed(), "copy done; following the source");
         Ok(())
@@ -630,7 +640,9 @@ impl Session<'_> {
             .await?
             .into_inner();
         let (mut records, mut compact, mut rev) = (Vec::new(), 0, 0);
+        let mut progress = Progress::new("reading the source's history", "records", 0, Lines::Tracing);
         while let Some(chunk) = stream.message().await? {
+            progress.inc(chunk.records.len() as u64);
             compact = chunk.compact_revision;
             rev = chunk.revision;
             records.extend(chunk.records.into_iter().map(|mut r| {
@@ -638,6 +650,7 @@ impl Session<'_> {
                 r
             }));
         }
+        progress.finish();
         Ok((records, compact, rev))
     }
 
@@ -647,6 +660,7 @@ impl Session<'_> {
         let (mut key, range_end) = self.cfg.source_range();
         let mut kv = KvClient::new(self.src.clone()).max_decoding_message_size(usize::MAX);
         let mut kvs = Vec::new();
+        let mut progress = Progress::new("reading the source's keys", "keys", 0, Lines::Tracing);
         loop {
             let r = kv
                 .range(RangeRequest {
@@ -664,11 +678,17 @@ impl Session<'_> {
                 key = last.key.clone();
                 key.push(0);
             }
+            if kvs.is_empty() {
+                // The first page counts every key in the range.
+                progress.set_total(r.count.max(0) as u64);
+            }
             kvs.extend(r.kvs);
+            progress.set(kvs.len() as u64);
             if !more {
                 break;
             }
         }
+        progress.finish();
         kvs.sort_by(|a, b| (a.mod_revision, &a.key).cmp(&(b.mod_revision, &b.key)));
         let mut records: Vec<KvRecord> = Vec::with_capacity(kvs.len());
         for kv in &kvs {

@@ -216,6 +216,12 @@ async fn killed_mirror_resumes_from_its_checkpoint() -> anyhow::Result<()> {
     // The first start copies the (empty-target) history once; the restart resumes instead.
     let copies = mirror.log().matches("copying history to the target").count();
     assert_eq!(copies, 1, "the restart must not copy everything again:\n{}", mirror.log());
+    // The copy said how far along it was, how fast, and what was left (a bar on a terminal).
+    let log = mirror.log();
+    assert!(
+        log.lines().any(|l| l.contains("copying to the target: ") && l.contains("revisions") && l.contains("ETA")),
+        "no progress line for the copy:\n{log}"
+    );
     // Old revisions stayed readable: the history was never replaced.
     let old = secondary.client().await?.get("k0001", Some(etcd_client::GetOptions::new().with_revision(3))).await?;
     assert_eq!(old.kvs()[0].value(), b"v1");
@@ -323,6 +329,12 @@ async fn a_long_etcd_history_is_fetched_in_parallel() -> anyhow::Result<()> {
     let sub_mirror = MirrorProcess::start(&etcd.endpoints(), &subtree, &["--prefix", "k00"])?;
     mirror.wait_applied(rev, Duration::from_secs(60))?;
     assert!(mirror.log().contains("parallel watches"), "{}", mirror.log());
+    let progress = mirror.log().lines().filter(|l| l.contains("fetching the source's history: ")).count();
+    assert!(
+        progress >= 2,
+        "no progress for the catch-up (a line at the first batch, one at the end):\n{}",
+        mirror.log()
+    );
     assert_eq!(dump(&secondary)?, dump(&etcd)?);
     // The keys under a prefix at an old revision (the header's revision is
     // the store's current one, which differs with --prefix).

@@ -10,6 +10,7 @@
 //! - [`region`]: connections to every member of one region's cluster, and
 //!   the probe that finds its leader (gateway and mirror);
 //! - [`delay`]: a TCP proxy that injects latency between regions;
+//! - [`progress`]: a bar on a terminal, log lines otherwise, for long work;
 //! - [`authority`]: lets etcd Go clients' schemed HTTP/2 `:authority` through
 //!   a client port (members and gateways).
 
@@ -18,6 +19,7 @@ pub mod delay;
 pub mod duration;
 pub mod etcd;
 pub mod lineage;
+pub mod progress;
 pub mod region;
 pub mod token;
 pub mod url;
