@@ -77,6 +77,15 @@ pub struct Event {
     pub detail: String,
 }
 
+/// Samples and events after a sequence number, the peers' RTT rows, and
+/// the newest sequence number (the page's next `since`).
+pub struct Since {
+    pub samples: Vec<Sample>,
+    pub events: Vec<Event>,
+    pub peers: BTreeMap<String, BTreeMap<String, f64>>,
+    pub seq: u64,
+}
+
 /// What the dashboard shows, kept for [`WINDOW`].
 pub struct History {
     inner: Mutex<Inner>,
@@ -159,13 +168,15 @@ impl History {
         self.inner.lock().peers.insert(region.to_string(), row);
     }
 
-    /// Samples and events after `since`, the RTT rows of peers, and the
-    /// newest sequence number (the page's next `since`).
-    pub fn since(&self, since: u64) -> (Vec<Sample>, Vec<Event>, BTreeMap<String, BTreeMap<String, f64>>, u64) {
+    /// What is new after `since`.
+    pub fn since(&self, since: u64) -> Since {
         let inner = self.inner.lock();
-        let samples = inner.samples.iter().filter(|s| s.seq > since).cloned().collect();
-        let events = inner.events.iter().filter(|e| e.seq > since).cloned().collect();
-        (samples, events, inner.peers.clone(), inner.seq)
+        Since {
+            samples: inner.samples.iter().filter(|s| s.seq > since).cloned().collect(),
+            events: inner.events.iter().filter(|e| e.seq > since).cloned().collect(),
+            peers: inner.peers.clone(),
+            seq: inner.seq,
+        }
     }
 }
 

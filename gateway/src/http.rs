@@ -71,7 +71,7 @@ async fn dashboard_data(gw: Arc<Gateway>, history: Arc<History>, uri: Uri) -> ax
         .flat_map(|q| q.split('&'))
         .find_map(|kv| kv.strip_prefix("since=")?.parse::<u64>().ok())
         .unwrap_or(0);
-    let (samples, events, mut rtt, seq) = history.since(since);
+    let dashboard::Since { samples, events, peers: mut rtt, seq } = history.since(since);
     let own = gw.regions.all.iter().map(|r| (r.name.clone(), (r.state().rtt_ms * 1000.0).round() / 1000.0)).collect();
     rtt.insert(gw.regions.local.clone(), own);
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());

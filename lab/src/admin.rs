@@ -108,6 +108,12 @@ pub enum Verb {
     Rejoin { region: String },
     /// Run a disaster-recovery drill against the lab and write its report.
     Drill(crate::drill::DrillFlags),
+    /// Print the lab as a docker compose file (the repository's docker-compose.yml).
+    Compose {
+        /// Members per region: 1, 3 or 5.
+        #[arg(long, default_value_t = 3)]
+        members: usize,
+    },
 }
 
 /// One HTTP/1.1 exchange with the lab's admin port; the body of the answer.
@@ -140,6 +146,13 @@ pub(crate) async fn call(addr: &str, method: &str, path: &str, body: &str) -> Re
 ///
 /// No lab there, or the verb failed (its message says why).
 pub async fn run_verb(dir: &Path, verb: &Verb) -> Result<()> {
+    if let Verb::Compose { members } = verb {
+        if ![1, 3, 5].contains(members) {
+            bail!("--members {members}: 1, 3 or 5");
+        }
+        print!("{}", crate::compose::render(*members));
+        return Ok(());
+    }
     let layout: Layout = serde_json::from_slice(
         &std::fs::read(dir.join("lab.json"))
             .with_context(|| format!("no lab in {} (start it with `meridian lab`)", dir.display()))?,
@@ -182,6 +195,7 @@ pub async fn run_verb(dir: &Path, verb: &Verb) -> Result<()> {
         Verb::Switchover { region } => post("switchover", req(region)).await,
         Verb::Rejoin { region } => post("rejoin", req(region)).await,
         Verb::Drill(flags) => crate::drill::run(dir, flags).await,
+        Verb::Compose { .. } => unreachable!("printed above"),
     }
 }
 

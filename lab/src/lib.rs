@@ -26,6 +26,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub mod admin;
+pub mod compose;
 pub mod drill;
 
 use anyhow::{bail, Context, Result};
