@@ -5,7 +5,6 @@ use meridian_gateway::{GatewayConfig, GatewayFlags};
 use meridian_mirror::{region, MirrorConfig, MirrorFlags, StatusFlags};
 use meridian_node::compat::{take_etcd_flags, EtcdFlags};
 use meridian_node::config::{normalize_args, NodeConfig, NodeFlags};
-use tracing_subscriber::EnvFilter;
 
 /// The request path allocates small buffers on many threads; glibc's malloc
 /// spent a tenth of a member's CPU under load in profiles, mimalloc far less.
@@ -102,7 +101,8 @@ fn main() -> anyhow::Result<()> {
                 anyhow::bail!("{}", etcd_flags.refused.join("\n"));
             }
             let cfg = NodeConfig::load(&flags)?;
-            init_logging(&cfg.log_level);
+            let _telemetry =
+                telemetry("meridian-node", Some(&cfg.region), cfg.otlp_endpoint.as_deref(), &cfg.log_level)?;
             for flag in &etcd_flags.warnings {
                 tracing::warn!("{flag}: an etcd flag Meridian accepts and ignores");
             }
@@ -141,7 +141,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Gateway(flags) => {
             let cfg = GatewayConfig::load(&flags)?;
-            init_logging("info");
+            let _telemetry = telemetry("meridian-gateway", Some(&cfg.region), cfg.otlp_endpoint.as_deref(), "info")?;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(meridian_gateway::run(cfg, shutdown_signal()))?;
         }
@@ -154,7 +154,7 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Mirror(MirrorCommand { action: None, flags }) => {
             let cfg = MirrorConfig::load(&flags)?;
-            init_logging("info");
+            let _telemetry = telemetry("meridian-mirror", None, cfg.otlp_endpoint.as_deref(), "info")?;
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             runtime.block_on(meridian_mirror::run(cfg, shutdown_signal()))?;
         }
@@ -177,9 +177,19 @@ fn abort_on_panic() {
 }
 
 fn init_logging(level: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(format!("{level},raft=warn,h2=warn,hyper=warn,tower=warn")));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Without an endpoint this only sets up logging, which cannot fail.
+    std::mem::forget(telemetry("meridian", None, None, level));
+}
+
+/// Logging, and with an OTLP endpoint tracing too; the guard exports what
+/// is left when the command returns.
+fn telemetry(
+    service: &str,
+    region: Option<&str>,
+    otlp: Option<&str>,
+    level: &str,
+) -> anyhow::Result<meridian_wire::telemetry::Telemetry> {
+    meridian_wire::telemetry::init(service, region, otlp, level).map_err(anyhow::Error::msg)
 }
 
 /// Resolves on SIGINT or SIGTERM.

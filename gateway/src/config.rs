@@ -47,6 +47,9 @@ pub struct GatewayFlags {
     /// Most concurrent calls (HTTP/2 streams) one client connection may have open.
     #[arg(long)]
     pub max_concurrent_streams: Option<u32>,
+    /// Export traces over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317); off when unset.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
     /// Another region's gateway, for the dashboard's RTT matrix: `REGION=URL` of its
     /// /v1/regions (its client or metrics URL). Repeat once per region.
     #[arg(long = "peer-gateway")]
@@ -76,6 +79,7 @@ struct FileSettings {
     rate_limits: crate::limits::RateLimits,
     /// region name -> that region's gateway URL.
     peer_gateway: std::collections::BTreeMap<String, String>,
+    otlp_endpoint: Option<String>,
 }
 
 /// One region the gateway routes to.
@@ -106,6 +110,8 @@ pub struct GatewayConfig {
     /// Other regions' gateways (region, base URL), whose RTT rows the
     /// dashboard shows.
     pub peer_gateways: Vec<(String, String)>,
+    /// Where traces go (OTLP/gRPC); `None` when tracing is off.
+    pub otlp_endpoint: Option<String>,
 }
 
 impl GatewayConfig {
@@ -179,6 +185,7 @@ impl GatewayConfig {
             max_concurrent_streams: flags.max_concurrent_streams.or(file.max_concurrent_streams).unwrap_or(1000),
             rate_limits: file.rate_limits,
             peer_gateways,
+            otlp_endpoint: flags.otlp_endpoint.clone().or(file.otlp_endpoint).filter(|e| !e.is_empty()),
         };
         if cfg.max_concurrent_streams == 0 {
             bail!("--max-concurrent-streams must be > 0");

@@ -19,9 +19,11 @@ use meridian_proto::etcdserverpb::maintenance_client::MaintenanceClient;
 use meridian_proto::etcdserverpb::maintenance_server::Maintenance;
 use meridian_proto::etcdserverpb::watch_server::Watch;
 use meridian_proto::etcdserverpb::*;
+use meridian_wire::telemetry;
 use parking_lot::Mutex;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
+use tracing::Instrument;
 
 use crate::config::GatewayConfig;
 use crate::metrics::Metrics;
@@ -145,6 +147,7 @@ impl Gateway {
             Err(s) => code_label(s.code()),
         };
         self.metrics.requests.with_label_values(&[class.label(), &pick.region.name, code]).inc();
+        tracing::Span::current().record("region", pick.region.name.as_str());
         self.metrics.latency.with_label_values(&[class.label()]).observe(started.elapsed().as_secs_f64());
         let mut resp = result?;
         let rev = revision(resp.get_ref());
@@ -360,6 +363,8 @@ pub(crate) fn forward<T>(meta: &MetadataMap, msg: T) -> Request<T> {
             req.metadata_mut().insert(key, v.clone());
         }
     }
+    // The trace goes on (the gateway's span is the parent upstream).
+    telemetry::inject(req.metadata_mut());
     req
 }
 
@@ -403,40 +408,24 @@ pub struct KvProxy(pub Arc<Gateway>);
 #[tonic::async_trait]
 impl Kv for KvProxy {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
-        let gw = &self.0;
-        let class = Class::Read(route::consistency(req.get_ref().serializable, req.metadata(), gw.cfg.max_staleness)?);
-        match class {
-            Class::Read(Consistency::Linearizable) => gw.linearizable_range(req).await,
-            Class::Read(Consistency::Bounded { max_staleness, min_revision }) => {
-                gw.bounded_range(req, max_staleness, min_revision).await
-            }
-            _ => unreachable!("a Range is a read"),
-        }
+        let span = telemetry::route_span("KV/Range", req.metadata());
+        self.range_traced(req).instrument(span).await
     }
     async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        self.0.write(req, |c, r| async move { KvClient::new(c).put(r).await }, |r| rev(&r.header)).await
+        let span = telemetry::route_span("KV/Put", req.metadata());
+        self.put_traced(req).instrument(span).await
     }
     async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
-        self.0.write(req, |c, r| async move { KvClient::new(c).delete_range(r).await }, |r| rev(&r.header)).await
+        let span = telemetry::route_span("KV/DeleteRange", req.metadata());
+        self.delete_range_traced(req).instrument(span).await
     }
     async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
-        let gw = &self.0;
-        if !meridian_wire::etcd::txn_is_read_only(req.get_ref()) {
-            return gw.write(req, |c, r| async move { KvClient::new(c).txn(r).await }, |r| rev(&r.header)).await;
-        }
-        let class = {
-            Class::Read(route::consistency(
-                meridian_wire::etcd::txn_is_serializable(req.get_ref()),
-                req.metadata(),
-                gw.cfg.max_staleness,
-            )?)
-        };
-        gw.unary(class, req, |c, r| async move { KvClient::new(c).txn(r).await }, |r| rev(&r.header)).await
+        let span = telemetry::route_span("KV/Txn", req.metadata());
+        self.txn_traced(req).instrument(span).await
     }
     async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
-        self.0
-            .unary(Class::Write, req, |c, r| async move { KvClient::new(c).compact(r).await }, |r| rev(&r.header))
-            .await
+        let span = telemetry::route_span("KV/Compact", req.metadata());
+        self.compact_traced(req).instrument(span).await
     }
 }
 
@@ -659,6 +648,53 @@ impl Maintenance for MaintenanceProxy {
                 |c, r| async move { MaintenanceClient::new(c).move_leader(r).await },
                 |r| rev(&r.header),
             )
+            .await
+    }
+}
+
+/// The bodies of the traced RPCs, run inside their spans.
+impl KvProxy {
+    async fn range_traced(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let gw = &self.0;
+        let class = Class::Read(route::consistency(req.get_ref().serializable, req.metadata(), gw.cfg.max_staleness)?);
+        match class {
+            Class::Read(Consistency::Linearizable) => gw.linearizable_range(req).await,
+            Class::Read(Consistency::Bounded { max_staleness, min_revision }) => {
+                gw.bounded_range(req, max_staleness, min_revision).await
+            }
+            _ => unreachable!("a Range is a read"),
+        }
+    }
+
+    async fn put_traced(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        self.0.write(req, |c, r| async move { KvClient::new(c).put(r).await }, |r| rev(&r.header)).await
+    }
+
+    async fn delete_range_traced(
+        &self,
+        req: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
+        self.0.write(req, |c, r| async move { KvClient::new(c).delete_range(r).await }, |r| rev(&r.header)).await
+    }
+
+    async fn txn_traced(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let gw = &self.0;
+        if !meridian_wire::etcd::txn_is_read_only(req.get_ref()) {
+            return gw.write(req, |c, r| async move { KvClient::new(c).txn(r).await }, |r| rev(&r.header)).await;
+        }
+        let class = {
+            Class::Read(route::consistency(
+                meridian_wire::etcd::txn_is_serializable(req.get_ref()),
+                req.metadata(),
+                gw.cfg.max_staleness,
+            )?)
+        };
+        gw.unary(class, req, |c, r| async move { KvClient::new(c).txn(r).await }, |r| rev(&r.header)).await
+    }
+
+    async fn compact_traced(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+        self.0
+            .unary(Class::Write, req, |c, r| async move { KvClient::new(c).compact(r).await }, |r| rev(&r.header))
             .await
     }
 }

@@ -31,6 +31,9 @@ pub struct MirrorFlags {
     /// replaced by this source's history.
     #[arg(long)]
     pub allow_source_change: bool,
+    /// Export traces over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317); off when unset.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
     /// TOML file with any of the settings above (snake_case keys).
     #[arg(long)]
     pub config_file: Option<PathBuf>,
@@ -59,6 +62,8 @@ pub struct MirrorConfig {
     /// Presented on every Apply (`x-meridian-mirror-token`).
     pub token: String,
     pub allow_source_change: bool,
+    /// Where traces go (OTLP/gRPC); `None` when tracing is off.
+    pub otlp_endpoint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -73,6 +78,7 @@ struct FileConfig {
     listen_metrics: Option<String>,
     mirror_token_file: Option<PathBuf>,
     allow_source_change: Option<bool>,
+    otlp_endpoint: Option<String>,
 }
 
 /// Parses a comma-separated endpoint list (`host:port` or URLs) into URLs.
@@ -118,6 +124,7 @@ impl MirrorConfig {
             listen_metrics: pick(&flags.listen_metrics, file.listen_metrics),
             token: meridian_wire::token::read_token(&token_file).map_err(anyhow::Error::msg)?,
             allow_source_change: flags.allow_source_change || file.allow_source_change.unwrap_or(false),
+            otlp_endpoint: pick(&flags.otlp_endpoint, file.otlp_endpoint).filter(|e| !e.is_empty()),
         };
         anyhow::ensure!(!cfg.sources.is_empty(), "--source is required");
         anyhow::ensure!(!cfg.target.is_empty(), "--target is required");

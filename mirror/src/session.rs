@@ -26,6 +26,7 @@ use meridian_proto::mvccpb::event::EventType;
 use meridian_proto::mvccpb::Event;
 use meridian_wire::progress::{Lines, Progress};
 use meridian_wire::region::RegionClient;
+use meridian_wire::telemetry;
 use meridian_wire::token::{unix_ms, TOKEN_METADATA};
 use prost::Message;
 use tokio::sync::mpsc;
@@ -33,6 +34,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+use tracing::Instrument;
 
 use crate::catchup;
 use crate::config::MirrorConfig;
@@ -62,6 +64,8 @@ struct Token(AsciiMetadataValue);
 impl tonic::service::Interceptor for Token {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         req.metadata_mut().insert(TOKEN_METADATA, self.0.clone());
+        // Inside a traced apply, the secondary continues the trace.
+        meridian_wire::telemetry::inject(req.metadata_mut());
         Ok(req)
     }
 }
@@ -138,6 +142,9 @@ struct Session<'a> {
     compacted: i64,
     known_leases: HashSet<i64>,
     last_progress: Instant,
+    /// The traceparent of a traced write in the batch being gathered (the
+    /// source put it on the watch response): its apply continues the trace.
+    trace: Option<String>,
 }
 
 /// A session ends with this when its source is no longer the primary and
@@ -241,6 +248,7 @@ pub async fn run(cfg: &MirrorConfig, source: &[String], m: &Arc<Metrics>) -> any
         compacted: ts.compact_revision,
         known_leases,
         last_progress: Instant::now(),
+        trace: None,
     };
     // A target that follows another source is only ever replaced on the
     // operator's word: its revisions mean nothing on this source.
@@ -384,6 +392,9 @@ impl Session<'_> {
                 continue;
             }
             self.m.oldest_unapplied.lock().get_or_insert_with(Instant::now);
+            if !resp.meridian_traceparent.is_empty() && self.trace.is_none() {
+                self.trace = Some(resp.meridian_traceparent);
+            }
             for ev in &resp.events {
                 bytes += self.add_event(&mut batch, ev);
             }
@@ -477,7 +488,14 @@ impl Session<'_> {
     /// Applies revisions on the target, granting any lease they use first,
     /// and logs progress now and then.
     async fn flush(&mut self, revisions: Vec<MirrorRevision>) -> anyhow::Result<()> {
-        self.apply(revisions, None).await?;
+        match self.trace.take().filter(|_| telemetry::enabled()) {
+            Some(traceparent) => {
+                let span = tracing::info_span!(target: telemetry::TARGET, "mirror.apply", revisions = revisions.len());
+                telemetry::follow_traceparent(&span, &traceparent);
+                self.apply(revisions, None).instrument(span).await?;
+            }
+            None => self.apply(revisions, None).await?,
+        }
         if self.last_progress.elapsed() >= PROGRESS_LOG_EVERY {
             self.log_progress();
         }

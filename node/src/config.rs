@@ -103,6 +103,9 @@ pub struct NodeFlags {
     /// Log level: error, warn, info, debug.
     #[arg(long)]
     pub log_level: Option<String>,
+    /// Export traces over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317); off when unset.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
     /// File holding the token a mirror must present to write into this secondary (Mirror.Apply).
     #[arg(long)]
     pub mirror_token_file: Option<PathBuf>,
@@ -188,6 +191,8 @@ pub struct Settings {
     pub primary_region: String,
     #[serde(alias = "log-level")]
     pub log_level: String,
+    #[serde(alias = "otlp-endpoint")]
+    pub otlp_endpoint: String,
     #[serde(alias = "mirror-token-file")]
     pub mirror_token_file: Option<PathBuf>,
     #[serde(alias = "topology-endpoints")]
@@ -241,6 +246,7 @@ impl Default for Settings {
             initial_role: "primary".into(),
             primary_region: String::new(),
             log_level: "info".into(),
+            otlp_endpoint: String::new(),
             mirror_token_file: None,
             topology_endpoints: String::new(),
             primary_lease_ttl: "5s".into(),
@@ -347,6 +353,8 @@ pub struct NodeConfig {
     /// The region a secondary mirrors (this region for a primary).
     pub primary_region: String,
     pub log_level: String,
+    /// Where traces go (OTLP/gRPC); `None` when tracing is off.
+    pub otlp_endpoint: Option<String>,
     /// The token `Mirror.Apply` must carry; without one, Apply is refused.
     pub mirror_token: Option<String>,
     /// The primary lease and auto-failover; `None` without a topology cluster.
@@ -423,6 +431,7 @@ impl Settings {
             listen_metrics_urls,
             quota_backend_bytes,
             log_level,
+            otlp_endpoint,
             watch_progress_notify_interval,
             lease_checkpoint_interval,
             auto_compaction_mode,
@@ -583,6 +592,7 @@ impl Settings {
             initial_cluster_token: self.initial_cluster_token,
             region: self.region,
             log_level: self.log_level,
+            otlp_endpoint: Some(self.otlp_endpoint).filter(|e| !e.is_empty()),
         })
     }
 

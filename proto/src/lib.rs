@@ -137,7 +137,11 @@ mod tests {
         // create_request=1 (len 2) containing fragment=8 -> 0x40 0x01.
         assert_eq!(req.encode_to_vec(), vec![0x0a, 2, 0x40, 1]);
 
-        let internal = InternalRequest { id: 1, request: Some(internal_request::Request::Put(PutRequest::default())) };
+        let internal = InternalRequest {
+            id: 1,
+            request: Some(internal_request::Request::Put(PutRequest::default())),
+            traceparent: String::new(),
+        };
         assert_eq!(internal.encode_to_vec(), vec![0x08, 1, 0x12, 0]);
     }
 }

@@ -11,6 +11,7 @@
 //!   the probe that finds its leader (gateway and mirror);
 //! - [`delay`]: a TCP proxy that injects latency between regions;
 //! - [`progress`]: a bar on a terminal, log lines otherwise, for long work;
+//! - [`telemetry`]: logging, and OpenTelemetry traces across processes;
 //! - [`authority`]: lets etcd Go clients' schemed HTTP/2 `:authority` through
 //!   a client port (members and gateways).
 
@@ -21,5 +22,6 @@ pub mod etcd;
 pub mod lineage;
 pub mod progress;
 pub mod region;
+pub mod telemetry;
 pub mod token;
 pub mod url;

@@ -12,6 +12,7 @@ use meridian_proto::etcdserverpb::{
 };
 use meridian_proto::meridian::v1::internal_request::Request;
 use meridian_proto::meridian::v1::{InternalRequest, KvRecord, MirrorApplyRequest, RegionChange, SnapshotData};
+use meridian_wire::telemetry;
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::sync::oneshot;
@@ -88,6 +89,9 @@ pub struct EtcdStateMachine {
     nospace: bool,
     /// A snapshot was restored in the batch being committed.
     restored: bool,
+    /// Traced entries of the batch: the revision each made, and its apply
+    /// span's traceparent, for the watch responses of that revision.
+    traced: Vec<(i64, String)>,
 }
 
 impl EtcdStateMachine {
@@ -103,7 +107,19 @@ impl EtcdStateMachine {
         let nospace = Alarms::load(&mvcc).has(AlarmType::Nospace);
         lessor.rebuild(&mvcc);
         version.update(&Members::load(&mvcc));
-        Self { mvcc, role, version, lessor, watch, waiters, metrics, done: Vec::new(), nospace, restored: false }
+        Self {
+            mvcc,
+            role,
+            version,
+            lessor,
+            watch,
+            waiters,
+            metrics,
+            done: Vec::new(),
+            nospace,
+            restored: false,
+            traced: Vec::new(),
+        }
     }
 
     fn execute(&mut self, request: Request, batch: &mut OwnedWriteBatch) -> Result<Applied> {
@@ -399,9 +415,20 @@ impl StateMachine for EtcdStateMachine {
     fn apply(&mut self, entries: &[Committed<'_>], batch: &mut OwnedWriteBatch) {
         for e in entries {
             if !e.data.is_empty() {
-                let (id, request) = decode_entry(e.index, e.data);
+                let (id, request, traceparent) = decode_entry(e.index, e.data);
                 let started = std::time::Instant::now();
+                // A traced proposal: its commit and its apply continue the trace.
+                let span = (!traceparent.is_empty() && telemetry::enabled()).then(|| {
+                    let commit = tracing::info_span!(target: telemetry::TARGET, "raft.commit", raft.index = e.index);
+                    telemetry::follow_traceparent(&commit, &traceparent);
+                    tracing::info_span!(target: telemetry::TARGET, parent: &commit, "apply", raft.index = e.index)
+                });
+                let entered = span.as_ref().map(tracing::Span::enter);
                 let result = failpoint::before_apply(&self.mvcc).and_then(|()| self.execute(request, batch));
+                drop(entered);
+                if let Some(span) = &span {
+                    self.traced.push((self.mvcc.staged_marks().current, telemetry::traceparent(span)));
+                }
                 if started.elapsed() > SLOW_APPLY {
                     self.metrics.slow_apply.inc();
                 }
@@ -428,8 +455,9 @@ impl StateMachine for EtcdStateMachine {
         if std::mem::take(&mut self.restored) {
             self.watch.restored();
         } else if !feed.is_empty() {
-            self.watch.publish(feed, marks.current);
+            self.watch.publish_traced(feed, marks.current, &self.traced);
         }
+        self.traced.clear();
         self.metrics.current_revision.set(marks.current);
         self.metrics.compact_revision.set(marks.compacted);
         for c in self.mvcc.take_compactions() {
@@ -476,9 +504,9 @@ impl StateMachine for EtcdStateMachine {
 /// this binary does not know (a newer binary proposed it, which the cluster
 /// version should have prevented), stops the member: skipping it would make
 /// this replica diverge from those that applied it.
-fn decode_entry(index: u64, data: &[u8]) -> (u64, Request) {
+fn decode_entry(index: u64, data: &[u8]) -> (u64, Request, String) {
     match InternalRequest::decode(data) {
-        Ok(InternalRequest { id, request: Some(request) }) => (id, request),
+        Ok(InternalRequest { id, request: Some(request), traceparent }) => (id, request, traceparent),
         Ok(InternalRequest { request: None, .. }) => panic!(
             "entry {index} has a kind this binary does not apply (it applies entry version {}): \
              run the same or a newer meridian on every member",

@@ -10,8 +10,10 @@ use meridian_proto::etcdserverpb::{
     PutRequest, PutResponse, RangeRequest, RangeResponse, TxnRequest, TxnResponse,
 };
 use meridian_proto::meridian::v1::internal_request::Request as Internal;
+use meridian_wire::telemetry;
 use prost::Message;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::apply::Applied;
 use super::cluster::Alarms;
@@ -77,6 +79,34 @@ const LONG_RANGE: i64 = 256;
 #[tonic::async_trait]
 impl Kv for KvService {
     async fn range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let span = telemetry::request_span("KV/Range", req.metadata());
+        self.range_traced(req).instrument(span).await
+    }
+
+    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let span = telemetry::request_span("KV/Put", req.metadata());
+        self.put_traced(req).instrument(span).await
+    }
+
+    async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+        let span = telemetry::request_span("KV/DeleteRange", req.metadata());
+        self.delete_range_traced(req).instrument(span).await
+    }
+
+    async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let span = telemetry::request_span("KV/Txn", req.metadata());
+        self.txn_traced(req).instrument(span).await
+    }
+
+    async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+        let span = telemetry::request_span("KV/Compact", req.metadata());
+        self.compact_traced(req).instrument(span).await
+    }
+}
+
+/// The bodies of the traced RPCs, run inside their spans.
+impl KvService {
+    async fn range_traced(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let r = req.into_inner();
         self.server.check_message_size(r.encoded_len())?;
         ops::check_range(&r)?;
@@ -98,7 +128,7 @@ impl Kv for KvService {
         Ok(Response::new(resp))
     }
 
-    async fn put(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+    async fn put_traced(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
         let r = req.into_inner();
         self.server.check_message_size(r.encoded_len())?;
         ops::check_put(&r)?;
@@ -113,7 +143,10 @@ impl Kv for KvService {
         }
     }
 
-    async fn delete_range(&self, req: Request<DeleteRangeRequest>) -> Result<Response<DeleteRangeResponse>, Status> {
+    async fn delete_range_traced(
+        &self,
+        req: Request<DeleteRangeRequest>,
+    ) -> Result<Response<DeleteRangeResponse>, Status> {
         let r = req.into_inner();
         self.server.check_message_size(r.encoded_len())?;
         ops::check_delete(&r)?;
@@ -127,7 +160,7 @@ impl Kv for KvService {
         }
     }
 
-    async fn txn(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+    async fn txn_traced(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let r = req.into_inner();
         self.server.check_message_size(r.encoded_len())?;
         ops::check_txn(&r, self.server.limits.max_txn_ops)?;
@@ -150,7 +183,7 @@ impl Kv for KvService {
         Ok(Response::new(resp))
     }
 
-    async fn compact(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+    async fn compact_traced(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
         let r = req.into_inner();
         self.server.check_writable()?;
         match self.server.propose(Internal::Compaction(r)).await? {

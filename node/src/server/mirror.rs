@@ -16,6 +16,7 @@ use meridian_proto::meridian::v1::{
 };
 use meridian_wire::token::{self, TOKEN_METADATA};
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::apply::Applied;
 use super::freshness::MirrorReport;
@@ -88,24 +89,8 @@ pub(super) fn check_token(
 #[tonic::async_trait]
 impl Mirror for MirrorService {
     async fn apply(&self, req: Request<MirrorApplyRequest>) -> Result<Response<MirrorApplyResponse>, Status> {
-        // One source revision may carry as much as one source request, plus
-        // the record fields etcd keeps per key; allow twice the client limit.
-        let limit = 2 * self.server.limits.max_request_bytes;
-        self.check_apply(req.metadata())?;
-        let req = req.into_inner();
-        let report = MirrorReport {
-            apply_rate: req.apply_rate,
-            resyncs_total: req.resyncs_total,
-            errors_total: req.errors_total,
-        };
-        let source_revision = req.source_revision;
-        match self.server.propose_sized(Internal::MirrorApply(req), limit).await? {
-            Applied::Mirror(rev) => {
-                self.server.freshness.heard(source_revision, report);
-                Ok(Response::new(MirrorApplyResponse { header: Some(self.server.header(rev)), applied_revision: rev }))
-            }
-            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
-        }
+        let span = meridian_wire::telemetry::request_span("Mirror/Apply", req.metadata());
+        self.apply_traced(req).instrument(span).await
     }
 
     async fn heartbeat(&self, req: Request<MirrorHeartbeat>) -> Result<Response<MirrorHeartbeatResponse>, Status> {
@@ -207,5 +192,29 @@ impl Mirror for MirrorService {
             }
         });
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// The bodies of the traced RPCs, run inside their spans.
+impl MirrorService {
+    async fn apply_traced(&self, req: Request<MirrorApplyRequest>) -> Result<Response<MirrorApplyResponse>, Status> {
+        // One source revision may carry as much as one source request, plus
+        // the record fields etcd keeps per key; allow twice the client limit.
+        let limit = 2 * self.server.limits.max_request_bytes;
+        self.check_apply(req.metadata())?;
+        let req = req.into_inner();
+        let report = MirrorReport {
+            apply_rate: req.apply_rate,
+            resyncs_total: req.resyncs_total,
+            errors_total: req.errors_total,
+        };
+        let source_revision = req.source_revision;
+        match self.server.propose_sized(Internal::MirrorApply(req), limit).await? {
+            Applied::Mirror(rev) => {
+                self.server.freshness.heard(source_revision, report);
+                Ok(Response::new(MirrorApplyResponse { header: Some(self.server.header(rev)), applied_revision: rev }))
+            }
+            other => Err(Status::internal(format!("unexpected apply result {other:?}"))),
+        }
     }
 }

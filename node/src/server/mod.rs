@@ -36,9 +36,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use meridian_proto::etcdserverpb::ResponseHeader;
 use meridian_proto::meridian::v1::internal_request::Request;
 use meridian_proto::meridian::v1::InternalRequest;
+use meridian_wire::telemetry;
 use parking_lot::Mutex;
 use prost::Message;
 use tokio::sync::{oneshot, Semaphore};
+use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -207,9 +209,19 @@ impl EtcdServer {
     ///
     /// As [`EtcdServer::propose`].
     pub async fn propose_sized(&self, request: Request, limit: usize) -> Result<Applied> {
+        if !telemetry::in_trace() {
+            return self.propose_traced(request, limit, String::new()).await;
+        }
+        let span = tracing::info_span!(target: telemetry::TARGET, "raft.propose");
+        let traceparent = telemetry::traceparent(&span);
+        self.propose_traced(request, limit, traceparent).instrument(span).await
+    }
+
+    /// Proposes with the proposal's `traceparent` in the entry ("" untraced).
+    async fn propose_traced(&self, request: Request, limit: usize, traceparent: String) -> Result<Applied> {
         version::check(&request, self.version.get())?;
         let id = self.ids.next();
-        let data = InternalRequest { id, request: Some(request) }.encode_to_vec();
+        let data = InternalRequest { id, request: Some(request), traceparent }.encode_to_vec();
         if data.len() > limit {
             return Err(Error::RequestTooLarge);
         }

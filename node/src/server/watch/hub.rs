@@ -85,6 +85,9 @@ struct Hub {
     /// Progress requests not answered yet, by stream: where to answer and
     /// how many.
     progress_asked: HashMap<u64, (Outbox, u32)>,
+    /// The traceparent of the revision being published, when its write was
+    /// traced (see `telemetry`).
+    trace: Option<String>,
 }
 
 impl WatchHub {
@@ -111,6 +114,7 @@ impl WatchHub {
             ranges: HashSet::new(),
             unsynced: HashSet::new(),
             progress_asked: HashMap::new(),
+            trace: None,
         };
         let this = Self { hub: Arc::new(Mutex::new(hub)), wake_sync: Arc::new(Notify::new()), metrics };
         tokio::spawn(this.clone().run(mvcc, progress_interval));
@@ -120,7 +124,13 @@ impl WatchHub {
     /// Hands changes that just became visible (in revision order) to the
     /// synced watchers; `rev` is the store's revision after them.
     pub fn publish(&self, records: Vec<KvRecord>, rev: i64) {
-        self.hub.lock().publish(records, rev);
+        self.hub.lock().publish(records, rev, &[]);
+    }
+
+    /// [`WatchHub::publish`], with the traceparent of traced revisions
+    /// (revision, traceparent) put on their responses.
+    pub fn publish_traced(&self, records: Vec<KvRecord>, rev: i64, traced: &[(i64, String)]) {
+        self.hub.lock().publish(records, rev, traced);
     }
 
     /// The store was replaced by a snapshot: every watcher re-reads from it.
@@ -384,14 +394,16 @@ impl Hub {
     }
 
     /// Hands newly published revisions to the synced watchers they match.
-    fn publish(&mut self, records: Vec<KvRecord>, rev: i64) {
+    fn publish(&mut self, records: Vec<KvRecord>, rev: i64, traced: &[(i64, String)]) {
         let mut at = 0;
         while at < records.len() {
             let main = records[at].main;
             let end = records[at..].iter().position(|r| r.main != main).map_or(records.len(), |n| at + n);
+            self.trace = traced.iter().find(|(r, _)| *r == main).map(|(_, t)| t.clone());
             self.publish_revision(main, &records[at..end]);
             at = end;
         }
+        self.trace = None;
         self.rev = self.rev.max(rev);
     }
 
@@ -467,8 +479,13 @@ impl Hub {
                 to_event(rec, prev_kv)
             })
             .collect();
-        let resp =
-            WatchResponse { header: Some((self.header)(header_rev)), watch_id: key.1, events, ..Default::default() };
+        let resp = WatchResponse {
+            header: Some((self.header)(header_rev)),
+            watch_id: key.1,
+            events,
+            meridian_traceparent: self.trace.clone().unwrap_or_default(),
+            ..Default::default()
+        };
         let parts = if w.spec.fragment { fragment(resp, self.max_response_bytes) } else { vec![resp] };
         if w.out.capacity() < parts.len() {
             return Delivery::Full;
