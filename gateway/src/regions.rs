@@ -196,19 +196,32 @@ impl Regions {
     }
 }
 
-/// Probes every region every `interval`, forever.
+/// Probes every region every `interval`, forever. Each region has its own
+/// loop: a region whose probes time out (a partition) does not hold back
+/// what the gateway learns of the others, so a new primary elsewhere is
+/// seen within one interval. The gauges and the dashboard's history are
+/// taken from the latest states on the same beat.
 pub async fn run_probes(
     regions: Arc<Regions>,
     interval: Duration,
     metrics: Arc<crate::metrics::Metrics>,
     history: Arc<crate::dashboard::History>,
 ) {
+    for r in &regions.all {
+        let r = r.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                probe(r.clone()).await;
+            }
+        });
+    }
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let probes = regions.all.iter().map(|r| probe(r.clone()));
-        futures::future::join_all(probes).await;
         for r in &regions.all {
             metrics.observe_region(&r.name, &r.state());
         }
