@@ -108,6 +108,11 @@ async fn one_put_through_a_gateway_is_one_trace_across_four_processes() -> Resul
         &[("us-east", primary.endpoints()), ("eu-west", secondary.endpoints())],
         &["--otlp-endpoint", &otlp],
     )?;
+    // The mirror follows live first: a write it would only meet in its first copy carries no trace.
+    let mut direct = KvClient::connect(primary.client_url(1)).await?;
+    let warm = PutRequest { key: b"warm".to_vec(), value: b"v".to_vec(), ..Default::default() };
+    let warm_rev = direct.put(warm).await?.into_inner().header.context("header")?.revision;
+    mirror.wait_applied(warm_rev, Duration::from_secs(20))?;
     let mut kv = KvClient::connect(format!("http://{}", gateway.endpoint())).await?;
     let put = PutRequest { key: b"traced".to_vec(), value: b"v".to_vec(), ..Default::default() };
     let rev = kv.put(put).await?.into_inner().header.context("header")?.revision;
