@@ -25,7 +25,7 @@
 
 use std::fmt::Write;
 
-use crate::{LAB_FAILOVER_AFTER, LAB_LEASE_TTL, REGIONS};
+use crate::REGIONS;
 
 /// Ports inside every container (each container has its own address).
 const CLIENT: u16 = 2379;
@@ -86,26 +86,12 @@ pub fn render(members: usize) -> String {
         for i in 1..=members {
             let name = member(region, i);
             let mut args = node_args(&name, &cluster.join(","), &format!("compose-{region}"));
-            args.extend(
-                [
-                    "--region",
-                    region,
-                    "--initial-role",
-                    role,
-                    "--primary-region",
-                    REGIONS[0],
-                    "--mirror-token-file",
-                    "/configs/mirror.token",
-                    "--topology-endpoints",
-                    &control_endpoints.join(","),
-                    "--auto-failover",
-                    "--primary-lease-ttl",
-                    LAB_LEASE_TTL,
-                    "--failover-after",
-                    LAB_FAILOVER_AFTER,
-                ]
-                .map(String::from),
-            );
+            args.extend(crate::region_member_flags(
+                region,
+                role,
+                "/configs/mirror.token",
+                &control_endpoints.join(","),
+            ));
             service(w, &name, &format!("{region} member {i} ({role} at first)"), &args);
             list(w, "networks", &[region]);
             list(w, "volumes", &[&format!("{name}:/data"), "./configs:/configs:ro"]);

@@ -712,28 +712,12 @@ pub async fn run(flags: &LabFlags, shutdown: impl std::future::Future<Output = (
         let cluster: Vec<String> = r.members.iter().map(|m| format!("{}={}", m.name, m.peer_url)).collect();
         for (i, m) in r.members.iter().enumerate() {
             let mut args = node_args(m, &cluster.join(","), &format!("lab-{}", r.name));
-            args.extend(
-                [
-                    "--region",
-                    &r.name,
-                    "--initial-role",
-                    &r.role,
-                    "--primary-region",
-                    REGIONS[0],
-                    "--mirror-token-file",
-                    &layout.mirror_token_file.display().to_string(),
-                    "--topology-endpoints",
-                    &layout.control_endpoints(&r.name).join(","),
-                    "--auto-failover",
-                    // Lab timings: a region loss fails over in seconds, not the
-                    // production defaults' 16.
-                    "--primary-lease-ttl",
-                    LAB_LEASE_TTL,
-                    "--failover-after",
-                    LAB_FAILOVER_AFTER,
-                ]
-                .map(String::from),
-            );
+            args.extend(region_member_flags(
+                &r.name,
+                &r.role,
+                &layout.mirror_token_file.display().to_string(),
+                &layout.control_endpoints(&r.name).join(","),
+            ));
             procs.insert(
                 format!("{}/{}", r.name, i + 1),
                 Proc::new(&m.name, args, logs.join(format!("{}.log", m.name))),
@@ -857,6 +841,32 @@ async fn bring_up(lab: &Lab, layout: &Layout, step: &dyn Fn(&str)) -> Result<()>
     }
     step("mirrors and gateways up");
     Ok(())
+}
+
+/// A region member's flags beyond etcd's (the lab's and the compose
+/// file's): its region and first role, the mirror token, the topology
+/// cluster and auto-failover at the lab's timings (a region loss fails over
+/// in seconds, not the production defaults' 16).
+pub(crate) fn region_member_flags(region: &str, role: &str, token_file: &str, topology: &str) -> Vec<String> {
+    [
+        "--region",
+        region,
+        "--initial-role",
+        role,
+        "--primary-region",
+        REGIONS[0],
+        "--mirror-token-file",
+        token_file,
+        "--topology-endpoints",
+        topology,
+        "--auto-failover",
+        "--primary-lease-ttl",
+        LAB_LEASE_TTL,
+        "--failover-after",
+        LAB_FAILOVER_AFTER,
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 fn node_args(m: &MemberLayout, cluster: &str, token: &str) -> Vec<String> {
