@@ -54,6 +54,21 @@ pub struct GatewayFlags {
     /// /v1/regions (its client or metrics URL). Repeat once per region.
     #[arg(long = "peer-gateway")]
     pub peer_gateways: Vec<String>,
+    /// For https:// upstreams: what to trust and present (etcdctl's names).
+    #[command(flatten)]
+    pub tls: meridian_wire::tls::TlsFlags,
+    /// TLS certificate for https:// client URLs.
+    #[arg(long)]
+    pub cert_file: Option<PathBuf>,
+    /// TLS key for https:// client URLs.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// CA bundle client certificates must chain to.
+    #[arg(long)]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Require a client certificate signed by --trusted-ca-file.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub client_cert_auth: Option<bool>,
     /// TOML file with any of the settings above (snake_case keys; `upstream` and
     /// `peer_gateway` are tables).
     #[arg(long)]
@@ -80,6 +95,14 @@ struct FileSettings {
     /// region name -> that region's gateway URL.
     peer_gateway: std::collections::BTreeMap<String, String>,
     otlp_endpoint: Option<String>,
+    cacert: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    insecure_skip_tls_verify: Option<bool>,
+    cert_file: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    trusted_ca_file: Option<PathBuf>,
+    client_cert_auth: Option<bool>,
 }
 
 /// One region the gateway routes to.
@@ -112,6 +135,10 @@ pub struct GatewayConfig {
     pub peer_gateways: Vec<(String, String)>,
     /// Where traces go (OTLP/gRPC); `None` when tracing is off.
     pub otlp_endpoint: Option<String>,
+    /// For `https://` upstreams.
+    pub upstream_tls: meridian_wire::tls::ClientTls,
+    /// For `https://` client and metrics URLs.
+    pub server_tls: Option<meridian_wire::tls::ServerFiles>,
 }
 
 impl GatewayConfig {
@@ -161,7 +188,28 @@ impl GatewayConfig {
             peer_gateways.push((region.trim().to_string(), url.to_string()));
         }
         let region = pick(&flags.region, file.region, "default");
+        let path = |flag: &Option<PathBuf>, file: Option<PathBuf>| flag.clone().or(file);
+        let upstream_files = meridian_wire::tls::ClientFiles {
+            cacert: path(&flags.tls.cacert, file.cacert),
+            cert: path(&flags.tls.cert, file.cert),
+            key: path(&flags.tls.key, file.key),
+            insecure_skip_verify: flags.tls.insecure_skip_tls_verify || file.insecure_skip_tls_verify.unwrap_or(false),
+        };
+        let upstream_tls =
+            meridian_wire::tls::ClientTls::load(&upstream_files).map_err(|e| anyhow::anyhow!("upstream TLS: {e}"))?;
+        let server_tls = match (path(&flags.cert_file, file.cert_file), path(&flags.key_file, file.key_file)) {
+            (Some(cert), Some(key)) => Some(meridian_wire::tls::ServerFiles {
+                cert,
+                key,
+                trusted_ca: path(&flags.trusted_ca_file, file.trusted_ca_file),
+                client_cert_auth: flags.client_cert_auth.or(file.client_cert_auth).unwrap_or(false),
+            }),
+            (None, None) => None,
+            _ => bail!("--cert-file and --key-file must be given together"),
+        };
         let cfg = Self {
+            upstream_tls,
+            server_tls,
             name: pick(&flags.name, file.name, "gateway"),
             region,
             listen_client_urls: urls(
@@ -192,6 +240,11 @@ impl GatewayConfig {
         }
         if cfg.listen_client_urls.is_empty() {
             bail!("--listen-client-urls is empty");
+        }
+        if cfg.server_tls.is_none() {
+            if let Some(u) = cfg.listen_client_urls.iter().chain(&cfg.listen_metrics_urls).find(|u| u.is_tls()) {
+                bail!("TLS key/cert (--cert-file, --key-file) must be provided for client url {u} with HTTPS scheme");
+            }
         }
         Ok(cfg)
     }

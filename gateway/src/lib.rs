@@ -36,10 +36,10 @@ use meridian_proto::etcdserverpb::lease_server::LeaseServer;
 use meridian_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use meridian_proto::etcdserverpb::watch_server::WatchServer;
 use meridian_wire::authority::{AuthorityFix, MAX_FRAME, MAX_HEADER_LIST};
+use meridian_wire::tls::ServerTls;
 use meridian_wire::url::Url;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 use tonic::service::Routes;
 
@@ -57,7 +57,7 @@ const MAX_MESSAGE: usize = 128 << 20;
 /// A listener that cannot bind, or a bad upstream URL.
 pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     let metrics = Arc::new(metrics::Metrics::new(&cfg.region));
-    let regions = Arc::new(regions::Regions::new(&cfg.region, &cfg.upstreams)?);
+    let regions = Arc::new(regions::Regions::new(&cfg.region, &cfg.upstreams, &cfg.upstream_tls)?);
     let history = Arc::new(dashboard::History::new());
     tokio::spawn(regions::run_probes(regions.clone(), cfg.probe_interval, metrics.clone(), history.clone()));
     tokio::spawn(dashboard::run_peers(history.clone(), cfg.peer_gateways.clone()));
@@ -79,13 +79,17 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     let client_routes = Routes::from(http::routes(grpc.into_axum_router(), gw.clone(), history.clone()));
     let http_routes = Routes::from(http::routes(axum::Router::new(), gw.clone(), history));
 
+    let tls = match &cfg.server_tls {
+        Some(files) => Some(ServerTls::load(files.clone()).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     for url in &cfg.listen_client_urls {
-        tasks.push(serve(url, client_routes.clone(), stop_rx.clone(), cfg.max_concurrent_streams).await?);
+        tasks.push(serve(url, client_routes.clone(), stop_rx.clone(), cfg.max_concurrent_streams, &tls).await?);
     }
     for url in &cfg.listen_metrics_urls {
-        tasks.push(serve(url, http_routes.clone(), stop_rx.clone(), cfg.max_concurrent_streams).await?);
+        tasks.push(serve(url, http_routes.clone(), stop_rx.clone(), cfg.max_concurrent_streams, &tls).await?);
     }
     tracing::info!(
         name = %cfg.name,
@@ -103,22 +107,20 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
     Ok(())
 }
 
-/// Serves `routes` on `url` until `stop`, with the `:authority` fix for
-/// etcd Go clients (etcdctl) on every connection.
+/// Serves `routes` on `url` until `stop` (under `tls` for `https://`),
+/// with the `:authority` fix for etcd Go clients (etcdctl) on every
+/// connection.
 async fn serve(
     url: &Url,
     routes: Routes,
     mut stop: watch::Receiver<bool>,
     max_concurrent_streams: u32,
+    tls: &Option<Arc<ServerTls>>,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let listener = TcpListener::bind(url.host_port()).await.with_context(|| format!("listen on {url}"))?;
     tracing::info!(%url, "listening");
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.map(|s| {
-            let _ = s.set_nodelay(true);
-            AuthorityFix::new(s)
-        })
-    });
+    let tls = tls.clone().filter(|_| url.is_tls());
+    let incoming = meridian_wire::tls::incoming(listener, tls).map(|conn| conn.map(AuthorityFix::new));
     Ok(tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .accept_http1(true)

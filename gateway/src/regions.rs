@@ -120,11 +120,11 @@ pub struct Pick {
 }
 
 impl Regions {
-    pub fn new(local: &str, upstreams: &[Upstream]) -> anyhow::Result<Self> {
+    pub fn new(local: &str, upstreams: &[Upstream], tls: &meridian_wire::tls::ClientTls) -> anyhow::Result<Self> {
         let mut all = Vec::new();
         for u in upstreams {
             let urls: Vec<String> = u.endpoints.iter().map(ToString::to_string).collect();
-            let client = RegionClient::new(&urls, CONNECTIONS_PER_MEMBER)?;
+            let client = RegionClient::new(&urls, CONNECTIONS_PER_MEMBER, tls)?;
             let state = RegionState { role: "unknown".into(), staleness_seconds: -1.0, ..Default::default() };
             all.push(Arc::new(Region { name: u.region.clone(), client, state: RwLock::new(Arc::new(state)) }));
         }

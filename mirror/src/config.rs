@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use meridian_wire::tls::{ClientFiles, ClientTls};
 use serde::Deserialize;
 
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -34,6 +35,18 @@ pub struct MirrorFlags {
     /// Export traces over OTLP/gRPC to this collector (e.g. http://127.0.0.1:4317); off when unset.
     #[arg(long)]
     pub otlp_endpoint: Option<String>,
+    /// For https:// sources (and the target, unless --dest-* are given).
+    #[command(flatten)]
+    pub tls: meridian_wire::tls::TlsFlags,
+    /// CA bundle the target's certificates must chain to (default: --cacert).
+    #[arg(long)]
+    pub dest_cacert: Option<PathBuf>,
+    /// Certificate to present to an https:// target (default: --cert).
+    #[arg(long)]
+    pub dest_cert: Option<PathBuf>,
+    /// Key of --dest-cert (default: --key).
+    #[arg(long)]
+    pub dest_key: Option<PathBuf>,
     /// TOML file with any of the settings above (snake_case keys).
     #[arg(long)]
     pub config_file: Option<PathBuf>,
@@ -64,6 +77,12 @@ pub struct MirrorConfig {
     pub allow_source_change: bool,
     /// Where traces go (OTLP/gRPC); `None` when tracing is off.
     pub otlp_endpoint: Option<String>,
+    /// For `https://` sources.
+    #[serde(skip)]
+    pub source_tls: ClientTls,
+    /// For an `https://` target.
+    #[serde(skip)]
+    pub target_tls: ClientTls,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -79,6 +98,13 @@ struct FileConfig {
     mirror_token_file: Option<PathBuf>,
     allow_source_change: Option<bool>,
     otlp_endpoint: Option<String>,
+    cacert: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    insecure_skip_tls_verify: Option<bool>,
+    dest_cacert: Option<PathBuf>,
+    dest_cert: Option<PathBuf>,
+    dest_key: Option<PathBuf>,
 }
 
 /// Parses a comma-separated endpoint list (`host:port` or URLs) into URLs.
@@ -116,7 +142,24 @@ impl MirrorConfig {
         let token_file = flags.mirror_token_file.clone().or(file.mirror_token_file).ok_or_else(|| {
             anyhow::anyhow!("--mirror-token-file is required: the file the target secondary was given")
         })?;
+        let path = |flag: &Option<PathBuf>, file: Option<PathBuf>| flag.clone().or(file);
+        let source_files = ClientFiles {
+            cacert: path(&flags.tls.cacert, file.cacert),
+            cert: path(&flags.tls.cert, file.cert),
+            key: path(&flags.tls.key, file.key),
+            insecure_skip_verify: flags.tls.insecure_skip_tls_verify || file.insecure_skip_tls_verify.unwrap_or(false),
+        };
+        let target_files = ClientFiles {
+            cacert: path(&flags.dest_cacert, file.dest_cacert).or_else(|| source_files.cacert.clone()),
+            cert: path(&flags.dest_cert, file.dest_cert).or_else(|| source_files.cert.clone()),
+            key: path(&flags.dest_key, file.dest_key).or_else(|| source_files.key.clone()),
+            insecure_skip_verify: source_files.insecure_skip_verify,
+        };
+        let tls =
+            |what: &str, files: &ClientFiles| ClientTls::load(files).map_err(|e| anyhow::anyhow!("{what} TLS: {e}"));
         let cfg = Self {
+            source_tls: tls("source", &source_files)?,
+            target_tls: tls("target", &target_files)?,
             sources: sources.iter().map(|s| endpoints("--source", s)).collect::<anyhow::Result<_>>()?,
             target: endpoints("--target", &target)?,
             prefix: pick(&flags.prefix, file.prefix).unwrap_or_default(),
@@ -178,7 +221,8 @@ mod tests {
         assert_eq!(cfg.target_key(b"app/x"), b"dr/app/x");
         assert_eq!(cfg.source_range(), (b"app/".to_vec(), b"app0".to_vec()));
         assert_eq!(endpoints("--source", "127.0.0.1:1, http://h:2").unwrap(), ["http://127.0.0.1:1", "http://h:2"]);
-        let err = endpoints("--target", "h:1,https://h:2").unwrap_err().to_string();
-        assert_eq!(err, "--target: https://h:2: TLS is not supported yet; use http://");
+        assert_eq!(endpoints("--target", "h:1,https://h:2").unwrap(), ["http://h:1", "https://h:2"]);
+        let err = endpoints("--target", "h:1,unix://h:2").unwrap_err().to_string();
+        assert_eq!(err, "--target: unix://h:2: unix sockets are not supported yet; use http:// or https://");
     }
 }

@@ -33,6 +33,9 @@ pub struct RegionStatusFlags {
     /// Output format: simple (for a person) or json (for a program).
     #[arg(long, short = 'w', default_value = "simple")]
     pub write_out: String,
+    /// For https:// endpoints.
+    #[command(flatten)]
+    pub tls: meridian_wire::tls::TlsFlags,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -47,6 +50,9 @@ pub struct PromoteFlags {
     /// The cluster's --mirror-token-file: region changes need it.
     #[arg(long, env = "MERIDIAN_MIRROR_TOKEN_FILE")]
     pub mirror_token_file: PathBuf,
+    /// For https:// endpoints.
+    #[command(flatten)]
+    pub tls: meridian_wire::tls::TlsFlags,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -64,6 +70,9 @@ pub struct SwitchoverFlags {
     /// duration); past it the old primary is restored and nothing changes.
     #[arg(long, default_value = "30s")]
     pub timeout: String,
+    /// For https:// endpoints.
+    #[command(flatten)]
+    pub tls: meridian_wire::tls::TlsFlags,
 }
 
 /// One cluster, through its leader.
@@ -75,9 +84,15 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn connect(flag: &str, eps: &str, token_file: Option<&PathBuf>) -> anyhow::Result<Self> {
+    async fn connect(
+        flag: &str,
+        eps: &str,
+        token_file: Option<&PathBuf>,
+        tls: &meridian_wire::tls::TlsFlags,
+    ) -> anyhow::Result<Self> {
         let urls = endpoints(flag, eps)?;
-        let region = RegionClient::connect(&urls, Duration::from_secs(3))
+        let tls = tls.load().map_err(anyhow::Error::msg)?;
+        let region = RegionClient::connect(&urls, Duration::from_secs(3), &tls)
             .await
             .map_err(|e| anyhow::anyhow!("{flag}: no member answers: {e}"))?;
         let token = match token_file {
@@ -196,7 +211,7 @@ pub async fn status(flags: &RegionStatusFlags) -> anyhow::Result<()> {
         "json" => true,
         other => bail!("unsupported output format {other:?}: use simple or json"),
     };
-    let s = Cluster::connect("--endpoints", &flags.endpoints, None).await?.status().await?;
+    let s = Cluster::connect("--endpoints", &flags.endpoints, None, &flags.tls).await?.status().await?;
     if json {
         println!("{}", status_json(&s));
     } else {
@@ -243,7 +258,7 @@ pub fn promote_refusal(s: &RegionStatusResponse) -> Option<String> {
 /// The cluster is not a secondary, a refusal without `--allow-data-loss`,
 /// or the promotion failed.
 pub async fn promote(flags: &PromoteFlags) -> anyhow::Result<()> {
-    let mut c = Cluster::connect("--endpoints", &flags.endpoints, Some(&flags.mirror_token_file)).await?;
+    let mut c = Cluster::connect("--endpoints", &flags.endpoints, Some(&flags.mirror_token_file), &flags.tls).await?;
     let s = c.status().await?;
     if s.role != "secondary" {
         bail!("region {:?} is already the primary (epoch {})", s.region, s.epoch);
@@ -285,8 +300,8 @@ pub async fn switchover(flags: &SwitchoverFlags) -> anyhow::Result<()> {
     let timeout = meridian_wire::duration::parse_duration(&flags.timeout)
         .ok_or_else(|| anyhow::anyhow!("invalid --timeout {:?}: want a duration like 30s", flags.timeout))?;
     let token = Some(&flags.mirror_token_file);
-    let mut old = Cluster::connect("--from", &flags.from, token).await?;
-    let mut new = Cluster::connect("--to", &flags.to, token).await?;
+    let mut old = Cluster::connect("--from", &flags.from, token, &flags.tls).await?;
+    let mut new = Cluster::connect("--to", &flags.to, token, &flags.tls).await?;
     let (o, n) = (old.status().await?, new.status().await?);
     if o.role != "primary" {
         bail!("--from is region {:?}, a {}, not the primary", o.region, o.role);
@@ -369,6 +384,9 @@ pub struct RejoinFlags {
     /// The --mirror-token-file both clusters were given.
     #[arg(long, env = "MERIDIAN_MIRROR_TOKEN_FILE")]
     pub mirror_token_file: PathBuf,
+    /// For https:// endpoints.
+    #[command(flatten)]
+    pub tls: meridian_wire::tls::TlsFlags,
 }
 
 /// A key or value for the report: text when it is UTF-8, else base64 under
@@ -452,8 +470,8 @@ async fn hash_at(channel: Channel, rev: i64) -> Result<(u32, i64), tonic::Status
 /// disk).
 pub async fn rejoin(flags: &RejoinFlags) -> anyhow::Result<()> {
     let token = Some(&flags.mirror_token_file);
-    let mut old = Cluster::connect("--endpoints", &flags.endpoints, token).await?;
-    let mut new = Cluster::connect("--primary", &flags.primary, token).await?;
+    let mut old = Cluster::connect("--endpoints", &flags.endpoints, token, &flags.tls).await?;
+    let mut new = Cluster::connect("--primary", &flags.primary, token, &flags.tls).await?;
     let (o, n) = (old.status().await?, new.status().await?);
     if n.role != "primary" {
         bail!("--primary is region {:?}, a {}, not the primary", n.region, n.role);

@@ -39,6 +39,7 @@ use tracing::Instrument;
 use crate::catchup;
 use crate::config::MirrorConfig;
 use crate::metrics::Metrics;
+use meridian_wire::tls::ClientTls;
 
 /// Bytes of changes per Apply call; well under the secondary's limit.
 const BATCH_BYTES: usize = 512 * 1024;
@@ -163,8 +164,8 @@ impl std::error::Error for TopologyChanged {}
 
 /// A region's members, probed once: the session sends to the leader (or,
 /// with none known, the first member that answered).
-async fn connect(endpoints: &[String]) -> anyhow::Result<RegionClient> {
-    RegionClient::connect(endpoints, CONNECT_TIMEOUT).await.map_err(|e| anyhow::anyhow!(e))
+async fn connect(endpoints: &[String], tls: &ClientTls) -> anyhow::Result<RegionClient> {
+    RegionClient::connect(endpoints, CONNECT_TIMEOUT, tls).await.map_err(|e| anyhow::anyhow!(e))
 }
 
 /// Every lease id a cluster has.
@@ -187,8 +188,8 @@ async fn source_header(src: &Channel) -> anyhow::Result<ResponseHeader> {
 /// Ends with `Ok` when the source stops being the primary while other
 /// sources are configured: the next session follows the new primary.
 pub async fn run(cfg: &MirrorConfig, source: &[String], m: &Arc<Metrics>) -> anyhow::Result<()> {
-    let src_region = connect(source).await.context("source")?;
-    let dst_region = connect(&cfg.target).await.context("target")?;
+    let src_region = connect(source, &cfg.source_tls).await.context("source")?;
+    let dst_region = connect(&cfg.target, &cfg.target_tls).await.context("target")?;
     let (src, dst) = (src_region.channel().0, dst_region.channel().0);
     let token = Token(cfg.token.parse().context("the mirror token is not valid gRPC metadata")?);
     let mut target = MirrorClient::with_interceptor(dst.clone(), token.clone())

@@ -9,6 +9,7 @@ use std::time::Duration;
 use meridian_proto::meridian::v1::region_client::RegionClient as RegionRpc;
 use meridian_proto::meridian::v1::{RegionStatusRequest, RegionStatusResponse};
 use meridian_wire::region::RegionClient;
+use meridian_wire::tls::ClientTls;
 
 use crate::config::MirrorConfig;
 
@@ -25,8 +26,8 @@ pub enum Choice {
 
 /// A region's `Region.Status`, through its leader; `None` when no member
 /// answers or it has no Region service (etcd).
-pub async fn region_status(endpoints: &[String]) -> Option<RegionStatusResponse> {
-    let region = RegionClient::connect(endpoints, PROBE_TIMEOUT).await.ok()?;
+pub async fn region_status(endpoints: &[String], tls: &ClientTls) -> Option<RegionStatusResponse> {
+    let region = RegionClient::connect(endpoints, PROBE_TIMEOUT, tls).await.ok()?;
     let mut rpc = RegionRpc::new(region.channel().0);
     let status = tokio::time::timeout(PROBE_TIMEOUT, rpc.status(RegionStatusRequest {})).await.ok()?;
     status.ok().map(tonic::Response::into_inner)
@@ -39,14 +40,14 @@ pub async fn region_status(endpoints: &[String]) -> Option<RegionStatusResponse>
 /// None: a region that does not answer is left out, and with none to follow
 /// the mirror idles.
 pub async fn choose(cfg: &MirrorConfig) -> anyhow::Result<Choice> {
-    let target = region_status(&cfg.target).await;
+    let target = region_status(&cfg.target, &cfg.target_tls).await;
     if cfg.sources.len() == 1 {
         if let Some(t) = target.filter(|t| t.role == "primary") {
             return Ok(Choice::Idle(format!("the target region {:?} is the primary (epoch {})", t.region, t.epoch)));
         }
         return Ok(Choice::Follow(cfg.sources[0].clone()));
     }
-    let probes = cfg.sources.iter().map(|eps| async move { (eps, region_status(eps).await) });
+    let probes = cfg.sources.iter().map(|eps| async move { (eps, region_status(eps, &cfg.source_tls).await) });
     let answers = futures::future::join_all(probes).await;
     let best = answers
         .iter()

@@ -7,8 +7,9 @@
 //! - **ignored**: tuning and experimental knobs that mean nothing here; the
 //!   member starts and logs one warning naming them;
 //! - **refused**: flags whose effect a user relies on and Meridian does not
-//!   have (TLS, auth, discovery, proxy mode, the v2 API, forcing a new
-//!   cluster); starting as if they were absent would be silently wrong;
+//!   have (certificate name checks and revocation lists, auth, discovery,
+//!   proxy mode, the v2 API, forcing a new cluster); starting as if they
+//!   were absent would be silently wrong;
 //! - flags with their default or a "disabled" value pass either way.
 //!
 //! Go's flag package takes `--flag=value`, `--flag value`, and for booleans
@@ -43,14 +44,11 @@ const OFF: &[&str] = &["", "false"];
 const FLAGS: &[(&str, Arity, Fate)] = &[
     ("auth-token", Value, RefuseUnless(&["", "simple"])),
     ("auth-token-ttl", Value, Ignore),
-    ("auto-tls", Bool, RefuseUnless(OFF)),
     ("backend-batch-interval", Value, Ignore),
     ("backend-batch-limit", Value, Ignore),
     ("bcrypt-cost", Value, Ignore),
-    ("cert-file", Value, RefuseUnless(OFF)),
     ("cipher-suites", Value, RefuseUnless(OFF)),
     ("client-cert-allowed-hostname", Value, RefuseUnless(OFF)),
-    ("client-cert-auth", Bool, RefuseUnless(OFF)),
     ("client-crl-file", Value, RefuseUnless(OFF)),
     ("cors", Value, Ignore),
     ("debug", Bool, Ignore),
@@ -74,21 +72,15 @@ const FLAGS: &[(&str, Arity, Fate)] = &[
     ("grpc-keepalive-min-time", Value, Ignore),
     ("host-whitelist", Value, Ignore),
     ("initial-election-tick-advance", Bool, Ignore),
-    ("key-file", Value, RefuseUnless(OFF)),
     ("log-outputs", Value, Ignore),
     ("log-package-levels", Value, Ignore),
     ("logger", Value, Ignore),
     ("max-snapshots", Value, Ignore),
     ("max-wals", Value, Ignore),
     ("metrics", Value, Ignore),
-    ("peer-auto-tls", Bool, RefuseUnless(OFF)),
     ("peer-cert-allowed-cn", Value, RefuseUnless(OFF)),
     ("peer-cert-allowed-hostname", Value, RefuseUnless(OFF)),
-    ("peer-cert-file", Value, RefuseUnless(OFF)),
-    ("peer-client-cert-auth", Bool, RefuseUnless(OFF)),
     ("peer-crl-file", Value, RefuseUnless(OFF)),
-    ("peer-key-file", Value, RefuseUnless(OFF)),
-    ("peer-trusted-ca-file", Value, RefuseUnless(OFF)),
     ("pre-vote", Bool, Ignore),
     ("proxy", Value, RefuseUnless(&["", "off"])),
     ("proxy-dial-timeout", Value, Ignore),
@@ -97,7 +89,6 @@ const FLAGS: &[(&str, Arity, Fate)] = &[
     ("proxy-refresh-interval", Value, Ignore),
     ("proxy-write-timeout", Value, Ignore),
     ("strict-reconfig-check", Bool, Ignore),
-    ("trusted-ca-file", Value, RefuseUnless(OFF)),
     ("wal-dir", Value, Ignore),
 ];
 
@@ -109,7 +100,9 @@ fn refusal(flag: &str, value: &str) -> String {
         "proxy" => "Meridian has no etcd proxy mode; see `meridian gateway` for one endpoint per region",
         f if f.starts_with("discovery") => "discovery is not supported; give --initial-cluster",
         "auth-token" => "authentication is not supported yet",
-        _ => "TLS is not supported yet",
+        "cipher-suites" => "choosing cipher suites is not supported yet (rustls's safe defaults serve)",
+        f if f.ends_with("crl-file") => "certificate revocation lists are not supported yet",
+        _ => "checking certificate names (CN or hostname) is not supported yet",
     };
     format!("--{flag}={value}: {why}")
 }
@@ -193,10 +186,14 @@ const SETTINGS_KEYS: &[&str] = &[
     "grpc-keepalive-timeout",
 ];
 
+/// The keys of a `*-transport-security` section that `Settings` takes.
+const TRANSPORT_KEYS: &[&str] = &["cert-file", "key-file", "trusted-ca-file", "client-cert-auth", "auto-tls"];
+
 /// Sorts the keys of an etcd YAML configuration file as [`take_etcd_flags`]
 /// sorts flags: those `Settings` takes pass; the rest are ignored with a
-/// warning or refused. TLS settings (`client-transport-security`,
-/// `peer-transport-security`) are refused when any is set.
+/// warning or refused. In the TLS sections (`client-transport-security`,
+/// `peer-transport-security`) the certificate files, `client-cert-auth` and
+/// `auto-tls` pass; the rest are refused or ignored as their flags are.
 ///
 /// # Errors
 ///
@@ -216,9 +213,19 @@ pub fn check_etcd_yaml(path: &std::path::Path) -> Result<EtcdFlags> {
             continue;
         }
         if key.ends_with("transport-security") {
-            let set = value.into_table().unwrap_or_default().into_iter().any(|(_, v)| !is_unset(&v.to_string()));
-            if set {
-                found.refused.push(format!("{key}: TLS is not supported yet"));
+            let prefix = if key.starts_with("peer") { "peer-" } else { "" };
+            let mut inner: Vec<_> = value.into_table().unwrap_or_default().into_iter().collect();
+            inner.sort_by(|a, b| a.0.cmp(&b.0));
+            for (name, v) in inner {
+                let name = name.replace('_', "-");
+                let text = v.to_string();
+                if TRANSPORT_KEYS.contains(&name.as_str()) || is_unset(&text) {
+                    continue;
+                }
+                match FLAGS.iter().find(|(f, _, _)| *f == format!("{prefix}{name}")) {
+                    Some((flag, _, RefuseUnless(_))) => found.refused.push(refusal(flag, &text)),
+                    _ => found.warnings.push(format!("{key}.{name}: {text} (ignored)")),
+                }
             }
             continue;
         }
@@ -280,7 +287,7 @@ mod tests {
         for (given, want) in [
             (vec!["--enable-v2=true"], "v2 API is out of scope"),
             (vec!["--enable-v2"], "v2 API is out of scope"),
-            (vec!["--cert-file", "server.crt"], "--cert-file=server.crt: TLS is not supported yet"),
+            (vec!["--peer-crl-file", "peer.crl"], "--peer-crl-file=peer.crl: certificate revocation lists"),
             (vec!["--force-new-cluster"], "cannot force a new cluster"),
             (vec!["--discovery=https://discovery.etcd.io/x"], "discovery is not supported"),
             (vec!["--proxy", "on"], "no etcd proxy mode"),
@@ -291,7 +298,7 @@ mod tests {
             assert!(found.refused[0].contains(want), "{given:?}: {:?}", found.refused);
         }
         // Their defaults pass.
-        let (_, found) = take_etcd_flags(args(&["--proxy=off", "--auth-token", "simple", "--cert-file="]));
+        let (_, found) = take_etcd_flags(args(&["--proxy=off", "--auth-token", "simple", "--client-crl-file="]));
         assert_eq!(found, EtcdFlags::default());
     }
 
@@ -300,6 +307,16 @@ mod tests {
         // `meridian node`'s own flags plus this table cover etcd 3.4's `etcd --help`.
         let implemented = [
             "advertise-client-urls",
+            "auto-tls",
+            "cert-file",
+            "client-cert-auth",
+            "key-file",
+            "peer-auto-tls",
+            "peer-cert-file",
+            "peer-client-cert-auth",
+            "peer-key-file",
+            "peer-trusted-ca-file",
+            "trusted-ca-file",
             "auto-compaction-mode",
             "auto-compaction-retention",
             "data-dir",

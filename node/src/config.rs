@@ -109,6 +109,36 @@ pub struct NodeFlags {
     /// File holding the token a mirror must present to write into this secondary (Mirror.Apply).
     #[arg(long)]
     pub mirror_token_file: Option<PathBuf>,
+    /// Path to the client server TLS cert file (for https:// client URLs).
+    #[arg(long)]
+    pub cert_file: Option<PathBuf>,
+    /// Path to the client server TLS key file.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Path to the client server TLS trusted CA cert file (client certificates must chain to it).
+    #[arg(long)]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Require a client certificate signed by --trusted-ca-file on https:// client URLs.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub client_cert_auth: Option<bool>,
+    /// Client TLS using a generated self-signed certificate (in <data-dir>/fixtures/client).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub auto_tls: Option<bool>,
+    /// Path to the peer server TLS cert file (also presented to other members).
+    #[arg(long)]
+    pub peer_cert_file: Option<PathBuf>,
+    /// Path to the peer server TLS key file.
+    #[arg(long)]
+    pub peer_key_file: Option<PathBuf>,
+    /// Path to the peer server TLS trusted CA file: peers' certificates must chain to it.
+    #[arg(long)]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+    /// Require a peer certificate signed by --peer-trusted-ca-file on https:// peer URLs.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub peer_client_cert_auth: Option<bool>,
+    /// Peer TLS using generated self-signed certificates (encrypted, peers not authenticated).
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub peer_auto_tls: Option<bool>,
     /// The cross-region topology cluster (one member per region), comma-separated: with it a
     /// primary holds the primary lease and refuses writes without it. For three or more regions.
     #[arg(long)]
@@ -195,6 +225,32 @@ pub struct Settings {
     pub otlp_endpoint: String,
     #[serde(alias = "mirror-token-file")]
     pub mirror_token_file: Option<PathBuf>,
+    #[serde(alias = "cert-file")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(alias = "key-file")]
+    pub key_file: Option<PathBuf>,
+    #[serde(alias = "trusted-ca-file")]
+    pub trusted_ca_file: Option<PathBuf>,
+    #[serde(alias = "client-cert-auth")]
+    pub client_cert_auth: bool,
+    #[serde(alias = "auto-tls")]
+    pub auto_tls: bool,
+    #[serde(alias = "peer-cert-file")]
+    pub peer_cert_file: Option<PathBuf>,
+    #[serde(alias = "peer-key-file")]
+    pub peer_key_file: Option<PathBuf>,
+    #[serde(alias = "peer-trusted-ca-file")]
+    pub peer_trusted_ca_file: Option<PathBuf>,
+    #[serde(alias = "peer-client-cert-auth")]
+    pub peer_client_cert_auth: bool,
+    #[serde(alias = "peer-auto-tls")]
+    pub peer_auto_tls: bool,
+    /// etcd's YAML spelling of the client TLS settings.
+    #[serde(alias = "client-transport-security")]
+    pub client_transport_security: TransportSecurity,
+    /// etcd's YAML spelling of the peer TLS settings.
+    #[serde(alias = "peer-transport-security")]
+    pub peer_transport_security: TransportSecurity,
     #[serde(alias = "topology-endpoints")]
     pub topology_endpoints: String,
     #[serde(alias = "primary-lease-ttl")]
@@ -248,12 +304,58 @@ impl Default for Settings {
             log_level: "info".into(),
             otlp_endpoint: String::new(),
             mirror_token_file: None,
+            cert_file: None,
+            key_file: None,
+            trusted_ca_file: None,
+            client_cert_auth: false,
+            auto_tls: false,
+            peer_cert_file: None,
+            peer_key_file: None,
+            peer_trusted_ca_file: None,
+            peer_client_cert_auth: false,
+            peer_auto_tls: false,
+            client_transport_security: TransportSecurity::default(),
+            peer_transport_security: TransportSecurity::default(),
             topology_endpoints: String::new(),
             primary_lease_ttl: "5s".into(),
             auto_failover: false,
             failover_after: "10s".into(),
             etcd_warnings: Vec::new(),
         }
+    }
+}
+
+/// The `client-transport-security` or `peer-transport-security` section of
+/// etcd's YAML file; the flat settings (flags, TOML, environment) win.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct TransportSecurity {
+    #[serde(alias = "cert-file")]
+    pub cert_file: Option<PathBuf>,
+    #[serde(alias = "key-file")]
+    pub key_file: Option<PathBuf>,
+    #[serde(alias = "trusted-ca-file")]
+    pub trusted_ca_file: Option<PathBuf>,
+    #[serde(alias = "client-cert-auth")]
+    pub client_cert_auth: bool,
+    #[serde(alias = "auto-tls")]
+    pub auto_tls: bool,
+}
+
+/// What a listener serves TLS with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenerTls {
+    /// Plain HTTP only.
+    Off,
+    /// Certificate files given.
+    Files(meridian_wire::tls::ServerFiles),
+    /// `--auto-tls`: a self-signed pair made in the data directory at start.
+    Auto,
+}
+
+impl ListenerTls {
+    pub fn is_on(&self) -> bool {
+        *self != ListenerTls::Off
     }
 }
 
@@ -357,6 +459,12 @@ pub struct NodeConfig {
     pub otlp_endpoint: Option<String>,
     /// The token `Mirror.Apply` must carry; without one, Apply is refused.
     pub mirror_token: Option<String>,
+    /// TLS on the client (and metrics) listeners with `https://` URLs.
+    pub client_tls: ListenerTls,
+    /// TLS on the peer listeners with `https://` URLs.
+    pub peer_tls: ListenerTls,
+    /// What this member trusts and presents when it dials a peer.
+    pub peer_client: meridian_wire::tls::ClientFiles,
     /// The primary lease and auto-failover; `None` without a topology cluster.
     pub topology: Option<crate::server::primary_lease::TopologyConfig>,
     /// etcd settings of the config file that Meridian accepts and ignores.
@@ -453,7 +561,100 @@ impl Settings {
         if let Some(f) = &flags.mirror_token_file {
             cfg.mirror_token_file = Some(f.clone());
         }
+        for (flag, setting) in [
+            (&flags.cert_file, &mut cfg.cert_file),
+            (&flags.key_file, &mut cfg.key_file),
+            (&flags.trusted_ca_file, &mut cfg.trusted_ca_file),
+            (&flags.peer_cert_file, &mut cfg.peer_cert_file),
+            (&flags.peer_key_file, &mut cfg.peer_key_file),
+            (&flags.peer_trusted_ca_file, &mut cfg.peer_trusted_ca_file),
+        ] {
+            if let Some(f) = flag {
+                *setting = Some(f.clone());
+            }
+        }
+        for (flag, setting) in [
+            (flags.client_cert_auth, &mut cfg.client_cert_auth),
+            (flags.auto_tls, &mut cfg.auto_tls),
+            (flags.peer_client_cert_auth, &mut cfg.peer_client_cert_auth),
+            (flags.peer_auto_tls, &mut cfg.peer_auto_tls),
+        ] {
+            if let Some(v) = flag {
+                *setting = v;
+            }
+        }
         Ok(cfg)
+    }
+
+    /// The TLS of one kind of listener (client or peer) from its settings,
+    /// etcd's YAML section, and whether any of its URLs is `https://`.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Config`] for an `https://` URL without a certificate, a
+    /// certificate without its key, or client certificates required
+    /// without a CA to check them.
+    fn listener_tls(&self, peer: bool, urls: &[Url], warnings: &mut Vec<String>) -> Result<ListenerTls> {
+        let (cert, key, ca, auth, auto, yaml) = if peer {
+            let s = self;
+            (
+                &s.peer_cert_file,
+                &s.peer_key_file,
+                &s.peer_trusted_ca_file,
+                s.peer_client_cert_auth,
+                s.peer_auto_tls,
+                &s.peer_transport_security,
+            )
+        } else {
+            let s = self;
+            (
+                &s.cert_file,
+                &s.key_file,
+                &s.trusted_ca_file,
+                s.client_cert_auth,
+                s.auto_tls,
+                &s.client_transport_security,
+            )
+        };
+        let cert = cert.clone().or_else(|| yaml.cert_file.clone()).filter(|p| !p.as_os_str().is_empty());
+        let key = key.clone().or_else(|| yaml.key_file.clone()).filter(|p| !p.as_os_str().is_empty());
+        let trusted_ca = ca.clone().or_else(|| yaml.trusted_ca_file.clone()).filter(|p| !p.as_os_str().is_empty());
+        let (auth, auto) = (auth || yaml.client_cert_auth, auto || yaml.auto_tls);
+        let p = if peer { "peer-" } else { "" };
+        let tls_urls: Vec<&Url> = urls.iter().filter(|u| u.is_tls()).collect();
+        let files = match (cert, key) {
+            (Some(cert), Some(key)) => {
+                Some(meridian_wire::tls::ServerFiles { cert, key, trusted_ca, client_cert_auth: auth })
+            }
+            (None, None) => None,
+            _ => return Err(Error::Config(format!("--{p}cert-file and --{p}key-file must be given together"))),
+        };
+        if files.as_ref().is_some_and(|f| f.client_cert_auth && f.trusted_ca.is_none()) {
+            return Err(Error::Config(format!("--{p}client-cert-auth needs --{p}trusted-ca-file")));
+        }
+        if tls_urls.is_empty() {
+            if files.is_some() {
+                for u in urls {
+                    let kind = if peer { "peer" } else { "client" };
+                    warnings.push(format!(
+                        "the scheme of {kind} url {u} is HTTP while {p}key/cert files are presented; ignored the key/cert files"
+                    ));
+                }
+            }
+            return Ok(ListenerTls::Off);
+        }
+        match files {
+            Some(f) => Ok(ListenerTls::Files(f)),
+            None if auto => Ok(ListenerTls::Auto),
+            None if peer => Err(Error::Config(format!(
+                "cannot listen on TLS for {}: KeyFile and CertFile are not presented",
+                tls_urls[0].host_port()
+            ))),
+            None => Err(Error::Config(format!(
+                "TLS key/cert (--cert-file, --key-file) must be provided for client url {} with HTTPS scheme",
+                tls_urls[0]
+            ))),
+        }
     }
 
     /// `--topology-endpoints` and the settings that go with it.
@@ -543,12 +744,28 @@ impl Settings {
         };
         let primary_region =
             if self.primary_region.is_empty() { self.region.clone() } else { self.primary_region.clone() };
+        let listen_client_urls = urls("--listen-client-urls", &self.listen_client_urls)?;
+        let listen_peer_urls = urls("--listen-peer-urls", &self.listen_peer_urls)?;
+        let listen_metrics_urls = urls("--listen-metrics-urls", &self.listen_metrics_urls)?;
+        let mut etcd_warnings = self.etcd_warnings.clone();
+        let client_urls: Vec<Url> = listen_client_urls.iter().chain(&listen_metrics_urls).cloned().collect();
+        let client_tls = self.listener_tls(false, &client_urls, &mut etcd_warnings)?;
+        let peer_tls = self.listener_tls(true, &listen_peer_urls, &mut etcd_warnings)?;
+        let peer_client = meridian_wire::tls::ClientFiles {
+            cacert: self.peer_trusted_ca_file.clone().or_else(|| self.peer_transport_security.trusted_ca_file.clone()),
+            cert: self.peer_cert_file.clone().or_else(|| self.peer_transport_security.cert_file.clone()),
+            key: self.peer_key_file.clone().or_else(|| self.peer_transport_security.key_file.clone()),
+            insecure_skip_verify: peer_tls == ListenerTls::Auto,
+        };
         Ok(NodeConfig {
             data_dir: self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.meridian", self.name))),
-            listen_client_urls: urls("--listen-client-urls", &self.listen_client_urls)?,
+            listen_client_urls,
             advertise_client_urls: urls("--advertise-client-urls", &self.advertise_client_urls)?,
-            listen_peer_urls: urls("--listen-peer-urls", &self.listen_peer_urls)?,
-            listen_metrics_urls: urls("--listen-metrics-urls", &self.listen_metrics_urls)?,
+            listen_peer_urls,
+            listen_metrics_urls,
+            client_tls,
+            peer_tls,
+            peer_client,
             initial_members: self.initial_members()?,
             initial_cluster_state,
             heartbeat: Duration::from_millis(self.heartbeat_interval),
@@ -587,7 +804,7 @@ impl Settings {
             initial_role,
             primary_region,
             topology: self.topology()?,
-            etcd_warnings: self.etcd_warnings.clone(),
+            etcd_warnings,
             name: self.name,
             initial_cluster_token: self.initial_cluster_token,
             region: self.region,
@@ -703,8 +920,10 @@ mod tests {
         assert_eq!(m["b"], vec!["http://127.0.0.1:2", "http://127.0.0.1:3"]);
         cfg.name = "c".into();
         assert!(cfg.initial_members().unwrap_err().to_string().contains("couldn't find local name"));
-        cfg.initial_cluster = Some("c=https://x:1".into());
+        cfg.initial_cluster = Some("c=unix://x:1".into());
         assert!(cfg.initial_members().is_err());
+        cfg.initial_cluster = Some("c=https://x:1".into());
+        assert_eq!(cfg.initial_members().unwrap()["c"], vec!["https://x:1"]);
         let lone = Settings::default();
         assert_eq!(lone.initial_members().unwrap()["default"], vec!["http://127.0.0.1:2380"]);
     }
@@ -740,6 +959,62 @@ mod tests {
         assert_eq!((c.initial_role, c.primary_region.as_str()), (InitialRole::Primary, "default"));
     }
 
+    #[test]
+    fn tls_settings_as_etcd_takes_them() {
+        let https = |s: &mut Settings| {
+            s.listen_client_urls = "https://127.0.0.1:2379".into();
+            s.advertise_client_urls = "https://127.0.0.1:2379".into();
+        };
+        let mut s = Settings::default();
+        https(&mut s);
+        let e = s.clone().check().unwrap_err().to_string();
+        assert!(e.contains("TLS key/cert (--cert-file, --key-file) must be provided for client url https://127.0.0.1:2379 with HTTPS scheme"), "{e}");
+        s.auto_tls = true;
+        assert_eq!(s.clone().check().unwrap().client_tls, ListenerTls::Auto);
+        s.cert_file = Some("s.crt".into());
+        assert!(s
+            .clone()
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("--cert-file and --key-file must be given together"));
+        s.key_file = Some("s.key".into());
+        s.client_cert_auth = true;
+        assert!(s.clone().check().unwrap_err().to_string().contains("--client-cert-auth needs --trusted-ca-file"));
+        s.trusted_ca_file = Some("ca.crt".into());
+        let files = meridian_wire::tls::ServerFiles {
+            cert: "s.crt".into(),
+            key: "s.key".into(),
+            trusted_ca: Some("ca.crt".into()),
+            client_cert_auth: true,
+        };
+        // Files win over --auto-tls, as in etcd.
+        assert_eq!(s.clone().check().unwrap().client_tls, ListenerTls::Files(files.clone()));
+        // Files with plain URLs: a warning, and no TLS.
+        let plain = Settings { cert_file: Some("s.crt".into()), key_file: Some("s.key".into()), ..Default::default() };
+        let c = plain.check().unwrap();
+        assert_eq!(c.client_tls, ListenerTls::Off);
+        assert!(c.etcd_warnings.iter().any(|w| w.contains("ignored the key/cert files")), "{:?}", c.etcd_warnings);
+        // etcd's YAML section, and peers under --peer-auto-tls dial without checking.
+        let mut y = Settings::default();
+        https(&mut y);
+        y.client_transport_security = TransportSecurity {
+            cert_file: files.cert.clone().into(),
+            key_file: files.key.clone().into(),
+            trusted_ca_file: files.trusted_ca.clone(),
+            client_cert_auth: true,
+            auto_tls: false,
+        };
+        y.listen_peer_urls = "https://127.0.0.1:2380".into();
+        y.initial_advertise_peer_urls = "https://127.0.0.1:2380".into();
+        let e = y.clone().check().unwrap_err().to_string();
+        assert!(e.contains("cannot listen on TLS for 127.0.0.1:2380: KeyFile and CertFile are not presented"), "{e}");
+        y.peer_auto_tls = true;
+        let c = y.check().unwrap();
+        assert_eq!((c.client_tls, c.peer_tls.clone()), (ListenerTls::Files(files), ListenerTls::Auto));
+        assert!(c.peer_client.insecure_skip_verify);
+    }
+
     /// Every refused value stops the member at startup with a message that names its flag.
     #[test]
     fn bad_values_are_refused_naming_the_flag() {
@@ -757,7 +1032,7 @@ mod tests {
             (|s| s.lease_checkpoint_interval = "soon".into(), "--experimental-lease-checkpoint-interval"),
             (|s| s.listen_client_urls = "127.0.0.1:2379".into(), "--listen-client-urls"),
             (|s| s.advertise_client_urls = "http://h".into(), "--advertise-client-urls"),
-            (|s| s.listen_metrics_urls = "https://h:1".into(), "--listen-metrics-urls"),
+            (|s| s.listen_metrics_urls = "ftp://h:1".into(), "--listen-metrics-urls"),
             (|s| s.initial_advertise_peer_urls = "h:1".into(), "--initial-advertise-peer-urls"),
             (|s| s.initial_role = "tertiary".into(), "--initial-role"),
             (|s| s.log_level = "loud".into(), "--log-level"),

@@ -32,13 +32,13 @@ use meridian_proto::meridian::v1::mirror_server::MirrorServer;
 use meridian_proto::meridian::v1::raft_transport_server::RaftTransportServer;
 use meridian_proto::meridian::v1::region_server::RegionServer;
 use meridian_proto::meridian::v1::MemberAttributes;
+use meridian_wire::tls::{ClientTls, ServerStream, ServerTls};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_stream::StreamExt;
 use tonic::service::Routes;
 
-use crate::config::{ClusterState, InitialRole, NodeConfig};
+use crate::config::{ClusterState, InitialRole, ListenerTls, NodeConfig};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::mvcc::Mvcc;
@@ -210,7 +210,17 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let peers: HashMap<u64, String> =
         members.0.iter().filter_map(|m| m.peer_urls.first().map(|u| (m.id, u.clone()))).collect();
     let reports = Arc::new(raft::SnapshotReports::default());
+    let client_tls = listener_tls(&cfg.client_tls, &cfg.data_dir.join("fixtures/client"), &cfg.listen_client_urls)?;
+    let peer_tls = listener_tls(&cfg.peer_tls, &cfg.data_dir.join("fixtures/peer"), &cfg.listen_peer_urls)?;
+    let mut peer_client = cfg.peer_client.clone();
+    if cfg.peer_tls == ListenerTls::Auto {
+        // Under --peer-auto-tls a member presents its own self-signed pair.
+        let fixtures = cfg.data_dir.join("fixtures/peer");
+        (peer_client.cert, peer_client.key) = (Some(fixtures.join("cert.pem")), Some(fixtures.join("key.pem")));
+    }
+    let peer_client = ClientTls::load(&peer_client).map_err(|e| Error::Config(format!("peer TLS: {e}")))?;
     let peer_ctx = Arc::new(PeerContext {
+        tls: peer_client.clone(),
         cluster_id,
         self_id: me.id,
         raft_tx: raft_tx.clone(),
@@ -259,13 +269,13 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     )
     .add_service(LeaseForwardServer::new(LeaseForwardService { server: server.clone(), lessor: lessor.clone() }));
     for url in &cfg.listen_peer_urls {
-        tasks.push(serve(url, peer_routes.clone(), stop_rx.clone(), None).await?);
+        tasks.push(serve(url, peer_routes.clone(), stop_rx.clone(), None, peer_tls.clone()).await?);
     }
     let watch = WatchService::new(hub, header);
     let leases = LeaseService {
         server: server.clone(),
         lessor: lessor.clone(),
-        leader: Arc::new(LeaderLink::new(server.clone(), lessor.clone())),
+        leader: Arc::new(LeaderLink::new(server.clone(), lessor.clone(), peer_client.clone())),
     };
     if role.is_secondary() && cfg.mirror_token.is_none() {
         tracing::warn!("this secondary has no --mirror-token-file: every mirror write (Mirror.Apply) is refused");
@@ -278,18 +288,18 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             keepalive_interval: cfg.grpc_keepalive_interval,
             keepalive_timeout: cfg.grpc_keepalive_timeout,
         };
-        tasks.push(serve(url, client_routes.clone(), stop_rx.clone(), Some(listener)).await?);
+        tasks.push(serve(url, client_routes.clone(), stop_rx.clone(), Some(listener), client_tls.clone()).await?);
     }
     let metrics_routes = Routes::from(server::http::routes(axum::Router::new(), server.clone()));
     for url in &cfg.listen_metrics_urls {
-        tasks.push(serve(url, metrics_routes.clone(), stop_rx.clone(), None).await?);
+        tasks.push(serve(url, metrics_routes.clone(), stop_rx.clone(), None, client_tls.clone()).await?);
     }
     tokio::spawn(run_leader_duties(server.clone(), lessor.clone(), cfg.lease_checkpoint_interval));
     if let Some(retention) = cfg.auto_compaction {
         tokio::spawn(server::compactor::run(server.clone(), retention));
     }
     if let Some(topology) = cfg.topology.clone() {
-        tokio::spawn(server::primary_lease::run(server.clone(), topology));
+        tokio::spawn(server::primary_lease::run(server.clone(), topology, peer_client.clone()));
     }
     tokio::spawn(publish_attributes(
         server.clone(),
@@ -391,29 +401,45 @@ struct ClientListener {
     keepalive_timeout: std::time::Duration,
 }
 
-/// Serves `routes` on `url` until `stop`. Client listeners accept etcd Go
-/// clients' schemed `:authority` (see `server::authority`), take etcd's
-/// `--max-concurrent-streams` and `--grpc-keepalive-*`, and count their bytes.
+/// A listener kind's TLS: the files given, or with `--auto-tls` a
+/// self-signed pair for the hosts of `urls`, made once in `fixtures`.
+fn listener_tls(tls: &ListenerTls, fixtures: &std::path::Path, urls: &[Url]) -> Result<Option<Arc<ServerTls>>> {
+    let files = match tls {
+        ListenerTls::Off => return Ok(None),
+        ListenerTls::Files(files) => files.clone(),
+        ListenerTls::Auto => {
+            let hosts: Vec<String> = urls.iter().map(|u| u.host().to_string()).collect();
+            let (cert, key) = meridian_wire::tls::auto_tls(fixtures, &hosts).map_err(Error::Config)?;
+            meridian_wire::tls::ServerFiles { cert, key, trusted_ca: None, client_cert_auth: false }
+        }
+    };
+    tracing::info!(cert = %files.cert.display(), key = %files.key.display(),
+        trusted_ca = %files.trusted_ca.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+        client_cert_auth = files.client_cert_auth, "TLS");
+    Ok(Some(ServerTls::load(files).map_err(Error::Config)?))
+}
+
+/// Serves `routes` on `url` until `stop` (under `tls` for an `https://`
+/// URL). Client listeners accept etcd Go clients' schemed `:authority` (see
+/// `server::authority`), take etcd's `--max-concurrent-streams` and
+/// `--grpc-keepalive-*`, and count their bytes.
 async fn serve(
     url: &Url,
     routes: Routes,
     mut stop: watch::Receiver<bool>,
     client: Option<ClientListener>,
+    tls: Option<Arc<ServerTls>>,
 ) -> Result<tokio::task::JoinHandle<()>> {
     let addr = url.host_port();
     let listener = TcpListener::bind(addr).await.map_err(|e| Error::Config(format!("listen on {url}: {e}")))?;
     let local: SocketAddr = listener.local_addr()?;
     tracing::info!(%url, %local, "listening");
-    // A caller-supplied listener bypasses tonic's own nodelay setting; without
-    // it small responses wait out Nagle's algorithm (~40 ms).
     let metrics = client.as_ref().map(|c| c.metrics.clone());
-    let incoming = TcpListenerStream::new(listener).map(move |conn| {
-        conn.map(|s| {
-            let _ = s.set_nodelay(true);
-            match &metrics {
-                Some(m) => Either::Fixed(AuthorityFix::new(s), m.clone()),
-                None => Either::Plain(s),
-            }
+    let tls = tls.filter(|_| url.is_tls());
+    let incoming = meridian_wire::tls::incoming(listener, tls).map(move |conn| {
+        conn.map(|s| match &metrics {
+            Some(m) => Either::Fixed(AuthorityFix::new(s), m.clone()),
+            None => Either::Plain(s),
         })
     });
     let mut builder = tonic::transport::Server::builder()
@@ -443,8 +469,8 @@ async fn serve(
 /// An accepted connection: a peer's or a metrics client's as it is, or an
 /// etcd client's with the `:authority` fix and its bytes counted.
 enum Either {
-    Plain(tokio::net::TcpStream),
-    Fixed(AuthorityFix<tokio::net::TcpStream>, Arc<Metrics>),
+    Plain(ServerStream),
+    Fixed(AuthorityFix<ServerStream>, Arc<Metrics>),
 }
 
 macro_rules! either {

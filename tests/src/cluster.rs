@@ -60,6 +60,11 @@ pub struct ClusterOpts {
     pub extra_args: Vec<String>,
     /// Environment variables of every member.
     pub env: Vec<(String, String)>,
+    /// `https://` client URLs (give the certificate flags in `extra_args`). A plain metrics
+    /// listener is then leased too, and readiness is asked there.
+    pub client_https: bool,
+    /// `https://` peer URLs (give the `--peer-*` certificate flags in `extra_args`).
+    pub peer_https: bool,
     /// Bound on every readiness wait (start, restart, leader).
     pub ready_timeout: Duration,
 }
@@ -76,6 +81,8 @@ impl Default for ClusterOpts {
             metrics: false,
             extra_args: Vec::new(),
             env: Vec::new(),
+            client_https: false,
+            peer_https: false,
             ready_timeout: Duration::from_secs(30),
         }
     }
@@ -130,6 +137,8 @@ pub struct Cluster {
     subcommand: Vec<String>,
     members: Vec<Member>,
     ready_timeout: Duration,
+    /// `http` or `https`, for client URLs.
+    client_scheme: &'static str,
     /// `None` only after Drop kept the dir.
     dir: Option<TempDir>,
 }
@@ -172,13 +181,15 @@ impl Cluster {
         let dir = tempfile::Builder::new().prefix(&format!("{}-test-", server.name())).tempdir()?;
         let mut ports = Vec::with_capacity(n);
         for _ in 0..n {
-            let metrics = if opts.metrics { Some(lease_port()?) } else { None };
+            let metrics = if opts.metrics || opts.client_https { Some(lease_port()?) } else { None };
             ports.push((lease_port()?, lease_port()?, metrics));
         }
+        let client_scheme = if opts.client_https { "https" } else { "http" };
+        let peer_scheme = if opts.peer_https { "https" } else { "http" };
         let initial_cluster = ports
             .iter()
             .enumerate()
-            .map(|(i, (_, peer, _))| format!("m{}=http://127.0.0.1:{}", i + 1, peer.port()))
+            .map(|(i, (_, peer, _))| format!("m{}={peer_scheme}://127.0.0.1:{}", i + 1, peer.port()))
             .collect::<Vec<_>>()
             .join(",");
         let token = unique_token(server);
@@ -188,8 +199,8 @@ impl Cluster {
             .map(|(i, (client, peer, metrics))| {
                 let name = format!("m{}", i + 1);
                 let data_dir = dir.path().join(&name);
-                let client_url = format!("http://127.0.0.1:{}", client.port());
-                let peer_url = format!("http://127.0.0.1:{}", peer.port());
+                let client_url = format!("{client_scheme}://127.0.0.1:{}", client.port());
+                let peer_url = format!("{peer_scheme}://127.0.0.1:{}", peer.port());
                 let mut args = vec![
                     "--name".into(),
                     name.clone(),
@@ -227,8 +238,15 @@ impl Cluster {
                 }
             })
             .collect();
-        let mut cluster =
-            Cluster { server, program, subcommand, members, ready_timeout: opts.ready_timeout, dir: Some(dir) };
+        let mut cluster = Cluster {
+            server,
+            program,
+            subcommand,
+            members,
+            ready_timeout: opts.ready_timeout,
+            client_scheme,
+            dir: Some(dir),
+        };
         // Spawn all before waiting for any: a member reports healthy only once a quorum is up.
         for i in 1..=n {
             cluster.spawn(i)?;
@@ -263,9 +281,14 @@ impl Cluster {
         format!("127.0.0.1:{}", self.member(i).client.port())
     }
 
-    /// `http://127.0.0.1:port` of member `i`, as passed to `--advertise-client-urls`.
+    /// `http(s)://127.0.0.1:port` of member `i`, as passed to `--advertise-client-urls`.
     pub fn client_url(&self, i: usize) -> String {
-        format!("http://{}", self.endpoint(i))
+        format!("{}://{}", self.client_scheme, self.endpoint(i))
+    }
+
+    /// [`Cluster::client_url`] of every member, in member order.
+    pub fn client_urls(&self) -> Vec<String> {
+        (1..=self.len()).map(|i| self.client_url(i)).collect()
     }
 
     /// `http://127.0.0.1:port` of member `i`'s metrics listener, if [`ClusterOpts::metrics`] was set.

@@ -15,6 +15,8 @@ use crate::{http_get, lease_port, meridian_bin, PortLease};
 pub struct GatewayProcess {
     child: Option<Child>,
     port: PortLease,
+    /// Under https: the plain HTTP listener that answers /readyz, /health and /v1/regions.
+    metrics: Option<PortLease>,
     dir: TempDir,
 }
 
@@ -34,7 +36,25 @@ impl GatewayProcess {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        Self::spawn(name, region, upstreams, extra, env, false)
+    }
+
+    /// [`GatewayProcess::start`] on an `https://` client URL (give `--cert-file` and
+    /// `--key-file` in `extra`), with a plain `--listen-metrics-urls` for the harness's checks.
+    pub fn start_https(name: &str, region: &str, upstreams: &[(&str, Vec<String>)], extra: &[&str]) -> Result<Self> {
+        Self::spawn(name, region, upstreams, extra, &[], true)
+    }
+
+    fn spawn(
+        name: &str,
+        region: &str,
+        upstreams: &[(&str, Vec<String>)],
+        extra: &[&str],
+        env: &[(&str, &str)],
+        https: bool,
+    ) -> Result<Self> {
         let port = lease_port()?;
+        let metrics = if https { Some(lease_port()?) } else { None };
         let dir = tempfile::tempdir()?;
         let log = File::create(dir.path().join("gateway.log"))?;
         let mut args = vec![
@@ -44,8 +64,11 @@ impl GatewayProcess {
             "--region".into(),
             region.into(),
             "--listen-client-urls".into(),
-            format!("http://127.0.0.1:{}", port.port()),
+            format!("{}://127.0.0.1:{}", if https { "https" } else { "http" }, port.port()),
         ];
+        if let Some(m) = &metrics {
+            args.extend(["--listen-metrics-urls".into(), format!("http://127.0.0.1:{}", m.port())]);
+        }
         for (r, eps) in upstreams {
             args.push("--upstream".into());
             args.push(format!("{r}={}", eps.join(",")));
@@ -60,7 +83,7 @@ impl GatewayProcess {
             .stderr(log)
             .spawn()
             .context("spawn meridian gateway")?;
-        let gw = Self { child: Some(child), port, dir };
+        let gw = Self { child: Some(child), port, metrics, dir };
         gw.wait_ready(Duration::from_secs(20))?;
         Ok(gw)
     }
@@ -70,8 +93,11 @@ impl GatewayProcess {
         format!("127.0.0.1:{}", self.port.port())
     }
 
+    /// Where the harness asks plain HTTP questions: the client port, or under https the
+    /// metrics port.
     pub fn addr(&self) -> SocketAddr {
-        self.endpoint().parse().expect("an address")
+        let port = self.metrics.as_ref().unwrap_or(&self.port).port();
+        SocketAddr::from(([127, 0, 0, 1], port))
     }
 
     fn log_path(&self) -> PathBuf {

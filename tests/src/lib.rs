@@ -66,6 +66,7 @@
 //! out it signals the test's whole process group, which includes the members.
 
 mod bins;
+mod certs;
 pub mod chromium;
 mod cluster;
 mod etcdctl;
@@ -78,6 +79,7 @@ mod ports;
 mod process;
 
 pub use bins::{etcd_bin, etcdctl_bin, meridian_bin};
+pub use certs::{Pair, TestCa};
 pub use cluster::{Cluster, ClusterOpts, EtcdCluster, Server};
 pub use etcdctl::{
     decode_b64, etcdctl, etcdctl_json, etcdctl_ok, etcdctl_with_input, etcdctl_with_timeout, mask_ids, CtlOutput,

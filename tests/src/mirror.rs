@@ -57,7 +57,7 @@ impl MirrorProcess {
             "--source".into(),
             source.join(","),
             "--target".into(),
-            target.endpoints().join(","),
+            target.client_urls().join(","),
             "--listen-metrics".into(),
             format!("127.0.0.1:{}", metrics.port()),
             "--mirror-token-file".into(),

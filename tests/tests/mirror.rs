@@ -530,7 +530,8 @@ async fn the_region_client_finds_the_leader_and_the_members_that_answer() -> any
     use std::time::Duration;
     let mut cluster = Cluster::start(3, ClusterOpts::fast())?;
     let urls: Vec<String> = cluster.endpoints().iter().map(|e| format!("http://{e}")).collect();
-    let client = RegionClient::connect(&urls, Duration::from_secs(2)).await.map_err(anyhow::Error::msg)?;
+    let client =
+        RegionClient::connect(&urls, Duration::from_secs(2), &Default::default()).await.map_err(anyhow::Error::msg)?;
     // Members count from 1, the client's indices from 0.
     let leader = cluster.leader().await? - 1;
     let view = client.view();
@@ -551,7 +552,7 @@ async fn the_region_client_finds_the_leader_and_the_members_that_answer() -> any
             cluster.kill9(i + 1)?;
         }
     }
-    let refused = RegionClient::connect(&urls, Duration::from_millis(500)).await.err();
+    let refused = RegionClient::connect(&urls, Duration::from_millis(500), &Default::default()).await.err();
     assert!(refused.is_some(), "connected to a region with no member up");
     Ok(())
 }

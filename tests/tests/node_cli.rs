@@ -121,7 +121,12 @@ fn bad_configuration_is_refused_with_a_clear_message() -> anyhow::Result<()> {
         (vec!["--name", "x", "--initial-cluster", "y=http://127.0.0.1:1"], "couldn't find local name \"x\""),
         (vec!["--heartbeat-interval", "100", "--election-timeout", "200"], "should be at least as 5 times"),
         (vec!["--initial-cluster-state", "bogus"], "initial-cluster-state"),
-        (vec!["--listen-client-urls", "https://127.0.0.1:1"], "TLS is not supported"),
+        (
+            vec!["--listen-client-urls", "https://127.0.0.1:1"],
+            "TLS key/cert (--cert-file, --key-file) must be provided for client url https://127.0.0.1:1 with HTTPS scheme",
+        ),
+        (vec!["--listen-peer-urls", "https://127.0.0.1:1"], "cannot listen on TLS for 127.0.0.1:1"),
+        (vec!["--cert-file", "a.crt"], "--cert-file and --key-file must be given together"),
         // Each refused at startup, naming its flag, instead of failing later in a task.
         (vec!["--auto-compaction-retention", "5ns"], "invalid --auto-compaction-retention \"5ns\""),
         (vec!["--auto-compaction-mode", "daily"], "invalid --auto-compaction-mode \"daily\""),

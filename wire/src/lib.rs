@@ -12,6 +12,7 @@
 //! - [`delay`]: a TCP proxy that injects latency between regions;
 //! - [`progress`]: a bar on a terminal, log lines otherwise, for long work;
 //! - [`telemetry`]: logging, and OpenTelemetry traces across processes;
+//! - [`tls`]: rustls for listeners and for clients of `https://` URLs;
 //! - [`authority`]: lets etcd Go clients' schemed HTTP/2 `:authority` through
 //!   a client port (members and gateways).
 
@@ -23,5 +24,6 @@ pub mod lineage;
 pub mod progress;
 pub mod region;
 pub mod telemetry;
+pub mod tls;
 pub mod token;
 pub mod url;

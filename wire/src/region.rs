@@ -13,6 +13,8 @@ use meridian_proto::etcdserverpb::StatusRequest;
 use parking_lot::RwLock;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::tls::ClientTls;
+
 /// One member endpoint of a region.
 pub struct Member {
     pub url: String,
@@ -66,12 +68,12 @@ pub struct RegionClient {
 
 impl RegionClient {
     /// Lazy connections (`connections` per member): nothing is dialed
-    /// until the first call.
+    /// until the first call. `https://` members are dialed with `tls`.
     ///
     /// # Errors
     ///
     /// A URL tonic cannot use.
-    pub fn new(urls: &[String], connections: usize) -> Result<Self, tonic::transport::Error> {
+    pub fn new(urls: &[String], connections: usize, tls: &ClientTls) -> Result<Self, tonic::transport::Error> {
         let members = urls
             .iter()
             .map(|url| {
@@ -80,7 +82,7 @@ impl RegionClient {
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(10));
-                let channels = (0..connections.max(1)).map(|_| endpoint.connect_lazy()).collect();
+                let channels = (0..connections.max(1)).map(|_| tls.channel(&endpoint)).collect();
                 Ok(Member { url: url.clone(), channels, turn: AtomicUsize::new(0) })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -93,8 +95,8 @@ impl RegionClient {
     ///
     /// A bad URL, or no member answered within `timeout` (the message names
     /// the last failure).
-    pub async fn connect(urls: &[String], timeout: Duration) -> Result<Self, String> {
-        let client = Self::new(urls, 1).map_err(|e| e.to_string())?;
+    pub async fn connect(urls: &[String], timeout: Duration, tls: &ClientTls) -> Result<Self, String> {
+        let client = Self::new(urls, 1, tls).map_err(|e| e.to_string())?;
         let view = client.probe(timeout).await;
         if view.answering.is_empty() {
             return Err(view.error.clone().unwrap_or_else(|| "no endpoints".into()));

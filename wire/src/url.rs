@@ -1,8 +1,9 @@
 //! Member URLs (`--listen-client-urls`, `--initial-cluster`, ...) and
 //! endpoint lists (`--endpoints`, `--source`), on [`http::Uri`].
 //!
-//! etcd's flags take `http://host:port`, comma-separated; endpoint lists
-//! also take a bare `host:port`, as etcdctl does. Both are parsed here once,
+//! etcd's flags take `http://host:port` or `https://host:port`,
+//! comma-separated; endpoint lists also take a bare `host:port` (plain
+//! HTTP), as etcdctl does. Both are parsed here once,
 //! so every process accepts and refuses the same spellings with the same
 //! messages.
 
@@ -13,22 +14,24 @@ use http::uri::{Scheme, Uri};
 /// Why a URL was refused; the message names the URL and says what is wanted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UrlError {
-    #[error("URL {0:?} must look like http://host:port")]
+    #[error("URL {0:?} must look like http://host:port or https://host:port")]
     Malformed(String),
-    #[error("{0}: TLS is not supported yet; use http://")]
-    Tls(String),
+    #[error("{0}: unix sockets are not supported yet; use http:// or https://")]
+    Unix(String),
 }
 
-/// One `http://host:port` URL, checked.
+/// One `http://host:port` or `https://host:port` URL, checked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Url {
     uri: Uri,
+    tls: bool,
     /// `host:port`, as written.
     authority: String,
 }
 
 impl Url {
-    /// Parses a member URL: `http://host:port`, with an optional path.
+    /// Parses a member URL: `http://host:port` or `https://host:port`,
+    /// with an optional path.
     ///
     /// # Examples
     ///
@@ -40,24 +43,26 @@ impl Url {
     ///
     /// # Errors
     ///
-    /// [`UrlError::Tls`] for `https://` or `unixs://`, [`UrlError::Malformed`]
-    /// for anything else that is not `http://host:port`.
+    /// [`UrlError::Unix`] for `unix://` or `unixs://`, [`UrlError::Malformed`]
+    /// for anything else that is not `http(s)://host:port`.
     pub fn parse(s: &str) -> Result<Self, UrlError> {
         let s = s.trim();
-        if s.starts_with("https://") || s.starts_with("unixs://") {
-            return Err(UrlError::Tls(s.to_string()));
+        if s.starts_with("unix://") || s.starts_with("unixs://") {
+            return Err(UrlError::Unix(s.to_string()));
         }
         let malformed = || UrlError::Malformed(s.to_string());
         let uri: Uri = s.parse().map_err(|_| malformed())?;
-        if uri.scheme() != Some(&Scheme::HTTP) {
-            return Err(malformed());
-        }
+        let tls = match uri.scheme() {
+            Some(s) if *s == Scheme::HTTP => false,
+            Some(s) if *s == Scheme::HTTPS => true,
+            _ => return Err(malformed()),
+        };
         let authority = uri.authority().ok_or_else(malformed)?;
         if authority.port_u16().is_none() || authority.host().is_empty() || authority.as_str().contains('@') {
             return Err(malformed());
         }
         let authority = authority.as_str().to_string();
-        Ok(Self { uri, authority })
+        Ok(Self { uri, tls, authority })
     }
 
     /// Parses an endpoint: a member URL, or a bare `host:port` taken as `http://`.
@@ -82,13 +87,25 @@ impl Url {
     pub fn uri(&self) -> &Uri {
         &self.uri
     }
+
+    /// `https://`.
+    pub fn is_tls(&self) -> bool {
+        self.tls
+    }
+
+    /// The host alone (an IPv6 address without its brackets).
+    pub fn host(&self) -> &str {
+        let host = self.uri.host().unwrap_or_default();
+        host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host)
+    }
 }
 
 impl fmt::Display for Url {
-    /// `http://host:port`, without a trailing slash, as etcd prints member URLs.
+    /// `http(s)://host:port`, without a trailing slash, as etcd prints member URLs.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let path = self.uri.path();
-        write!(f, "http://{}{}", self.authority, if path == "/" { "" } else { path })
+        let scheme = if self.tls { "https" } else { "http" };
+        write!(f, "{scheme}://{}{}", self.authority, if path == "/" { "" } else { path })
     }
 }
 
@@ -121,6 +138,7 @@ mod tests {
             ("http://localhost:2380/", "localhost:2380", "http://localhost:2380"),
             (" http://[::1]:2379 ", "[::1]:2379", "http://[::1]:2379"),
             ("http://m1.example:12379", "m1.example:12379", "http://m1.example:12379"),
+            ("https://127.0.0.1:2379/", "127.0.0.1:2379", "https://127.0.0.1:2379"),
         ];
         for (input, host_port, shown) in ok {
             let u = Url::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
@@ -133,7 +151,8 @@ mod tests {
             ("ftp://h:1", UrlError::Malformed("ftp://h:1".into())),
             ("http://u@h:1", UrlError::Malformed("http://u@h:1".into())),
             ("http://h:99999", UrlError::Malformed("http://h:99999".into())),
-            ("https://h:1", UrlError::Tls("https://h:1".into())),
+            ("unixs://h:1", UrlError::Unix("unixs://h:1".into())),
+            ("unix://h:1", UrlError::Unix("unix://h:1".into())),
             ("", UrlError::Malformed(String::new())),
         ];
         for (input, want) in bad {

@@ -71,6 +71,8 @@ pub struct PeerContext {
     /// Where snapshot outcomes go; the raft thread reads them every cycle.
     pub reports: Arc<SnapshotReports>,
     pub metrics: Arc<Metrics>,
+    /// What this member trusts and presents on `https://` peer URLs.
+    pub tls: meridian_wire::tls::ClientTls,
 }
 
 impl PeerContext {
@@ -148,7 +150,7 @@ impl PeerLink {
                 return;
             }
         };
-        let client = RaftTransportClient::new(endpoint.connect_lazy())
+        let client = RaftTransportClient::new(self.ctx.tls.channel(&endpoint))
             .max_encoding_message_size(self.ctx.max_message)
             .max_decoding_message_size(self.ctx.max_message);
         let to_label = format!("{:x}", self.to);

@@ -280,10 +280,11 @@ impl Topology {
 }
 
 /// Runs the primary lease (and, with `auto_failover`, the candidacy) for
-/// this member, forever.
-pub async fn run(server: Arc<EtcdServer>, cfg: TopologyConfig) {
+/// this member, forever. `https://` topology endpoints are dialed with
+/// `tls` (the member's peer TLS settings).
+pub async fn run(server: Arc<EtcdServer>, cfg: TopologyConfig, tls: meridian_wire::tls::ClientTls) {
     server.primary_lease.enable();
-    let region = match RegionClient::new(&cfg.endpoints, 1) {
+    let region = match RegionClient::new(&cfg.endpoints, 1, &tls) {
         Ok(r) => r,
         Err(e) => {
             server.primary_lease.lost(format!("bad --topology-endpoints: {e}"));

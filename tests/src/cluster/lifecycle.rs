@@ -170,7 +170,13 @@ impl Cluster {
 
     fn wait_ready_until(&mut self, i: usize, deadline: Instant) -> Result<()> {
         let name = member_name(i);
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.member(i).client.port()));
+        // Under https the plain metrics listener answers /health.
+        let member = self.member(i);
+        let port = match (&member.metrics, self.client_scheme) {
+            (Some(m), "https") => m.port(),
+            _ => member.client.port(),
+        };
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
         loop {
             let child = self.member_mut(i).child.as_mut().ok_or_else(|| anyhow!("{name} is not running"))?;
             if let Some(status) = child.try_wait()? {

@@ -37,11 +37,13 @@ pub struct LeaderLink {
     server: Arc<EtcdServer>,
     lessor: Arc<Lessor>,
     client: Mutex<Option<(u64, LeaseForwardClient<Channel>)>>,
+    /// For the leader's `https://` peer URL.
+    tls: meridian_wire::tls::ClientTls,
 }
 
 impl LeaderLink {
-    pub fn new(server: Arc<EtcdServer>, lessor: Arc<Lessor>) -> Self {
-        Self { server, lessor, client: Mutex::new(None) }
+    pub fn new(server: Arc<EtcdServer>, lessor: Arc<Lessor>, tls: meridian_wire::tls::ClientTls) -> Self {
+        Self { server, lessor, client: Mutex::new(None), tls }
     }
 
     fn leader_client(&self) -> Result<LeaseForwardClient<Channel>> {
@@ -57,11 +59,11 @@ impl LeaderLink {
         }
         let members = Members::load(&self.server.mvcc);
         let url = members.get(leader).and_then(|m| m.peer_urls.first().cloned()).ok_or(Error::NoLeader)?;
-        let channel = tonic::transport::Endpoint::from_shared(url)
+        let endpoint = tonic::transport::Endpoint::from_shared(url)
             .map_err(|e| Error::Internal(e.to_string()))?
             .connect_timeout(Duration::from_secs(1))
-            .tcp_nodelay(true)
-            .connect_lazy();
+            .tcp_nodelay(true);
+        let channel = self.tls.channel(&endpoint);
         let client = LeaseForwardClient::new(channel);
         *cached = Some((leader, client.clone()));
         Ok(client)
