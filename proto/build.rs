@@ -10,6 +10,8 @@ const PROTO_FILES: &[&str] = &[
     "mvccpb/kv.proto",
     "authpb/auth.proto",
     "etcdserverpb/rpc.proto",
+    "v3lockpb/v3lock.proto",
+    "v3electionpb/v3election.proto",
     "meridian/v1/raft.proto",
     "meridian/v1/record.proto",
     "meridian/v1/internal.proto",

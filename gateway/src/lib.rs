@@ -44,7 +44,9 @@ use tokio_stream::StreamExt;
 use tonic::service::Routes;
 
 pub use config::{GatewayConfig, GatewayFlags};
-use proxy::{ClusterProxy, Gateway, KvProxy, LeaseProxy, MaintenanceProxy, WatchProxy};
+use meridian_proto::v3electionpb::election_server::ElectionServer;
+use meridian_proto::v3lockpb::lock_server::LockServer;
+use proxy::{ClusterProxy, ElectionProxy, Gateway, KvProxy, LeaseProxy, LockProxy, MaintenanceProxy, WatchProxy};
 
 /// Largest message the gateway takes from a client or an upstream; the
 /// regions refuse oversized requests themselves, with etcd's messages.
@@ -69,6 +71,8 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         .add_service(WatchServer::new(WatchProxy(gw.clone())).max_decoding_message_size(MAX_MESSAGE))
         .add_service(LeaseServer::new(LeaseProxy(gw.clone())).max_decoding_message_size(MAX_MESSAGE))
         .add_service(ClusterServer::new(ClusterProxy(gw.clone())).max_decoding_message_size(MAX_MESSAGE))
+        .add_service(LockServer::new(LockProxy(gw.clone())).max_decoding_message_size(MAX_MESSAGE))
+        .add_service(ElectionServer::new(ElectionProxy(gw.clone())).max_decoding_message_size(MAX_MESSAGE))
         .add_service(
             MaintenanceServer::new(MaintenanceProxy(gw.clone()))
                 .max_decoding_message_size(MAX_MESSAGE)

@@ -25,6 +25,9 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+mod recipes;
+pub use recipes::{ElectionProxy, LockProxy};
+
 use crate::config::GatewayConfig;
 use crate::metrics::Metrics;
 use crate::regions::{Pick, Region, Regions};

@@ -32,6 +32,8 @@ use meridian_proto::meridian::v1::mirror_server::MirrorServer;
 use meridian_proto::meridian::v1::raft_transport_server::RaftTransportServer;
 use meridian_proto::meridian::v1::region_server::RegionServer;
 use meridian_proto::meridian::v1::MemberAttributes;
+use meridian_proto::v3electionpb::election_server::ElectionServer;
+use meridian_proto::v3lockpb::lock_server::LockServer;
 use meridian_wire::tls::{ClientTls, ServerStream, ServerTls};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -53,6 +55,7 @@ use crate::server::lease::service::{run_leader_duties, LeaderLink, LeaseForwardS
 use crate::server::lease::Lessor;
 use crate::server::maintenance::{MaintenanceService, ETCD_VERSION};
 use crate::server::mirror::MirrorService;
+use crate::server::recipes::{ElectionService, LockService};
 use crate::server::region::{Lineage, Role, RoleCell, RoleState};
 use crate::server::region_service::RegionService;
 use crate::server::version::VersionCell;
@@ -271,7 +274,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     for url in &cfg.listen_peer_urls {
         tasks.push(serve(url, peer_routes.clone(), stop_rx.clone(), None, peer_tls.clone()).await?);
     }
-    let watch = WatchService::new(hub, header);
+    let watch = WatchService::new(hub.clone(), header);
     let leases = LeaseService {
         server: server.clone(),
         lessor: lessor.clone(),
@@ -280,7 +283,9 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     if role.is_secondary() && cfg.mirror_token.is_none() {
         tracing::warn!("this secondary has no --mirror-token-file: every mirror write (Mirror.Apply) is refused");
     }
-    let client_routes = client_routes(&server, watch, leases, cfg.max_request_bytes, cfg.mirror_token.clone());
+    let leases = Arc::new(leases);
+    let recipes = server::recipes::Recipes::new(KvService { server: server.clone() }, leases.clone(), hub);
+    let client_routes = client_routes(&server, watch, leases, recipes, cfg.max_request_bytes, cfg.mirror_token.clone());
     for url in &cfg.listen_client_urls {
         let listener = ClientListener {
             metrics: metrics.clone(),
@@ -338,7 +343,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
 fn client_routes(
     server: &Arc<EtcdServer>,
     watch: WatchService,
-    leases: LeaseService,
+    leases: Arc<LeaseService>,
+    recipes: Arc<server::recipes::Recipes>,
     max_request_bytes: usize,
     mirror_token: Option<String>,
 ) -> Routes {
@@ -347,7 +353,9 @@ fn client_routes(
     let max = (max_request_bytes + GRPC_OVERHEAD_BYTES).max(64 << 20) * 2;
     let routes = Routes::builder()
         .add_service(WatchServer::new(watch).max_decoding_message_size(max))
-        .add_service(LeaseServer::new(leases).max_decoding_message_size(max))
+        .add_service(LeaseServer::from_arc(leases).max_decoding_message_size(max))
+        .add_service(LockServer::new(LockService(recipes.clone())).max_decoding_message_size(max))
+        .add_service(ElectionServer::new(ElectionService(recipes)).max_decoding_message_size(max))
         .add_service(
             MirrorServer::new(MirrorService::new(server.clone(), mirror_token.clone()))
                 .max_decoding_message_size(max)

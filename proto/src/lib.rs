@@ -2,8 +2,8 @@
 //!
 //! This crate holds two groups of generated code:
 //!
-//! * The etcd v3 client wire protocol — packages `mvccpb`, `authpb` and
-//!   `etcdserverpb`. The `.proto` files in `proto/` were written for Meridian
+//! * The etcd v3 client wire protocol — packages `mvccpb`, `authpb`,
+//!   `etcdserverpb`, `v3lockpb` and `v3electionpb`. The `.proto` files in `proto/` were written for Meridian
 //!   but keep etcd v3.4's package, service, method, message and field names,
 //!   field numbers and enum values exactly, so stock etcd clients (`etcdctl`,
 //!   the `etcd-client` crate, ...) talk to Meridian unchanged.
@@ -30,6 +30,18 @@ pub mod authpb {
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod etcdserverpb {
     tonic::include_proto!("etcdserverpb");
+}
+
+/// etcd's lock service (`v3lockpb`).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod v3lockpb {
+    tonic::include_proto!("v3lockpb");
+}
+
+/// etcd's election service (`v3electionpb`).
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod v3electionpb {
+    tonic::include_proto!("v3electionpb");
 }
 
 /// Meridian's own protocol (`meridian.*`).

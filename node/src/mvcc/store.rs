@@ -125,6 +125,9 @@ pub struct Mvcc {
     compactions: parking_lot::Mutex<Vec<Compacted>>,
     /// Read views alive now (`etcd_mvcc_db_open_read_transactions`).
     open_reads: std::sync::atomic::AtomicI64,
+    /// The published revision, for callers that wait for a change (locks,
+    /// elections).
+    published_tx: tokio::sync::watch::Sender<i64>,
 }
 
 impl Mvcc {
@@ -192,6 +195,7 @@ impl Mvcc {
             incoming: Default::default(),
             compactions: Default::default(),
             open_reads: Default::default(),
+            published_tx: tokio::sync::watch::Sender::new(0),
         };
         // A crash can fall between a compaction's commit and the removal of its
         // records: finish the removal now.
@@ -425,7 +429,13 @@ impl Mvcc {
             self.db.delete_keyspace(old)?;
         }
         self.carry_out_compaction(&mut st)?;
+        self.published_tx.send_replace(st.published.current);
         Ok(published)
+    }
+
+    /// Follows the published revision: it changes after every publish.
+    pub fn published(&self) -> tokio::sync::watch::Receiver<i64> {
+        self.published_tx.subscribe()
     }
 
     /// Published changes with main revision in `from..=to`, in revision

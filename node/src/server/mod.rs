@@ -24,6 +24,7 @@ pub mod maintenance;
 pub mod mirror;
 pub mod ops;
 pub mod primary_lease;
+pub mod recipes;
 pub mod region;
 pub mod region_service;
 pub mod version;
