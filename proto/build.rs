@@ -29,6 +29,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files: Vec<PathBuf> = PROTO_FILES.iter().map(|f| root.join(f)).collect();
     let fds = protox::compile(&files, [&root])?;
 
+    // serde for etcd's packages, in grpc-gateway's JSON (proto field names as written, 64-bit
+    // integers as strings, bytes in base64, enums by name): etcd's JSON gateway on the client port.
+    let descriptors = prost::Message::encode_to_vec(&fds);
+    pbjson_build::Builder::new().register_descriptors(&descriptors)?.preserve_proto_field_names().build(&[
+        ".etcdserverpb",
+        ".mvccpb",
+        ".authpb",
+        ".v3lockpb",
+        ".v3electionpb",
+    ])?;
     tonic_prost_build::configure().build_client(true).build_server(true).compile_fds(fds)?;
     Ok(())
 }

@@ -274,7 +274,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     for url in &cfg.listen_peer_urls {
         tasks.push(serve(url, peer_routes.clone(), stop_rx.clone(), None, peer_tls.clone()).await?);
     }
-    let watch = WatchService::new(hub.clone(), header);
+    let watch = WatchService::new(hub.clone(), header.clone());
     let leases = LeaseService {
         server: server.clone(),
         lessor: lessor.clone(),
@@ -284,8 +284,18 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         tracing::warn!("this secondary has no --mirror-token-file: every mirror write (Mirror.Apply) is refused");
     }
     let leases = Arc::new(leases);
-    let recipes = server::recipes::Recipes::new(KvService { server: server.clone() }, leases.clone(), hub);
-    let client_routes = client_routes(&server, watch, leases, recipes, cfg.max_request_bytes, cfg.mirror_token.clone());
+    let recipes = server::recipes::Recipes::new(KvService { server: server.clone() }, leases.clone(), hub.clone());
+    let api = Arc::new(server::json::JsonApi {
+        kv: Arc::new(KvService { server: server.clone() }),
+        lease: leases,
+        maintenance: Arc::new(MaintenanceService { server: server.clone() }),
+        cluster: Arc::new(ClusterService { server: server.clone() }),
+        lock: Arc::new(LockService(recipes.clone())),
+        election: Arc::new(ElectionService(recipes)),
+        hub,
+        header,
+    });
+    let client_routes = client_routes(&server, watch, api, cfg.max_request_bytes, cfg.mirror_token.clone());
     for url in &cfg.listen_client_urls {
         let listener = ClientListener {
             metrics: metrics.clone(),
@@ -343,8 +353,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
 fn client_routes(
     server: &Arc<EtcdServer>,
     watch: WatchService,
-    leases: Arc<LeaseService>,
-    recipes: Arc<server::recipes::Recipes>,
+    api: Arc<server::json::JsonApi>,
     max_request_bytes: usize,
     mirror_token: Option<String>,
 ) -> Routes {
@@ -353,20 +362,18 @@ fn client_routes(
     let max = (max_request_bytes + GRPC_OVERHEAD_BYTES).max(64 << 20) * 2;
     let routes = Routes::builder()
         .add_service(WatchServer::new(watch).max_decoding_message_size(max))
-        .add_service(LeaseServer::from_arc(leases).max_decoding_message_size(max))
-        .add_service(LockServer::new(LockService(recipes.clone())).max_decoding_message_size(max))
-        .add_service(ElectionServer::new(ElectionService(recipes)).max_decoding_message_size(max))
+        .add_service(LeaseServer::from_arc(api.lease.clone()).max_decoding_message_size(max))
+        .add_service(LockServer::from_arc(api.lock.clone()).max_decoding_message_size(max))
+        .add_service(ElectionServer::from_arc(api.election.clone()).max_decoding_message_size(max))
         .add_service(
             MirrorServer::new(MirrorService::new(server.clone(), mirror_token.clone()))
                 .max_decoding_message_size(max)
                 .max_encoding_message_size(usize::MAX),
         )
         .add_service(RegionServer::new(RegionService::new(server.clone(), mirror_token)))
-        .add_service(KvServer::new(KvService { server: server.clone() }).max_decoding_message_size(max))
-        .add_service(
-            MaintenanceServer::new(MaintenanceService { server: server.clone() }).max_decoding_message_size(max),
-        )
-        .add_service(ClusterServer::new(ClusterService { server: server.clone() }).max_decoding_message_size(max))
+        .add_service(KvServer::from_arc(api.kv.clone()).max_decoding_message_size(max))
+        .add_service(MaintenanceServer::from_arc(api.maintenance.clone()).max_decoding_message_size(max))
+        .add_service(ClusterServer::from_arc(api.cluster.clone()).max_decoding_message_size(max))
         .clone()
         .routes();
     let metrics = server.metrics.clone();
@@ -376,6 +383,7 @@ fn client_routes(
             req
         },
     ));
+    let router = server::json::routes(router, api);
     Routes::from(server::http::routes(router, server.clone()))
 }
 

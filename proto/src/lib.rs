@@ -10,6 +10,10 @@
 //! * Meridian's own `meridian.v1` package: the member-to-member raft
 //!   transport and the internal raft proposal / snapshot records.
 //!
+//! etcd's packages also get serde `Serialize`/`Deserialize` from pbjson, in
+//! grpc-gateway's JSON (proto field names as written, 64-bit integers as
+//! strings, bytes in base64): the member's JSON gateway speaks it.
+//!
 //! The build script parses the schema with `protox`, a pure-Rust protobuf
 //! compiler, so building needs no system `protoc`; `tonic-prost-build` then
 //! generates prost messages together with tonic clients and servers.
@@ -18,30 +22,35 @@
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod mvccpb {
     tonic::include_proto!("mvccpb");
+    include!(concat!(env!("OUT_DIR"), "/mvccpb.serde.rs"));
 }
 
 /// etcd users, roles and permissions (`authpb`).
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod authpb {
     tonic::include_proto!("authpb");
+    include!(concat!(env!("OUT_DIR"), "/authpb.serde.rs"));
 }
 
 /// etcd v3 gRPC services and their messages (`etcdserverpb`).
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod etcdserverpb {
     tonic::include_proto!("etcdserverpb");
+    include!(concat!(env!("OUT_DIR"), "/etcdserverpb.serde.rs"));
 }
 
 /// etcd's lock service (`v3lockpb`).
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod v3lockpb {
     tonic::include_proto!("v3lockpb");
+    include!(concat!(env!("OUT_DIR"), "/v3lockpb.serde.rs"));
 }
 
 /// etcd's election service (`v3electionpb`).
 #[allow(clippy::all, clippy::pedantic, missing_docs)]
 pub mod v3electionpb {
     tonic::include_proto!("v3electionpb");
+    include!(concat!(env!("OUT_DIR"), "/v3electionpb.serde.rs"));
 }
 
 /// Meridian's own protocol (`meridian.*`).

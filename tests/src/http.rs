@@ -25,11 +25,28 @@ pub fn check_health(addr: SocketAddr) -> Result<()> {
 
 /// A plain HTTP/1.1 GET of `path` on `addr`: the status code and the body.
 pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    http_request(addr, &format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"))
+}
+
+/// A plain HTTP/1.1 POST of `body` (JSON) to `path` on `addr`: the status code and the body,
+/// as `curl -X POST -d` sends it.
+pub fn http_post(addr: SocketAddr, path: &str, body: &str) -> Result<(u16, String)> {
+    http_request(
+        addr,
+        &format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n{body}",
+            body.len()
+        ),
+    )
+}
+
+fn http_request(addr: SocketAddr, request: &str) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_millis(500))?;
     stream.set_read_timeout(Some(Duration::from_secs(2)))?;
     stream.set_write_timeout(Some(Duration::from_secs(2)))?;
     // One write: `write!` would issue one syscall per piece.
-    stream.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())?;
+    stream.write_all(request.as_bytes())?;
     let mut response = Vec::new();
     // The server closes after the response (Connection: close); a timeout keeps what arrived.
     if let Err(err) = stream.take(4 * 1024 * 1024).read_to_end(&mut response) {

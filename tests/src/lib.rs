@@ -85,7 +85,7 @@ pub use etcdctl::{
     decode_b64, etcdctl, etcdctl_json, etcdctl_ok, etcdctl_with_input, etcdctl_with_timeout, mask_ids, CtlOutput,
 };
 pub use gateway::GatewayProcess;
-pub use http::{check_health, http_get};
+pub use http::{check_health, http_get, http_post};
 pub use latency::LatencyProxy;
 pub use mirror::{mirror_token_file, secondary_flags, MirrorProcess};
 pub use ports::{lease_port, PortLease};

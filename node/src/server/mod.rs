@@ -18,6 +18,7 @@ pub mod cluster;
 pub mod compactor;
 pub mod freshness;
 pub mod http;
+pub mod json;
 pub mod kv;
 pub mod lease;
 pub mod maintenance;
