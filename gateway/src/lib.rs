@@ -38,7 +38,6 @@ use meridian_proto::etcdserverpb::watch_server::WatchServer;
 use meridian_wire::authority::{AuthorityFix, MAX_FRAME, MAX_HEADER_LIST};
 use meridian_wire::tls::ServerTls;
 use meridian_wire::url::Url;
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tonic::service::Routes;
@@ -121,7 +120,7 @@ async fn serve(
     max_concurrent_streams: u32,
     tls: &Option<Arc<ServerTls>>,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    let listener = TcpListener::bind(url.host_port()).await.with_context(|| format!("listen on {url}"))?;
+    let listener = meridian_wire::tls::Listener::bind(url).await.with_context(|| format!("listen on {url}"))?;
     tracing::info!(%url, "listening");
     let tls = tls.clone().filter(|_| url.is_tls());
     let incoming = meridian_wire::tls::incoming(listener, tls).map(|conn| conn.map(AuthorityFix::new));

@@ -222,7 +222,10 @@ mod tests {
         assert_eq!(cfg.source_range(), (b"app/".to_vec(), b"app0".to_vec()));
         assert_eq!(endpoints("--source", "127.0.0.1:1, http://h:2").unwrap(), ["http://127.0.0.1:1", "http://h:2"]);
         assert_eq!(endpoints("--target", "h:1,https://h:2").unwrap(), ["http://h:1", "https://h:2"]);
-        let err = endpoints("--target", "h:1,unix://h:2").unwrap_err().to_string();
-        assert_eq!(err, "--target: unix://h:2: unix sockets are not supported yet; use http:// or https://");
+        let err = endpoints("--target", "h:1,ftp://h:2").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "--target: URL \"ftp://h:2\" must look like http://host:port, https://host:port or unix://name"
+        );
     }
 }

@@ -920,7 +920,7 @@ mod tests {
         assert_eq!(m["b"], vec!["http://127.0.0.1:2", "http://127.0.0.1:3"]);
         cfg.name = "c".into();
         assert!(cfg.initial_members().unwrap_err().to_string().contains("couldn't find local name"));
-        cfg.initial_cluster = Some("c=unix://x:1".into());
+        cfg.initial_cluster = Some("c=ftp://x:1".into());
         assert!(cfg.initial_members().is_err());
         cfg.initial_cluster = Some("c=https://x:1".into());
         assert_eq!(cfg.initial_members().unwrap()["c"], vec!["https://x:1"]);

@@ -17,7 +17,6 @@ pub mod server;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 
 use meridian_proto::etcdserverpb::cluster_server::ClusterServer;
@@ -35,7 +34,6 @@ use meridian_proto::meridian::v1::MemberAttributes;
 use meridian_proto::v3electionpb::election_server::ElectionServer;
 use meridian_proto::v3lockpb::lock_server::LockServer;
 use meridian_wire::tls::{ClientTls, ServerStream, ServerTls};
-use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
 use tonic::service::Routes;
@@ -446,9 +444,9 @@ async fn serve(
     client: Option<ClientListener>,
     tls: Option<Arc<ServerTls>>,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    let addr = url.host_port();
-    let listener = TcpListener::bind(addr).await.map_err(|e| Error::Config(format!("listen on {url}: {e}")))?;
-    let local: SocketAddr = listener.local_addr()?;
+    let listener =
+        meridian_wire::tls::Listener::bind(url).await.map_err(|e| Error::Config(format!("listen on {url}: {e}")))?;
+    let local = listener.local_addr().map(|a| a.to_string()).unwrap_or_else(|| url.host_port().to_string());
     tracing::info!(%url, %local, "listening");
     let metrics = client.as_ref().map(|c| c.metrics.clone());
     let tls = tls.filter(|_| url.is_tls());

@@ -344,3 +344,57 @@ fn keepalive_pings_and_closes_a_silent_connection() -> Result<()> {
     assert!(closed_after < Duration::from_secs(3), "the silent connection stayed open {closed_after:?}");
     Ok(())
 }
+
+/// `unix://` client and peer URLs, as etcd's own tests use them: the socket files are named by
+/// the URL (`localhost:N`, in the working directory); etcdctl works through them, and a member
+/// lists itself as etcd does.
+#[test]
+fn unix_socket_urls_serve_as_etcds_do() -> Result<()> {
+    let (c, p, m) = (lease_port()?, lease_port()?, lease_port()?);
+    let mut seen = Vec::new();
+    for (server, program, sub) in [("etcd", etcd_bin()?, vec!["node"]), ("meridian", meridian_bin()?, vec!["node"])] {
+        let dir = tempfile::tempdir()?;
+        let client = format!("unix://localhost:{}", c.port());
+        let peer = format!("unix://localhost:{}", p.port());
+        let sub = if server == "etcd" { &[][..] } else { &sub[..] };
+        let log = std::fs::File::create(dir.path().join("log"))?;
+        let mut cmd = Command::new(&program);
+        cmd.current_dir(dir.path())
+            .args(sub)
+            .args(["--name", "u1", "--data-dir", "data", "--initial-cluster-token", "unix-test"])
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("u1={peer}")])
+            .args(["--listen-metrics-urls", &format!("http://127.0.0.1:{}", m.port())])
+            .stdout(Stdio::null())
+            .stderr(log);
+        let mut proc = Proc(cmd.spawn()?);
+        wait_healthy(m.port(), &mut proc)
+            .with_context(|| std::fs::read_to_string(dir.path().join("log")).unwrap_or_default())?;
+        let socket = dir.path().join(format!("localhost:{}", c.port()));
+        anyhow::ensure!(socket.exists(), "{server}: no socket file {}", socket.display());
+        // etcdctl names the socket relative to its own working directory.
+        let ctl = |args: &[&str]| -> Result<String> {
+            let out = Command::new(meridian_tests::etcdctl_bin()?)
+                .current_dir(dir.path())
+                .env("ETCDCTL_API", "3")
+                .args([format!("--endpoints={client}").as_str(), "--dial-timeout=3s"])
+                .args(args)
+                .output()?;
+            anyhow::ensure!(
+                out.status.success(),
+                "{server}: etcdctl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let put = ctl(&["put", "k", "over a socket"])?;
+        let get = ctl(&["get", "k", "--print-value-only"])?;
+        let members = ctl(&["member", "list"])?;
+        seen.push((put, get, members));
+        drop(proc);
+    }
+    assert_eq!(seen[0].1.trim(), "over a socket");
+    assert_eq!(seen[1], seen[0], "meridian, then etcd");
+    Ok(())
+}

@@ -294,9 +294,10 @@ impl ClientTls {
         }
     }
 
-    /// A lazy channel to `endpoint`: through rustls for `https://`.
+    /// A lazy channel to `endpoint`: through rustls for `https://` and
+    /// `unixs://` (tonic dials `unix://` itself).
     pub fn channel(&self, endpoint: &Endpoint) -> Channel {
-        if endpoint.uri().scheme_str() == Some("https") {
+        if matches!(endpoint.uri().scheme_str(), Some("https" | "unixs")) {
             endpoint.connect_with_connector_lazy(Connector(self.clone()))
         } else {
             endpoint.connect_lazy()
@@ -309,7 +310,7 @@ impl ClientTls {
     ///
     /// What dialing or the handshake failed with.
     pub async fn connect(&self, endpoint: &Endpoint) -> Result<Channel, tonic::transport::Error> {
-        if endpoint.uri().scheme_str() == Some("https") {
+        if matches!(endpoint.uri().scheme_str(), Some("https" | "unixs")) {
             endpoint.connect_with_connector(Connector(self.clone())).await
         } else {
             endpoint.connect().await
@@ -317,12 +318,13 @@ impl ClientTls {
     }
 }
 
-/// Dials for tonic: TCP (no Nagle), then rustls for `https://`.
+/// Dials for tonic: TCP (no Nagle), or the socket file of `unixs://`, then
+/// rustls.
 #[derive(Clone)]
 struct Connector(ClientTls);
 
 impl tower::Service<http::Uri> for Connector {
-    type Response = hyper_util::rt::TokioIo<Stream<tokio_rustls::client::TlsStream<TcpStream>>>;
+    type Response = hyper_util::rt::TokioIo<Stream<tokio_rustls::client::TlsStream<Io>>>;
     type Error = io::Error;
     type Future = Pin<Box<dyn std::future::Future<Output = io::Result<Self::Response>> + Send>>;
 
@@ -335,15 +337,22 @@ impl tower::Service<http::Uri> for Connector {
         Box::pin(async move {
             let bad = || io::Error::new(io::ErrorKind::InvalidInput, format!("{uri}: no host:port"));
             let host = uri.host().ok_or_else(bad)?.trim_start_matches('[').trim_end_matches(']').to_string();
-            let port = uri.port_u16().ok_or_else(bad)?;
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
-            let _ = tcp.set_nodelay(true);
-            if uri.scheme_str() != Some("https") {
-                return Ok(hyper_util::rt::TokioIo::new(Stream::Plain(tcp)));
+            let io = if uri.scheme_str() == Some("unixs") {
+                // The socket file is named by the whole authority, as etcd names it.
+                let file = uri.authority().ok_or_else(bad)?.as_str().to_string();
+                Io::Unix(tokio::net::UnixStream::connect(file).await?)
+            } else {
+                let port = uri.port_u16().ok_or_else(bad)?;
+                let tcp = TcpStream::connect((host.as_str(), port)).await?;
+                let _ = tcp.set_nodelay(true);
+                Io::Tcp(tcp)
+            };
+            if !matches!(uri.scheme_str(), Some("https" | "unixs")) {
+                return Ok(hyper_util::rt::TokioIo::new(Stream::Plain(io)));
             }
             let name = ServerName::try_from(host.clone())
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{host}: {e}")))?;
-            let stream = tokio_rustls::TlsConnector::from(tls.config()).connect(name, tcp).await?;
+            let stream = tokio_rustls::TlsConnector::from(tls.config()).connect(name, io).await?;
             Ok(hyper_util::rt::TokioIo::new(Stream::Tls(Box::new(stream))))
         })
     }
@@ -386,41 +395,90 @@ impl ServerCertVerifier for AnyServer {
     }
 }
 
+/// A byte stream: TCP, or a unix socket (`unix://` URLs).
+pub enum Io {
+    Tcp(TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
 /// A connection, in the clear or under TLS.
 pub enum Stream<T> {
-    Plain(TcpStream),
+    Plain(Io),
     Tls(Box<T>),
 }
 
 /// A connection a listener accepted.
-pub type ServerStream = Stream<tokio_rustls::server::TlsStream<TcpStream>>;
+pub type ServerStream = Stream<tokio_rustls::server::TlsStream<Io>>;
 
-impl<T> Stream<T> {
-    fn tcp(&self) -> &TcpStream
-    where
-        T: TlsTcp,
-    {
+impl<T: UnderTls> Stream<T> {
+    fn io(&self) -> &Io {
         match self {
             Stream::Plain(s) => s,
-            Stream::Tls(s) => s.tcp(),
+            Stream::Tls(s) => s.io(),
         }
     }
 }
 
-/// The TCP stream under a TLS one, client or server side.
-pub trait TlsTcp {
-    fn tcp(&self) -> &TcpStream;
+/// The stream under a TLS one, client or server side.
+pub trait UnderTls {
+    fn io(&self) -> &Io;
 }
 
-impl TlsTcp for tokio_rustls::server::TlsStream<TcpStream> {
-    fn tcp(&self) -> &TcpStream {
+impl UnderTls for tokio_rustls::server::TlsStream<Io> {
+    fn io(&self) -> &Io {
         self.get_ref().0
     }
 }
 
-impl TlsTcp for tokio_rustls::client::TlsStream<TcpStream> {
-    fn tcp(&self) -> &TcpStream {
+impl UnderTls for tokio_rustls::client::TlsStream<Io> {
+    fn io(&self) -> &Io {
         self.get_ref().0
+    }
+}
+
+macro_rules! io_either {
+    ($self:ident, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Io::Tcp($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Io::Unix($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+        }
+    };
+}
+
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        io_either!(self, s => s.poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        io_either!(self, s => s.poll_write(cx, buf))
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        io_either!(self, s => s.poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        io_either!(self, s => s.poll_shutdown(cx))
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        io_either!(self, s => s.poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Io::Tcp(s) => s.is_write_vectored(),
+            Io::Unix(s) => s.is_write_vectored(),
+        }
     }
 }
 
@@ -473,7 +531,60 @@ impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Stream<T> {
 impl tonic::transport::server::Connected for ServerStream {
     type ConnectInfo = tonic::transport::server::TcpConnectInfo;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.tcp().connect_info()
+        match self.io() {
+            Io::Tcp(s) => s.connect_info(),
+            // A unix socket has no addresses to give.
+            Io::Unix(_) => tonic::transport::server::TcpConnectInfo { local_addr: None, remote_addr: None },
+        }
+    }
+}
+
+/// Where a server accepts: a TCP port, or a socket file (`unix://`).
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(tokio::net::UnixListener),
+}
+
+impl Listener {
+    /// Binds `url`'s address: for `unix://name`, the socket file `name`,
+    /// replacing one a stopped process left behind, as etcd does.
+    ///
+    /// # Errors
+    ///
+    /// What binding failed with.
+    pub async fn bind(url: &crate::url::Url) -> io::Result<Self> {
+        if url.is_unix() {
+            let path = url.host_port();
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            return Ok(Self::Unix(tokio::net::UnixListener::bind(path)?));
+        }
+        Ok(Self::Tcp(TcpListener::bind(url.host_port()).await?))
+    }
+
+    /// The TCP address bound (none for a socket file).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Self::Tcp(l) => l.local_addr().ok(),
+            Self::Unix(_) => None,
+        }
+    }
+
+    async fn accept(&self) -> io::Result<(Io, String)> {
+        match self {
+            Self::Tcp(l) => {
+                let (tcp, addr) = l.accept().await?;
+                let _ = tcp.set_nodelay(true);
+                Ok((Io::Tcp(tcp), addr.to_string()))
+            }
+            Self::Unix(l) => {
+                let (s, _) = l.accept().await?;
+                Ok((Io::Unix(s), "unix socket".into()))
+            }
+        }
     }
 }
 
@@ -481,7 +592,7 @@ impl tonic::transport::server::Connected for ServerStream {
 /// hands each connection over once its handshake is done. The stream ends
 /// when the receiver is dropped.
 pub fn incoming(
-    listener: TcpListener,
+    listener: Listener,
     tls: Option<Arc<ServerTls>>,
 ) -> tokio_stream::wrappers::ReceiverStream<io::Result<ServerStream>> {
     let (tx, rx) = mpsc::channel(64);
@@ -492,7 +603,7 @@ pub fn incoming(
                 a = listener.accept() => a,
                 _ = tx.closed() => return,
             };
-            let (tcp, addr) = match accepted {
+            let (io, addr) = match accepted {
                 Ok(a) => a,
                 Err(e) => {
                     // Out of descriptors, most likely: wait rather than spin.
@@ -501,9 +612,8 @@ pub fn incoming(
                     continue;
                 }
             };
-            let _ = tcp.set_nodelay(true);
             let Some(tls) = &tls else {
-                if tx.send(Ok(Stream::Plain(tcp))).await.is_err() {
+                if tx.send(Ok(Stream::Plain(io))).await.is_err() {
                     return;
                 }
                 continue;
@@ -512,14 +622,14 @@ pub fn incoming(
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
             let tx = tx.clone();
             tokio::spawn(async move {
-                let shaken = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                let shaken = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(io)).await;
                 drop(permit);
                 match shaken {
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(Stream::Tls(Box::new(stream)))).await;
                     }
-                    Ok(Err(e)) => rejected(addr, &e.to_string()),
-                    Err(_) => rejected(addr, "handshake timed out"),
+                    Ok(Err(e)) => rejected(&addr, &e.to_string()),
+                    Err(_) => rejected(&addr, "handshake timed out"),
                 }
             });
         }
@@ -527,8 +637,8 @@ pub fn incoming(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-fn rejected(addr: SocketAddr, error: &str) {
-    tracing::info!("rejected connection from {:?} (error {:?})", addr.to_string(), error);
+fn rejected(addr: &str, error: &str) {
+    tracing::info!("rejected connection from {addr:?} (error {error:?})");
 }
 
 /// `--auto-tls`: a self-signed certificate for `hosts` (IP addresses and

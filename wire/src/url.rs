@@ -14,17 +14,18 @@ use http::uri::{Scheme, Uri};
 /// Why a URL was refused; the message names the URL and says what is wanted.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UrlError {
-    #[error("URL {0:?} must look like http://host:port or https://host:port")]
+    #[error("URL {0:?} must look like http://host:port, https://host:port or unix://name")]
     Malformed(String),
-    #[error("{0}: unix sockets are not supported yet; use http:// or https://")]
-    Unix(String),
 }
 
-/// One `http://host:port` or `https://host:port` URL, checked.
+/// One `http://host:port` or `https://host:port` URL, checked; or, as etcd
+/// takes them, `unix://name` (`unixs://` with TLS): a socket file `name`,
+/// relative to the working directory (etcd's tests use `unix://localhost:N`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Url {
     uri: Uri,
     tls: bool,
+    unix: bool,
     /// `host:port`, as written.
     authority: String,
 }
@@ -43,14 +44,20 @@ impl Url {
     ///
     /// # Errors
     ///
-    /// [`UrlError::Unix`] for `unix://` or `unixs://`, [`UrlError::Malformed`]
-    /// for anything else that is not `http(s)://host:port`.
+    /// [`UrlError::Malformed`] for anything that is not `http(s)://host:port`
+    /// or `unix(s)://name`.
     pub fn parse(s: &str) -> Result<Self, UrlError> {
         let s = s.trim();
-        if s.starts_with("unix://") || s.starts_with("unixs://") {
-            return Err(UrlError::Unix(s.to_string()));
-        }
         let malformed = || UrlError::Malformed(s.to_string());
+        if let Some((scheme, name)) = s.split_once("://").filter(|(scheme, _)| *scheme == "unix" || *scheme == "unixs")
+        {
+            let name = name.trim_end_matches('/');
+            if name.is_empty() || name.contains(['/', '@', '?', '#']) {
+                return Err(malformed());
+            }
+            let uri: Uri = s.parse().map_err(|_| malformed())?;
+            return Ok(Self { uri, tls: scheme == "unixs", unix: true, authority: name.to_string() });
+        }
         let uri: Uri = s.parse().map_err(|_| malformed())?;
         let tls = match uri.scheme() {
             Some(s) if *s == Scheme::HTTP => false,
@@ -62,7 +69,7 @@ impl Url {
             return Err(malformed());
         }
         let authority = authority.as_str().to_string();
-        Ok(Self { uri, tls, authority })
+        Ok(Self { uri, tls, unix: false, authority })
     }
 
     /// Parses an endpoint: a member URL, or a bare `host:port` taken as `http://`.
@@ -79,7 +86,8 @@ impl Url {
         }
     }
 
-    /// `host:port`, what a listener binds and a client dials.
+    /// `host:port`, what a listener binds and a client dials (for `unix://`,
+    /// the socket file's name).
     pub fn host_port(&self) -> &str {
         &self.authority
     }
@@ -88,9 +96,14 @@ impl Url {
         &self.uri
     }
 
-    /// `https://`.
+    /// `https://` or `unixs://`.
     pub fn is_tls(&self) -> bool {
         self.tls
+    }
+
+    /// `unix://` or `unixs://`: a socket file, not TCP.
+    pub fn is_unix(&self) -> bool {
+        self.unix
     }
 
     /// The host alone (an IPv6 address without its brackets).
@@ -104,7 +117,15 @@ impl fmt::Display for Url {
     /// `http(s)://host:port`, without a trailing slash, as etcd prints member URLs.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let path = self.uri.path();
-        let scheme = if self.tls { "https" } else { "http" };
+        let scheme = match (self.unix, self.tls) {
+            (false, false) => "http",
+            (false, true) => "https",
+            (true, false) => "unix",
+            (true, true) => "unixs",
+        };
+        if self.unix {
+            return write!(f, "{scheme}://{}", self.authority);
+        }
         write!(f, "{scheme}://{}{}", self.authority, if path == "/" { "" } else { path })
     }
 }
@@ -139,6 +160,8 @@ mod tests {
             (" http://[::1]:2379 ", "[::1]:2379", "http://[::1]:2379"),
             ("http://m1.example:12379", "m1.example:12379", "http://m1.example:12379"),
             ("https://127.0.0.1:2379/", "127.0.0.1:2379", "https://127.0.0.1:2379"),
+            ("unix://localhost:2379", "localhost:2379", "unix://localhost:2379"),
+            ("unixs://m1.sock", "m1.sock", "unixs://m1.sock"),
         ];
         for (input, host_port, shown) in ok {
             let u = Url::parse(input).unwrap_or_else(|e| panic!("{input}: {e}"));
@@ -151,8 +174,8 @@ mod tests {
             ("ftp://h:1", UrlError::Malformed("ftp://h:1".into())),
             ("http://u@h:1", UrlError::Malformed("http://u@h:1".into())),
             ("http://h:99999", UrlError::Malformed("http://h:99999".into())),
-            ("unixs://h:1", UrlError::Unix("unixs://h:1".into())),
-            ("unix://h:1", UrlError::Unix("unix://h:1".into())),
+            ("unix://", UrlError::Malformed("unix://".into())),
+            ("unix://a/b", UrlError::Malformed("unix://a/b".into())),
             ("", UrlError::Malformed(String::new())),
         ];
         for (input, want) in bad {
