@@ -159,7 +159,8 @@ macro_rules! route {
 }
 
 /// Adds etcd's JSON gateway to `router`.
-pub fn routes(mut router: Router, api: Arc<JsonApi>) -> Router {
+pub fn routes(into: Router, api: Arc<JsonApi>) -> Router {
+    let mut router = Router::new();
     route!(router, api, "/kv/range", kv, Kv::range);
     route!(router, api, "/kv/put", kv, Kv::put);
     route!(router, api, "/kv/deleterange", kv, Kv::delete_range);
@@ -199,7 +200,9 @@ pub fn routes(mut router: Router, api: Arc<JsonApi>) -> Router {
             // An unknown path is 404, as etcd's gateway answers it (not a gRPC status).
             .route(&format!("{prefix}/{{*rest}}"), axum::routing::any(not_found));
     }
-    router
+    // Bodies up to MAX_BODY (axum's default limit, 2 MiB, is below a
+    // largest request in base64).
+    into.merge(router.layer(axum::extract::DefaultBodyLimit::max(MAX_BODY)))
 }
 
 async fn not_found() -> Response {
