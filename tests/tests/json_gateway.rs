@@ -79,6 +79,13 @@ const SCRIPT: &[(&str, &str)] = &[
     ("/v3/lease/timetolive", r#"{"ID": 7}"#),
     ("/v3/kv/lease/revoke", r#"{"ID": 7}"#),
     ("/v3/lease/revoke", r#"{"ID": 7}"#),
+    ("/v3/lease/grant", r#"{"TTL": 30, "ID": 8}"#),
+    ("/v3/lease/keepalive", r#"{"ID": 8}"#),
+    ("/v3/lease/keepalive", r#"{"ID": 99}"#),
+    ("/v3/election/campaign", r#"{"name": "ZQ==", "value": "YQ==", "lease": 8}"#),
+    ("/v3/election/leader", r#"{"name": "ZQ=="}"#),
+    ("/v3/election/observe", r#"{"name": "ZQ=="}"#),
+    ("/v3/lease/revoke", r#"{"ID": 8}"#),
     ("/v3/maintenance/status", "{}"),
     ("/v3/kv/bogus", "{}"),
     ("/v3/watch", r#"{"create_request": {"key": "Zm9v", "start_revision": "3"}}"#),
@@ -97,6 +104,10 @@ fn curl_recipes_answer_as_etcd_does() -> Result<()> {
     for (i, (want, got)) in seen[0].iter().zip(&seen[1]).enumerate() {
         assert_eq!(got, want, "{} {}", SCRIPT[i].0, SCRIPT[i].1);
     }
+    // Observe streamed the leader's value; a keep-alive answered with the TTL.
+    let at = |path: &str| SCRIPT.iter().position(|(p, _)| *p == path).expect("in the script");
+    assert!(seen[1][at("/v3/election/observe")].contains("\"value\":\"YQ==\""), "{:?}", seen[1]);
+    assert!(seen[1][at("/v3/lease/keepalive")].contains("\"TTL\":\"30\""), "{:?}", seen[1]);
     // The watch saw the history from revision 3 on, then stayed open.
     let watch = seen[1].last().expect("a watch answer");
     assert!(watch.contains("\"created\":true") && watch.contains("\"mod_revision\":\"4\""), "{watch}");

@@ -9,9 +9,11 @@
 //! by pbjson in `meridian-proto`.) Each call goes to the member's own
 //! service, so checks, errors and headers are the gRPC API's. An error is
 //! `{"error": msg, "message": msg, "code": N}` with grpc-gateway's HTTP
-//! status for the code. `/v3/watch` streams: the body holds one or more
-//! `WatchRequest`s with a `create_request`; the answer is one
-//! `{"result": WatchResponse}` per line, as long as the client stays.
+//! status for the code. Streams answer one `{"result": ...}` per line (an
+//! error: `{"error": {"grpc_code", "http_code", "message", "http_status"}}`):
+//! `/v3/watch`, whose body holds one or more `WatchRequest`s with a
+//! `create_request`, and `/v3/election/observe`, as long as the client
+//! stays; `/v3/lease/keepalive`, one line per `{"ID": ...}` of the body.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,8 +29,9 @@ use meridian_proto::etcdserverpb::kv_server::Kv;
 use meridian_proto::etcdserverpb::lease_server::Lease;
 use meridian_proto::etcdserverpb::maintenance_server::Maintenance;
 use meridian_proto::etcdserverpb::watch_request::RequestUnion;
-use meridian_proto::etcdserverpb::{WatchRequest, WatchResponse};
+use meridian_proto::etcdserverpb::{LeaseKeepAliveRequest, WatchRequest, WatchResponse};
 use meridian_proto::v3electionpb::election_server::Election;
+use meridian_proto::v3electionpb::LeaderRequest;
 use meridian_proto::v3lockpb::lock_server::Lock;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -37,7 +40,7 @@ use tonic::Status;
 
 use super::cluster::ClusterService;
 use super::kv::KvService;
-use super::lease::service::LeaseService;
+use super::lease::service::{keep_alive_once, LeaseService};
 use super::maintenance::MaintenanceService;
 use super::recipes::{ElectionService, LockService};
 use super::watch::hub::{HeaderFn, Spec};
@@ -190,9 +193,14 @@ pub fn routes(into: Router, api: Arc<JsonApi>) -> Router {
     route!(router, api, "/election/leader", election, Election::leader);
     route!(router, api, "/election/resign", election, Election::resign);
     for prefix in ["/v3", "/v3beta"] {
-        let api2 = api.clone();
+        let (api2, api3, api4) = (api.clone(), api.clone(), api.clone());
         router = router
             .route(&format!("{prefix}/watch"), post(move |body: Bytes| watch(api2.clone(), body)))
+            .route(&format!("{prefix}/lease/keepalive"), post(move |body: Bytes| keep_alive(api3.clone(), body)))
+            .route(
+                &format!("{prefix}/election/observe"),
+                post(move |headers: HeaderMap, body: Bytes| observe(api4.clone(), headers, body)),
+            )
             .route(
                 &format!("{prefix}/auth/{{*rest}}"),
                 post(|| async { error(&Status::unimplemented("meridian: authentication is not supported yet")) }),
@@ -212,11 +220,81 @@ async fn not_found() -> Response {
     resp
 }
 
+/// grpc-gateway's line for an error in a stream.
+fn stream_error(status: &Status) -> Bytes {
+    let message = serde_json::Value::from(status.message()).to_string();
+    let http = http_status(status.code());
+    Bytes::from(format!(
+        "{{\"error\":{{\"grpc_code\":{},\"http_code\":{},\"message\":{message},\"http_status\":{:?}}}}}\n",
+        status.code() as i32,
+        http.as_u16(),
+        http.canonical_reason().unwrap_or_default(),
+    ))
+}
+
+/// An answer that streams `lines` as they come.
+fn streamed(lines: mpsc::Receiver<Result<Bytes, std::io::Error>>) -> Response {
+    let mut resp = Response::new(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(lines)));
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    cors(resp.headers_mut());
+    resp
+}
+
+/// `/v3/lease/keepalive`: one answer line per `{"ID": ...}` in the body,
+/// as the gRPC stream answers them; the first error ends it.
+async fn keep_alive(api: Arc<JsonApi>, body: Bytes) -> Response {
+    let mut ids = Vec::new();
+    for msg in serde_json::Deserializer::from_slice(&body).into_iter::<LeaseKeepAliveRequest>() {
+        match msg {
+            Ok(r) => ids.push(r.id),
+            Err(e) => return error(&Status::invalid_argument(e.to_string())),
+        }
+    }
+    let mut out = Vec::new();
+    for id in ids {
+        match keep_alive_once(&api.lease.server, &api.lease.leader, id).await {
+            Ok(r) => out.extend_from_slice(&stream_line(&r)),
+            Err(status) => {
+                out.extend_from_slice(&stream_error(&status));
+                break;
+            }
+        }
+    }
+    json(StatusCode::OK, out)
+}
+
+/// `/v3/election/observe`: the leader and each value it proclaims, one
+/// line each, while the client stays.
+async fn observe(api: Arc<JsonApi>, headers: HeaderMap, body: Bytes) -> Response {
+    let req = match parse::<LeaderRequest>(&body) {
+        Ok(r) => r,
+        Err(e) => return error(&e),
+    };
+    let mut stream = match Election::observe(&*api.election, request(req, &headers)).await {
+        Ok(s) => s.into_inner(),
+        Err(status) => return error(&status),
+    };
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        while let Some(next) = tokio::select! { n = stream.next() => n, _ = tx.closed() => None } {
+            let (line, last) = match next {
+                Ok(msg) => (stream_line(&msg), false),
+                Err(status) => (stream_error(&status), true),
+            };
+            if tx.send(Ok(line)).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    streamed(rx)
+}
+
 /// `{"result": ...}` and a newline: one message of a stream.
-fn stream_line(msg: &WatchResponse) -> Bytes {
+fn stream_line<T: Serialize>(msg: &T) -> Bytes {
     #[derive(Serialize)]
-    struct Line<'a> {
-        result: &'a WatchResponse,
+    struct Line<'a, T> {
+        result: &'a T,
     }
     let mut line = serde_json::to_vec(&Line { result: msg }).unwrap_or_default();
     line.push(b'\n');
@@ -304,10 +382,7 @@ async fn watch(api: Arc<JsonApi>, body: Bytes) -> Response {
             }
         }
     });
-    let mut resp = Response::new(Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)));
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    cors(resp.headers_mut());
-    resp
+    streamed(rx)
 }
 
 /// Drops a JSON watch stream's watchers.

@@ -128,6 +128,19 @@ fn renew_here(server: &Arc<EtcdServer>, lessor: &Lessor, id: i64) -> Result<i64>
     Ok(ttl)
 }
 
+/// One keep-alive as the stream answers it (also etcd's JSON gateway). A
+/// secondary's leases live on its source: refused at once, with a code
+/// clients do not retry.
+pub async fn keep_alive_once(
+    server: &Arc<EtcdServer>,
+    leader: &LeaderLink,
+    id: i64,
+) -> std::result::Result<LeaseKeepAliveResponse, Status> {
+    server.check_writable()?;
+    let ttl = leader.renew(id).await?;
+    Ok(LeaseKeepAliveResponse { header: Some(server.header(server.mvcc.marks().current)), id, ttl })
+}
+
 /// A forwarded call that failed: the leader moved or is unreachable.
 fn forward_error(status: Status) -> Error {
     tracing::debug!(code = ?status.code(), message = status.message(), "lease call forwarded to the leader failed");
@@ -182,20 +195,7 @@ impl Lease for LeaseService {
         let (server, leader) = (self.server.clone(), self.leader.clone());
         tokio::spawn(async move {
             while let Ok(Some(r)) = inbound.message().await {
-                // A secondary's leases live on its source: refuse at once,
-                // with a code clients do not retry.
-                let renewed = match server.check_writable() {
-                    Ok(()) => leader.renew(r.id).await,
-                    Err(e) => Err(e),
-                };
-                let reply = match renewed {
-                    Ok(ttl) => Ok(LeaseKeepAliveResponse {
-                        header: Some(server.header(server.mvcc.marks().current)),
-                        id: r.id,
-                        ttl,
-                    }),
-                    Err(e) => Err(Status::from(e)),
-                };
+                let reply = keep_alive_once(&server, &leader, r.id).await;
                 let failed = reply.is_err();
                 if tx.send(reply).await.is_err() || failed {
                     break;
