@@ -1,7 +1,8 @@
 //! Plain HTTP beside gRPC: `/health` (a primary takes writes), `/readyz`
 //! (every region probed once, and one healthy), `/metrics`, the admin API
 //! `GET /v1/regions` and `GET /v1/dashboard?since=N`, and the lag dashboard
-//! at `/dashboard` (see `dashboard`).
+//! at `/dashboard` (see `dashboard`); etcd's JSON gateway (`/v3/...`) is
+//! forwarded to the primary's leader (see `json`).
 
 use std::sync::Arc;
 
@@ -14,8 +15,11 @@ use crate::dashboard::{self, History};
 use crate::proxy::Gateway;
 
 pub fn routes(router: Router, gw: Arc<Gateway>, history: Arc<History>) -> Router {
-    let (g1, g2, g3, g4, g5) = (gw.clone(), gw.clone(), gw.clone(), gw.clone(), gw);
+    let (g1, g2, g3, g4, g5, g6) = (gw.clone(), gw.clone(), gw.clone(), gw.clone(), gw.clone(), gw);
+    let json = move |req: axum::extract::Request| crate::json::forward(g6.clone(), req);
     router
+        .route("/v3/{*rest}", axum::routing::any(json.clone()))
+        .route("/v3beta/{*rest}", axum::routing::any(json))
         .route("/health", get(move || health(g1.clone())))
         .route("/readyz", get(move || readyz(g2.clone())))
         .route("/metrics", get(move || metrics(g3.clone())))

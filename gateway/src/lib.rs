@@ -17,6 +17,7 @@
 pub mod config;
 pub mod dashboard;
 pub mod http;
+pub mod json;
 pub mod keepalive;
 pub mod limits;
 pub mod linear;

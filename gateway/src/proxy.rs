@@ -91,7 +91,7 @@ impl Gateway {
     }
 
     /// The rate limit for `class`, counted as a refused request when over.
-    fn admit(&self, class: Class, conn: Option<SocketAddr>) -> Result<(), Status> {
+    pub(crate) fn admit(&self, class: Class, conn: Option<SocketAddr>) -> Result<(), Status> {
         self.limiter.admit(class, conn).inspect_err(|_| {
             self.metrics.rate_limited.with_label_values(&[class.label()]).inc();
         })

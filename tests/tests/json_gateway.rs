@@ -1,11 +1,11 @@
 //! etcd's JSON gateway (`POST /v3/...`), as the `curl` recipes of etcd's docs use it: the same
-//! requests to real etcd 3.4 and to Meridian, answers compared once the ids that differ by
+//! requests to real etcd 3.4, to Meridian and through a gateway, answers compared once the ids that differ by
 //! nature (cluster, member, lease) are set aside.
 
 use std::net::SocketAddr;
 
 use anyhow::Result;
-use meridian_tests::{http_post, Cluster, ClusterOpts, EtcdCluster};
+use meridian_tests::{http_post, Cluster, ClusterOpts, EtcdCluster, GatewayProcess};
 use serde_json::Value;
 
 /// Drops what differs between two servers by nature: ids, the raft term, sizes and indexes.

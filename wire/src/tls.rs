@@ -304,6 +304,20 @@ impl ClientTls {
         }
     }
 
+    /// A connection to `uri` (`http`, `https`, `unix` or `unixs`), for a
+    /// client of its own (hyper's): TCP or the socket file, then rustls.
+    ///
+    /// # Errors
+    ///
+    /// What dialing or the handshake failed with.
+    pub async fn dial(
+        &self,
+        uri: http::Uri,
+    ) -> io::Result<hyper_util::rt::TokioIo<Stream<tokio_rustls::client::TlsStream<Io>>>> {
+        use tower::Service;
+        Connector(self.clone()).call(uri).await
+    }
+
     /// A channel to `endpoint`, connected now.
     ///
     /// # Errors
@@ -337,7 +351,7 @@ impl tower::Service<http::Uri> for Connector {
         Box::pin(async move {
             let bad = || io::Error::new(io::ErrorKind::InvalidInput, format!("{uri}: no host:port"));
             let host = uri.host().ok_or_else(bad)?.trim_start_matches('[').trim_end_matches(']').to_string();
-            let io = if uri.scheme_str() == Some("unixs") {
+            let io = if matches!(uri.scheme_str(), Some("unix" | "unixs")) {
                 // The socket file is named by the whole authority, as etcd names it.
                 let file = uri.authority().ok_or_else(bad)?.as_str().to_string();
                 Io::Unix(tokio::net::UnixStream::connect(file).await?)
