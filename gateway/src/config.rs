@@ -203,6 +203,7 @@ impl GatewayConfig {
                 key,
                 trusted_ca: path(&flags.trusted_ca_file, file.trusted_ca_file),
                 client_cert_auth: flags.client_cert_auth.or(file.client_cert_auth).unwrap_or(false),
+                crl: None,
             }),
             (None, None) => None,
             _ => bail!("--cert-file and --key-file must be given together"),

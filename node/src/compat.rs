@@ -49,7 +49,6 @@ const FLAGS: &[(&str, Arity, Fate)] = &[
     ("bcrypt-cost", Value, Ignore),
     ("cipher-suites", Value, RefuseUnless(OFF)),
     ("client-cert-allowed-hostname", Value, RefuseUnless(OFF)),
-    ("client-crl-file", Value, RefuseUnless(OFF)),
     ("cors", Value, Ignore),
     ("debug", Bool, Ignore),
     ("discovery", Value, RefuseUnless(OFF)),
@@ -80,7 +79,6 @@ const FLAGS: &[(&str, Arity, Fate)] = &[
     ("metrics", Value, Ignore),
     ("peer-cert-allowed-cn", Value, RefuseUnless(OFF)),
     ("peer-cert-allowed-hostname", Value, RefuseUnless(OFF)),
-    ("peer-crl-file", Value, RefuseUnless(OFF)),
     ("pre-vote", Bool, Ignore),
     ("proxy", Value, RefuseUnless(&["", "off"])),
     ("proxy-dial-timeout", Value, Ignore),
@@ -101,7 +99,6 @@ fn refusal(flag: &str, value: &str) -> String {
         f if f.starts_with("discovery") => "discovery is not supported; give --initial-cluster",
         "auth-token" => "authentication is not supported yet",
         "cipher-suites" => "choosing cipher suites is not supported yet (rustls's safe defaults serve)",
-        f if f.ends_with("crl-file") => "certificate revocation lists are not supported yet",
         _ => "checking certificate names (CN or hostname) is not supported yet",
     };
     format!("--{flag}={value}: {why}")
@@ -187,7 +184,8 @@ const SETTINGS_KEYS: &[&str] = &[
 ];
 
 /// The keys of a `*-transport-security` section that `Settings` takes.
-const TRANSPORT_KEYS: &[&str] = &["cert-file", "key-file", "trusted-ca-file", "client-cert-auth", "auto-tls"];
+const TRANSPORT_KEYS: &[&str] =
+    &["cert-file", "key-file", "trusted-ca-file", "client-cert-auth", "auto-tls", "crl-file"];
 
 /// Sorts the keys of an etcd YAML configuration file as [`take_etcd_flags`]
 /// sorts flags: those `Settings` takes pass; the rest are ignored with a
@@ -287,7 +285,7 @@ mod tests {
         for (given, want) in [
             (vec!["--enable-v2=true"], "v2 API is out of scope"),
             (vec!["--enable-v2"], "v2 API is out of scope"),
-            (vec!["--peer-crl-file", "peer.crl"], "--peer-crl-file=peer.crl: certificate revocation lists"),
+            (vec!["--peer-cert-allowed-cn", "m1"], "--peer-cert-allowed-cn=m1: checking certificate names"),
             (vec!["--force-new-cluster"], "cannot force a new cluster"),
             (vec!["--discovery=https://discovery.etcd.io/x"], "discovery is not supported"),
             (vec!["--proxy", "on"], "no etcd proxy mode"),
@@ -298,7 +296,7 @@ mod tests {
             assert!(found.refused[0].contains(want), "{given:?}: {:?}", found.refused);
         }
         // Their defaults pass.
-        let (_, found) = take_etcd_flags(args(&["--proxy=off", "--auth-token", "simple", "--client-crl-file="]));
+        let (_, found) = take_etcd_flags(args(&["--proxy=off", "--auth-token", "simple", "--cipher-suites="]));
         assert_eq!(found, EtcdFlags::default());
     }
 
@@ -312,6 +310,8 @@ mod tests {
             "client-cert-auth",
             "key-file",
             "peer-auto-tls",
+            "client-crl-file",
+            "peer-crl-file",
             "peer-cert-file",
             "peer-client-cert-auth",
             "peer-key-file",

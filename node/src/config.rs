@@ -121,6 +121,9 @@ pub struct NodeFlags {
     /// Require a client certificate signed by --trusted-ca-file on https:// client URLs.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub client_cert_auth: Option<bool>,
+    /// Client certificate revocation list (PEM): a listed client certificate is refused.
+    #[arg(long)]
+    pub client_crl_file: Option<PathBuf>,
     /// Client TLS using a generated self-signed certificate (in <data-dir>/fixtures/client).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub auto_tls: Option<bool>,
@@ -136,6 +139,9 @@ pub struct NodeFlags {
     /// Require a peer certificate signed by --peer-trusted-ca-file on https:// peer URLs.
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub peer_client_cert_auth: Option<bool>,
+    /// Peer certificate revocation list (PEM): a listed peer certificate is refused.
+    #[arg(long)]
+    pub peer_crl_file: Option<PathBuf>,
     /// Peer TLS using generated self-signed certificates (encrypted, peers not authenticated).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub peer_auto_tls: Option<bool>,
@@ -233,6 +239,8 @@ pub struct Settings {
     pub trusted_ca_file: Option<PathBuf>,
     #[serde(alias = "client-cert-auth")]
     pub client_cert_auth: bool,
+    #[serde(alias = "client-crl-file")]
+    pub client_crl_file: Option<PathBuf>,
     #[serde(alias = "auto-tls")]
     pub auto_tls: bool,
     #[serde(alias = "peer-cert-file")]
@@ -243,6 +251,8 @@ pub struct Settings {
     pub peer_trusted_ca_file: Option<PathBuf>,
     #[serde(alias = "peer-client-cert-auth")]
     pub peer_client_cert_auth: bool,
+    #[serde(alias = "peer-crl-file")]
+    pub peer_crl_file: Option<PathBuf>,
     #[serde(alias = "peer-auto-tls")]
     pub peer_auto_tls: bool,
     /// etcd's YAML spelling of the client TLS settings.
@@ -308,11 +318,13 @@ impl Default for Settings {
             key_file: None,
             trusted_ca_file: None,
             client_cert_auth: false,
+            client_crl_file: None,
             auto_tls: false,
             peer_cert_file: None,
             peer_key_file: None,
             peer_trusted_ca_file: None,
             peer_client_cert_auth: false,
+            peer_crl_file: None,
             peer_auto_tls: false,
             client_transport_security: TransportSecurity::default(),
             peer_transport_security: TransportSecurity::default(),
@@ -338,6 +350,8 @@ pub struct TransportSecurity {
     pub trusted_ca_file: Option<PathBuf>,
     #[serde(alias = "client-cert-auth")]
     pub client_cert_auth: bool,
+    #[serde(alias = "crl-file")]
+    pub crl_file: Option<PathBuf>,
     #[serde(alias = "auto-tls")]
     pub auto_tls: bool,
 }
@@ -568,6 +582,8 @@ impl Settings {
             (&flags.peer_cert_file, &mut cfg.peer_cert_file),
             (&flags.peer_key_file, &mut cfg.peer_key_file),
             (&flags.peer_trusted_ca_file, &mut cfg.peer_trusted_ca_file),
+            (&flags.client_crl_file, &mut cfg.client_crl_file),
+            (&flags.peer_crl_file, &mut cfg.peer_crl_file),
         ] {
             if let Some(f) = flag {
                 *setting = Some(f.clone());
@@ -595,27 +611,16 @@ impl Settings {
     /// certificate without its key, or client certificates required
     /// without a CA to check them.
     fn listener_tls(&self, peer: bool, urls: &[Url], warnings: &mut Vec<String>) -> Result<ListenerTls> {
-        let (cert, key, ca, auth, auto, yaml) = if peer {
-            let s = self;
-            (
-                &s.peer_cert_file,
-                &s.peer_key_file,
-                &s.peer_trusted_ca_file,
-                s.peer_client_cert_auth,
-                s.peer_auto_tls,
-                &s.peer_transport_security,
-            )
+        let s = self;
+        let (cert, key, ca, auth, auto, crl, yaml) = if peer {
+            let t = &s.peer_transport_security;
+            let (c, k, a) = (&s.peer_cert_file, &s.peer_key_file, &s.peer_trusted_ca_file);
+            (c, k, a, s.peer_client_cert_auth, s.peer_auto_tls, &s.peer_crl_file, t)
         } else {
-            let s = self;
-            (
-                &s.cert_file,
-                &s.key_file,
-                &s.trusted_ca_file,
-                s.client_cert_auth,
-                s.auto_tls,
-                &s.client_transport_security,
-            )
+            let t = &s.client_transport_security;
+            (&s.cert_file, &s.key_file, &s.trusted_ca_file, s.client_cert_auth, s.auto_tls, &s.client_crl_file, t)
         };
+        let crl = crl.clone().or_else(|| yaml.crl_file.clone()).filter(|p| !p.as_os_str().is_empty());
         let cert = cert.clone().or_else(|| yaml.cert_file.clone()).filter(|p| !p.as_os_str().is_empty());
         let key = key.clone().or_else(|| yaml.key_file.clone()).filter(|p| !p.as_os_str().is_empty());
         let trusted_ca = ca.clone().or_else(|| yaml.trusted_ca_file.clone()).filter(|p| !p.as_os_str().is_empty());
@@ -624,7 +629,7 @@ impl Settings {
         let tls_urls: Vec<&Url> = urls.iter().filter(|u| u.is_tls()).collect();
         let files = match (cert, key) {
             (Some(cert), Some(key)) => {
-                Some(meridian_wire::tls::ServerFiles { cert, key, trusted_ca, client_cert_auth: auth })
+                Some(meridian_wire::tls::ServerFiles { cert, key, trusted_ca, client_cert_auth: auth, crl })
             }
             (None, None) => None,
             _ => return Err(Error::Config(format!("--{p}cert-file and --{p}key-file must be given together"))),
@@ -987,6 +992,7 @@ mod tests {
             key: "s.key".into(),
             trusted_ca: Some("ca.crt".into()),
             client_cert_auth: true,
+            crl: None,
         };
         // Files win over --auto-tls, as in etcd.
         assert_eq!(s.clone().check().unwrap().client_tls, ListenerTls::Files(files.clone()));
@@ -1003,6 +1009,7 @@ mod tests {
             key_file: files.key.clone().into(),
             trusted_ca_file: files.trusted_ca.clone(),
             client_cert_auth: true,
+            crl_file: None,
             auto_tls: false,
         };
         y.listen_peer_urls = "https://127.0.0.1:2380".into();

@@ -424,7 +424,7 @@ fn listener_tls(tls: &ListenerTls, fixtures: &std::path::Path, urls: &[Url]) -> 
         ListenerTls::Auto => {
             let hosts: Vec<String> = urls.iter().map(|u| u.host().to_string()).collect();
             let (cert, key) = meridian_wire::tls::auto_tls(fixtures, &hosts).map_err(Error::Config)?;
-            meridian_wire::tls::ServerFiles { cert, key, trusted_ca: None, client_cert_auth: false }
+            meridian_wire::tls::ServerFiles { cert, key, trusted_ca: None, client_cert_auth: false, crl: None }
         }
     };
     tracing::info!(cert = %files.cert.display(), key = %files.key.display(),

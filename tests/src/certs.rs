@@ -20,6 +20,8 @@ use tempfile::TempDir;
 pub struct Pair {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The certificate's serial number (0 for a copy made by hand).
+    pub serial: u64,
 }
 
 impl Pair {
@@ -38,6 +40,7 @@ pub struct TestCa {
     key: KeyPair,
     ca_path: String,
     dir: TempDir,
+    next_serial: std::sync::atomic::AtomicU64,
 }
 
 impl TestCa {
@@ -58,7 +61,7 @@ impl TestCa {
         let ca_path = dir.path().join("ca.crt");
         std::fs::write(&ca_path, cert.pem())?;
         let ca_path = ca_path.to_str().expect("temp paths are UTF-8").to_string();
-        Ok(Self { name: name.to_string(), cert, key, ca_path, dir })
+        Ok(Self { name: name.to_string(), cert, key, ca_path, dir, next_serial: 1000.into() })
     }
 
     /// The CA certificate file, for `--trusted-ca-file` and `--cacert`.
@@ -92,6 +95,8 @@ impl TestCa {
     fn issue(&self, name: &str, sans: &[&str], server: bool) -> Result<Pair> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+        let serial = self.next_serial.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        params.serial_number = Some(rcgen::SerialNumber::from(serial));
         params.distinguished_name.push(DnType::CommonName, name);
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = if server {
@@ -104,9 +109,42 @@ impl TestCa {
         let pair = Pair {
             cert: self.dir.path().join(format!("{stem}.crt")),
             key: self.dir.path().join(format!("{stem}.key")),
+            serial,
         };
         std::fs::write(&pair.key, key.serialize_pem())?;
         std::fs::write(&pair.cert, cert.pem())?;
         Ok(pair)
+    }
+}
+
+impl TestCa {
+    /// Writes `file` (in the CA's dir) as a revocation list of this CA naming `revoked`; returns
+    /// its path, for `--client-crl-file`.
+    ///
+    /// # Errors
+    ///
+    /// Signing or writing failed.
+    pub fn crl(&self, file: &str, revoked: &[&Pair]) -> Result<String> {
+        let now = time::OffsetDateTime::now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - time::Duration::minutes(1),
+            next_update: now + time::Duration::days(1),
+            crl_number: rcgen::SerialNumber::from(self.next_serial.fetch_add(1, std::sync::atomic::Ordering::Relaxed)),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|p| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(p.serial),
+                    revocation_time: now - time::Duration::minutes(1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.cert, &self.key)?;
+        let path = self.dir.path().join(file);
+        std::fs::write(&path, crl.pem()?)?;
+        Ok(path.to_str().expect("temp paths are UTF-8").to_string())
     }
 }

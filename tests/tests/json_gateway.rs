@@ -95,14 +95,19 @@ const SCRIPT: &[(&str, &str)] = &[
 fn curl_recipes_answer_as_etcd_does() -> Result<()> {
     let etcd = EtcdCluster::start(1)?;
     let meridian = Cluster::start(1, ClusterOpts::default())?;
+    // A second cluster behind a gateway, which forwards to its leader.
+    let behind = Cluster::start(1, ClusterOpts::default())?;
+    let gw = GatewayProcess::start("gw", "default", &[("default", behind.endpoints())], &[])?;
     let mut seen = Vec::new();
-    for cluster in [&*etcd, &meridian] {
-        let addr: SocketAddr = cluster.endpoint(1).parse()?;
+    for addr in [etcd.endpoint(1), meridian.endpoint(1), gw.endpoint()] {
+        let addr: SocketAddr = addr.parse()?;
         let answers: Vec<String> = SCRIPT.iter().map(|(path, body)| answer(addr, path, body)).collect::<Result<_>>()?;
         seen.push(answers);
     }
-    for (i, (want, got)) in seen[0].iter().zip(&seen[1]).enumerate() {
-        assert_eq!(got, want, "{} {}", SCRIPT[i].0, SCRIPT[i].1);
+    for (who, answers) in [("meridian", &seen[1]), ("a gateway", &seen[2])] {
+        for (i, (want, got)) in seen[0].iter().zip(answers).enumerate() {
+            assert_eq!(got, want, "{who}: {} {}", SCRIPT[i].0, SCRIPT[i].1);
+        }
     }
     // Observe streamed the leader's value; a keep-alive answered with the TTL.
     let at = |path: &str| SCRIPT.iter().position(|(p, _)| *p == path).expect("in the script");

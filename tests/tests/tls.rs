@@ -89,6 +89,37 @@ fn etcdctl_over_tls_and_refusals_match_etcd() -> Result<()> {
     Ok(())
 }
 
+#[test]
+fn revoked_client_certificates_are_refused_as_etcd_refuses_them() -> Result<()> {
+    let ca = TestCa::new("crl CA")?;
+    let server = ca.server("server")?;
+    let (alice, mallory, bob) = (ca.client("alice")?, ca.client("mallory")?, ca.client("bob")?);
+    let crl = ca.crl("revoked.crl", &[&mallory])?;
+    let flags = [client_tls_flags(&ca, &server), args(&["--client-crl-file", &crl])].concat();
+    let opts = || ClusterOpts { client_https: true, extra_args: flags.clone(), ..Default::default() };
+    let etcd = EtcdCluster::start_with(1, opts())?;
+    let meridian = Cluster::start(1, opts())?;
+    let probe = ["--command-timeout=3s", "get", "k"];
+    let mut seen = Vec::new();
+    for cluster in [&*etcd, &meridian] {
+        let eps = cluster.client_urls();
+        let ok =
+            |who: &Pair| -> Result<bool> { Ok(etcdctl(&eps, &with(&ctl_tls(ca.ca(), Some(who)), &probe))?.success()) };
+        seen.push((ok(&alice)?, ok(&mallory)?, ok(&bob)?));
+    }
+    assert_eq!(seen[0], (true, false, true), "etcd");
+    assert_eq!(seen[1], seen[0], "meridian, then etcd");
+    // The list is re-read when it changes: bob is refused from then on.
+    ca.crl("revoked.crl", &[&mallory, &bob])?;
+    let eps = meridian.client_urls();
+    eventually(
+        Duration::from_secs(10),
+        || Ok(!etcdctl(&eps, &with(&ctl_tls(ca.ca(), Some(&bob)), &probe))?.success()),
+    )?;
+    ensure!(etcdctl(&eps, &with(&ctl_tls(ca.ca(), Some(&alice)), &probe))?.success(), "alice is still welcome");
+    Ok(())
+}
+
 /// Waits until `f` holds, polling every 100 ms, within `limit`.
 fn eventually(limit: Duration, mut f: impl FnMut() -> Result<bool>) -> Result<()> {
     let deadline = Instant::now() + limit;
@@ -160,7 +191,7 @@ fn peers_over_mutual_tls() -> Result<()> {
 fn a_replaced_certificate_is_served_without_a_restart() -> Result<()> {
     let ca = TestCa::new("first CA")?;
     let first = ca.server("server")?;
-    let served = Pair { cert: ca.dir().join("served.crt"), key: ca.dir().join("served.key") };
+    let served = Pair { cert: ca.dir().join("served.crt"), key: ca.dir().join("served.key"), serial: 0 };
     std::fs::copy(&first.cert, &served.cert)?;
     std::fs::copy(&first.key, &served.key)?;
     let opts = ClusterOpts {

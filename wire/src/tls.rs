@@ -59,6 +59,9 @@ pub struct ServerFiles {
     pub trusted_ca: Option<PathBuf>,
     /// Require a client certificate signed by `trusted_ca`.
     pub client_cert_auth: bool,
+    /// Certificate revocation lists (PEM): a client certificate listed in
+    /// one is refused. A certificate no list speaks of passes, as in etcd.
+    pub crl: Option<PathBuf>,
 }
 
 /// Client-side files: what to trust and what to present.
@@ -146,9 +149,15 @@ fn server_config(files: &ServerFiles) -> Result<Arc<ServerConfig>, String> {
         .map_err(|e| e.to_string())?;
     let builder = match (&files.trusted_ca, files.client_cert_auth) {
         (Some(ca), true) => {
-            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(read_roots(ca)?, provider())
-                .build()
-                .map_err(|e| format!("{}: {e}", ca.display()))?;
+            let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(read_roots(ca)?, provider());
+            if let Some(crl) = &files.crl {
+                let crls = rustls::pki_types::CertificateRevocationListDer::pem_file_iter(crl)
+                    .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+                    .map_err(|e| format!("{}: {e}", crl.display()))?;
+                verifier =
+                    verifier.with_crls(crls).only_check_end_entity_revocation().allow_unknown_revocation_status();
+            }
+            let verifier = verifier.build().map_err(|e| format!("{}: {e}", ca.display()))?;
             builder.with_client_cert_verifier(verifier)
         }
         (None, true) => return Err("--client-cert-auth needs --trusted-ca-file".into()),
@@ -245,6 +254,7 @@ impl ServerTls {
     pub fn load(files: ServerFiles) -> Result<Arc<Self>, String> {
         let mut paths = vec![files.cert.clone(), files.key.clone()];
         paths.extend(files.trusted_ca.clone());
+        paths.extend(files.crl.clone());
         Ok(Arc::new(Self(Watched::new(files, paths, server_config)?)))
     }
 
@@ -712,7 +722,7 @@ mod tests {
         assert_eq!(std::fs::read(&cert).unwrap(), first, "an existing pair is reused");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
-        let files = ServerFiles { cert, key, trusted_ca: None, client_cert_auth: false };
+        let files = ServerFiles { cert, key, trusted_ca: None, client_cert_auth: false, crl: None };
         ServerTls::load(files).unwrap();
     }
 
@@ -721,11 +731,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let junk = dir.path().join("junk.pem");
         std::fs::write(&junk, "not a certificate").unwrap();
-        let files = ServerFiles { cert: junk.clone(), key: junk.clone(), trusted_ca: None, client_cert_auth: false };
+        let files =
+            ServerFiles { cert: junk.clone(), key: junk.clone(), trusted_ca: None, client_cert_auth: false, crl: None };
         let e = ServerTls::load(files).err().unwrap();
         assert!(e.contains("junk.pem") && e.contains("no PEM certificate"), "{e}");
         let (cert, key) = auto_tls(dir.path(), &["127.0.0.1".into()]).unwrap();
-        let files = ServerFiles { cert, key, trusted_ca: None, client_cert_auth: true };
+        let files = ServerFiles { cert, key, trusted_ca: None, client_cert_auth: true, crl: None };
         assert_eq!(ServerTls::load(files).err().unwrap(), "--client-cert-auth needs --trusted-ca-file");
         let only_cert = ClientFiles { cert: Some(junk), ..Default::default() };
         assert!(ClientTls::load(&only_cert).is_err());
@@ -735,7 +746,8 @@ mod tests {
     fn a_changed_pair_is_served_after_the_check() {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = auto_tls(&dir.path().join("a"), &["127.0.0.1".into()]).unwrap();
-        let files = ServerFiles { cert: cert.clone(), key: key.clone(), trusted_ca: None, client_cert_auth: false };
+        let files =
+            ServerFiles { cert: cert.clone(), key: key.clone(), trusted_ca: None, client_cert_auth: false, crl: None };
         let tls = ServerTls::load(files).unwrap();
         let before = tls.config();
         // A half-written file keeps the old config.
