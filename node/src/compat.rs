@@ -220,7 +220,12 @@ pub fn check_etcd_yaml(path: &std::path::Path) -> Result<EtcdFlags> {
                 if TRANSPORT_KEYS.contains(&name.as_str()) || is_unset(&text) {
                     continue;
                 }
-                match FLAGS.iter().find(|(f, _, _)| *f == format!("{prefix}{name}")) {
+                // The YAML names the name checks `allowed-cn` and `allowed-hostname`.
+                let flag = match name.as_str() {
+                    "allowed-cn" | "allowed-hostname" => format!("{prefix}cert-{name}"),
+                    _ => format!("{prefix}{name}"),
+                };
+                match FLAGS.iter().find(|(f, _, _)| *f == flag) {
                     Some((flag, _, RefuseUnless(_))) => found.refused.push(refusal(flag, &text)),
                     _ => found.warnings.push(format!("{key}.{name}: {text} (ignored)")),
                 }

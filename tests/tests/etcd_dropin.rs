@@ -36,7 +36,7 @@ fn etcd_flags_whose_effect_matters_are_refused() -> Result<()> {
     let dir = tempfile::tempdir()?;
     for (args, want) in [
         (vec!["--enable-v2=true"], "--enable-v2=true: the etcd v2 API is out of scope"),
-        (vec!["--client-crl-file", "clients.crl"], "--client-crl-file=clients.crl: certificate revocation lists"),
+        (vec!["--peer-cert-allowed-cn", "m1"], "--peer-cert-allowed-cn=m1: checking certificate names"),
         (vec!["--force-new-cluster"], "--force-new-cluster=true"),
         (vec!["--discovery", "https://discovery.example/x"], "discovery is not supported"),
     ] {
@@ -151,11 +151,11 @@ fn etcds_yaml_config_file_gives_the_ids_etcd_gives() -> Result<()> {
 fn a_yaml_config_asking_for_what_tls_lacks_is_refused() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("tls.yml");
-    std::fs::write(&file, "name: t\npeer-transport-security:\n  crl-file: /etc/ssl/peers.crl\n")?;
+    std::fs::write(&file, "name: t\npeer-transport-security:\n  allowed-cn: m1\n")?;
     let out = Command::new(meridian_bin()?).arg("node").arg("--config-file").arg(&file).output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && stderr.contains("--peer-crl-file=/etc/ssl/peers.crl: certificate revocation lists"),
+        !out.status.success() && stderr.contains("--peer-cert-allowed-cn=m1: checking certificate names"),
         "{stderr}"
     );
     Ok(())
