@@ -327,23 +327,10 @@ impl ClientTls {
         use tower::Service;
         Connector(self.clone()).call(uri).await
     }
-
-    /// A channel to `endpoint`, connected now.
-    ///
-    /// # Errors
-    ///
-    /// What dialing or the handshake failed with.
-    pub async fn connect(&self, endpoint: &Endpoint) -> Result<Channel, tonic::transport::Error> {
-        if matches!(endpoint.uri().scheme_str(), Some("https" | "unixs")) {
-            endpoint.connect_with_connector(Connector(self.clone())).await
-        } else {
-            endpoint.connect().await
-        }
-    }
 }
 
-/// Dials for tonic: TCP (no Nagle), or the socket file of `unixs://`, then
-/// rustls.
+/// Dials for tonic (and the gateway's JSON forwarding): TCP (no Nagle), or the socket file of
+/// `unix(s)://`, then rustls for `https://` and `unixs://`.
 #[derive(Clone)]
 struct Connector(ClientTls);
 
