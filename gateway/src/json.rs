@@ -18,6 +18,10 @@ use tonic::Status;
 use crate::proxy::Gateway;
 use crate::route::Class;
 
+/// How long reaching the member may take (a black-holed member would
+/// otherwise hold the client for the kernel's connect timeout).
+const DIAL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
 /// Answers as etcd's gateway does: `{"error", "message", "code"}`.
 fn error(status: &Status, http: StatusCode) -> Response {
     let message = serde_json::Value::from(status.message()).to_string();
@@ -38,9 +42,10 @@ pub async fn forward(gw: Arc<Gateway>, req: Request) -> Response {
         return error(&Status::internal(format!("bad member URL {member}")), StatusCode::INTERNAL_SERVER_ERROR);
     };
     let unavailable = |e: String| error(&Status::unavailable(e), StatusCode::SERVICE_UNAVAILABLE);
-    let io = match gw.cfg.upstream_tls.dial(target.clone()).await {
-        Ok(io) => io,
-        Err(e) => return unavailable(format!("{member}: {e}")),
+    let io = match tokio::time::timeout(DIAL_TIMEOUT, gw.cfg.upstream_tls.dial(target.clone())).await {
+        Ok(Ok(io)) => io,
+        Ok(Err(e)) => return unavailable(format!("{member}: {e}")),
+        Err(_) => return unavailable(format!("{member}: no connection within {DIAL_TIMEOUT:?}")),
     };
     let (mut sender, connection) = match hyper::client::conn::http1::handshake::<_, Body>(io).await {
         Ok(pair) => pair,
