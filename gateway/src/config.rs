@@ -57,18 +57,10 @@ pub struct GatewayFlags {
     /// For https:// upstreams: what to trust and present (etcdctl's names).
     #[command(flatten)]
     pub tls: meridian_wire::tls::TlsFlags,
-    /// TLS certificate for https:// client URLs.
-    #[arg(long)]
-    pub cert_file: Option<PathBuf>,
-    /// TLS key for https:// client URLs.
-    #[arg(long)]
-    pub key_file: Option<PathBuf>,
-    /// CA bundle client certificates must chain to.
-    #[arg(long)]
-    pub trusted_ca_file: Option<PathBuf>,
-    /// Require a client certificate signed by --trusted-ca-file.
-    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    pub client_cert_auth: Option<bool>,
+    /// TLS on https:// client and metrics URLs: --cert-file, --key-file, --trusted-ca-file,
+    /// --client-cert-auth, as a member takes them.
+    #[command(flatten)]
+    pub server_tls: meridian_wire::tls::ServerTlsFlags,
     /// TOML file with any of the settings above (snake_case keys; `upstream` and
     /// `peer_gateway` are tables).
     #[arg(long)]
@@ -197,12 +189,13 @@ impl GatewayConfig {
         };
         let upstream_tls =
             meridian_wire::tls::ClientTls::load(&upstream_files).map_err(|e| anyhow::anyhow!("upstream TLS: {e}"))?;
-        let server_tls = match (path(&flags.cert_file, file.cert_file), path(&flags.key_file, file.key_file)) {
+        let t = &flags.server_tls;
+        let server_tls = match (path(&t.cert_file, file.cert_file), path(&t.key_file, file.key_file)) {
             (Some(cert), Some(key)) => Some(meridian_wire::tls::ServerFiles {
                 cert,
                 key,
-                trusted_ca: path(&flags.trusted_ca_file, file.trusted_ca_file),
-                client_cert_auth: flags.client_cert_auth.or(file.client_cert_auth).unwrap_or(false),
+                trusted_ca: path(&t.trusted_ca_file, file.trusted_ca_file),
+                client_cert_auth: t.client_cert_auth.or(file.client_cert_auth).unwrap_or(false),
                 crl: None,
             }),
             (None, None) => None,

@@ -109,18 +109,9 @@ pub struct NodeFlags {
     /// File holding the token a mirror must present to write into this secondary (Mirror.Apply).
     #[arg(long)]
     pub mirror_token_file: Option<PathBuf>,
-    /// Path to the client server TLS cert file (for https:// client URLs).
-    #[arg(long)]
-    pub cert_file: Option<PathBuf>,
-    /// Path to the client server TLS key file.
-    #[arg(long)]
-    pub key_file: Option<PathBuf>,
-    /// Path to the client server TLS trusted CA cert file (client certificates must chain to it).
-    #[arg(long)]
-    pub trusted_ca_file: Option<PathBuf>,
-    /// Require a client certificate signed by --trusted-ca-file on https:// client URLs.
-    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
-    pub client_cert_auth: Option<bool>,
+    /// TLS on https:// client URLs: --cert-file, --key-file, --trusted-ca-file, --client-cert-auth.
+    #[command(flatten)]
+    pub server_tls: meridian_wire::tls::ServerTlsFlags,
     /// Client certificate revocation list (PEM): a listed client certificate is refused.
     #[arg(long)]
     pub client_crl_file: Option<PathBuf>,
@@ -576,9 +567,9 @@ impl Settings {
             cfg.mirror_token_file = Some(f.clone());
         }
         for (flag, setting) in [
-            (&flags.cert_file, &mut cfg.cert_file),
-            (&flags.key_file, &mut cfg.key_file),
-            (&flags.trusted_ca_file, &mut cfg.trusted_ca_file),
+            (&flags.server_tls.cert_file, &mut cfg.cert_file),
+            (&flags.server_tls.key_file, &mut cfg.key_file),
+            (&flags.server_tls.trusted_ca_file, &mut cfg.trusted_ca_file),
             (&flags.peer_cert_file, &mut cfg.peer_cert_file),
             (&flags.peer_key_file, &mut cfg.peer_key_file),
             (&flags.peer_trusted_ca_file, &mut cfg.peer_trusted_ca_file),
@@ -590,7 +581,7 @@ impl Settings {
             }
         }
         for (flag, setting) in [
-            (flags.client_cert_auth, &mut cfg.client_cert_auth),
+            (flags.server_tls.client_cert_auth, &mut cfg.client_cert_auth),
             (flags.auto_tls, &mut cfg.auto_tls),
             (flags.peer_client_cert_auth, &mut cfg.peer_client_cert_auth),
             (flags.peer_auto_tls, &mut cfg.peer_auto_tls),

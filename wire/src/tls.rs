@@ -94,6 +94,24 @@ pub struct TlsFlags {
     pub insecure_skip_tls_verify: bool,
 }
 
+/// etcd's flags for a listener's TLS (client URLs), shared by `meridian
+/// node` and `meridian gateway`.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ServerTlsFlags {
+    /// Path to the TLS certificate served on https:// client URLs.
+    #[arg(long)]
+    pub cert_file: Option<PathBuf>,
+    /// Path to its key.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Path to the CA bundle client certificates must chain to.
+    #[arg(long)]
+    pub trusted_ca_file: Option<PathBuf>,
+    /// Require a client certificate signed by --trusted-ca-file on https:// client URLs.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+    pub client_cert_auth: Option<bool>,
+}
+
 impl TlsFlags {
     pub fn files(&self) -> ClientFiles {
         ClientFiles {

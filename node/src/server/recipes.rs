@@ -91,6 +91,14 @@ impl Recipes {
         Ok(granted.id)
     }
 
+    /// The lease, prefix and key of a call on lock or election `name`.
+    async fn queue_key(&self, name: &[u8], lease: i64) -> Result<(i64, Vec<u8>, Vec<u8>), Status> {
+        let lease = self.session_lease(lease).await?;
+        let prefix = prefix_of(name);
+        let key = key_of(&prefix, lease);
+        Ok((lease, prefix, key))
+    }
+
     /// Keeps `lease` alive while a call waits; ends only with the error
     /// that stopped it (the lease is gone).
     async fn keep_alive(&self, lease: i64) -> Status {
@@ -217,6 +225,17 @@ fn created_at(key: &[u8], rev: i64) -> Compare {
     }
 }
 
+/// Deletes `key` if it still has create revision `rev`.
+fn delete_if_created_at(key: Vec<u8>, rev: i64) -> TxnRequest {
+    TxnRequest {
+        compare: vec![created_at(&key, rev)],
+        success: vec![RequestOp {
+            request: Some(Op::RequestDeleteRange(DeleteRangeRequest { key, ..Default::default() })),
+        }],
+        failure: vec![],
+    }
+}
+
 fn put(key: &[u8], value: Vec<u8>, lease: i64) -> RequestOp {
     RequestOp { request: Some(Op::RequestPut(PutRequest { key: key.to_vec(), value, lease, ..Default::default() })) }
 }
@@ -245,14 +264,7 @@ impl Drop for Withdraw {
         }
         let (recipes, key, rev) = (self.recipes.clone(), std::mem::take(&mut self.key), self.rev);
         tokio::spawn(async move {
-            let txn = TxnRequest {
-                compare: vec![created_at(&key, rev)],
-                success: vec![RequestOp {
-                    request: Some(Op::RequestDeleteRange(DeleteRangeRequest { key, ..Default::default() })),
-                }],
-                failure: vec![],
-            };
-            if let Err(e) = recipes.txn(txn).await {
+            if let Err(e) = recipes.txn(delete_if_created_at(key, rev)).await {
                 tracing::warn!(error = %e, "could not withdraw an abandoned lock or campaign key");
             }
         });
@@ -267,9 +279,7 @@ impl Lock for LockService {
     async fn lock(&self, req: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
         let req = req.into_inner();
         let recipes = &self.0;
-        let lease = recipes.session_lease(req.lease).await?;
-        let prefix = prefix_of(&req.name);
-        let key = key_of(&prefix, lease);
+        let (lease, prefix, key) = recipes.queue_key(&req.name, req.lease).await?;
         let work = async {
             let (rev, resp) = recipes.enqueue(&key, Vec::new(), lease).await?;
             let mut withdraw = Withdraw { recipes: recipes.clone(), key: key.clone(), rev, armed: true };
@@ -307,9 +317,7 @@ impl Election for ElectionService {
     async fn campaign(&self, req: Request<CampaignRequest>) -> Result<Response<CampaignResponse>, Status> {
         let req = req.into_inner();
         let recipes = &self.0;
-        let lease = recipes.session_lease(req.lease).await?;
-        let prefix = prefix_of(&req.name);
-        let key = key_of(&prefix, lease);
+        let (lease, prefix, key) = recipes.queue_key(&req.name, req.lease).await?;
         let work = async {
             let (rev, resp) = recipes.enqueue(&key, req.value.clone(), lease).await?;
             let mut withdraw = Withdraw { recipes: recipes.clone(), key: key.clone(), rev, armed: true };
@@ -362,14 +370,7 @@ impl Election for ElectionService {
 
     async fn resign(&self, req: Request<ResignRequest>) -> Result<Response<ResignResponse>, Status> {
         let leader = req.into_inner().leader.ok_or_else(no_leader_key)?;
-        let txn = TxnRequest {
-            compare: vec![created_at(&leader.key, leader.rev)],
-            success: vec![RequestOp {
-                request: Some(Op::RequestDeleteRange(DeleteRangeRequest { key: leader.key, ..Default::default() })),
-            }],
-            failure: vec![],
-        };
-        let resp = self.0.txn(txn).await?;
+        let resp = self.0.txn(delete_if_created_at(leader.key, leader.rev)).await?;
         Ok(Response::new(ResignResponse { header: resp.header }))
     }
 }
