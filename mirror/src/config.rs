@@ -196,17 +196,7 @@ impl MirrorConfig {
     }
 }
 
-/// The first key after every key with `prefix`.
-pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
+pub use meridian_wire::etcd::prefix_end;
 
 #[cfg(test)]
 mod tests {

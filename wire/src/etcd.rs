@@ -10,6 +10,19 @@ pub const TOO_MANY_REQUESTS: &str = "etcdserver: too many requests";
 /// etcd's refusal of a watch id already in use on the stream.
 pub const DUPLICATE_WATCH_ID: &str = "mvcc: duplicate watch ID provided on the WatchStream";
 
+/// The first key after every key with `prefix` (etcd's `--prefix` range end;
+/// `\0`, every key, when no key follows).
+pub fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 /// True if the txn only reads, on either branch, nested txns included.
 pub fn txn_is_read_only(r: &TxnRequest) -> bool {
     r.success.iter().chain(&r.failure).all(|op| match &op.request {

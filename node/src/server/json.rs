@@ -29,7 +29,7 @@ use meridian_proto::etcdserverpb::kv_server::Kv;
 use meridian_proto::etcdserverpb::lease_server::Lease;
 use meridian_proto::etcdserverpb::maintenance_server::Maintenance;
 use meridian_proto::etcdserverpb::watch_request::RequestUnion;
-use meridian_proto::etcdserverpb::{LeaseKeepAliveRequest, WatchRequest, WatchResponse};
+use meridian_proto::etcdserverpb::{LeaseKeepAliveRequest, WatchRequest};
 use meridian_proto::v3electionpb::election_server::Election;
 use meridian_proto::v3electionpb::LeaderRequest;
 use meridian_proto::v3lockpb::lock_server::Lock;
@@ -43,9 +43,9 @@ use super::kv::KvService;
 use super::lease::service::{keep_alive_once, LeaseService};
 use super::maintenance::MaintenanceService;
 use super::recipes::{ElectionService, LockService};
-use super::watch::hub::{HeaderFn, Spec};
+use super::watch::hub::HeaderFn;
+use super::watch::service::{created_response, spec_of};
 use super::watch::WatchHub;
-use crate::mvcc::KeyRange;
 
 /// The largest JSON body taken (a request is at most `--max-request-bytes`
 /// as protobuf; base64 and names make JSON about twice that).
@@ -322,40 +322,11 @@ async fn watch(api: Arc<JsonApi>, body: Bytes) -> Response {
     tokio::spawn(async move {
         let _close = Close(hub.clone(), stream);
         for c in creates {
-            let key = if c.key.is_empty() { vec![0] } else { c.key.clone() };
-            let spec = Spec {
-                watch_id: c.watch_id,
-                range: KeyRange::new(&key, &c.range_end),
-                start_revision: c.start_revision,
-                no_put: c.filters.contains(&0),
-                no_delete: c.filters.contains(&1),
-                prev_kv: c.prev_kv,
-                progress_notify: c.progress_notify,
-                fragment: c.fragment,
-            };
-            let created = match hub.create(stream, spec, out.clone()) {
-                Ok((id, rev)) => {
-                    let msg =
-                        WatchResponse { header: Some(header(rev)), watch_id: id, created: true, ..Default::default() };
-                    if tx.send(Ok(stream_line(&msg))).await.is_err() {
-                        return;
-                    }
-                    Some(id)
-                }
-                Err(reason) => {
-                    let msg = WatchResponse {
-                        header: Some(header(0)),
-                        watch_id: -1,
-                        created: true,
-                        canceled: true,
-                        cancel_reason: reason,
-                        ..Default::default()
-                    };
-                    let _ = tx.send(Ok(stream_line(&msg))).await;
-                    None
-                }
-            };
-            if let Some(id) = created {
+            let created = hub.create(stream, spec_of(&c), out.clone());
+            if tx.send(Ok(stream_line(&created_response(&header, &created)))).await.is_err() {
+                return;
+            }
+            if let Ok((id, _)) = created {
                 hub.announce(stream, id);
             }
         }
@@ -372,10 +343,7 @@ async fn watch(api: Arc<JsonApi>, body: Bytes) -> Response {
                     }
                 }
                 Some(Err(status)) => {
-                    let message = serde_json::Value::from(status.message()).to_string();
-                    let line =
-                        format!("{{\"error\":{{\"grpc_code\":{},\"message\":{message}}}}}\n", status.code() as i32);
-                    let _ = tx.send(Ok(Bytes::from(line))).await;
+                    let _ = tx.send(Ok(stream_error(&status))).await;
                     return;
                 }
                 None => return,

@@ -41,6 +41,7 @@ use meridian_proto::v3electionpb::{
 };
 use meridian_proto::v3lockpb::lock_server::Lock;
 use meridian_proto::v3lockpb::{LockRequest, LockResponse, UnlockRequest, UnlockResponse};
+use meridian_wire::etcd::prefix_end;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -177,17 +178,6 @@ impl Recipes {
         };
         Ok((rev, resp))
     }
-}
-
-fn prefix_end(prefix: &[u8]) -> Vec<u8> {
-    let mut end = prefix.to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
 }
 
 /// `name/`, the prefix of a lock's or an election's keys.

@@ -31,7 +31,7 @@ impl WatchService {
 
 /// etcd's normalization of a create request's keys: an empty key is the
 /// smallest key, and a range end of `\0` means "every key from here".
-fn spec_of(c: &WatchCreateRequest) -> Spec {
+pub(crate) fn spec_of(c: &WatchCreateRequest) -> Spec {
     let key = if c.key.is_empty() { vec![0] } else { c.key.clone() };
     let range = KeyRange::new(&key, &c.range_end);
     Spec {
@@ -43,6 +43,24 @@ fn spec_of(c: &WatchCreateRequest) -> Spec {
         prev_kv: c.prev_kv,
         progress_notify: c.progress_notify,
         fragment: c.fragment,
+    }
+}
+
+/// The answer to a create: Created at the hub's revision, or canceled with
+/// etcd's reason.
+pub(crate) fn created_response(header: &HeaderFn, created: &Result<(i64, i64), String>) -> WatchResponse {
+    match created {
+        Ok((id, rev)) => {
+            WatchResponse { header: Some(header(*rev)), watch_id: *id, created: true, ..Default::default() }
+        }
+        Err(reason) => WatchResponse {
+            header: Some(header(0)),
+            watch_id: -1,
+            created: true,
+            canceled: true,
+            cancel_reason: reason.clone(),
+            ..Default::default()
+        },
     }
 }
 
@@ -65,29 +83,18 @@ impl Watch for WatchService {
                 };
                 let Ok(Some(msg)) = msg else { break };
                 let reply = match msg.request_union {
-                    Some(RequestUnion::CreateRequest(c)) => match hub.create(stream, spec_of(&c), out.clone()) {
-                        Ok((id, rev)) => {
-                            let created = WatchResponse {
-                                header: Some(header(rev)),
-                                watch_id: id,
-                                created: true,
-                                ..Default::default()
-                            };
-                            if out.send(Ok(created)).await.is_err() {
+                    Some(RequestUnion::CreateRequest(c)) => {
+                        let created = hub.create(stream, spec_of(&c), out.clone());
+                        let reply = created_response(&header, &created);
+                        if let Ok((id, _)) = created {
+                            if out.send(Ok(reply)).await.is_err() {
                                 break;
                             }
                             hub.announce(stream, id);
                             continue;
                         }
-                        Err(reason) => WatchResponse {
-                            header: Some(header(0)),
-                            watch_id: -1,
-                            created: true,
-                            canceled: true,
-                            cancel_reason: reason,
-                            ..Default::default()
-                        },
-                    },
+                        reply
+                    }
                     Some(RequestUnion::CancelRequest(c)) => match hub.cancel(stream, c.watch_id) {
                         Some(rev) => WatchResponse {
                             header: Some(header(rev)),
