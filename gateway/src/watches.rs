@@ -303,9 +303,11 @@ impl Session {
                     }
                 }
                 let has_own = self.watchers.values().any(|w| w.shared.is_none());
-                // With no watcher of its own, the session's upstream has nothing to add.
+                // With no watcher of its own, the session's upstream has nothing to add:
+                // the groups' answers alone set the revision (the header seen so far may
+                // be older than events the groups deliver before they answer).
                 let own = (!has_own).then(|| WatchResponse {
-                    header: Some(self.last_header),
+                    header: Some(ResponseHeader { revision: i64::MAX, ..self.last_header }),
                     watch_id: -1,
                     ..Default::default()
                 });
