@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod mvcc;
 pub mod raft;
 pub mod server;
+pub mod snapshot;
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;

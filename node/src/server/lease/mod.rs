@@ -63,10 +63,18 @@ pub struct Lessor {
     promote_extension: Duration,
 }
 
-fn encode(ttl: i64, remaining: i64) -> Vec<u8> {
+/// A lease's stored metadata: its TTL and its checkpointed remaining TTL.
+pub fn encode_lease_meta(ttl: i64, remaining: i64) -> Vec<u8> {
     let mut b = ttl.to_be_bytes().to_vec();
     b.extend_from_slice(&remaining.to_be_bytes());
     b
+}
+
+/// The (TTL, remaining TTL) of [`encode_lease_meta`]; `None` if malformed.
+pub fn decode_lease_meta(v: &[u8]) -> Option<(i64, i64)> {
+    let ttl = i64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let remaining = i64::from_be_bytes(v.get(8..16)?.try_into().ok()?);
+    (v.len() == 16).then_some((ttl, remaining))
 }
 
 impl Lessor {
@@ -83,11 +91,7 @@ impl Lessor {
         st.leases.clear();
         for (name, v) in stored {
             let Ok(id) = name[LEASE_META_PREFIX.len()..].parse::<i64>() else { continue };
-            if v.len() != 16 {
-                continue;
-            }
-            let ttl = i64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
-            let remaining = i64::from_be_bytes(v[8..].try_into().expect("8 bytes"));
+            let Some((ttl, remaining)) = decode_lease_meta(&v) else { continue };
             st.leases.insert(id, Lease { ttl, remaining, ..Default::default() });
         }
         for (key, id) in leased {
@@ -117,7 +121,7 @@ impl Lessor {
     }
 
     fn store(mvcc: &Mvcc, id: i64, l: &Lease) {
-        mvcc.set_meta(&format!("{LEASE_META_PREFIX}{id}"), encode(l.ttl, l.remaining));
+        mvcc.set_meta(&format!("{LEASE_META_PREFIX}{id}"), encode_lease_meta(l.ttl, l.remaining));
     }
 
     // ---- Apply side: deterministic, called by the state machine. ----
