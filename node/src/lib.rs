@@ -93,6 +93,24 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
                     "joining an existing cluster is not supported yet; use --initial-cluster-state new".into(),
                 ));
             }
+            // A data directory `etcdctl snapshot restore` made: its history
+            // becomes this store's, staged in the batch that makes the member.
+            let mut batch = db.batch();
+            let restored = data_dir.join(snapshot::RESTORED_DB);
+            if restored.exists() {
+                if cfg.initial_role == InitialRole::Secondary {
+                    return Err(Error::Config(format!(
+                        "{} holds an etcd backend to import, but a secondary takes its history from its primary: start it as a primary, or remove the file",
+                        restored.display()
+                    )));
+                }
+                let imported = snapshot::read_etcd_db(&restored)
+                    .map_err(|e| Error::Config(format!("cannot import {}: {e}", restored.display())))?;
+                tracing::info!(path = %restored.display(), revision = imported.marks.current,
+                    compacted = imported.marks.compacted, keys = imported.keys, revisions = imported.records.len(),
+                    leases = imported.meta.len(), "importing an etcd backend");
+                mvcc.import(imported.marks, imported.records, imported.meta, &mut batch)?;
+            }
             members = Members(
                 cfg.initial_members
                     .clone()
@@ -131,7 +149,6 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
                 lineage,
             }
             .store(&mvcc);
-            let mut batch = db.batch();
             mvcc.stage(&mut batch);
             batch.commit()?;
             mvcc.publish()?;
@@ -287,7 +304,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let api = Arc::new(server::json::JsonApi {
         kv: Arc::new(KvService { server: server.clone() }),
         lease: leases,
-        maintenance: Arc::new(MaintenanceService { server: server.clone() }),
+        maintenance: Arc::new(MaintenanceService { server: server.clone(), scratch_dir: data_dir.clone() }),
         cluster: Arc::new(ClusterService { server: server.clone() }),
         lock: Arc::new(LockService(recipes.clone())),
         election: Arc::new(ElectionService(recipes)),

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub hash_duration: Histogram,
     pub hash_rev_duration: Histogram,
     pub defrag_duration: Histogram,
+    /// Maintenance.Snapshot: from the image to the last chunk sent.
+    pub backend_snapshot_duration: Histogram,
     pub defrag_inflight: IntGauge,
     pub health_success: IntCounter,
     pub health_failures: IntCounter,
@@ -278,6 +280,17 @@ impl Metrics {
             defrag_duration: disk_hist(
                 "etcd_disk_backend_defrag_duration_seconds",
                 "The latency distribution of backend defragmentation.",
+            ),
+            backend_snapshot_duration: reg(
+                &r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "etcd_disk_backend_snapshot_duration_seconds",
+                        "The latency distribution of backend snapshots.",
+                    )
+                    .buckets(exponential_buckets(0.01, 2.0, 17).expect("buckets")),
+                )
+                .expect("valid metric"),
             ),
             defrag_inflight: gauge(
                 "etcd_disk_defrag_inflight",

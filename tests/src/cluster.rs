@@ -67,6 +67,10 @@ pub struct ClusterOpts {
     pub peer_https: bool,
     /// Bound on every readiness wait (start, restart, leader).
     pub ready_timeout: Duration,
+    /// An etcd snapshot file that `etcdctl snapshot restore` turns into each member's data
+    /// directory (with the member's name, peer URL and the cluster's token) before the first
+    /// start: a real etcd boots from it, and `meridian node` imports it.
+    pub restore_snapshot: Option<PathBuf>,
 }
 
 impl Default for ClusterOpts {
@@ -84,6 +88,7 @@ impl Default for ClusterOpts {
             client_https: false,
             peer_https: false,
             ready_timeout: Duration::from_secs(30),
+            restore_snapshot: None,
         }
     }
 }
@@ -201,6 +206,9 @@ impl Cluster {
                 let data_dir = dir.path().join(&name);
                 let client_url = format!("{client_scheme}://127.0.0.1:{}", client.port());
                 let peer_url = format!("{peer_scheme}://127.0.0.1:{}", peer.port());
+                if let Some(snapshot) = &opts.restore_snapshot {
+                    restore_snapshot(snapshot, &name, &data_dir, &peer_url, &initial_cluster, &token)?;
+                }
                 let mut args = vec![
                     "--name".into(),
                     name.clone(),
@@ -225,7 +233,7 @@ impl Cluster {
                     args.extend(["--listen-metrics-urls".into(), format!("http://127.0.0.1:{}", metrics.port())]);
                 }
                 args.extend(opts.flags());
-                Member {
+                Ok(Member {
                     client,
                     metrics,
                     log_path: dir.path().join(format!("{name}.log")),
@@ -235,9 +243,9 @@ impl Cluster {
                     child: None,
                     starts: 0,
                     _peer: peer,
-                }
+                })
             })
-            .collect();
+            .collect::<Result<_>>()?;
         let mut cluster = Cluster {
             server,
             program,
@@ -414,6 +422,34 @@ impl DerefMut for EtcdCluster {
     fn deref_mut(&mut self) -> &mut Cluster {
         &mut self.0
     }
+}
+
+/// `etcdctl snapshot restore` of `snapshot` into `data_dir`, for the member `name`.
+fn restore_snapshot(
+    snapshot: &Path,
+    name: &str,
+    data_dir: &Path,
+    peer_url: &str,
+    initial_cluster: &str,
+    token: &str,
+) -> Result<()> {
+    let out = std::process::Command::new(crate::bins::etcdctl_bin()?)
+        .env("ETCDCTL_API", "3")
+        .args(["snapshot", "restore"])
+        .arg(snapshot)
+        .args(["--name", name, "--data-dir"])
+        .arg(data_dir)
+        .args(["--initial-advertise-peer-urls", peer_url, "--initial-cluster", initial_cluster])
+        .args(["--initial-cluster-token", token])
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "etcdctl snapshot restore {} for {name} failed: {}",
+            snapshot.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 /// A `--initial-cluster-token` no other cluster on this machine uses.

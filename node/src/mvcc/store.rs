@@ -538,10 +538,7 @@ impl Mvcc {
         &self,
         mut each: impl FnMut(&Marks, KvRecord) -> bool,
     ) -> Result<(Marks, BTreeMap<String, Vec<u8>>)> {
-        if self.state.read().restoring {
-            return Err(Error::Compacted);
-        }
-        let image = self.image();
+        let image = self.settled_image()?;
         image.for_each(|rec| each(&image.marks, rec))?;
         Ok((image.marks, image.meta))
     }

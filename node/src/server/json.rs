@@ -29,7 +29,7 @@ use meridian_proto::etcdserverpb::kv_server::Kv;
 use meridian_proto::etcdserverpb::lease_server::Lease;
 use meridian_proto::etcdserverpb::maintenance_server::Maintenance;
 use meridian_proto::etcdserverpb::watch_request::RequestUnion;
-use meridian_proto::etcdserverpb::{LeaseKeepAliveRequest, WatchRequest};
+use meridian_proto::etcdserverpb::{LeaseKeepAliveRequest, SnapshotRequest, WatchRequest};
 use meridian_proto::v3electionpb::election_server::Election;
 use meridian_proto::v3electionpb::LeaderRequest;
 use meridian_proto::v3lockpb::lock_server::Lock;
@@ -193,13 +193,17 @@ pub fn routes(into: Router, api: Arc<JsonApi>) -> Router {
     route!(router, api, "/election/leader", election, Election::leader);
     route!(router, api, "/election/resign", election, Election::resign);
     for prefix in ["/v3", "/v3beta"] {
-        let (api2, api3, api4) = (api.clone(), api.clone(), api.clone());
+        let (api2, api3, api4, api5) = (api.clone(), api.clone(), api.clone(), api.clone());
         router = router
             .route(&format!("{prefix}/watch"), post(move |body: Bytes| watch(api2.clone(), body)))
             .route(&format!("{prefix}/lease/keepalive"), post(move |body: Bytes| keep_alive(api3.clone(), body)))
             .route(
                 &format!("{prefix}/election/observe"),
                 post(move |headers: HeaderMap, body: Bytes| observe(api4.clone(), headers, body)),
+            )
+            .route(
+                &format!("{prefix}/maintenance/snapshot"),
+                post(move |headers: HeaderMap, body: Bytes| snapshot(api5.clone(), headers, body)),
             )
             .route(
                 &format!("{prefix}/auth/{{*rest}}"),
@@ -270,10 +274,32 @@ async fn observe(api: Arc<JsonApi>, headers: HeaderMap, body: Bytes) -> Response
         Ok(r) => r,
         Err(e) => return error(&e),
     };
-    let mut stream = match Election::observe(&*api.election, request(req, &headers)).await {
-        Ok(s) => s.into_inner(),
-        Err(status) => return error(&status),
+    match Election::observe(&*api.election, request(req, &headers)).await {
+        Ok(s) => lines(s.into_inner()),
+        Err(status) => error(&status),
+    }
+}
+
+/// `/v3/maintenance/snapshot`: the backend file, a `{"result": ...}` line
+/// per chunk as the gRPC stream sends them (blobs in base64).
+async fn snapshot(api: Arc<JsonApi>, headers: HeaderMap, body: Bytes) -> Response {
+    let req = match parse::<SnapshotRequest>(&body) {
+        Ok(r) => r,
+        Err(e) => return error(&e),
     };
+    match Maintenance::snapshot(&*api.maintenance, request(req, &headers)).await {
+        Ok(s) => lines(s.into_inner()),
+        Err(status) => error(&status),
+    }
+}
+
+/// A server stream as grpc-gateway answers it: one line per message while
+/// the client stays; an error is the last line.
+fn lines<T, S>(mut stream: S) -> Response
+where
+    T: Serialize + Send + 'static,
+    S: futures::Stream<Item = Result<T, Status>> + Send + Unpin + 'static,
+{
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
         use futures::StreamExt;

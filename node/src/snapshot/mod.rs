@@ -211,10 +211,9 @@ pub fn read_etcd_db(path: &Path) -> Result<EtcdDb> {
         Ok(())
     })?;
     if auth_enabled {
-        return Err(Error::Config(format!(
-            "{} has auth enabled; Meridian does not serve auth yet: run `etcdctl auth disable` on the source and take the snapshot again",
-            path.display()
-        )));
+        return Err(Error::Config(
+            "the backend has auth enabled; Meridian does not serve auth yet: run `etcdctl auth disable` on the source and take the snapshot again".into(),
+        ));
     }
     let mut records = Vec::new();
     let mut current = 1;

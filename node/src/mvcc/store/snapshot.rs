@@ -88,6 +88,20 @@ impl Mvcc {
         StoreImage { marks: st.published, meta: st.meta.clone(), kv: st.kv.clone(), snapshot: self.db.snapshot() }
     }
 
+    /// An image for export (a copy, Maintenance.Snapshot): refused while a
+    /// raft snapshot is being restored, when the store is neither the old
+    /// state nor the new one.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Compacted`] during a restore.
+    pub fn settled_image(&self) -> Result<StoreImage> {
+        if self.state.read().restoring {
+            return Err(Error::Compacted);
+        }
+        Ok(self.image())
+    }
+
     /// Stores the records of the snapshot at raft index `raft_index`, as
     /// they arrive in revision order, into a new keyspace by bulk ingestion
     /// (written straight to table files, which are fsynced before this
