@@ -186,6 +186,7 @@ impl GatewayConfig {
             cert: path(&flags.tls.cert, file.cert),
             key: path(&flags.tls.key, file.key),
             insecure_skip_verify: flags.tls.insecure_skip_tls_verify || file.insecure_skip_tls_verify.unwrap_or(false),
+            policy: Default::default(),
         };
         let upstream_tls =
             meridian_wire::tls::ClientTls::load(&upstream_files).map_err(|e| anyhow::anyhow!("upstream TLS: {e}"))?;
@@ -197,6 +198,7 @@ impl GatewayConfig {
                 trusted_ca: path(&t.trusted_ca_file, file.trusted_ca_file),
                 client_cert_auth: t.client_cert_auth.or(file.client_cert_auth).unwrap_or(false),
                 crl: None,
+                policy: Default::default(),
             }),
             (None, None) => None,
             _ => bail!("--cert-file and --key-file must be given together"),

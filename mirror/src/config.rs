@@ -148,12 +148,14 @@ impl MirrorConfig {
             cert: path(&flags.tls.cert, file.cert),
             key: path(&flags.tls.key, file.key),
             insecure_skip_verify: flags.tls.insecure_skip_tls_verify || file.insecure_skip_tls_verify.unwrap_or(false),
+            policy: Default::default(),
         };
         let target_files = ClientFiles {
             cacert: path(&flags.dest_cacert, file.dest_cacert).or_else(|| source_files.cacert.clone()),
             cert: path(&flags.dest_cert, file.dest_cert).or_else(|| source_files.cert.clone()),
             key: path(&flags.dest_key, file.dest_key).or_else(|| source_files.key.clone()),
             insecure_skip_verify: source_files.insecure_skip_verify,
+            policy: Default::default(),
         };
         let tls =
             |what: &str, files: &ClientFiles| ClientTls::load(files).map_err(|e| anyhow::anyhow!("{what} TLS: {e}"));

@@ -47,8 +47,6 @@ const FLAGS: &[(&str, Arity, Fate)] = &[
     ("backend-batch-interval", Value, Ignore),
     ("backend-batch-limit", Value, Ignore),
     ("bcrypt-cost", Value, Ignore),
-    ("cipher-suites", Value, RefuseUnless(OFF)),
-    ("client-cert-allowed-hostname", Value, RefuseUnless(OFF)),
     ("cors", Value, Ignore),
     ("debug", Bool, Ignore),
     ("discovery", Value, RefuseUnless(OFF)),
@@ -77,8 +75,6 @@ const FLAGS: &[(&str, Arity, Fate)] = &[
     ("max-snapshots", Value, Ignore),
     ("max-wals", Value, Ignore),
     ("metrics", Value, Ignore),
-    ("peer-cert-allowed-cn", Value, RefuseUnless(OFF)),
-    ("peer-cert-allowed-hostname", Value, RefuseUnless(OFF)),
     ("pre-vote", Bool, Ignore),
     ("proxy", Value, RefuseUnless(&["", "off"])),
     ("proxy-dial-timeout", Value, Ignore),
@@ -98,8 +94,7 @@ fn refusal(flag: &str, value: &str) -> String {
         "proxy" => "Meridian has no etcd proxy mode; see `meridian gateway` for one endpoint per region",
         f if f.starts_with("discovery") => "discovery is not supported; give --initial-cluster",
         "auth-token" => "authentication is not supported yet",
-        "cipher-suites" => "choosing cipher suites is not supported yet (rustls's safe defaults serve)",
-        _ => "checking certificate names (CN or hostname) is not supported yet",
+        _ => "it is not supported",
     };
     format!("--{flag}={value}: {why}")
 }
@@ -181,11 +176,20 @@ const SETTINGS_KEYS: &[&str] = &[
     "max-concurrent-streams",
     "grpc-keepalive-interval",
     "grpc-keepalive-timeout",
+    "cipher-suites",
 ];
 
 /// The keys of a `*-transport-security` section that `Settings` takes.
-const TRANSPORT_KEYS: &[&str] =
-    &["cert-file", "key-file", "trusted-ca-file", "client-cert-auth", "auto-tls", "crl-file"];
+const TRANSPORT_KEYS: &[&str] = &[
+    "cert-file",
+    "key-file",
+    "trusted-ca-file",
+    "client-cert-auth",
+    "auto-tls",
+    "crl-file",
+    "allowed-cn",
+    "allowed-hostname",
+];
 
 /// Sorts the keys of an etcd YAML configuration file as [`take_etcd_flags`]
 /// sorts flags: those `Settings` takes pass; the rest are ignored with a
@@ -290,7 +294,6 @@ mod tests {
         for (given, want) in [
             (vec!["--enable-v2=true"], "v2 API is out of scope"),
             (vec!["--enable-v2"], "v2 API is out of scope"),
-            (vec!["--peer-cert-allowed-cn", "m1"], "--peer-cert-allowed-cn=m1: checking certificate names"),
             (vec!["--force-new-cluster"], "cannot force a new cluster"),
             (vec!["--discovery=https://discovery.etcd.io/x"], "discovery is not supported"),
             (vec!["--proxy", "on"], "no etcd proxy mode"),
@@ -301,7 +304,7 @@ mod tests {
             assert!(found.refused[0].contains(want), "{given:?}: {:?}", found.refused);
         }
         // Their defaults pass.
-        let (_, found) = take_etcd_flags(args(&["--proxy=off", "--auth-token", "simple", "--cipher-suites="]));
+        let (_, found) = take_etcd_flags(args(&["--proxy=off", "--auth-token", "simple", "--discovery="]));
         assert_eq!(found, EtcdFlags::default());
     }
 
@@ -317,6 +320,10 @@ mod tests {
             "peer-auto-tls",
             "client-crl-file",
             "peer-crl-file",
+            "cipher-suites",
+            "client-cert-allowed-hostname",
+            "peer-cert-allowed-cn",
+            "peer-cert-allowed-hostname",
             "peer-cert-file",
             "peer-client-cert-auth",
             "peer-key-file",

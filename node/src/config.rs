@@ -139,6 +139,19 @@ pub struct NodeFlags {
     /// Peer TLS using generated self-signed certificates (encrypted, peers not authenticated).
     #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
     pub peer_auto_tls: Option<bool>,
+    /// Comma-separated TLS 1.2 cipher suites (Go's names) for client and peer links; TLS 1.3
+    /// keeps its own. Default: every suite rustls offers.
+    #[arg(long)]
+    pub cipher_suites: Option<String>,
+    /// Client certificates must be valid for this host name (or IP) (with --client-cert-auth).
+    #[arg(long)]
+    pub client_cert_allowed_hostname: Option<String>,
+    /// Peer certificates must carry this subject CN (with --peer-client-cert-auth).
+    #[arg(long)]
+    pub peer_cert_allowed_cn: Option<String>,
+    /// Peer certificates must be valid for this host name (or IP) (with --peer-client-cert-auth).
+    #[arg(long)]
+    pub peer_cert_allowed_hostname: Option<String>,
     /// The cross-region topology cluster (one member per region), comma-separated: with it a
     /// primary holds the primary lease and refuses writes without it. For three or more regions.
     #[arg(long)]
@@ -249,6 +262,14 @@ pub struct Settings {
     pub peer_crl_file: Option<PathBuf>,
     #[serde(alias = "peer-auto-tls")]
     pub peer_auto_tls: bool,
+    #[serde(alias = "cipher-suites", deserialize_with = "tls::comma_list")]
+    pub cipher_suites: String,
+    #[serde(alias = "client-cert-allowed-hostname")]
+    pub client_cert_allowed_hostname: String,
+    #[serde(alias = "peer-cert-allowed-cn")]
+    pub peer_cert_allowed_cn: String,
+    #[serde(alias = "peer-cert-allowed-hostname")]
+    pub peer_cert_allowed_hostname: String,
     /// etcd's YAML spelling of the client TLS settings.
     #[serde(alias = "client-transport-security")]
     pub client_transport_security: TransportSecurity,
@@ -320,6 +341,10 @@ impl Default for Settings {
             peer_client_cert_auth: false,
             peer_crl_file: None,
             peer_auto_tls: false,
+            cipher_suites: String::new(),
+            client_cert_allowed_hostname: String::new(),
+            peer_cert_allowed_cn: String::new(),
+            peer_cert_allowed_hostname: String::new(),
             client_transport_security: TransportSecurity::default(),
             peer_transport_security: TransportSecurity::default(),
             topology_endpoints: String::new(),
@@ -437,6 +462,8 @@ pub struct NodeConfig {
     pub peer_tls: ListenerTls,
     /// What this member trusts and presents when it dials a peer.
     pub peer_client: meridian_wire::tls::ClientFiles,
+    /// `--cipher-suites`, for the pairs `--auto-tls` makes.
+    pub cipher_suites: Vec<String>,
     /// The primary lease and auto-failover; `None` without a topology cluster.
     pub topology: Option<crate::server::primary_lease::TopologyConfig>,
     /// etcd settings of the config file that Meridian accepts and ignores.
@@ -519,6 +546,10 @@ impl Settings {
             region,
             initial_role,
             primary_region,
+            cipher_suites,
+            client_cert_allowed_hostname,
+            peer_cert_allowed_cn,
+            peer_cert_allowed_hostname,
             topology_endpoints,
             primary_lease_ttl,
             failover_after
@@ -652,6 +683,9 @@ impl Settings {
         let listen_metrics_urls = urls("--listen-metrics-urls", &self.listen_metrics_urls)?;
         let mut etcd_warnings = self.etcd_warnings.clone();
         let client_urls: Vec<Url> = listen_client_urls.iter().chain(&listen_metrics_urls).cloned().collect();
+        meridian_wire::tls::Policy { cipher_suites: self.cipher_suites(), ..Default::default() }
+            .check_cipher_suites()
+            .map_err(Error::Config)?;
         let client_tls = self.listener_tls(false, &client_urls, &mut etcd_warnings)?;
         let peer_tls = self.listener_tls(true, &listen_peer_urls, &mut etcd_warnings)?;
         let peer_client = meridian_wire::tls::ClientFiles {
@@ -659,6 +693,11 @@ impl Settings {
             cert: self.peer_cert_file.clone().or_else(|| self.peer_transport_security.cert_file.clone()),
             key: self.peer_key_file.clone().or_else(|| self.peer_transport_security.key_file.clone()),
             insecure_skip_verify: peer_tls == ListenerTls::Auto,
+            // A member checks the names of the peers it dials too, as etcd does.
+            policy: match &peer_tls {
+                ListenerTls::Files(f) => f.policy.clone(),
+                _ => meridian_wire::tls::Policy { cipher_suites: self.cipher_suites(), ..Default::default() },
+            },
         };
         Ok(NodeConfig {
             data_dir: self.data_dir.clone().unwrap_or_else(|| PathBuf::from(format!("{}.meridian", self.name))),
@@ -669,6 +708,7 @@ impl Settings {
             client_tls,
             peer_tls,
             peer_client,
+            cipher_suites: self.cipher_suites(),
             initial_members: self.initial_members()?,
             initial_cluster_state,
             heartbeat: Duration::from_millis(self.heartbeat_interval),

@@ -229,8 +229,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let peers: HashMap<u64, String> =
         members.0.iter().filter_map(|m| m.peer_urls.first().map(|u| (m.id, u.clone()))).collect();
     let reports = Arc::new(raft::SnapshotReports::default());
-    let client_tls = listener_tls(&cfg.client_tls, &cfg.data_dir.join("fixtures/client"), &cfg.listen_client_urls)?;
-    let peer_tls = listener_tls(&cfg.peer_tls, &cfg.data_dir.join("fixtures/peer"), &cfg.listen_peer_urls)?;
+    let client_tls = listener_tls(
+        &cfg.client_tls,
+        &cfg.data_dir.join("fixtures/client"),
+        &cfg.listen_client_urls,
+        &cfg.cipher_suites,
+    )?;
+    let peer_tls =
+        listener_tls(&cfg.peer_tls, &cfg.data_dir.join("fixtures/peer"), &cfg.listen_peer_urls, &cfg.cipher_suites)?;
     let mut peer_client = cfg.peer_client.clone();
     if cfg.peer_tls == ListenerTls::Auto {
         // Under --peer-auto-tls a member presents its own self-signed pair.
@@ -435,14 +441,20 @@ struct ClientListener {
 
 /// A listener kind's TLS: the files given, or with `--auto-tls` a
 /// self-signed pair for the hosts of `urls`, made once in `fixtures`.
-fn listener_tls(tls: &ListenerTls, fixtures: &std::path::Path, urls: &[Url]) -> Result<Option<Arc<ServerTls>>> {
+fn listener_tls(
+    tls: &ListenerTls,
+    fixtures: &std::path::Path,
+    urls: &[Url],
+    cipher_suites: &[String],
+) -> Result<Option<Arc<ServerTls>>> {
     let files = match tls {
         ListenerTls::Off => return Ok(None),
         ListenerTls::Files(files) => files.clone(),
         ListenerTls::Auto => {
             let hosts: Vec<String> = urls.iter().map(|u| u.host().to_string()).collect();
             let (cert, key) = meridian_wire::tls::auto_tls(fixtures, &hosts).map_err(Error::Config)?;
-            meridian_wire::tls::ServerFiles { cert, key, trusted_ca: None, client_cert_auth: false, crl: None }
+            let policy = meridian_wire::tls::Policy { cipher_suites: cipher_suites.to_vec(), ..Default::default() };
+            meridian_wire::tls::ServerFiles { cert, key, trusted_ca: None, client_cert_auth: false, crl: None, policy }
         }
     };
     tracing::info!(cert = %files.cert.display(), key = %files.key.display(),

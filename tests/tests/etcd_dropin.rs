@@ -36,7 +36,7 @@ fn etcd_flags_whose_effect_matters_are_refused() -> Result<()> {
     let dir = tempfile::tempdir()?;
     for (args, want) in [
         (vec!["--enable-v2=true"], "--enable-v2=true: the etcd v2 API is out of scope"),
-        (vec!["--peer-cert-allowed-cn", "m1"], "--peer-cert-allowed-cn=m1: checking certificate names"),
+        (vec!["--auth-token", "jwt,pub-key=k"], "--auth-token=jwt,pub-key=k: authentication is not supported"),
         (vec!["--force-new-cluster"], "--force-new-cluster=true"),
         (vec!["--discovery", "https://discovery.example/x"], "discovery is not supported"),
     ] {
@@ -148,16 +148,28 @@ fn etcds_yaml_config_file_gives_the_ids_etcd_gives() -> Result<()> {
 }
 
 #[test]
-fn a_yaml_config_asking_for_what_tls_lacks_is_refused() -> Result<()> {
+fn a_yaml_configs_certificate_name_checks_are_read() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let file = dir.path().join("tls.yml");
-    std::fs::write(&file, "name: t\npeer-transport-security:\n  allowed-cn: m1\n")?;
-    let out = Command::new(meridian_bin()?).arg("node").arg("--config-file").arg(&file).output()?;
+    // Both checks at once: refused with etcd's message, which shows both were read.
+    let yaml = "name: t\ncipher-suites: [TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256]\n\
+                peer-transport-security:\n  allowed-cn: m1\n  allowed-hostname: localhost\n";
+    std::fs::write(&file, yaml)?;
+    let out =
+        Command::new(meridian_bin()?).current_dir(dir.path()).arg("node").arg("--config-file").arg(&file).output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        !out.status.success() && stderr.contains("--peer-cert-allowed-cn=m1: checking certificate names"),
+        !out.status.success()
+            && stderr
+                .contains(r#"AllowedCN and AllowedHostname are mutually exclusive (cn="m1", hostname="localhost")"#),
         "{stderr}"
     );
+    // A cipher suite Go does not know, in the YAML list: etcd's message.
+    std::fs::write(&file, "name: t\ncipher-suites: [TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, NOPE]\n")?;
+    let out =
+        Command::new(meridian_bin()?).current_dir(dir.path()).arg("node").arg("--config-file").arg(&file).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains(r#"unexpected TLS cipher suite "NOPE""#), "{stderr}");
     Ok(())
 }
 

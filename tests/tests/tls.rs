@@ -321,3 +321,107 @@ fn mirror_and_gateway_speak_mutual_tls_to_their_upstreams() -> Result<()> {
     ensure!(blind.is_err(), "a gateway without a certificate became ready");
     Ok(())
 }
+
+/// The flags of a cluster whose peers speak mutual TLS with `peer`'s pair, plus `more`.
+fn peer_tls_flags(ca: &TestCa, peer: &Pair, more: &[&str]) -> Vec<String> {
+    let base = ["--peer-cert-file", peer.cert(), "--peer-key-file", peer.key(), "--peer-trusted-ca-file", ca.ca()];
+    args(&[&base[..], &["--peer-client-cert-auth"], more].concat())
+}
+
+/// Whether a cluster of `server` forms with `flags` within a few seconds, and what the first
+/// member logged.
+fn forms(server: meridian_tests::Server, flags: Vec<String>) -> Result<(bool, String)> {
+    let opts = ClusterOpts {
+        peer_https: true,
+        extra_args: flags,
+        ready_timeout: Duration::from_secs(6),
+        ..ClusterOpts::fast()
+    };
+    match Cluster::start_server(server, 3, opts) {
+        Ok(cluster) => {
+            ensure!(cluster.etcdctl_ok(&["put", "k", "v"])?.trim() == "OK", "a formed cluster takes writes");
+            Ok((true, std::fs::read_to_string(cluster.log_path(1))?))
+        }
+        Err(e) => Ok((false, format!("{e:#}"))),
+    }
+}
+
+/// `--peer-cert-allowed-cn` and `--peer-cert-allowed-hostname`, beside etcd: a cluster whose
+/// peers' certificates match forms; one that asks for another CN never does, and says why.
+#[test]
+fn peer_certificate_names_are_checked_as_etcd_checks_them() -> Result<()> {
+    use meridian_tests::Server::{Etcd, Meridian};
+    let ca = TestCa::new("names CA")?;
+    let peer = ca.server("member-peer")?;
+    for server in [Etcd, Meridian] {
+        for ok in [["--peer-cert-allowed-cn", "member-peer"], ["--peer-cert-allowed-hostname", "localhost"]] {
+            let (formed, log) = forms(server, peer_tls_flags(&ca, &peer, &ok))?;
+            ensure!(formed, "{server:?} with {ok:?} did not form: {log}");
+        }
+        let (formed, log) = forms(server, peer_tls_flags(&ca, &peer, &["--peer-cert-allowed-cn", "someone-else"]))?;
+        ensure!(!formed, "{server:?} formed with peers whose CN is not the allowed one");
+        if server == Meridian {
+            ensure!(log.contains("CommonName authentication failed"), "the refusal is not logged: {log}");
+        }
+    }
+    // Both at once is refused at startup, with etcd's message.
+    let both = peer_tls_flags(&ca, &peer, &["--peer-cert-allowed-cn", "a", "--peer-cert-allowed-hostname", "b"]);
+    let dir = tempfile::tempdir()?;
+    let out = std::process::Command::new(meridian_tests::meridian_bin()?)
+        .current_dir(dir.path())
+        .arg("node")
+        .args(["--listen-peer-urls", "https://127.0.0.1:0"])
+        .args(&both)
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        !out.status.success() && stderr.contains("AllowedCN and AllowedHostname are mutually exclusive"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
+/// `--client-cert-allowed-hostname` beside etcd: a client certificate valid for the host name is
+/// served, one without it is refused; and `--cipher-suites` takes Go's names, refusing a name
+/// it does not know with etcd's message.
+#[test]
+fn client_certificate_hostname_and_cipher_suites_match_etcd() -> Result<()> {
+    let ca = TestCa::new("hostname CA")?;
+    let server = ca.server("server")?;
+    // A server pair carries SANs 127.0.0.1 and localhost and may act as a client; alice has none.
+    let (with_san, alice) = (ca.server("with-san")?, ca.client("alice")?);
+    let flags = [
+        client_tls_flags(&ca, &server),
+        args(&["--client-cert-allowed-hostname", "localhost"]),
+        args(&["--cipher-suites", "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305"]),
+    ]
+    .concat();
+    let opts = || ClusterOpts { client_https: true, extra_args: flags.clone(), ..Default::default() };
+    let etcd = EtcdCluster::start_with(1, opts())?;
+    let meridian = Cluster::start(1, opts())?;
+    let probe = ["--command-timeout=3s", "put", "k", "v"];
+    let mut seen = Vec::new();
+    for cluster in [&*etcd, &meridian] {
+        let eps = cluster.client_urls();
+        let ok =
+            |who: &Pair| -> Result<bool> { Ok(etcdctl(&eps, &with(&ctl_tls(ca.ca(), Some(who)), &probe))?.success()) };
+        seen.push((ok(&with_san)?, ok(&alice)?));
+    }
+    assert_eq!(seen[0], (true, false), "etcd");
+    assert_eq!(seen[1], seen[0], "meridian, then etcd");
+    let log = std::fs::read_to_string(meridian.log_path(1))?;
+    assert!(log.contains("HostName authentication failed"), "{log}");
+
+    let dir = tempfile::tempdir()?;
+    for bin in [meridian_tests::etcd_bin()?, meridian_tests::meridian_bin()?] {
+        let mut cmd = std::process::Command::new(&bin);
+        if bin.ends_with("meridian") {
+            cmd.arg("node");
+        }
+        let out = cmd.current_dir(dir.path()).args(["--cipher-suites", "TLS_NOT_A_SUITE"]).output()?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{bin:?} started");
+        assert!(stderr.contains(r#"unexpected TLS cipher suite "TLS_NOT_A_SUITE""#), "{bin:?}: {stderr}");
+    }
+    Ok(())
+}

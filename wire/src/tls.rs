@@ -46,9 +46,10 @@ const MAX_HANDSHAKES: usize = 128;
 /// How often files are looked at for a change.
 const RELOAD_CHECK: Duration = Duration::from_secs(1);
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
+mod policy;
+
+pub use policy::{common_name, Policy};
+use policy::{CheckedClients, CheckedServer};
 
 /// A listener's certificate files, as etcd's flags name them.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,6 +63,8 @@ pub struct ServerFiles {
     /// Certificate revocation lists (PEM): a client certificate listed in
     /// one is refused. A certificate no list speaks of passes, as in etcd.
     pub crl: Option<PathBuf>,
+    /// Cipher suites, and name checks on client certificates.
+    pub policy: Policy,
 }
 
 /// Client-side files: what to trust and what to present.
@@ -74,6 +77,8 @@ pub struct ClientFiles {
     pub key: Option<PathBuf>,
     /// Accept any server certificate (etcd's peers under `--peer-auto-tls`).
     pub insecure_skip_verify: bool,
+    /// Cipher suites, and name checks on the server's certificate.
+    pub policy: Policy,
 }
 
 /// etcdctl's client TLS flags, for every command that dials a cluster
@@ -119,6 +124,7 @@ impl TlsFlags {
             cert: self.cert.clone(),
             key: self.key.clone(),
             insecure_skip_verify: self.insecure_skip_tls_verify,
+            policy: Policy::default(),
         }
     }
 
@@ -162,12 +168,13 @@ fn read_roots(path: &Path) -> Result<Arc<RootCertStore>, String> {
 }
 
 fn server_config(files: &ServerFiles) -> Result<Arc<ServerConfig>, String> {
-    let builder = ServerConfig::builder_with_provider(provider())
+    let provider = Arc::new(files.policy.provider(rustls::crypto::ring::default_provider())?);
+    let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
     let builder = match (&files.trusted_ca, files.client_cert_auth) {
         (Some(ca), true) => {
-            let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(read_roots(ca)?, provider());
+            let mut verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(read_roots(ca)?, provider);
             if let Some(crl) = &files.crl {
                 let crls = rustls::pki_types::CertificateRevocationListDer::pem_file_iter(crl)
                     .and_then(|it| it.collect::<Result<Vec<_>, _>>())
@@ -176,7 +183,14 @@ fn server_config(files: &ServerFiles) -> Result<Arc<ServerConfig>, String> {
                     verifier.with_crls(crls).only_check_end_entity_revocation().allow_unknown_revocation_status();
             }
             let verifier = verifier.build().map_err(|e| format!("{}: {e}", ca.display()))?;
-            builder.with_client_cert_verifier(verifier)
+            if files.policy.checks_names() {
+                builder.with_client_cert_verifier(Arc::new(CheckedClients {
+                    inner: verifier,
+                    policy: files.policy.clone(),
+                }))
+            } else {
+                builder.with_client_cert_verifier(verifier)
+            }
         }
         (None, true) => return Err("--client-cert-auth needs --trusted-ca-file".into()),
         (_, false) => builder.with_no_client_auth(),
@@ -189,17 +203,26 @@ fn server_config(files: &ServerFiles) -> Result<Arc<ServerConfig>, String> {
 }
 
 fn client_config(files: &ClientFiles) -> Result<Arc<ClientConfig>, String> {
-    let builder = ClientConfig::builder_with_provider(provider())
+    let provider = Arc::new(files.policy.provider(rustls::crypto::ring::default_provider())?);
+    let builder = ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
     let builder = if files.insecure_skip_verify {
-        builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyServer(provider())))
+        builder.dangerous().with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
     } else {
         let roots = match &files.cacert {
             Some(ca) => read_roots(ca)?,
             None => Arc::new(RootCertStore::empty()),
         };
-        builder.with_root_certificates(roots)
+        if files.policy.checks_names() {
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+                .build()
+                .map_err(|e| e.to_string())?;
+            let verifier = CheckedServer { inner, policy: files.policy.clone() };
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier))
+        } else {
+            builder.with_root_certificates(roots)
+        }
     };
     let mut config = match (&files.cert, &files.key) {
         (Some(cert), Some(key)) => builder
@@ -727,7 +750,8 @@ mod tests {
         assert_eq!(std::fs::read(&cert).unwrap(), first, "an existing pair is reused");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
-        let files = ServerFiles { cert, key, trusted_ca: None, client_cert_auth: false, crl: None };
+        let files =
+            ServerFiles { cert, key, trusted_ca: None, client_cert_auth: false, crl: None, policy: Policy::default() };
         ServerTls::load(files).unwrap();
     }
 
@@ -736,23 +760,96 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let junk = dir.path().join("junk.pem");
         std::fs::write(&junk, "not a certificate").unwrap();
-        let files =
-            ServerFiles { cert: junk.clone(), key: junk.clone(), trusted_ca: None, client_cert_auth: false, crl: None };
+        let files = ServerFiles {
+            cert: junk.clone(),
+            key: junk.clone(),
+            trusted_ca: None,
+            client_cert_auth: false,
+            crl: None,
+            policy: Policy::default(),
+        };
         let e = ServerTls::load(files).err().unwrap();
         assert!(e.contains("junk.pem") && e.contains("no PEM certificate"), "{e}");
         let (cert, key) = auto_tls(dir.path(), &["127.0.0.1".into()]).unwrap();
-        let files = ServerFiles { cert, key, trusted_ca: None, client_cert_auth: true, crl: None };
+        let files =
+            ServerFiles { cert, key, trusted_ca: None, client_cert_auth: true, crl: None, policy: Policy::default() };
         assert_eq!(ServerTls::load(files).err().unwrap(), "--client-cert-auth needs --trusted-ca-file");
         let only_cert = ClientFiles { cert: Some(junk), ..Default::default() };
         assert!(ClientTls::load(&only_cert).is_err());
+    }
+
+    /// A handshake in memory between `server` and a client offering only `suites` over TLS 1.2
+    /// (every TLS 1.3 suite when `suites` is empty).
+    fn handshake(server: Arc<ServerConfig>, suites: &[&str]) -> Result<(), rustls::Error> {
+        let base = rustls::crypto::ring::default_provider();
+        let (provider, versions): (_, &[&rustls::SupportedProtocolVersion]) = if suites.is_empty() {
+            (base, &[&rustls::version::TLS13])
+        } else {
+            let chosen =
+                base.cipher_suites.iter().filter(|s| suites.contains(&s.suite().as_str().unwrap_or(""))).copied();
+            (CryptoProvider { cipher_suites: chosen.collect(), ..base }, &[&rustls::version::TLS12])
+        };
+        let provider = Arc::new(provider);
+        let client = ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+            .with_no_client_auth();
+        let mut c = rustls::ClientConnection::new(Arc::new(client), ServerName::try_from("127.0.0.1").unwrap())?;
+        let mut s = rustls::ServerConnection::new(server)?;
+        for _ in 0..10 {
+            let mut wire = Vec::new();
+            c.write_tls(&mut wire).unwrap();
+            s.read_tls(&mut wire.as_slice()).unwrap();
+            s.process_new_packets()?;
+            let mut wire = Vec::new();
+            s.write_tls(&mut wire).unwrap();
+            c.read_tls(&mut wire.as_slice()).unwrap();
+            c.process_new_packets()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(());
+            }
+        }
+        panic!("the handshake did not finish");
+    }
+
+    #[test]
+    fn cipher_suites_restrict_tls12_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = auto_tls(dir.path(), &["127.0.0.1".into()]).unwrap();
+        let policy =
+            Policy { cipher_suites: vec!["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256".into()], ..Default::default() };
+        let files = ServerFiles { cert, key, trusted_ca: None, client_cert_auth: false, crl: None, policy };
+        let server = server_config(&files).unwrap();
+        handshake(server.clone(), &["TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256"]).unwrap();
+        assert!(handshake(server.clone(), &["TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384"]).is_err());
+        handshake(server, &[]).unwrap();
+
+        // Go's names: ChaCha20 without its hash; older suites dropped; unknown names refused.
+        let check = |names: &[&str]| {
+            Policy { cipher_suites: names.iter().map(|n| n.to_string()).collect(), ..Default::default() }
+                .check_cipher_suites()
+        };
+        check(&["TLS_ECDHE_RSA_WITH_CHACHA20_POLY1305", "TLS_RSA_WITH_AES_128_CBC_SHA"]).unwrap();
+        assert!(check(&["TLS_RSA_WITH_AES_128_CBC_SHA"]).unwrap_err().contains("none is offered"));
+        assert_eq!(
+            check(&["TLS_AES_128_GCM_SHA256"]).unwrap_err(),
+            r#"unexpected TLS cipher suite "TLS_AES_128_GCM_SHA256""#
+        );
     }
 
     #[test]
     fn a_changed_pair_is_served_after_the_check() {
         let dir = tempfile::tempdir().unwrap();
         let (cert, key) = auto_tls(&dir.path().join("a"), &["127.0.0.1".into()]).unwrap();
-        let files =
-            ServerFiles { cert: cert.clone(), key: key.clone(), trusted_ca: None, client_cert_auth: false, crl: None };
+        let files = ServerFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            trusted_ca: None,
+            client_cert_auth: false,
+            crl: None,
+            policy: Policy::default(),
+        };
         let tls = ServerTls::load(files).unwrap();
         let before = tls.config();
         // A half-written file keeps the old config.

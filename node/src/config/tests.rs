@@ -88,6 +88,7 @@ fn tls_settings_as_etcd_takes_them() {
         trusted_ca: Some("ca.crt".into()),
         client_cert_auth: true,
         crl: None,
+        policy: Default::default(),
     };
     // Files win over --auto-tls, as in etcd.
     assert_eq!(s.clone().check().unwrap().client_tls, ListenerTls::Files(files.clone()));
@@ -106,6 +107,8 @@ fn tls_settings_as_etcd_takes_them() {
         client_cert_auth: true,
         crl_file: None,
         auto_tls: false,
+        allowed_cn: None,
+        allowed_hostname: None,
     };
     y.listen_peer_urls = "https://127.0.0.1:2380".into();
     y.initial_advertise_peer_urls = "https://127.0.0.1:2380".into();

@@ -26,6 +26,32 @@ pub struct TransportSecurity {
     pub crl_file: Option<PathBuf>,
     #[serde(alias = "auto-tls")]
     pub auto_tls: bool,
+    /// `--peer-cert-allowed-cn` (peer section only, as in etcd).
+    #[serde(alias = "allowed-cn")]
+    pub allowed_cn: Option<String>,
+    /// `--peer-cert-allowed-hostname` / `--client-cert-allowed-hostname`.
+    #[serde(alias = "allowed-hostname")]
+    pub allowed_hostname: Option<String>,
+}
+
+/// A comma-separated list, from a string (flags, TOML, environment) or a
+/// list (etcd's YAML `cipher-suites: [...]`), kept as the string.
+pub(super) fn comma_list<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::One(s) => s,
+        Either::Many(v) => v.join(","),
+    })
+}
+
+/// Splits a comma-separated setting, dropping blanks.
+fn split_list(s: &str) -> Vec<String> {
+    s.split(',').map(str::trim).filter(|x| !x.is_empty()).map(String::from).collect()
 }
 
 /// What a listener serves TLS with.
@@ -46,6 +72,11 @@ impl ListenerTls {
 }
 
 impl Settings {
+    /// `--cipher-suites`, as a list.
+    pub(super) fn cipher_suites(&self) -> Vec<String> {
+        split_list(&self.cipher_suites)
+    }
+
     /// The TLS of one kind of listener (client or peer) from its settings,
     /// etcd's YAML section, and whether any of its URLs is `https://`.
     ///
@@ -70,10 +101,30 @@ impl Settings {
         let trusted_ca = ca.clone().or_else(|| yaml.trusted_ca_file.clone()).filter(|p| !p.as_os_str().is_empty());
         let (auth, auto) = (auth || yaml.client_cert_auth, auto || yaml.auto_tls);
         let p = if peer { "peer-" } else { "" };
+        let nonempty = |a: &str, b: &Option<String>| Some(a.to_string()).filter(|x| !x.is_empty()).or(b.clone());
+        let policy = meridian_wire::tls::Policy {
+            cipher_suites: self.cipher_suites(),
+            allowed_cn: if peer { nonempty(&s.peer_cert_allowed_cn, &yaml.allowed_cn) } else { None },
+            allowed_hostname: if peer {
+                nonempty(&s.peer_cert_allowed_hostname, &yaml.allowed_hostname)
+            } else {
+                nonempty(&s.client_cert_allowed_hostname, &yaml.allowed_hostname)
+            },
+        };
+        if let (Some(cn), Some(host)) = (&policy.allowed_cn, &policy.allowed_hostname) {
+            return Err(Error::Config(format!(
+                "AllowedCN and AllowedHostname are mutually exclusive (cn={cn:?}, hostname={host:?})"
+            )));
+        }
+        if policy.checks_names() && !auth {
+            warnings.push(format!(
+                "--{p}cert-allowed-*: certificate names are checked only with --{p}client-cert-auth; ignored"
+            ));
+        }
         let tls_urls: Vec<&Url> = urls.iter().filter(|u| u.is_tls()).collect();
         let files = match (cert, key) {
             (Some(cert), Some(key)) => {
-                Some(meridian_wire::tls::ServerFiles { cert, key, trusted_ca, client_cert_auth: auth, crl })
+                Some(meridian_wire::tls::ServerFiles { cert, key, trusted_ca, client_cert_auth: auth, crl, policy })
             }
             (None, None) => None,
             _ => return Err(Error::Config(format!("--{p}cert-file and --{p}key-file must be given together"))),
