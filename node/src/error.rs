@@ -46,6 +46,22 @@ pub enum Error {
     MemberNotFound,
     #[error("etcdserver: bad leader transferee")]
     BadLeaderTransferee,
+    #[error("etcdserver: member ID already exist")]
+    MemberExists,
+    #[error("etcdserver: Peer URLs already exists")]
+    PeerUrlExists,
+    #[error("etcdserver: given member URLs are invalid")]
+    MemberBadUrls,
+    #[error("etcdserver: can only promote a learner member")]
+    MemberNotLearner,
+    #[error("etcdserver: can only promote a learner member which is in sync with leader")]
+    LearnerNotReady,
+    #[error("etcdserver: too many learner members in cluster")]
+    TooManyLearners,
+    #[error("etcdserver: re-configuration failed due to not enough started members")]
+    NotEnoughStartedMembers,
+    #[error("etcdserver: rpc not supported for learner")]
+    NotSupportedForLearner,
     /// A client write on a read-only secondary; names the primary's region.
     /// FAILED_PRECONDITION, a code etcd clients do not retry.
     #[error("meridian: read-only secondary of region {0:?}; send writes to the primary or a gateway")]
@@ -64,6 +80,8 @@ pub enum Error {
     Timeout,
     #[error("etcdserver: leader changed")]
     LeaderChanged,
+    #[error("etcdserver: unhealthy cluster")]
+    Unhealthy,
     #[error("etcdserver: server stopped")]
     Stopped,
     #[error("etcdserver: not leader")]
@@ -102,6 +120,14 @@ impl Error {
             EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey | RequestTooLarge => {
                 Code::InvalidArgument
             }
+            MemberBadUrls => Code::InvalidArgument,
+            MemberExists
+            | PeerUrlExists
+            | MemberNotLearner
+            | LearnerNotReady
+            | TooManyLearners
+            | NotEnoughStartedMembers => Code::FailedPrecondition,
+            NotSupportedForLearner | Unhealthy => Code::Unavailable,
             MessageTooLarge(..) | NoSpace => Code::ResourceExhausted,
             Compacted | FutureRevision => Code::OutOfRange,
             LeaseNotFound | MemberNotFound => Code::NotFound,
@@ -143,6 +169,11 @@ impl Error {
             | LeaseExists
             | LeaseTtlTooLarge
             | MemberNotFound
+            | MemberExists
+            | PeerUrlExists
+            | MemberBadUrls
+            | MemberNotLearner
+            | TooManyLearners
             | BadLeaderTransferee
             | ReadOnly(_)
             | Fenced(_)
@@ -153,6 +184,10 @@ impl Error {
             | Stopped
             | NotLeader
             | LeaderTransferTimeout
+            | LearnerNotReady
+            | NotEnoughStartedMembers
+            | NotSupportedForLearner
+            | Unhealthy
             | TooManyRequests
             | NoPrimaryLease(_) => false,
             Storage(_) | Corrupt(_) | Raft(_) | Config(_) | Io(_) | Internal(_) => false,
@@ -199,6 +234,19 @@ mod tests {
             ),
             (Error::MessageTooLarge(3, 2), Code::ResourceExhausted, "grpc: received message larger than max (3 vs. 2)"),
             (Error::TooManyRequests, Code::ResourceExhausted, "etcdserver: too many requests"),
+            (Error::MemberNotFound, Code::NotFound, "etcdserver: member not found"),
+            (Error::PeerUrlExists, Code::FailedPrecondition, "etcdserver: Peer URLs already exists"),
+            (Error::MemberExists, Code::FailedPrecondition, "etcdserver: member ID already exist"),
+            (Error::MemberBadUrls, Code::InvalidArgument, "etcdserver: given member URLs are invalid"),
+            (Error::MemberNotLearner, Code::FailedPrecondition, "etcdserver: can only promote a learner member"),
+            (
+                Error::LearnerNotReady,
+                Code::FailedPrecondition,
+                "etcdserver: can only promote a learner member which is in sync with leader",
+            ),
+            (Error::TooManyLearners, Code::FailedPrecondition, "etcdserver: too many learner members in cluster"),
+            (Error::NotSupportedForLearner, Code::Unavailable, "etcdserver: rpc not supported for learner"),
+            (Error::Unhealthy, Code::Unavailable, "etcdserver: unhealthy cluster"),
         ];
         for (err, code, msg) in table {
             let status = Status::from(err);

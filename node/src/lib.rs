@@ -16,7 +16,7 @@ pub mod raft;
 pub mod server;
 pub mod snapshot;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
 
@@ -28,6 +28,7 @@ use meridian_proto::etcdserverpb::watch_server::WatchServer;
 use meridian_proto::etcdserverpb::ResponseHeader;
 use meridian_proto::meridian::v1::internal_request::Request as Internal;
 use meridian_proto::meridian::v1::lease_forward_server::LeaseForwardServer;
+use meridian_proto::meridian::v1::membership_server::MembershipServer;
 use meridian_proto::meridian::v1::mirror_server::MirrorServer;
 use meridian_proto::meridian::v1::raft_transport_server::RaftTransportServer;
 use meridian_proto::meridian::v1::region_server::RegionServer;
@@ -48,11 +49,12 @@ use crate::raft::transport::{GrpcTransport, PeerContext, PeerService};
 use crate::raft::{RaftConfig, RaftNode, RaftStatus};
 use crate::server::apply::{EtcdStateMachine, MvccSnapshots, Waiters};
 use crate::server::authority::{AuthorityFix, MAX_FRAME, MAX_HEADER_LIST};
-use crate::server::cluster::{ClusterService, MemberInfo, Members};
+use crate::server::cluster::{MemberInfo, Members};
 use crate::server::kv::KvService;
 use crate::server::lease::service::{run_leader_duties, LeaderLink, LeaseForwardService, LeaseService};
 use crate::server::lease::Lessor;
 use crate::server::maintenance::{MaintenanceService, ETCD_VERSION};
+use crate::server::membership::ClusterService;
 use crate::server::mirror::MirrorService;
 use crate::server::recipes::{ElectionService, LockService};
 use crate::server::region::{Lineage, Role, RoleCell, RoleState};
@@ -88,15 +90,17 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             u64::from_be_bytes(b.as_slice().try_into().map_err(|_| Error::Corrupt("cluster id".into()))?)
         }
         _ => {
-            if cfg.initial_cluster_state == ClusterState::Existing {
-                return Err(Error::Config(
-                    "joining an existing cluster is not supported yet; use --initial-cluster-state new".into(),
-                ));
-            }
+            let joining = cfg.initial_cluster_state == ClusterState::Existing;
             // A data directory `etcdctl snapshot restore` made: its history
             // becomes this store's, staged in the batch that makes the member.
             let mut batch = db.batch();
             let restored = data_dir.join(snapshot::RESTORED_DB);
+            if restored.exists() && joining {
+                return Err(Error::Config(format!(
+                    "{} holds an etcd backend to import, but a member joining a cluster takes its data from the cluster: use --initial-cluster-state new, or remove the file",
+                    restored.display()
+                )));
+            }
             if restored.exists() {
                 if cfg.initial_role == InitialRole::Secondary {
                     return Err(Error::Config(format!(
@@ -111,21 +115,34 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
                     leases = imported.meta.len(), "importing an etcd backend");
                 mvcc.import(imported.marks, imported.records, imported.meta, &mut batch)?;
             }
-            members = Members(
-                cfg.initial_members
-                    .clone()
-                    .into_iter()
-                    .map(|(name, peer_urls)| MemberInfo {
-                        id: config::member_id(&peer_urls, &cfg.initial_cluster_token),
-                        name,
-                        peer_urls,
-                        client_urls: Vec::new(),
-                        apply_version: 0,
-                    })
-                    .collect(),
-            );
-            let ids: Vec<u64> = members.0.iter().map(|m| m.id).collect();
-            let cid = config::cluster_id(&ids);
+            let cid = if joining {
+                // The member list and the cluster id come from the cluster
+                // (until the leader's snapshot brings the whole state).
+                let peers: Vec<String> = cfg.initial_members.values().flatten().cloned().collect();
+                let mine = cfg.initial_members.get(&cfg.name).cloned().unwrap_or_default();
+                let tls = ClientTls::load(&cfg.peer_client).map_err(|e| Error::Config(format!("peer TLS: {e}")))?;
+                let (cid, list) = server::membership::discover(&peers, &mine, &cfg.name, &tls).await?;
+                tracing::info!(cluster_id = format!("{cid:x}"), members = list.0.len(), "joining an existing cluster");
+                members = list;
+                cid
+            } else {
+                members = Members(
+                    cfg.initial_members
+                        .clone()
+                        .into_iter()
+                        .map(|(name, peer_urls)| MemberInfo {
+                            id: config::member_id(&peer_urls, &cfg.initial_cluster_token),
+                            name,
+                            peer_urls,
+                            client_urls: Vec::new(),
+                            apply_version: 0,
+                            is_learner: false,
+                        })
+                        .collect(),
+                );
+                let ids: Vec<u64> = members.0.iter().map(|m| m.id).collect();
+                config::cluster_id(&ids)
+            };
             members.store(&mvcc);
             mvcc.set_meta(META_CLUSTER_ID, cid.to_be_bytes().to_vec());
             let role = match cfg.initial_role {
@@ -155,10 +172,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             cid
         }
     };
+    // By name; a member added by MemberAdd has one only once it published
+    // it, so by its peer URLs before that.
+    let my_urls = cfg.initial_members.get(&cfg.name).cloned().unwrap_or_default();
     let me = members
         .0
         .iter()
         .find(|m| m.name == cfg.name)
+        .or_else(|| members.0.iter().find(|m| m.name.is_empty() && !my_urls.is_empty() && m.peer_urls == my_urls))
         .cloned()
         .ok_or_else(|| Error::Config(format!("member {:?} is not in the stored cluster", cfg.name)))?;
     tracing::info!(name = %cfg.name, member_id = format!("{:x}", me.id), cluster_id = format!("{cluster_id:x}"),
@@ -206,7 +227,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let ticks = (cfg.election.as_millis() / cfg.heartbeat.as_millis()) as usize;
     let raft_cfg = RaftConfig {
         id: me.id,
-        voters: members.0.iter().map(|m| m.id).collect(),
+        voters: members.0.iter().filter(|m| !m.is_learner).map(|m| m.id).collect(),
+        learners: members.0.iter().filter(|m| m.is_learner).map(|m| m.id).collect(),
         election_ticks: ticks,
         heartbeat_ticks: 1,
         snapshot_count: cfg.snapshot_count,
@@ -244,8 +266,11 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         (peer_client.cert, peer_client.key) = (Some(fixtures.join("cert.pem")), Some(fixtures.join("key.pem")));
     }
     let peer_client = ClientTls::load(&peer_client).map_err(|e| Error::Config(format!("peer TLS: {e}")))?;
+    let active_peers = raft::transport::ActivePeers::default();
     let peer_ctx = Arc::new(PeerContext {
         tls: peer_client.clone(),
+        active: active_peers.clone(),
+        status: node.status(),
         cluster_id,
         self_id: me.id,
         raft_tx: raft_tx.clone(),
@@ -254,7 +279,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         reports: reports.clone(),
         metrics: metrics.clone(),
     });
-    let transport = GrpcTransport::start(peer_ctx, peers);
+    let peer_set: raft::transport::PeerSet = Default::default();
+    let transport = GrpcTransport::start(peer_ctx, peers, Members::load_removed(&mvcc), peer_set.clone());
     let (handle, raft_thread) = raft::driver::spawn(node, chan, Arc::new(transport), reports, cfg.heartbeat)?;
 
     let limits = Limits {
@@ -276,12 +302,15 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         version,
     ));
 
+    let cluster =
+        Arc::new(ClusterService { server: server.clone(), peer_tls: peer_client.clone(), active: active_peers });
+
     // Listeners.
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let peer_service = PeerService {
         cluster_id,
-        members: members.0.iter().map(|m| m.id).collect::<HashSet<_>>(),
+        members: peer_set,
         raft_tx: raft_tx.clone(),
         source: snapshots,
         metrics: metrics.clone(),
@@ -292,7 +321,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
             .max_decoding_message_size(cfg.max_peer_message_bytes)
             .max_encoding_message_size(cfg.max_peer_message_bytes),
     )
-    .add_service(LeaseForwardServer::new(LeaseForwardService { server: server.clone(), lessor: lessor.clone() }));
+    .add_service(LeaseForwardServer::new(LeaseForwardService { server: server.clone(), lessor: lessor.clone() }))
+    .add_service(MembershipServer::new(server::membership::MembershipService(cluster.clone())));
     for url in &cfg.listen_peer_urls {
         tasks.push(serve(url, peer_routes.clone(), stop_rx.clone(), None, peer_tls.clone()).await?);
     }
@@ -311,7 +341,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         kv: Arc::new(KvService { server: server.clone() }),
         lease: leases,
         maintenance: Arc::new(MaintenanceService { server: server.clone(), scratch_dir: data_dir.clone() }),
-        cluster: Arc::new(ClusterService { server: server.clone() }),
+        cluster,
         lock: Arc::new(LockService(recipes.clone())),
         election: Arc::new(ElectionService(recipes)),
         hub,
@@ -351,8 +381,11 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         "ready to serve client requests");
     notify_systemd_ready();
 
-    shutdown.await;
-    tracing::info!("shutting down");
+    let mut removed = server.raft.status().watch_removed();
+    tokio::select! {
+        () = shutdown => tracing::info!("shutting down"),
+        _ = removed.wait_for(|r| *r) => tracing::warn!("the member has been permanently removed from the cluster; shutting down"),
+    }
     let _ = stop_tx.send(true);
     // Graceful shutdown waits for open connections, and clients keep theirs
     // open: give in-flight calls a moment, then cut the rest.
@@ -399,14 +432,34 @@ fn client_routes(
         .clone()
         .routes();
     let metrics = server.metrics.clone();
-    let router = routes.into_axum_router().layer(tower::util::MapRequestLayer::new(
-        move |req: http::Request<axum::body::Body>| {
-            count_client_request(&metrics, &req);
-            req
-        },
-    ));
+    let status = server.raft.status().clone();
+    let router = routes
+        .into_axum_router()
+        .layer(axum::middleware::from_fn(move |req, next| learner_guard(status.clone(), req, next)));
+    let router = router.layer(tower::util::MapRequestLayer::new(move |req: http::Request<axum::body::Body>| {
+        count_client_request(&metrics, &req);
+        req
+    }));
     let router = server::json::routes(router, api);
     Routes::from(server::http::routes(router, server.clone()))
+}
+
+/// On a learner, etcd's API serves only Status and serializable Ranges (the
+/// KV service refuses a linearizable one): every other etcd call is refused
+/// with `etcdserver: rpc not supported for learner`, as etcd refuses it.
+async fn learner_guard(
+    status: Arc<raft::RaftStatus>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    const SERVED: &[&str] = &["/etcdserverpb.Maintenance/Status", "/etcdserverpb.KV/Range"];
+    let path = req.uri().path();
+    let etcd = ["/etcdserverpb.", "/v3lockpb.", "/v3electionpb."].iter().any(|p| path.starts_with(p));
+    if status.is_learner() && etcd && !SERVED.contains(&path) {
+        let refused = tonic::Status::from(Error::NotSupportedForLearner).into_http::<axum::body::Body>();
+        return refused.map(axum::body::Body::new);
+    }
+    next.run(req).await
 }
 
 /// etcd's `etcd_server_client_requests_total{type, client_api_version}`: every

@@ -132,6 +132,7 @@ struct Member {
     starts: u32,
     /// Held only so the peer port stays reserved for restarts.
     _peer: PortLease,
+    peer_url: String,
 }
 
 /// A running cluster of `meridian node` or etcd processes; Drop kills them all. See the crate doc.
@@ -146,6 +147,11 @@ pub struct Cluster {
     client_scheme: &'static str,
     /// `None` only after Drop kept the dir.
     dir: Option<TempDir>,
+    /// What a member added later starts with: the cluster's token, the flags of
+    /// [`ClusterOpts`], and the peer URL scheme.
+    token: String,
+    flags: Vec<String>,
+    peer_scheme: &'static str,
 }
 
 impl Cluster {
@@ -209,30 +215,10 @@ impl Cluster {
                 if let Some(snapshot) = &opts.restore_snapshot {
                     restore_snapshot(snapshot, &name, &data_dir, &peer_url, &initial_cluster, &token)?;
                 }
-                let mut args = vec![
-                    "--name".into(),
-                    name.clone(),
-                    "--data-dir".into(),
-                    data_dir.display().to_string(),
-                    "--listen-client-urls".into(),
-                    client_url.clone(),
-                    "--advertise-client-urls".into(),
-                    client_url,
-                    "--listen-peer-urls".into(),
-                    peer_url.clone(),
-                    "--initial-advertise-peer-urls".into(),
-                    peer_url,
-                    "--initial-cluster".into(),
-                    initial_cluster.clone(),
-                    "--initial-cluster-state".into(),
-                    "new".into(),
-                    "--initial-cluster-token".into(),
-                    token.clone(),
-                ];
-                if let Some(metrics) = &metrics {
-                    args.extend(["--listen-metrics-urls".into(), format!("http://127.0.0.1:{}", metrics.port())]);
-                }
-                args.extend(opts.flags());
+                let urls =
+                    MemberUrls { client: client_url, peer: peer_url, metrics: metrics.as_ref().map(PortLease::port) };
+                let args = member_args(&name, &data_dir, &urls, &initial_cluster, "new", &token, &opts.flags());
+                let urls = MemberUrls { peer: urls.peer.clone(), ..urls };
                 Ok(Member {
                     client,
                     metrics,
@@ -243,6 +229,7 @@ impl Cluster {
                     child: None,
                     starts: 0,
                     _peer: peer,
+                    peer_url: urls.peer,
                 })
             })
             .collect::<Result<_>>()?;
@@ -254,6 +241,9 @@ impl Cluster {
             ready_timeout: opts.ready_timeout,
             client_scheme,
             dir: Some(dir),
+            token,
+            flags: opts.flags(),
+            peer_scheme,
         };
         // Spawn all before waiting for any: a member reports healthy only once a quorum is up.
         for i in 1..=n {
@@ -261,6 +251,11 @@ impl Cluster {
         }
         cluster.wait_ready_all()?;
         Ok(cluster)
+    }
+
+    /// Member `i`'s peer URL.
+    pub fn member_peer_url(&self, i: usize) -> &str {
+        &self.member(i).peer_url
     }
 
     /// Which server the members run.
@@ -422,6 +417,53 @@ impl DerefMut for EtcdCluster {
     fn deref_mut(&mut self) -> &mut Cluster {
         &mut self.0
     }
+}
+
+/// A member's own URLs, for [`member_args`].
+struct MemberUrls {
+    client: String,
+    peer: String,
+    metrics: Option<u16>,
+}
+
+/// etcd's flags for one member, then `extra`.
+fn member_args(
+    name: &str,
+    data_dir: &Path,
+    urls: &MemberUrls,
+    initial_cluster: &str,
+    state: &str,
+    token: &str,
+    extra: &[String],
+) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "--name",
+        name,
+        "--data-dir",
+        &data_dir.display().to_string(),
+        "--listen-client-urls",
+        &urls.client,
+        "--advertise-client-urls",
+        &urls.client,
+        "--listen-peer-urls",
+        &urls.peer,
+        "--initial-advertise-peer-urls",
+        &urls.peer,
+        "--initial-cluster",
+        initial_cluster,
+        "--initial-cluster-state",
+        state,
+        "--initial-cluster-token",
+        token,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    if let Some(port) = urls.metrics {
+        args.extend(["--listen-metrics-urls".into(), format!("http://127.0.0.1:{port}")]);
+    }
+    args.extend(extra.iter().cloned());
+    args
 }
 
 /// `etcdctl snapshot restore` of `snapshot` into `data_dir`, for the member `name`.

@@ -28,6 +28,10 @@ pub const INPUT_CAPACITY: usize = 4 * MAX_INPUTS_PER_CYCLE;
 pub enum Input {
     /// Propose opaque data; `dropped` fires if raft refuses it outright.
     Propose { data: Vec<u8>, dropped: oneshot::Sender<Error> },
+    /// Propose a configuration change; `dropped` fires if raft refuses it.
+    ProposeConfChange { cc: raft::eraftpb::ConfChange, dropped: oneshot::Sender<Error> },
+    /// On the leader: how far each member's log matches (`None` elsewhere).
+    Progress(oneshot::Sender<Option<super::node::Progress>>),
     /// A linearizable read barrier.
     ReadIndex(ReadReply),
     /// A message from a peer.
@@ -43,6 +47,11 @@ pub enum Input {
 /// Sends raft messages to peers.
 pub trait Transport: Send + Sync + 'static {
     fn send(&self, msgs: Vec<Message>);
+    /// The member list changed: these are the peers now (`id -> peer URL`),
+    /// and the members removed from the cluster.
+    fn set_peers(&self, peers: HashMap<u64, String>, removed: std::collections::HashSet<u64>) {
+        let _ = (peers, removed);
+    }
 }
 
 /// Whether snapshots reached their followers, for raft. Kept apart from the
@@ -189,6 +198,9 @@ fn run<S: StateMachine>(
             tracing::error!(error = %e, "raft storage failed; stopping the member");
             std::process::abort();
         }
+        if let Some((peers, removed)) = node.peers_changed() {
+            transport.set_peers(peers, removed);
+        }
     }
     tracing::info!("raft thread stopped");
 }
@@ -200,6 +212,14 @@ fn handle<S: StateMachine>(node: &mut RaftNode<S>, input: Input) -> bool {
             if let Err(e) = node.propose(data) {
                 let _ = dropped.send(e);
             }
+        }
+        Input::ProposeConfChange { cc, dropped } => {
+            if let Err(e) = node.propose_conf_change(cc) {
+                let _ = dropped.send(e);
+            }
+        }
+        Input::Progress(reply) => {
+            let _ = reply.send(node.progress());
         }
         Input::ReadIndex(reply) => node.read_index(reply),
         Input::Step(msg) => node.step(msg),

@@ -34,7 +34,7 @@ pub mod storage;
 pub mod transport;
 
 pub use driver::{Input, RaftHandle, SnapshotReports, Transport};
-pub use node::{Committed, RaftConfig, RaftNode, RaftStatus, StateMachine};
+pub use node::{Committed, Progress, RaftConfig, RaftNode, RaftStatus, StateMachine};
 
 #[cfg(test)]
 mod tests;

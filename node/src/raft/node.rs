@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use fjall::{Database, OwnedWriteBatch, PersistMode};
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, Entry, EntryType, Message};
+use raft::eraftpb::{ConfChange, ConfChangeType, ConfChangeV2, Entry, EntryType, Message};
 use raft::{RawNode, ReadOnlyOption, StateRole};
 use tokio::sync::{oneshot, watch};
 
@@ -21,8 +21,11 @@ use crate::metrics::Metrics;
 #[derive(Clone, Debug)]
 pub struct RaftConfig {
     pub id: u64,
-    /// Voters of a brand-new cluster; ignored once the log is initialized.
+    /// Voters of a brand-new cluster (or, for a member joining one, the
+    /// cluster's after it was added); ignored once the log is initialized.
     pub voters: Vec<u64>,
+    /// Learners of that first configuration.
+    pub learners: Vec<u64>,
     pub election_ticks: usize,
     pub heartbeat_ticks: usize,
     /// Applied entries between log compactions.
@@ -57,6 +60,31 @@ pub trait StateMachine: Send + 'static {
     fn restore(&mut self, index: u64, header: &[u8], batch: &mut OwnedWriteBatch);
     /// The last applied raft index.
     fn applied(&self) -> u64;
+    /// Applies the membership side of a committed configuration change at
+    /// `index` (its context is the proposal), staging into `batch`; false
+    /// refuses it, and raft then leaves its configuration as it was. Called
+    /// in log order with [`StateMachine::apply`]. Must be deterministic.
+    fn apply_conf_change(&mut self, index: u64, cc: &ConfChange, batch: &mut OwnedWriteBatch) -> bool {
+        let _ = (index, cc, batch);
+        true
+    }
+    /// The peers (`id -> peer URL`) and the removed members after the
+    /// member list changed, once.
+    fn peers_changed(&mut self) -> Option<PeerChange> {
+        None
+    }
+}
+
+/// The peers (`id -> peer URL`), and the ids removed from the cluster.
+pub type PeerChange = (HashMap<u64, String>, std::collections::HashSet<u64>);
+
+/// How far each member's log matches the leader's, on the leader.
+#[derive(Clone, Debug, Default)]
+pub struct Progress {
+    /// The leader's own last index.
+    pub leader_match: u64,
+    /// Member id -> its matched index.
+    pub matched: HashMap<u64, u64>,
 }
 
 /// The member's raft state as the rest of the process sees it.
@@ -67,6 +95,10 @@ pub struct RaftStatus {
     commit: AtomicU64,
     applied: AtomicU64,
     leader_tx: watch::Sender<u64>,
+    /// Set once a committed change removed this member from the cluster.
+    removed_tx: watch::Sender<bool>,
+    /// Whether this member is a learner in the current configuration.
+    learner: std::sync::atomic::AtomicBool,
     /// When this member last became leader; `None` while it is not.
     leader_since: parking_lot::Mutex<Option<Instant>>,
 }
@@ -80,6 +112,8 @@ impl RaftStatus {
             commit: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             leader_tx: watch::channel(0).0,
+            removed_tx: watch::channel(false).0,
+            learner: std::sync::atomic::AtomicBool::new(false),
             leader_since: parking_lot::Mutex::new(None),
         }
     }
@@ -107,6 +141,18 @@ impl RaftStatus {
     pub fn watch_leader(&self) -> watch::Receiver<u64> {
         self.leader_tx.subscribe()
     }
+    /// Whether this member is a learner (no vote; refuses most client calls).
+    pub fn is_learner(&self) -> bool {
+        self.learner.load(Ordering::Relaxed)
+    }
+    /// Marks this member removed (a peer said so: it missed its own removal).
+    pub fn mark_removed(&self) {
+        self.removed_tx.send_replace(true);
+    }
+    /// A receiver that turns true once this member is removed from the cluster.
+    pub fn watch_removed(&self) -> watch::Receiver<bool> {
+        self.removed_tx.subscribe()
+    }
 }
 
 /// Answer to a linearizable read barrier: the index the read may be served at.
@@ -132,6 +178,11 @@ pub struct RaftNode<S: StateMachine> {
     metrics: Arc<Metrics>,
     reads: Reads,
     role: StateRole,
+    /// Compact the log up to here at the end of the cycle: set when a
+    /// member is added, so that every leader sends the new member a
+    /// snapshot (which carries the configuration) instead of the log from
+    /// its first entry.
+    compact_to: Option<u64>,
 }
 
 impl<S: StateMachine> RaftNode<S> {
@@ -153,7 +204,7 @@ impl<S: StateMachine> RaftNode<S> {
         let mut store = LogStore::open(&db, source, images)?;
         if !store.is_initialized() {
             let mut batch = db.batch();
-            store.bootstrap(cfg.voters.clone(), &mut batch);
+            store.bootstrap(cfg.voters.clone(), cfg.learners.clone(), &mut batch);
             batch.commit()?;
             db.persist(PersistMode::SyncData)?;
         }
@@ -182,8 +233,19 @@ impl<S: StateMachine> RaftNode<S> {
         let status = Arc::new(RaftStatus::new(cfg.id));
         status.applied.store(sm.applied(), Ordering::Relaxed);
         status.term.store(raw.raft.term, Ordering::Relaxed);
+        status.learner.store(raw.raft.prs().conf().learners().contains(&cfg.id), Ordering::Relaxed);
         // A one-member cluster elects itself at once instead of waiting out an election timeout.
-        let mut node = Self { raw, sm, db, cfg, status, metrics, reads: Reads::default(), role: StateRole::Follower };
+        let mut node = Self {
+            raw,
+            sm,
+            db,
+            cfg,
+            status,
+            metrics,
+            reads: Reads::default(),
+            role: StateRole::Follower,
+            compact_to: None,
+        };
         if node.raw.raft.prs().conf().voters().ids().len() == 1 && node.raw.raft.promotable() {
             node.raw.campaign()?;
         }
@@ -229,7 +291,10 @@ impl<S: StateMachine> RaftNode<S> {
     /// Feeds a message from a peer. Messages from members outside the
     /// configuration are dropped.
     pub fn step(&mut self, msg: Message) {
-        if !self.raw.raft.prs().conf().voters().contains(msg.from) {
+        let conf = self.raw.raft.prs().conf();
+        // A member that joined knows the cluster only once the leader's snapshot arrives.
+        let known = conf.voters().contains(msg.from) || conf.learners().contains(&msg.from);
+        if !known && !self.raw.raft.prs().conf().voters().ids().is_empty() {
             tracing::warn!(from = msg.from, "dropping raft message from a non-member");
             return;
         }
@@ -249,6 +314,32 @@ impl<S: StateMachine> RaftNode<S> {
             self.metrics.proposals_failed.inc();
             Error::NoLeader
         })
+    }
+
+    /// Proposes a configuration change (its context is the proposal).
+    ///
+    /// # Errors
+    ///
+    /// As [`RaftNode::propose`]; [`Error::Unhealthy`] while an earlier
+    /// change is still being applied (raft would turn this one into an
+    /// empty entry).
+    pub fn propose_conf_change(&mut self, cc: ConfChange) -> Result<()> {
+        if self.raw.raft.pending_conf_index > self.raw.raft.raft_log.applied {
+            return Err(Error::Unhealthy);
+        }
+        self.raw.propose_conf_change(vec![], cc).map_err(|_| {
+            self.metrics.proposals_failed.inc();
+            Error::NoLeader
+        })
+    }
+
+    /// On the leader, how far each member's log matches; `None` elsewhere.
+    pub fn progress(&self) -> Option<Progress> {
+        if self.role != StateRole::Leader {
+            return None;
+        }
+        let matched = self.raw.raft.prs().iter().map(|(id, pr)| (*id, pr.matched)).collect();
+        Some(Progress { leader_match: self.raw.raft.raft_log.last_index(), matched })
     }
 
     /// Queues a linearizable read barrier.
@@ -362,6 +453,9 @@ impl<S: StateMachine> RaftNode<S> {
 
         let applied = self.sm.applied();
         self.status.applied.store(applied, Ordering::Relaxed);
+        let learner = self.raw.raft.prs().conf().learners().contains(&self.cfg.id);
+        self.status.learner.store(learner, Ordering::Relaxed);
+        self.metrics.is_learner.set(i64::from(learner));
         self.status.commit.store(self.raw.raft.raft_log.committed, Ordering::Relaxed);
         self.status.term.store(self.raw.raft.term, Ordering::Relaxed);
         self.metrics.proposals_committed.set(self.raw.raft.raft_log.committed as i64);
@@ -400,9 +494,11 @@ impl<S: StateMachine> RaftNode<S> {
                     committed.push(Committed { index: e.index, term: e.term, data: &e.data });
                 }
                 EntryType::EntryConfChange => {
+                    // Everything before it applies first: the state machine
+                    // judges the change against the member list as of here.
+                    self.sm.apply(&std::mem::take(&mut committed), batch);
                     let cc = ConfChange::parse_from_bytes(&e.data).map_err(|x| Error::Corrupt(x.to_string()))?;
-                    self.raw.apply_conf_change(&cc)?;
-                    committed.push(Committed { index: e.index, term: e.term, data: &[] });
+                    self.apply_conf_change(e.index, &cc, batch)?;
                 }
                 EntryType::EntryConfChangeV2 => {
                     let cc = ConfChangeV2::parse_from_bytes(&e.data).map_err(|x| Error::Corrupt(x.to_string()))?;
@@ -413,6 +509,32 @@ impl<S: StateMachine> RaftNode<S> {
         }
         self.sm.apply(&committed, batch);
         Ok(())
+    }
+
+    /// One configuration change: the state machine's membership first, then
+    /// raft's configuration, recorded in the same batch.
+    fn apply_conf_change(&mut self, index: u64, cc: &ConfChange, batch: &mut OwnedWriteBatch) -> Result<()> {
+        if !self.sm.apply_conf_change(index, cc, batch) {
+            return Ok(());
+        }
+        let cs = self.raw.apply_conf_change(cc)?;
+        tracing::info!(index, change = ?cc.get_change_type(), member = format!("{:x}", cc.node_id),
+            voters = ?cs.voters, learners = ?cs.learners, "applied a configuration change");
+        self.raw.mut_store().set_conf_state(cs, batch);
+        match cc.get_change_type() {
+            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => self.compact_to = Some(index),
+            ConfChangeType::RemoveNode if cc.node_id == self.cfg.id => {
+                tracing::warn!("this member was removed from the cluster; stopping");
+                self.status.removed_tx.send_replace(true);
+            }
+            ConfChangeType::RemoveNode => {}
+        }
+        Ok(())
+    }
+
+    /// The peers after a change of the member list, once (for the transport).
+    pub fn peers_changed(&mut self) -> Option<PeerChange> {
+        self.sm.peers_changed()
     }
 
     fn release_reads(&mut self) {
@@ -449,6 +571,13 @@ impl<S: StateMachine> RaftNode<S> {
 
     fn maybe_compact_log(&mut self) -> Result<()> {
         let applied = self.sm.applied();
+        if let Some(to) = self.compact_to.take().filter(|to| *to > self.raw.store().start_index() && *to <= applied) {
+            let mut batch = self.db.batch();
+            self.raw.mut_store().compact(to, &mut batch);
+            batch.commit()?;
+            tracing::info!(to, "compacted raft log at a member addition: new members start from a snapshot");
+            return Ok(());
+        }
         let store = self.raw.store();
         if applied < store.start_index() + self.cfg.snapshot_count + self.cfg.catchup_entries {
             return Ok(());

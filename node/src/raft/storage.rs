@@ -166,10 +166,18 @@ impl LogStore {
         !self.conf_state.voters.is_empty()
     }
 
-    /// Sets the first configuration of a brand-new cluster.
-    pub fn bootstrap(&mut self, voters: Vec<u64>, batch: &mut OwnedWriteBatch) {
+    /// Sets the first configuration of a brand-new cluster, or of a member
+    /// joining one (the configuration the cluster had after adding it).
+    pub fn bootstrap(&mut self, voters: Vec<u64>, learners: Vec<u64>, batch: &mut OwnedWriteBatch) {
         self.conf_state.voters = voters;
+        self.conf_state.learners = learners;
         batch.insert(&self.ks, KEY_CONF_STATE, self.conf_state.write_to_bytes().expect("encode"));
+    }
+
+    /// Records the configuration a committed change produced.
+    pub fn set_conf_state(&mut self, cs: ConfState, batch: &mut OwnedWriteBatch) {
+        batch.insert(&self.ks, KEY_CONF_STATE, cs.write_to_bytes().expect("encode"));
+        self.conf_state = cs;
     }
 
     pub fn hard_state(&self) -> &HardState {

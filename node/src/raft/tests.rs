@@ -191,6 +191,7 @@ impl Net {
         let cfg = RaftConfig {
             id,
             voters: self.ids.clone(),
+            learners: Vec::new(),
             election_ticks: 10,
             heartbeat_ticks: 1,
             snapshot_count: self.snapshot_count,

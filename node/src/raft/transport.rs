@@ -73,6 +73,33 @@ pub struct PeerContext {
     pub metrics: Arc<Metrics>,
     /// What this member trusts and presents on `https://` peer URLs.
     pub tls: meridian_wire::tls::ClientTls,
+    /// Since when each peer has answered without a failure.
+    pub active: ActivePeers,
+    /// This member's raft status (marked removed when a peer says so).
+    pub status: Arc<super::RaftStatus>,
+}
+
+/// Peer id -> since when its link has delivered without a failure (etcd's
+/// `ActiveSince`), for the checks that keep a membership change from
+/// breaking the active quorum.
+#[derive(Clone, Default)]
+pub struct ActivePeers(Arc<parking_lot::Mutex<HashMap<u64, Instant>>>);
+
+impl ActivePeers {
+    fn up(&self, id: u64) {
+        self.0.lock().entry(id).or_insert_with(Instant::now);
+    }
+    fn down(&self, id: u64) {
+        self.0.lock().remove(&id);
+    }
+    /// Whether `id` has been reachable for at least `for_at_least`.
+    pub fn active_for(&self, id: u64, for_at_least: Duration) -> bool {
+        self.0.lock().get(&id).is_some_and(|since| since.elapsed() >= for_at_least)
+    }
+    /// Whether `id` has been reachable at all since its link started.
+    pub fn ever_active(&self, id: u64) -> bool {
+        self.0.lock().contains_key(&id)
+    }
 }
 
 impl PeerContext {
@@ -81,35 +108,64 @@ impl PeerContext {
     }
 }
 
+/// The members a member takes peer messages from (every one in its member
+/// list) and those removed from the cluster (told so), kept current by
+/// [`GrpcTransport::set_peers`].
+#[derive(Debug, Default)]
+pub struct Peers {
+    pub members: HashSet<u64>,
+    pub removed: HashSet<u64>,
+}
+
+pub type PeerSet = Arc<parking_lot::RwLock<Peers>>;
+
+/// What a member tells a peer it removed (etcd's words); the peer stops.
+pub const REMOVED: &str = "the member has been permanently removed from the cluster";
+
 /// Sends to peers over gRPC.
 pub struct GrpcTransport {
-    peers: HashMap<u64, mpsc::Sender<Message>>,
+    /// Peer id -> its URL and the queue of its link task.
+    links: parking_lot::Mutex<HashMap<u64, (String, mpsc::Sender<Message>)>>,
     ctx: Arc<PeerContext>,
+    members: PeerSet,
+    /// Links start from the raft thread, which is not in the runtime.
+    runtime: tokio::runtime::Handle,
 }
 
 impl GrpcTransport {
     /// Starts one sender task per peer (`id -> peer URL`). Must be called
     /// inside a tokio runtime.
-    pub fn start(ctx: Arc<PeerContext>, peers: HashMap<u64, String>) -> Self {
-        let mut senders = HashMap::new();
-        for (id, url) in peers {
-            if id == ctx.self_id {
-                continue;
-            }
-            let (tx, rx) = mpsc::channel(PEER_QUEUE);
-            senders.insert(id, tx);
-            let link = PeerLink { ctx: ctx.clone(), to: id, snapshot_in_flight: Arc::new(AtomicBool::new(false)) };
-            tokio::spawn(link.run(url, rx));
-        }
-        Self { peers: senders, ctx }
+    pub fn start(ctx: Arc<PeerContext>, peers: HashMap<u64, String>, removed: HashSet<u64>, members: PeerSet) -> Self {
+        let t = Self { links: Default::default(), ctx, members, runtime: tokio::runtime::Handle::current() };
+        t.set_peers(peers, removed);
+        t
     }
 }
 
 impl Transport for GrpcTransport {
+    /// Links to new peers start, links to removed ones stop (their queue
+    /// closes), and a peer whose URL changed is dialed at the new one.
+    fn set_peers(&self, peers: HashMap<u64, String>, removed: HashSet<u64>) {
+        let mut links = self.links.lock();
+        links.retain(|id, (url, _)| peers.get(id) == Some(url));
+        for (id, url) in &peers {
+            if *id == self.ctx.self_id || links.contains_key(id) {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(PEER_QUEUE);
+            links.insert(*id, (url.clone(), tx));
+            let link =
+                PeerLink { ctx: self.ctx.clone(), to: *id, snapshot_in_flight: Arc::new(AtomicBool::new(false)) };
+            self.runtime.spawn(link.run(url.clone(), rx));
+        }
+        *self.members.write() = Peers { members: peers.keys().copied().collect(), removed };
+    }
+
     fn send(&self, msgs: Vec<Message>) {
         let mut full = Vec::new();
+        let links = self.links.lock();
         for m in msgs {
-            let Some(tx) = self.peers.get(&m.to) else { continue };
+            let Some((_, tx)) = links.get(&m.to) else { continue };
             if let Err(mpsc::error::TrySendError::Full(m)) = tx.try_send(m) {
                 if is_snapshot(&m) {
                     self.ctx.report_snapshot(m.to, false);
@@ -186,6 +242,7 @@ impl PeerLink {
             req.set_timeout(Duration::from_secs(5));
             match client.clone().send(req).await {
                 Ok(_) => {
+                    self.ctx.active.up(self.to);
                     if failing {
                         tracing::info!(peer = %to_label, "peer reachable again");
                         failing = false;
@@ -193,6 +250,11 @@ impl PeerLink {
                     self.ctx.metrics.peer_sent_bytes.with_label_values(&[&to_label]).inc_by(bytes);
                 }
                 Err(status) => {
+                    self.ctx.active.down(self.to);
+                    if status.code() == tonic::Code::PermissionDenied && status.message() == REMOVED {
+                        tracing::warn!(peer = %to_label, "a peer says this member was removed from the cluster");
+                        self.ctx.status.mark_removed();
+                    }
                     if !failing {
                         tracing::warn!(peer = %to_label, error = %status.message(), "cannot reach peer");
                         failing = true;
@@ -354,7 +416,7 @@ fn slow_snapshot_failpoint() -> Option<Duration> {
 /// cluster before decoding anything, then feeds the raft thread.
 pub struct PeerService {
     pub cluster_id: u64,
-    pub members: HashSet<u64>,
+    pub members: PeerSet,
     pub raft_tx: Sender<Input>,
     /// Where incoming snapshot bodies are stored.
     pub source: Arc<dyn SnapshotSource>,
@@ -371,7 +433,11 @@ impl PeerService {
                 self.cluster_id
             )));
         }
-        if !self.members.contains(&from) {
+        let peers = self.members.read();
+        if peers.removed.contains(&from) {
+            return Err(Status::permission_denied(REMOVED));
+        }
+        if !peers.members.contains(&from) {
             return Err(Status::permission_denied(format!("{from:x} is not a member of this cluster")));
         }
         Ok(())
@@ -556,7 +622,7 @@ mod tests {
         let (tx, rx) = crossbeam_channel::bounded(8);
         let svc = PeerService {
             cluster_id: 7,
-            members: [1, 2].into(),
+            members: Arc::new(parking_lot::RwLock::new(Peers { members: [1, 2].into(), removed: HashSet::new() })),
             raft_tx: tx,
             source: Arc::new(NoSnapshots),
             metrics: Arc::new(Metrics::default()),

@@ -11,10 +11,14 @@ use meridian_proto::etcdserverpb::{
     AlarmMember, AlarmResponse, AlarmType, DeleteRangeResponse, LeaseGrantResponse, PutResponse, TxnResponse,
 };
 use meridian_proto::meridian::v1::internal_request::Request;
-use meridian_proto::meridian::v1::{InternalRequest, KvRecord, MirrorApplyRequest, RegionChange, SnapshotData};
+use meridian_proto::meridian::v1::member_change::Kind as MemberKind;
+use meridian_proto::meridian::v1::{
+    InternalRequest, KvRecord, MemberChange, MirrorApplyRequest, RegionChange, SnapshotData,
+};
 use meridian_wire::telemetry;
 use parking_lot::Mutex;
 use prost::Message;
+use raft::eraftpb::ConfChange;
 use tokio::sync::oneshot;
 
 use super::cluster::{Alarms, Members};
@@ -48,6 +52,8 @@ pub enum Applied {
     /// A compaction; the revision of the store when it applied.
     Compaction(i64),
     Alarm(AlarmResponse),
+    /// A membership change; the member list after it.
+    Members(Members),
     Done,
 }
 
@@ -92,6 +98,8 @@ pub struct EtcdStateMachine {
     /// Traced entries of the batch: the revision each made, and its apply
     /// span's traceparent, for the watch responses of that revision.
     traced: Vec<(i64, String)>,
+    /// The member list changed since the transport last heard of it.
+    peers_changed: bool,
 }
 
 impl EtcdStateMachine {
@@ -119,6 +127,7 @@ impl EtcdStateMachine {
             nospace,
             restored: false,
             traced: Vec::new(),
+            peers_changed: false,
         }
     }
 
@@ -226,11 +235,28 @@ impl EtcdStateMachine {
                 self.version.update(&members);
                 Ok(Applied::Done)
             }
+            // Only an update is a plain entry; the others are configuration changes.
+            Request::MemberChange(change) => self.change_members(&change),
         }
     }
 }
 
 impl EtcdStateMachine {
+    /// Applies a change to the member list, with etcd's refusals.
+    fn change_members(&mut self, change: &MemberChange) -> Result<Applied> {
+        let mut members = Members::load(&self.mvcc);
+        members.apply(change)?;
+        members.store(&self.mvcc);
+        if change.kind == MemberKind::Remove as i32 {
+            let mut removed = Members::load_removed(&self.mvcc);
+            removed.insert(change.member_id);
+            Members::store_removed(&self.mvcc, &removed);
+        }
+        self.version.update(&members);
+        self.peers_changed = true;
+        Ok(Applied::Members(members))
+    }
+
     /// A promotion or a demotion. Both need a higher epoch than the current
     /// one (asking again for the change already made, same epoch and role,
     /// answers it again, so a retried call is safe). The fence is the
@@ -471,6 +497,29 @@ impl StateMachine for EtcdStateMachine {
         }
     }
 
+    fn apply_conf_change(&mut self, index: u64, cc: &ConfChange, batch: &mut OwnedWriteBatch) -> bool {
+        if cc.context.is_empty() {
+            self.mvcc.set_applied(index);
+            self.mvcc.stage(batch);
+            return true;
+        }
+        let (id, request, _) = decode_entry(index, &cc.context);
+        let result = match request {
+            Request::MemberChange(change) if change.member_id == cc.node_id => self.change_members(&change),
+            other => panic!("configuration change at {index} carries {other:?}, not its member change"),
+        };
+        let accepted = result.is_ok();
+        self.done.push((id, result));
+        self.mvcc.set_applied(index);
+        self.mvcc.stage(batch);
+        accepted
+    }
+
+    fn peers_changed(&mut self) -> Option<crate::raft::node::PeerChange> {
+        std::mem::take(&mut self.peers_changed)
+            .then(|| (Members::load(&self.mvcc).peers(), Members::load_removed(&self.mvcc)))
+    }
+
     fn restore(&mut self, index: u64, header: &[u8], batch: &mut OwnedWriteBatch) {
         let snap = SnapshotData::decode(header).unwrap_or_else(|e| panic!("snapshot at {index} does not decode: {e}"));
         let marks = Marks { current: snap.current_revision, compacted: snap.compact_revision, applied: index };
@@ -486,6 +535,7 @@ impl StateMachine for EtcdStateMachine {
             panic!("restoring snapshot at {index} failed: {e}");
         }
         self.restored = true;
+        self.peers_changed = true;
         self.lessor.rebuild(&self.mvcc);
         if let Some(role) = RoleState::load(&self.mvcc) {
             self.role.set(role);

@@ -1,20 +1,14 @@
 //! Cluster membership and alarms: replicated metadata kept in the MVCC
-//! store's `app/` metadata, and the etcd Cluster service.
+//! store's `app/` metadata. The Cluster service is in `membership`.
 
-use std::sync::Arc;
-
-use meridian_proto::etcdserverpb::cluster_server::Cluster;
-use meridian_proto::etcdserverpb::{
-    AlarmMember, AlarmType, Member, MemberAddRequest, MemberAddResponse, MemberListRequest, MemberListResponse,
-    MemberPromoteRequest, MemberPromoteResponse, MemberRemoveRequest, MemberRemoveResponse, MemberUpdateRequest,
-    MemberUpdateResponse,
-};
+use meridian_proto::etcdserverpb::{AlarmMember, AlarmType};
 use meridian_proto::meridian::v1::MemberAttributes;
 use serde::{Deserialize, Serialize};
-use tonic::{Request, Response, Status};
 
-use super::EtcdServer;
+use crate::error::{Error, Result};
 use crate::mvcc::Mvcc;
+use meridian_proto::meridian::v1::member_change::Kind;
+use meridian_proto::meridian::v1::MemberChange;
 
 /// One cluster member as the cluster knows it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -26,7 +20,13 @@ pub struct MemberInfo {
     /// The newest raft entry version its binary applies; 0 until published.
     #[serde(default)]
     pub apply_version: u32,
+    /// A learner: receives the log, does not vote.
+    #[serde(default)]
+    pub is_learner: bool,
 }
+
+/// Learners a cluster may have at once (etcd 3.4's `--experimental-max-learners`).
+pub const MAX_LEARNERS: usize = 1;
 
 /// The member list, replicated through raft.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -34,6 +34,7 @@ pub struct Members(pub Vec<MemberInfo>);
 
 impl Members {
     pub const META_KEY: &'static str = "members";
+    pub const REMOVED_KEY: &'static str = "members_removed";
 
     pub fn load(mvcc: &Mvcc) -> Self {
         mvcc.meta(Self::META_KEY).and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
@@ -41,6 +42,17 @@ impl Members {
 
     pub fn store(&self, mvcc: &Mvcc) {
         mvcc.set_meta(Self::META_KEY, serde_json::to_vec(self).expect("members encode"));
+    }
+
+    /// The ids of the members removed from the cluster (etcd's `members_removed`).
+    pub fn load_removed(mvcc: &Mvcc) -> std::collections::HashSet<u64> {
+        mvcc.meta(Self::REMOVED_KEY).and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    pub fn store_removed(mvcc: &Mvcc, removed: &std::collections::HashSet<u64>) {
+        let mut ids: Vec<u64> = removed.iter().copied().collect();
+        ids.sort_unstable();
+        mvcc.set_meta(Self::REMOVED_KEY, serde_json::to_vec(&ids).expect("ids encode"));
     }
 
     /// Records a member's name and client URLs, published by the member itself.
@@ -54,6 +66,85 @@ impl Members {
 
     pub fn get(&self, id: u64) -> Option<&MemberInfo> {
         self.0.iter().find(|m| m.id == id)
+    }
+
+    /// Applies a membership change, or refuses it with etcd's error and
+    /// leaves the list as it was. Deterministic: every replica decides the
+    /// same from the same list.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::MemberExists`], [`Error::PeerUrlExists`],
+    /// [`Error::TooManyLearners`], [`Error::MemberNotFound`],
+    /// [`Error::MemberNotLearner`].
+    pub fn apply(&mut self, c: &MemberChange) -> Result<()> {
+        let id = c.member_id;
+        let url_taken = |members: &Members| {
+            members.0.iter().any(|m| m.id != id && m.peer_urls.iter().any(|u| c.peer_urls.contains(u)))
+        };
+        match Kind::try_from(c.kind).map_err(|_| Error::Internal(format!("unknown member change {}", c.kind)))? {
+            Kind::Add => {
+                if url_taken(self) {
+                    return Err(Error::PeerUrlExists);
+                }
+                if self.get(id).is_some() {
+                    return Err(Error::MemberExists);
+                }
+                if c.is_learner && self.0.iter().filter(|m| m.is_learner).count() >= MAX_LEARNERS {
+                    return Err(Error::TooManyLearners);
+                }
+                self.0.push(MemberInfo {
+                    id,
+                    name: String::new(),
+                    peer_urls: c.peer_urls.clone(),
+                    client_urls: Vec::new(),
+                    apply_version: 0,
+                    is_learner: c.is_learner,
+                });
+            }
+            Kind::Remove => {
+                self.get(id).ok_or(Error::MemberNotFound)?;
+                self.0.retain(|m| m.id != id);
+            }
+            Kind::Update => {
+                self.get(id).ok_or(Error::MemberNotFound)?;
+                if url_taken(self) {
+                    return Err(Error::PeerUrlExists);
+                }
+                let m = self.0.iter_mut().find(|m| m.id == id).ok_or(Error::MemberNotFound)?;
+                m.peer_urls = c.peer_urls.clone();
+            }
+            Kind::Promote => {
+                let m = self.0.iter_mut().find(|m| m.id == id).ok_or(Error::MemberNotFound)?;
+                if !m.is_learner {
+                    return Err(Error::MemberNotLearner);
+                }
+                m.is_learner = false;
+            }
+        }
+        Ok(())
+    }
+
+    /// The peers raft talks to: every member, at its first peer URL.
+    pub fn peers(&self) -> std::collections::HashMap<u64, String> {
+        self.0.iter().filter_map(|m| m.peer_urls.first().map(|u| (m.id, u.clone()))).collect()
+    }
+
+    /// Whether, after `change`, the voters that have started (published
+    /// their name) still make a quorum of all voters: etcd's strict
+    /// reconfiguration check, which keeps a change from costing the cluster
+    /// its quorum.
+    pub fn keeps_quorum(&self, change: &MemberChange) -> bool {
+        let mut after = self.clone();
+        if after.apply(change).is_err() {
+            return true; // apply will refuse it with the reason
+        }
+        let voters: Vec<&MemberInfo> = after.0.iter().filter(|m| !m.is_learner).collect();
+        let started = voters.iter().filter(|m| !m.name.is_empty()).count();
+        // etcd lets a one-member cluster add its second voter (how a
+        // restored member grows back into a cluster).
+        let growing_one = change.kind == Kind::Add as i32 && voters.len() == 2 && started == 1;
+        growing_one || (!voters.is_empty() && started > voters.len() / 2)
     }
 }
 
@@ -100,47 +191,5 @@ impl Alarms {
         let (gone, kept) = std::mem::take(&mut self.0).into_iter().partition(matches);
         self.0 = kept;
         gone
-    }
-}
-
-/// etcd's Cluster service. Membership changes are not supported yet.
-pub struct ClusterService {
-    pub server: Arc<EtcdServer>,
-}
-
-fn to_member(m: &MemberInfo) -> Member {
-    Member {
-        id: m.id,
-        name: m.name.clone(),
-        peer_ur_ls: m.peer_urls.clone(),
-        client_ur_ls: m.client_urls.clone(),
-        is_learner: false,
-    }
-}
-
-#[tonic::async_trait]
-impl Cluster for ClusterService {
-    async fn member_add(&self, _: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
-        Err(Status::unimplemented("meridian: membership changes are not supported yet"))
-    }
-    async fn member_remove(&self, _: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
-        Err(Status::unimplemented("meridian: membership changes are not supported yet"))
-    }
-    async fn member_update(&self, _: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
-        Err(Status::unimplemented("meridian: membership changes are not supported yet"))
-    }
-    async fn member_list(&self, _: Request<MemberListRequest>) -> Result<Response<MemberListResponse>, Status> {
-        let members = Members::load(&self.server.mvcc);
-        let rev = self.server.mvcc.marks().current;
-        Ok(Response::new(MemberListResponse {
-            header: Some(self.server.header(rev)),
-            members: members.0.iter().map(to_member).collect(),
-        }))
-    }
-    async fn member_promote(
-        &self,
-        _: Request<MemberPromoteRequest>,
-    ) -> Result<Response<MemberPromoteResponse>, Status> {
-        Err(Status::unimplemented("meridian: membership changes are not supported yet"))
     }
 }

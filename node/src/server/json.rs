@@ -38,10 +38,10 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tonic::Status;
 
-use super::cluster::ClusterService;
 use super::kv::KvService;
 use super::lease::service::{keep_alive_once, LeaseService};
 use super::maintenance::MaintenanceService;
+use super::membership::ClusterService;
 use super::recipes::{ElectionService, LockService};
 use super::watch::hub::HeaderFn;
 use super::watch::service::{created_response, spec_of};

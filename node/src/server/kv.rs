@@ -111,6 +111,9 @@ impl KvService {
         self.server.check_message_size(r.encoded_len())?;
         ops::check_range(&r)?;
         if !r.serializable {
+            if self.server.raft.status().is_learner() {
+                return Err(Error::NotSupportedForLearner.into());
+            }
             self.server.read_barrier().await?;
         }
         self.server.metrics.range_total.inc();

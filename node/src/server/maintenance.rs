@@ -132,7 +132,7 @@ impl Maintenance for MaintenanceService {
             raft_applied_index: status.applied(),
             errors,
             db_size_in_use: in_use,
-            is_learner: false,
+            is_learner: status.is_learner(),
         }))
     }
 

@@ -22,6 +22,7 @@ pub mod json;
 pub mod kv;
 pub mod lease;
 pub mod maintenance;
+pub mod membership;
 pub mod mirror;
 pub mod ops;
 pub mod primary_lease;
@@ -219,8 +220,44 @@ impl EtcdServer {
         self.propose_traced(request, limit, traceparent).instrument(span).await
     }
 
+    /// Proposes a membership change as a raft configuration change of
+    /// `change_type` for `node_id`, the request riding in its context.
+    ///
+    /// # Errors
+    ///
+    /// As [`EtcdServer::propose`]; [`Error::Unhealthy`] while another
+    /// configuration change is being applied.
+    pub async fn propose_conf_change(
+        &self,
+        request: Request,
+        change_type: raft::eraftpb::ConfChangeType,
+        node_id: u64,
+    ) -> Result<Applied> {
+        let limit = self.limits.max_request_bytes;
+        self.propose_with(request, limit, String::new(), move |context, dropped| {
+            let mut cc = raft::eraftpb::ConfChange::default();
+            cc.set_change_type(change_type);
+            cc.node_id = node_id;
+            cc.context = context.into();
+            Input::ProposeConfChange { cc, dropped }
+        })
+        .await
+    }
+
     /// Proposes with the proposal's `traceparent` in the entry ("" untraced).
     async fn propose_traced(&self, request: Request, limit: usize, traceparent: String) -> Result<Applied> {
+        self.propose_with(request, limit, traceparent, |data, dropped| Input::Propose { data, dropped }).await
+    }
+
+    /// Registers the proposal's waiter and hands the encoded entry to raft
+    /// as `input` makes it.
+    async fn propose_with(
+        &self,
+        request: Request,
+        limit: usize,
+        traceparent: String,
+        input: impl FnOnce(Vec<u8>, oneshot::Sender<Error>) -> Input,
+    ) -> Result<Applied> {
         version::check(&request, self.version.get())?;
         let id = self.ids.next();
         let data = InternalRequest { id, request: Some(request), traceparent }.encode_to_vec();
@@ -231,7 +268,7 @@ impl EtcdServer {
         let _admitted = self.admit(data.len())?;
         let applied = self.waiters.register(id);
         let (dropped_tx, dropped) = oneshot::channel();
-        if let Err(e) = self.raft.send(Input::Propose { data, dropped: dropped_tx }) {
+        if let Err(e) = self.raft.send(input(data, dropped_tx)) {
             self.waiters.cancel(id);
             return Err(e);
         }

@@ -27,12 +27,15 @@ use super::cluster::Members;
 use crate::error::{Error, Result};
 
 /// The newest entry version this binary applies.
-pub const APPLY_VERSION: u32 = 2;
+pub const APPLY_VERSION: u32 = 3;
 
 /// The version of the cluster whose members are `members`: the lowest one
 /// any member published, and the base version while any has published none.
 pub fn cluster_version(members: &Members) -> u32 {
-    members.0.iter().map(|m| m.apply_version.max(1)).min().unwrap_or(1)
+    // A member added by MemberAdd that has not started yet (no name) has
+    // no binary to speak of; it counts once it publishes its attributes.
+    let started = members.0.iter().filter(|m| !m.name.is_empty() || m.apply_version > 0);
+    started.map(|m| m.apply_version.max(1)).min().unwrap_or(1)
 }
 
 /// The cluster version as of the last applied entry, shared by apply (which
@@ -72,6 +75,7 @@ pub fn required(request: &Request) -> u32 {
         | Request::MirrorApply(_)
         | Request::AutoCompaction(_) => 1,
         Request::RegionChange(_) => 2,
+        Request::MemberChange(_) => 3,
     }
 }
 
@@ -96,7 +100,14 @@ mod tests {
     use crate::server::cluster::MemberInfo;
 
     fn member(id: u64, apply_version: u32) -> MemberInfo {
-        MemberInfo { id, name: format!("m{id}"), peer_urls: vec![], client_urls: vec![], apply_version }
+        MemberInfo {
+            id,
+            name: format!("m{id}"),
+            peer_urls: vec![],
+            client_urls: vec![],
+            apply_version,
+            is_learner: false,
+        }
     }
 
     #[test]

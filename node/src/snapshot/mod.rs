@@ -14,7 +14,7 @@
 //!   lease            id:i64be -> leasepb.Lease {ID, TTL, RemainingTTL}
 //!   alarm            etcdserverpb.AlarmMember -> empty
 //!   cluster          clusterVersion -> "3.4.0"
-//!   members          id in hex -> {"id","peerURLs","name","clientURLs"} (JSON)
+//!   members          id in hex -> {"id","peerURLs","name","clientURLs","isLearner"} (JSON)
 //!   members_removed  (empty)
 //!   auth             authRevision -> u64be; authEnabled -> 0/1 once ever enabled
 //!   authUsers, authRoles  (empty: Meridian has no users yet)
@@ -66,6 +66,8 @@ struct EtcdMember<'a> {
     name: &'a str,
     #[serde(rename = "clientURLs", skip_serializing_if = "<[String]>::is_empty")]
     client_urls: &'a [String],
+    #[serde(rename = "isLearner", skip_serializing_if = "std::ops::Not::not")]
+    is_learner: bool,
 }
 
 /// etcd's revision key: 17 bytes, 18 with a tombstone's 't'.
@@ -167,7 +169,13 @@ pub fn write_etcd_db(image: &StoreImage, file: File) -> Result<u64> {
     let members: Members = meta.get(Members::META_KEY).and_then(|b| serde_json::from_slice(b).ok()).unwrap_or_default();
     let mut by_key: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     for m in &members.0 {
-        let json = EtcdMember { id: m.id, peer_urls: &m.peer_urls, name: &m.name, client_urls: &m.client_urls };
+        let json = EtcdMember {
+            id: m.id,
+            peer_urls: &m.peer_urls,
+            name: &m.name,
+            client_urls: &m.client_urls,
+            is_learner: m.is_learner,
+        };
         by_key.insert(format!("{:x}", m.id), serde_json::to_vec(&json).expect("a member encodes"));
     }
     for (k, v) in by_key {

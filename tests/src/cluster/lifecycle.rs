@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use super::{log_lines, member_name, Cluster, POLL};
+use super::{log_lines, member_args, member_name, Cluster, Member, MemberUrls, POLL};
 use crate::http::check_health;
+use crate::ports::lease_port;
 use crate::process::{signal, wait_timeout};
 
 /// How long [`Cluster::stop`] waits after SIGTERM before it sends SIGKILL.
@@ -196,6 +197,55 @@ impl Cluster {
             }
             std::thread::sleep(POLL);
         }
+    }
+
+    /// Adds a member the way an operator does: `etcdctl member add m<n+1> --peer-urls=<new>
+    /// [--learner]` against the running members, then starts it with `--initial-cluster-state
+    /// existing` and the cluster's flags, and waits until it is healthy. Returns its number and
+    /// what `member add` printed.
+    ///
+    /// # Errors
+    ///
+    /// `member add` fails, or the new member does not become healthy.
+    pub fn add_member(&mut self, learner: bool) -> Result<(usize, String)> {
+        let i = self.len() + 1;
+        let name = member_name(i);
+        let (client, peer) = (lease_port()?, lease_port()?);
+        let peer_url = format!("{}://127.0.0.1:{}", self.peer_scheme, peer.port());
+        let client_url = format!("{}://127.0.0.1:{}", self.client_scheme, client.port());
+        let mut add = vec!["member".to_string(), "add".into(), name.clone(), format!("--peer-urls={peer_url}")];
+        if learner {
+            add.push("--learner".into());
+        }
+        let running: Vec<String> = (1..=self.len()).filter(|&m| self.is_running(m)).map(|m| self.endpoint(m)).collect();
+        let printed = crate::etcdctl_ok(&running, &add.iter().map(String::as_str).collect::<Vec<_>>())?;
+        let mut initial: Vec<String> = self
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(m, _)| self.is_running(m + 1))
+            .map(|(m, member)| format!("{}={}", member_name(m + 1), member.peer_url))
+            .collect();
+        initial.push(format!("{name}={peer_url}"));
+        let dir = self.dir.as_ref().context("the cluster's dir is gone")?.path().to_path_buf();
+        let data_dir = dir.join(&name);
+        let urls = MemberUrls { client: client_url, peer: peer_url.clone(), metrics: None };
+        let args = member_args(&name, &data_dir, &urls, &initial.join(","), "existing", &self.token, &self.flags);
+        self.members.push(Member {
+            client,
+            metrics: None,
+            log_path: dir.join(format!("{name}.log")),
+            data_dir,
+            args,
+            env: Vec::new(),
+            child: None,
+            starts: 0,
+            _peer: peer,
+            peer_url,
+        });
+        self.spawn(i)?;
+        self.wait_ready(i)?;
+        Ok((i, printed))
     }
 
     /// Stops every member (SIGTERM), then starts them all again and waits
