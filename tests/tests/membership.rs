@@ -171,3 +171,76 @@ fn etcdctl_member_commands_print_what_etcd_prints() -> Result<()> {
     }
     Ok(())
 }
+
+/// A member removed while it was down learns it from its peers when it comes back, and stops,
+/// as etcd's does.
+#[test]
+fn a_member_removed_while_down_stops_when_it_returns() -> Result<()> {
+    for server in [Server::Etcd, Server::Meridian] {
+        let mut c = Cluster::start_server(server, 3, ClusterOpts::fast())?;
+        let eps: Vec<String> = (1..=2).map(|i| c.endpoint(i)).collect();
+        let m3 = member_id(&c, &eps, "m3")?;
+        c.stop(3)?;
+        // A member that is down may go at once (it is not part of the active quorum).
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let out = etcdctl(&eps, &["member", "remove", &m3])?;
+            if out.success() {
+                break;
+            }
+            ensure!(Instant::now() < deadline, "{server:?}: cannot remove a stopped member: {}", out.stderr);
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        c.spawn(3)?;
+        let status = c.wait_exit(3, Duration::from_secs(20)).with_context(|| format!("{server:?}: m3 kept running"))?;
+        let log = std::fs::read_to_string(c.log_path(3))?;
+        ensure!(log.contains("permanently removed"), "{server:?} ({status}): {log}");
+        ensure!(c.etcdctl_ok(&["put", "k", "v"])?.trim() == "OK", "{server:?}: the rest take writes");
+    }
+    Ok(())
+}
+
+/// A member add and a promotion sent to a follower are judged by the leader (which alone sees
+/// who is reachable and the learner's progress), as on etcd.
+#[test]
+fn a_promotion_sent_to_a_follower_is_done_by_the_leader() -> Result<()> {
+    for server in [Server::Etcd, Server::Meridian] {
+        let mut c = Cluster::start_server(server, 3, ClusterOpts::fast())?;
+        c.etcdctl_ok(&["put", "k", "v"])?;
+        let status = etcdctl(&c.endpoints(), &["endpoint", "status", "-w", "json"])?;
+        let status: serde_json::Value = serde_json::from_str(&status.stdout)?;
+        let follower = status
+            .as_array()
+            .and_then(|all| all.iter().find(|s| s["Status"]["leader"] != s["Status"]["header"]["member_id"]))
+            .and_then(|s| s["Endpoint"].as_str())
+            .context("a follower")?
+            .to_string();
+        // Both refuse a member add until every voter has been reachable for 5 s, also when a
+        // follower is asked.
+        let early = etcdctl(&[&follower], &["member", "add", "m9", "--learner", "--peer-urls=http://127.0.0.1:1"])?;
+        ensure!(
+            !early.success() && early.stderr.contains("etcdserver: unhealthy cluster"),
+            "{server:?}: {}",
+            early.stderr
+        );
+        std::thread::sleep(Duration::from_secs(6));
+        let (four, _) = c.add_member(true)?;
+        let learner = member_id(&c, &[c.endpoint(1)], "m4")?;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let out = etcdctl(&[&follower], &["member", "promote", &learner])?;
+            if out.success() {
+                assert!(out.stdout.contains("promoted in cluster"), "{}", out.stdout);
+                break;
+            }
+            // Until the learner has caught up: etcd's refusal, then a retry.
+            ensure!(out.stderr.contains("in sync with leader"), "{server:?}: {}", out.stderr);
+            ensure!(Instant::now() < deadline, "{server:?}: the learner never caught up");
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let list = c.etcdctl_ok(&["member", "list"])?;
+        ensure!(list.lines().all(|l| l.ends_with("false")), "{server:?}: still a learner: {list}");
+        ensure!(etcdctl(&[c.endpoint(four)], &["put", "k2", "v"])?.success(), "{server:?}: the promoted member serves");
+    }
+    Ok(())
+}

@@ -10,9 +10,10 @@
 //!   check refuses: a change after which the started voters would not be a
 //!   quorum (`etcdserver: re-configuration failed due to not enough started
 //!   members`).
-//! - A promotion is judged by the leader, which alone knows how far the
-//!   learner's log is (within 90% of its own, as etcd asks); a follower hands
-//!   it to the leader over the peer listener.
+//! - Adds, removals and promotions are judged by the leader, which alone
+//!   knows how far a learner's log is (within 90% of its own, as etcd asks)
+//!   and which members have been reachable (its links reach every one); a
+//!   follower hands them to the leader over the peer listener.
 //! - A member started with `--initial-cluster-state existing` asks the
 //!   members named in `--initial-cluster` for the cluster id and the member
 //!   list ([`discover`]), and finds itself there by its peer URLs.
@@ -119,7 +120,7 @@ impl ClusterService {
         let me = self.server.member_id;
         let members = Members::load(&self.server.mvcc);
         let voters: Vec<u64> = members.0.iter().filter(|m| !m.is_learner).map(|m| m.id).collect();
-        if !self.server.raft.status().is_leader() || !voters.contains(&id) {
+        if !voters.contains(&id) {
             return Ok(());
         }
         if id != me && !self.active.ever_active(id) {
@@ -133,6 +134,19 @@ impl ClusterService {
                 voters = voters.len(),
                 "rejecting member remove: it would break the active quorum"
             );
+            return Err(Error::Unhealthy);
+        }
+        Ok(())
+    }
+
+    /// etcd's guard on adding a member: on the leader, every other voter
+    /// must have been reachable for [`HEALTH_INTERVAL`].
+    fn check_fully_connected(&self) -> Result<()> {
+        let me = self.server.member_id;
+        let members = Members::load(&self.server.mvcc);
+        let down = members.0.iter().filter(|m| !m.is_learner && m.id != me);
+        if down.clone().any(|m| !self.active.active_for(m.id, HEALTH_INTERVAL)) {
+            tracing::warn!("rejecting member add: not every voter has been reachable for 5 s");
             return Err(Error::Unhealthy);
         }
         Ok(())
@@ -163,19 +177,35 @@ impl ClusterService {
         Ok(MemberPromoteResponse { header: Some(self.header()), members: to_members(&members) })
     }
 
-    /// A promotion handed to the leader over its peer listener.
-    async fn promote_on_leader(&self, req: MemberPromoteRequest) -> Result<MemberPromoteResponse> {
+    /// A client of the leader's peer listener, for a change only it judges.
+    fn leader(&self) -> Result<MembershipClient<tonic::transport::Channel>> {
         let leader = self.server.raft.status().leader();
         let members = Members::load(&self.server.mvcc);
         let url = members.get(leader).and_then(|m| m.peer_urls.first().cloned()).ok_or(Error::NoLeader)?;
         let endpoint = tonic::transport::Endpoint::from_shared(url)
             .map_err(|e| Error::Internal(e.to_string()))?
             .connect_timeout(Duration::from_secs(1));
-        let mut client = MembershipClient::new(self.peer_tls.channel(&endpoint));
-        match client.promote(req).await {
-            Ok(resp) => Ok(resp.into_inner()),
-            Err(status) => Err(forwarded(&status)),
-        }
+        Ok(MembershipClient::new(self.peer_tls.channel(&endpoint)))
+    }
+
+    async fn add_here(&self, r: MemberAddRequest) -> Result<MemberAddResponse> {
+        check_urls(&r.peer_ur_ls)?;
+        self.check_fully_connected()?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let id = crate::config::member_id(&r.peer_ur_ls, &format!("{:x}{}", self.server.cluster_id, now.as_nanos()));
+        let kind = Kind::Add as i32;
+        let change = MemberChange { kind, member_id: id, peer_urls: r.peer_ur_ls.clone(), is_learner: r.is_learner };
+        let t = if r.is_learner { ConfChangeType::AddLearnerNode } else { ConfChangeType::AddNode };
+        let members = self.change(change, Some(t)).await?;
+        let member = members.get(id).map(to_member);
+        Ok(MemberAddResponse { header: Some(self.header()), member, members: to_members(&members) })
+    }
+
+    async fn remove_here(&self, id: u64) -> Result<MemberRemoveResponse> {
+        self.check_active_quorum(id)?;
+        let change = MemberChange { kind: Kind::Remove as i32, member_id: id, ..Default::default() };
+        let members = self.change(change, Some(ConfChangeType::RemoveNode)).await?;
+        Ok(MemberRemoveResponse { header: Some(self.header()), members: to_members(&members) })
     }
 }
 
@@ -183,6 +213,10 @@ impl ClusterService {
 fn forwarded(status: &Status) -> Error {
     let known = [
         Error::MemberNotFound,
+        Error::MemberExists,
+        Error::PeerUrlExists,
+        Error::MemberBadUrls,
+        Error::TooManyLearners,
         Error::MemberNotLearner,
         Error::LearnerNotReady,
         Error::NotEnoughStartedMembers,
@@ -197,26 +231,22 @@ impl Cluster for ClusterService {
     async fn member_add(&self, req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
         let r = req.into_inner();
         check_urls(&r.peer_ur_ls)?;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        let id = crate::config::member_id(&r.peer_ur_ls, &format!("{:x}{}", self.server.cluster_id, now.as_nanos()));
-        let change = MemberChange {
-            kind: Kind::Add as i32,
-            member_id: id,
-            peer_urls: r.peer_ur_ls.clone(),
-            is_learner: r.is_learner,
+        let resp = if self.server.raft.status().is_leader() {
+            self.add_here(r).await?
+        } else {
+            self.leader()?.add(r).await.map_err(|s| forwarded(&s))?.into_inner()
         };
-        let t = if r.is_learner { ConfChangeType::AddLearnerNode } else { ConfChangeType::AddNode };
-        let members = self.change(change, Some(t)).await?;
-        let member = members.get(id).map(to_member);
-        Ok(Response::new(MemberAddResponse { header: Some(self.header()), member, members: to_members(&members) }))
+        Ok(Response::new(resp))
     }
 
     async fn member_remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
-        let id = req.into_inner().id;
-        self.check_active_quorum(id)?;
-        let change = MemberChange { kind: Kind::Remove as i32, member_id: id, ..Default::default() };
-        let members = self.change(change, Some(ConfChangeType::RemoveNode)).await?;
-        Ok(Response::new(MemberRemoveResponse { header: Some(self.header()), members: to_members(&members) }))
+        let r = req.into_inner();
+        let resp = if self.server.raft.status().is_leader() {
+            self.remove_here(r.id).await?
+        } else {
+            self.leader()?.remove(r).await.map_err(|s| forwarded(&s))?.into_inner()
+        };
+        Ok(Response::new(resp))
     }
 
     async fn member_update(&self, req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
@@ -239,14 +269,27 @@ impl Cluster for ClusterService {
     ) -> Result<Response<MemberPromoteResponse>, Status> {
         let r = req.into_inner();
         let status = self.server.raft.status();
-        let resp = if status.is_leader() { self.promote_here(r.id).await } else { self.promote_on_leader(r).await };
-        Ok(Response::new(resp?))
+        let resp = if status.is_leader() {
+            self.promote_here(r.id).await?
+        } else {
+            self.leader()?.promote(r).await.map_err(|s| forwarded(&s))?.into_inner()
+        };
+        Ok(Response::new(resp))
     }
 }
 
-/// The peer side: the member list for a joining member, and promotions a
+/// The peer side: the member list for a joining member, and the changes a
 /// follower hands to the leader.
 pub struct MembershipService(pub Arc<ClusterService>);
+
+impl MembershipService {
+    fn on_leader(&self) -> Result<(), Status> {
+        if !self.0.server.raft.status().is_leader() {
+            return Err(Error::NotLeader.into());
+        }
+        Ok(())
+    }
+}
 
 #[tonic::async_trait]
 impl Membership for MembershipService {
@@ -258,10 +301,18 @@ impl Membership for MembershipService {
     }
 
     async fn promote(&self, req: Request<MemberPromoteRequest>) -> Result<Response<MemberPromoteResponse>, Status> {
-        if !self.0.server.raft.status().is_leader() {
-            return Err(Error::NotLeader.into());
-        }
+        self.on_leader()?;
         Ok(Response::new(self.0.promote_here(req.into_inner().id).await?))
+    }
+
+    async fn add(&self, req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+        self.on_leader()?;
+        Ok(Response::new(self.0.add_here(req.into_inner()).await?))
+    }
+
+    async fn remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
+        self.on_leader()?;
+        Ok(Response::new(self.0.remove_here(req.into_inner().id).await?))
     }
 }
 
