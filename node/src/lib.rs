@@ -108,12 +108,11 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
                         restored.display()
                     )));
                 }
-                let imported = snapshot::read_etcd_db(&restored)
+                let imported = snapshot::import_etcd_db(&restored, &mvcc, &mut batch)
                     .map_err(|e| Error::Config(format!("cannot import {}: {e}", restored.display())))?;
                 tracing::info!(path = %restored.display(), revision = imported.marks.current,
-                    compacted = imported.marks.compacted, keys = imported.keys, revisions = imported.records.len(),
-                    leases = imported.meta.len(), "importing an etcd backend");
-                mvcc.import(imported.marks, imported.records, imported.meta, &mut batch)?;
+                    compacted = imported.marks.compacted, revisions = imported.revisions,
+                    leases = imported.leases, "imported an etcd backend");
             }
             let cid = if joining {
                 // The member list and the cluster id come from the cluster

@@ -178,7 +178,7 @@ async fn etcd_snapshot_restore_boots_meridian() -> Result<()> {
     let theirs = save(&etcd, dir.path(), "etcd.db")?;
 
     let opts = ClusterOpts { restore_snapshot: Some(theirs), ..ClusterOpts::fast() };
-    let meridian = Cluster::start(3, opts)?;
+    let mut meridian = Cluster::start(3, opts)?;
     let expected = observe(&etcd, 1)?;
     for member in 1..=3 {
         same(&observe(&meridian, member)?, &expected, &format!("Meridian member {member} imported etcd's snapshot"));
@@ -202,6 +202,10 @@ async fn etcd_snapshot_restore_boots_meridian() -> Result<()> {
     // The imported lease still holds its key and expires as a lease does.
     let ttl = client.lease_time_to_live(LEASE, None).await?;
     assert!(ttl.ttl() > 0 && ttl.ttl() <= 100, "{ttl:?}");
+    // The imported store is the member's own from then on: a restart serves the same.
+    let before = observe(&meridian, 1)?;
+    meridian.restart(1)?;
+    same(&observe(&meridian, 1)?, &before, "member 1 after a restart");
     Ok(())
 }
 

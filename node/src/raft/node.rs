@@ -517,12 +517,15 @@ impl<S: StateMachine> RaftNode<S> {
         if !self.sm.apply_conf_change(index, cc, batch) {
             return Ok(());
         }
+        let conf = self.raw.raft.prs().conf();
+        let newcomer = !conf.voters().contains(cc.node_id) && !conf.learners().contains(&cc.node_id);
         let cs = self.raw.apply_conf_change(cc)?;
         tracing::info!(index, change = ?cc.get_change_type(), member = format!("{:x}", cc.node_id),
             voters = ?cs.voters, learners = ?cs.learners, "applied a configuration change");
         self.raw.mut_store().set_conf_state(cs, batch);
         match cc.get_change_type() {
-            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => self.compact_to = Some(index),
+            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode if newcomer => self.compact_to = Some(index),
+            ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {}
             ConfChangeType::RemoveNode if cc.node_id == self.cfg.id => {
                 tracing::warn!("this member was removed from the cluster; stopping");
                 self.status.removed_tx.send_replace(true);

@@ -37,7 +37,7 @@ use prost::Message;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
-use crate::mvcc::{Marks, StoreImage};
+use crate::mvcc::{Marks, Mvcc, StoreImage};
 use crate::server::cluster::{Alarms, Members};
 use crate::server::lease::{decode_lease_meta, encode_lease_meta, LEASE_META_PREFIX};
 use crate::server::maintenance::ETCD_CLUSTER_VERSION;
@@ -193,23 +193,26 @@ pub fn write_etcd_db(image: &StoreImage, file: File) -> Result<u64> {
     w.finish()
 }
 
-/// What an etcd backend file holds, in Meridian's terms.
-pub struct EtcdDb {
+/// What an import brought in.
+#[derive(Debug)]
+pub struct Imported {
     pub marks: Marks,
-    pub records: Vec<KvRecord>,
-    /// Application metadata: the leases.
-    pub meta: BTreeMap<String, Vec<u8>>,
-    pub keys: usize,
+    /// Entries of the `key` bucket: every retained revision of every key.
+    pub revisions: u64,
+    pub leases: usize,
 }
 
-/// Reads an etcd 3.4 backend file (`member/snap/db`).
+/// Imports an etcd 3.4 backend file (`member/snap/db`) into `mvcc`, staged
+/// in `batch` (visible after it commits and [`Mvcc::publish`]). The records
+/// stream from the file's pages into a keyspace of their own, as a raft
+/// snapshot's do, so only the key index is held in memory.
 ///
 /// # Errors
 ///
 /// IO errors; [`Error::Corrupt`] for a file that is not etcd's backend;
 /// [`Error::Config`] for one with auth enabled (Meridian would drop its
 /// users and roles, so it refuses rather than serve the data to anyone).
-pub fn read_etcd_db(path: &Path) -> Result<EtcdDb> {
+pub fn import_etcd_db(path: &Path, mvcc: &Mvcc, batch: &mut fjall::OwnedWriteBatch) -> Result<Imported> {
     let db = bbolt::Reader::open(path)?;
     let mut auth_enabled = false;
     db.for_each(b"auth", |k, v| {
@@ -222,27 +225,6 @@ pub fn read_etcd_db(path: &Path) -> Result<EtcdDb> {
         return Err(Error::Config(
             "the backend has auth enabled; Meridian does not serve auth yet: run `etcdctl auth disable` on the source and take the snapshot again".into(),
         ));
-    }
-    let mut records = Vec::new();
-    let mut current = 1;
-    let found = db.for_each(b"key", |k, v| {
-        let (main, sub, tombstone) = parse_revision_key(k)?;
-        let kv = KeyValue::decode(v).map_err(|e| Error::Corrupt(format!("etcd backend: revision {main}: {e}")))?;
-        current = current.max(main);
-        records.push(KvRecord {
-            key: kv.key,
-            main,
-            sub,
-            tombstone,
-            value: kv.value,
-            create_revision: kv.create_revision,
-            version: kv.version,
-            lease: kv.lease,
-        });
-        Ok(())
-    })?;
-    if !found {
-        return Err(Error::Corrupt(format!("{} has no key bucket: not an etcd backend", path.display())));
     }
     let mut compacted = 0;
     db.for_each(b"meta", |k, v| {
@@ -257,14 +239,34 @@ pub fn read_etcd_db(path: &Path) -> Result<EtcdDb> {
         meta.insert(format!("{LEASE_META_PREFIX}{}", l.id), encode_lease_meta(l.ttl, l.remaining_ttl));
         Ok(())
     })?;
-    let keys = {
-        let mut live = std::collections::HashMap::new();
-        for r in &records {
-            live.insert(r.key.as_slice(), !r.tombstone);
-        }
-        live.values().filter(|l| **l).count()
-    };
-    Ok(EtcdDb { marks: Marks { current: current.max(compacted), compacted, applied: 0 }, records, meta, keys })
+    let (mut current, mut revisions, mut found) = (1, 0u64, false);
+    let mut received = mvcc.ingest_with(0, &mut |push| {
+        found = db.for_each(b"key", |k, v| {
+            let (main, sub, tombstone) = parse_revision_key(k)?;
+            let kv = KeyValue::decode(v).map_err(|e| Error::Corrupt(format!("etcd backend: revision {main}: {e}")))?;
+            current = current.max(main);
+            revisions += 1;
+            push(KvRecord {
+                key: kv.key,
+                main,
+                sub,
+                tombstone,
+                value: kv.value,
+                create_revision: kv.create_revision,
+                version: kv.version,
+                lease: kv.lease,
+            })
+        })?;
+        Ok(())
+    })?;
+    if !found {
+        return Err(Error::Corrupt(format!("{} has no key bucket: not an etcd backend", path.display())));
+    }
+    let leases = meta.len();
+    received.meta = meta;
+    let marks = Marks { current: current.max(compacted), compacted, applied: 0 };
+    mvcc.install_received(received, marks, batch)?;
+    Ok(Imported { marks, revisions, leases })
 }
 
 #[cfg(test)]

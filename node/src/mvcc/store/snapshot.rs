@@ -112,6 +112,27 @@ impl Mvcc {
     /// A record out of order or that does not decode (from the leader's
     /// `records`), or storage errors; the partial keyspace is deleted.
     pub fn ingest(&self, raft_index: u64, records: &mut dyn Iterator<Item = Result<KvRecord>>) -> Result<Received> {
+        self.ingest_with(raft_index, &mut |push| {
+            for rec in &mut *records {
+                push(rec?)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// [`Mvcc::ingest`] from a source that pushes its records, in revision
+    /// order, into the function `fill` is given (an etcd backend read page
+    /// by page).
+    ///
+    /// # Errors
+    ///
+    /// As [`Mvcc::ingest`], and `fill`'s own.
+    #[allow(clippy::type_complexity)]
+    pub fn ingest_with(
+        &self,
+        raft_index: u64,
+        fill: &mut dyn FnMut(&mut dyn FnMut(KvRecord) -> Result<()>) -> Result<()>,
+    ) -> Result<Received> {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
         let name = format!("{RECEIVED_KV_PREFIX}{raft_index}-{nanos}");
         let kv = self.db.keyspace(&name, KeyspaceCreateOptions::default)?;
@@ -127,8 +148,8 @@ impl Mvcc {
         };
         let mut ingestion = kv.start_ingestion()?;
         let mut last: Option<Vec<u8>> = None;
-        for rec in records {
-            let rec = rec?;
+        let (size, index) = (&mut received.size, &mut received.index);
+        fill(&mut |rec: KvRecord| {
             let rev = Revision::new(rec.main, rec.sub);
             let key = rev.to_key().to_vec();
             // Ingestion asserts ascending keys; a leader's stream is checked first.
@@ -136,11 +157,12 @@ impl Mvcc {
                 return Err(Error::Corrupt(format!("snapshot record at revision {rev} is out of order")));
             }
             let bytes = rec.encode_to_vec();
-            received.size += bytes.len() as u64;
-            received.index.restore(&rec.key, version_of(rev, &rec));
+            *size += bytes.len() as u64;
+            index.restore(&rec.key, version_of(rev, &rec));
             ingestion.write(key.clone(), bytes)?;
             last = Some(key);
-        }
+            Ok(())
+        })?;
         let started = Instant::now();
         ingestion.finish()?;
         received.fsync = started.elapsed();
@@ -176,7 +198,7 @@ impl Mvcc {
     ///
     /// Storage errors.
     pub fn install(&self, raft_index: u64, marks: Marks, batch: &mut OwnedWriteBatch) -> Result<bool> {
-        let (mut received, older) = {
+        let (received, older) = {
             let mut incoming = self.incoming.lock();
             let Some(received) = incoming.remove(&raft_index) else { return Ok(false) };
             // Older bodies will never be restored now.
@@ -187,6 +209,17 @@ impl Mvcc {
             // Deleting a keyspace syncs files: not on the raft thread.
             std::thread::spawn(move || drop(older));
         }
+        self.install_received(received, marks, batch)?;
+        Ok(true)
+    }
+
+    /// Switches the store to `received`, as [`Mvcc::install`] does with a
+    /// kept body (an imported etcd backend takes this way at first start).
+    ///
+    /// # Errors
+    ///
+    /// Storage errors.
+    pub fn install_received(&self, mut received: Received, marks: Marks, batch: &mut OwnedWriteBatch) -> Result<()> {
         let meta = std::mem::take(&mut received.meta);
         let kv = received.kv.take().expect("a kept body has its keyspace");
         let mut st = self.state.write();
@@ -201,6 +234,6 @@ impl Mvcc {
         st.replace_store(std::mem::take(&mut received.index), received.size, marks, meta);
         drop(st);
         self.stage(batch);
-        Ok(true)
+        Ok(())
     }
 }
