@@ -62,6 +62,36 @@ pub enum Error {
     NotEnoughStartedMembers,
     #[error("etcdserver: rpc not supported for learner")]
     NotSupportedForLearner,
+    #[error("etcdserver: root user does not exist")]
+    RootUserNotExist,
+    #[error("etcdserver: root user does not have root role")]
+    RootRoleNotExist,
+    #[error("etcdserver: user name already exists")]
+    UserExists,
+    #[error("etcdserver: user name is empty")]
+    UserEmpty,
+    #[error("etcdserver: user name not found")]
+    UserNotFound,
+    #[error("etcdserver: role name already exists")]
+    RoleExists,
+    #[error("etcdserver: role name not found")]
+    RoleNotFound,
+    #[error("etcdserver: role name is empty")]
+    RoleEmpty,
+    #[error("etcdserver: authentication failed, invalid user ID or password")]
+    AuthFailed,
+    #[error("etcdserver: permission denied")]
+    PermissionDenied,
+    #[error("etcdserver: role is not granted to the user")]
+    RoleNotGranted,
+    #[error("etcdserver: permission is not granted to the role")]
+    PermissionNotGranted,
+    #[error("etcdserver: authentication is not enabled")]
+    AuthNotEnabled,
+    #[error("etcdserver: invalid auth token")]
+    InvalidAuthToken,
+    #[error("etcdserver: invalid auth management")]
+    InvalidAuthMgmt,
     /// A client write on a read-only secondary; names the primary's region.
     /// FAILED_PRECONDITION, a code etcd clients do not retry.
     #[error("meridian: read-only secondary of region {0:?}; send writes to the primary or a gateway")]
@@ -120,7 +150,11 @@ impl Error {
             EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey | RequestTooLarge => {
                 Code::InvalidArgument
             }
-            MemberBadUrls => Code::InvalidArgument,
+            MemberBadUrls | UserEmpty | RoleEmpty | AuthFailed | InvalidAuthMgmt => Code::InvalidArgument,
+            RootUserNotExist | RootRoleNotExist | UserExists | UserNotFound | RoleExists | RoleNotFound
+            | RoleNotGranted | PermissionNotGranted | AuthNotEnabled => Code::FailedPrecondition,
+            PermissionDenied => Code::PermissionDenied,
+            InvalidAuthToken => Code::Unauthenticated,
             MemberExists
             | PeerUrlExists
             | MemberNotLearner
@@ -174,6 +208,21 @@ impl Error {
             | MemberBadUrls
             | MemberNotLearner
             | TooManyLearners
+            | RootUserNotExist
+            | RootRoleNotExist
+            | UserExists
+            | UserEmpty
+            | UserNotFound
+            | RoleExists
+            | RoleNotFound
+            | RoleEmpty
+            | AuthFailed
+            | PermissionDenied
+            | RoleNotGranted
+            | PermissionNotGranted
+            | AuthNotEnabled
+            | InvalidAuthToken
+            | InvalidAuthMgmt
             | BadLeaderTransferee
             | ReadOnly(_)
             | Fenced(_)
@@ -247,6 +296,16 @@ mod tests {
             (Error::TooManyLearners, Code::FailedPrecondition, "etcdserver: too many learner members in cluster"),
             (Error::NotSupportedForLearner, Code::Unavailable, "etcdserver: rpc not supported for learner"),
             (Error::Unhealthy, Code::Unavailable, "etcdserver: unhealthy cluster"),
+            (Error::RootUserNotExist, Code::FailedPrecondition, "etcdserver: root user does not exist"),
+            (Error::UserEmpty, Code::InvalidArgument, "etcdserver: user name is empty"),
+            (
+                Error::AuthFailed,
+                Code::InvalidArgument,
+                "etcdserver: authentication failed, invalid user ID or password",
+            ),
+            (Error::PermissionDenied, Code::PermissionDenied, "etcdserver: permission denied"),
+            (Error::InvalidAuthToken, Code::Unauthenticated, "etcdserver: invalid auth token"),
+            (Error::AuthNotEnabled, Code::FailedPrecondition, "etcdserver: authentication is not enabled"),
         ];
         for (err, code, msg) in table {
             let status = Status::from(err);

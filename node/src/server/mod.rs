@@ -13,6 +13,7 @@
 //! - serializable read: `ops::range` on this member's published state.
 
 pub mod apply;
+pub mod auth;
 pub mod authority;
 pub mod cluster;
 pub mod compactor;
