@@ -117,6 +117,10 @@ fn session(server: Server) -> Result<Vec<String>> {
     seen.push(run(&c, &learner, &["--command-timeout=2s", "put", "k", "v"])?);
     seen.push(run(&c, &learner, &["--command-timeout=2s", "get", "before"])?);
     seen.push(run(&c, &[c.endpoint(1)], &["member", "list"])?);
+    // etcd's JSON gateway on the learner: a write is refused the same way.
+    let (code, body) =
+        meridian_tests::http_post(c.endpoint(two).parse()?, "/v3/kv/put", r#"{"key":"aw==","value":"dg=="}"#)?;
+    seen.push(format!("POST /v3/kv/put on the learner: {code} {body}"));
 
     // Refusals.
     let peer_of_m2 = format!("--peer-urls={}", c.member_peer_url(two));

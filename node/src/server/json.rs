@@ -212,6 +212,21 @@ pub fn routes(into: Router, api: Arc<JsonApi>) -> Router {
             // An unknown path is 404, as etcd's gateway answers it (not a gRPC status).
             .route(&format!("{prefix}/{{*rest}}"), axum::routing::any(not_found));
     }
+    // A learner serves status and ranges only (a linearizable range is
+    // refused by the KV service), as through gRPC.
+    let status = api.kv.server.raft.status().clone();
+    let router =
+        router.layer(axum::middleware::from_fn(move |req: axum::extract::Request, next: axum::middleware::Next| {
+            let learner = status.is_learner();
+            async move {
+                let path = req.uri().path();
+                let served = ["/maintenance/status", "/kv/range"].iter().any(|p| path.ends_with(p));
+                if learner && !served {
+                    return error(&Status::from(crate::error::Error::NotSupportedForLearner));
+                }
+                next.run(req).await
+            }
+        }));
     // Bodies up to MAX_BODY (axum's default limit, 2 MiB, is below a
     // largest request in base64).
     into.merge(router.layer(axum::extract::DefaultBodyLimit::max(MAX_BODY)))
