@@ -208,6 +208,7 @@ impl Error {
             | MemberBadUrls
             | MemberNotLearner
             | TooManyLearners
+            | NotEnoughStartedMembers
             | RootUserNotExist
             | RootRoleNotExist
             | UserExists
@@ -234,7 +235,6 @@ impl Error {
             | NotLeader
             | LeaderTransferTimeout
             | LearnerNotReady
-            | NotEnoughStartedMembers
             | NotSupportedForLearner
             | Unhealthy
             | TooManyRequests

@@ -173,12 +173,19 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     };
     // By name; a member added by MemberAdd has one only once it published
     // it, so by its peer URLs before that.
-    let my_urls = cfg.initial_members.get(&cfg.name).cloned().unwrap_or_default();
+    let sorted = |urls: &[String]| {
+        let mut urls = urls.to_vec();
+        urls.sort();
+        urls
+    };
+    let my_urls = sorted(&cfg.initial_members.get(&cfg.name).cloned().unwrap_or_default());
     let me = members
         .0
         .iter()
         .find(|m| m.name == cfg.name)
-        .or_else(|| members.0.iter().find(|m| m.name.is_empty() && !my_urls.is_empty() && m.peer_urls == my_urls))
+        .or_else(|| {
+            members.0.iter().find(|m| m.name.is_empty() && !my_urls.is_empty() && sorted(&m.peer_urls) == my_urls)
+        })
         .cloned()
         .ok_or_else(|| Error::Config(format!("member {:?} is not in the stored cluster", cfg.name)))?;
     tracing::info!(name = %cfg.name, member_id = format!("{:x}", me.id), cluster_id = format!("{cluster_id:x}"),
@@ -270,6 +277,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         tls: peer_client.clone(),
         active: active_peers.clone(),
         status: node.status(),
+        self_url: me.peer_urls.first().cloned().unwrap_or_default(),
         cluster_id,
         self_id: me.id,
         raft_tx: raft_tx.clone(),
@@ -383,7 +391,14 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let mut removed = server.raft.status().watch_removed();
     tokio::select! {
         () = shutdown => tracing::info!("shutting down"),
-        _ = removed.wait_for(|r| *r) => tracing::warn!("the member has been permanently removed from the cluster; shutting down"),
+        seen = removed.wait_for(|r| *r) => {
+            // The borrow must go before the wait: it blocks every later send.
+            drop(seen);
+            tracing::warn!("the member has been permanently removed from the cluster; shutting down");
+            // As etcd: a removed leader keeps going a little, so the
+            // others learn that its removal committed.
+            tokio::time::sleep((10 * cfg.heartbeat).max(std::time::Duration::from_secs(1))).await;
+        }
     }
     let _ = stop_tx.send(true);
     // Graceful shutdown waits for open connections, and clients keep theirs

@@ -25,7 +25,8 @@
 //!   taken on demand ([`storage::SnapshotSource`]), whose body streams in
 //!   chunks off the raft thread ([`transport`]) and is stored by the
 //!   follower before raft sees the message.
-//! - Pre-vote and check-quorum are on; messages from non-members are dropped.
+//! - Pre-vote and check-quorum are on; the peer service refuses other
+//!   clusters and removed members.
 
 pub mod driver;
 pub mod logger;

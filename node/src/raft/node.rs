@@ -288,16 +288,12 @@ impl<S: StateMachine> RaftNode<S> {
         }
     }
 
-    /// Feeds a message from a peer. Messages from members outside the
-    /// configuration are dropped.
+    /// Feeds a message from a peer.
     pub fn step(&mut self, msg: Message) {
-        let conf = self.raw.raft.prs().conf();
-        // A member that joined knows the cluster only once the leader's snapshot arrives.
-        let known = conf.voters().contains(msg.from) || conf.learners().contains(&msg.from);
-        if !known && !self.raw.raft.prs().conf().voters().ids().is_empty() {
-            tracing::warn!(from = msg.from, "dropping raft message from a non-member");
-            return;
-        }
+        // The peer service has already refused other clusters and removed
+        // members. A sender outside this member's configuration is taken: it
+        // may be a leader added while this member was away, whose log is
+        // what will tell it so.
         if let Err(e) = self.raw.step(msg) {
             tracing::debug!(error = %e, "raft step");
         }
@@ -320,10 +316,15 @@ impl<S: StateMachine> RaftNode<S> {
     ///
     /// # Errors
     ///
-    /// As [`RaftNode::propose`]; [`Error::Unhealthy`] while an earlier
+    /// As [`RaftNode::propose`]; [`Error::NotLeader`] off the leader (the
+    /// changes are judged there); [`Error::Unhealthy`] while an earlier
     /// change is still being applied (raft would turn this one into an
     /// empty entry).
     pub fn propose_conf_change(&mut self, cc: ConfChange) -> Result<()> {
+        // The leader judged the change; another one must not take it unjudged.
+        if self.role != StateRole::Leader {
+            return Err(Error::NotLeader);
+        }
         if self.raw.raft.pending_conf_index > self.raw.raft.raft_log.applied {
             return Err(Error::Unhealthy);
         }
@@ -487,6 +488,13 @@ impl<S: StateMachine> RaftNode<S> {
         if entries.is_empty() {
             return Ok(());
         }
+        self.raw.mut_store().applying = true;
+        let applied = self.apply_entries(entries, batch);
+        self.raw.mut_store().applying = false;
+        applied
+    }
+
+    fn apply_entries(&mut self, entries: &[Entry], batch: &mut OwnedWriteBatch) -> Result<()> {
         let mut committed = Vec::with_capacity(entries.len());
         for e in entries {
             match e.get_entry_type() {

@@ -108,6 +108,10 @@ pub struct LogStore {
     /// The last snapshot message built for a follower, and when; reused
     /// while it is fresh enough (its image is in `images`).
     cached: parking_lot::Mutex<Option<(std::time::Instant, Snapshot)>>,
+    /// Set while committed entries are being applied: the state machine is
+    /// then between two states (raft-rs asks for a snapshot from inside a
+    /// configuration change), so no new image is taken.
+    pub applying: bool,
 }
 
 fn entry_key(index: u64) -> [u8; 9] {
@@ -158,7 +162,17 @@ impl LogStore {
             }
             entries.push_back(e);
         }
-        Ok(Self { ks, hard_state, conf_state, start, entries, source, images, cached: Default::default() })
+        Ok(Self {
+            ks,
+            hard_state,
+            conf_state,
+            start,
+            entries,
+            source,
+            images,
+            cached: Default::default(),
+            applying: false,
+        })
     }
 
     /// True once the member has a configuration (bootstrapped or restored).
@@ -325,6 +339,9 @@ impl Storage for LogStore {
                 *used = std::time::Instant::now();
                 return Ok(s.clone());
             }
+        }
+        if self.applying {
+            return Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable));
         }
         let image = self.source.prepare().map_err(|e| raft::Error::Store(StorageError::Other(Box::new(e))))?;
         let applied = image.index();

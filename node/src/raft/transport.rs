@@ -77,6 +77,8 @@ pub struct PeerContext {
     pub active: ActivePeers,
     /// This member's raft status (marked removed when a peer says so).
     pub status: Arc<super::RaftStatus>,
+    /// This member's own peer URL, sent with every batch.
+    pub self_url: String,
 }
 
 /// Peer id -> since when its link has delivered without a failure (etcd's
@@ -115,6 +117,10 @@ impl PeerContext {
 pub struct Peers {
     pub members: HashSet<u64>,
     pub removed: HashSet<u64>,
+    /// Senders not in the member list yet, at the peer URL they gave: a
+    /// member that missed an addition still answers the new member (which
+    /// may be the leader whose log would tell it of the addition).
+    pub learned: HashMap<u64, String>,
 }
 
 pub type PeerSet = Arc<parking_lot::RwLock<Peers>>;
@@ -158,13 +164,22 @@ impl Transport for GrpcTransport {
                 PeerLink { ctx: self.ctx.clone(), to: *id, snapshot_in_flight: Arc::new(AtomicBool::new(false)) };
             self.runtime.spawn(link.run(url.clone(), rx));
         }
-        *self.members.write() = Peers { members: peers.keys().copied().collect(), removed };
+        *self.members.write() = Peers { members: peers.keys().copied().collect(), removed, learned: HashMap::new() };
     }
 
     fn send(&self, msgs: Vec<Message>) {
         let mut full = Vec::new();
-        let links = self.links.lock();
+        let mut links = self.links.lock();
         for m in msgs {
+            if !links.contains_key(&m.to) {
+                let Some(url) = self.members.read().learned.get(&m.to).cloned() else { continue };
+                tracing::info!(peer = format!("{:x}", m.to), %url, "answering a member not in the member list yet");
+                let (tx, rx) = mpsc::channel(PEER_QUEUE);
+                links.insert(m.to, (url.clone(), tx));
+                let snapshot_in_flight = Arc::new(AtomicBool::new(false));
+                let link = PeerLink { ctx: self.ctx.clone(), to: m.to, snapshot_in_flight };
+                self.runtime.spawn(link.run(url, rx));
+            }
             let Some((_, tx)) = links.get(&m.to) else { continue };
             if let Err(mpsc::error::TrySendError::Full(m)) = tx.try_send(m) {
                 if is_snapshot(&m) {
@@ -235,8 +250,8 @@ impl PeerLink {
             if batch.is_empty() {
                 continue; // only snapshots, which stream on their own
             }
-            let batch =
-                RaftBatch { cluster_id: self.ctx.cluster_id, from: self.ctx.self_id, to: self.to, messages: batch };
+            let (cluster_id, from, from_url) = (self.ctx.cluster_id, self.ctx.self_id, self.ctx.self_url.clone());
+            let batch = RaftBatch { cluster_id, from, to: self.to, messages: batch, from_url };
             let bytes = batch.encoded_len() as u64;
             let mut req = Request::new(batch);
             req.set_timeout(Duration::from_secs(5));
@@ -426,7 +441,10 @@ pub struct PeerService {
 }
 
 impl PeerService {
-    fn check_sender(&self, cluster_id: u64, from: u64) -> Result<(), Status> {
+    /// A sender must be of this cluster and not removed from it. One not in
+    /// this member's list yet is taken (this member may have missed its
+    /// addition), and answered at `from_url`.
+    fn check_sender(&self, cluster_id: u64, from: u64, from_url: &str) -> Result<(), Status> {
         if cluster_id != self.cluster_id {
             return Err(Status::failed_precondition(format!(
                 "cluster ID mismatch: local {:x}, remote {cluster_id:x}",
@@ -437,8 +455,13 @@ impl PeerService {
         if peers.removed.contains(&from) {
             return Err(Status::permission_denied(REMOVED));
         }
-        if !peers.members.contains(&from) {
-            return Err(Status::permission_denied(format!("{from:x} is not a member of this cluster")));
+        if !peers.members.contains(&from) && !peers.learned.contains_key(&from) {
+            if from_url.is_empty() {
+                return Err(Status::permission_denied(format!("{from:x} is not a member of this cluster")));
+            }
+            drop(peers);
+            tracing::info!(peer = format!("{from:x}"), url = from_url, "a member not in the member list yet");
+            self.members.write().learned.insert(from, from_url.to_string());
         }
         Ok(())
     }
@@ -494,7 +517,7 @@ impl PeerService {
 impl RaftTransport for PeerService {
     async fn send(&self, req: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
         let batch = req.into_inner();
-        self.check_sender(batch.cluster_id, batch.from)?;
+        self.check_sender(batch.cluster_id, batch.from, &batch.from_url)?;
         let from_label = format!("{:x}", batch.from);
         let bytes = batch.messages.iter().map(|m| m.len() as u64).sum::<u64>();
         for msg in decode_messages(&batch).map_err(Status::invalid_argument)? {
@@ -513,7 +536,7 @@ impl RaftTransport for PeerService {
     async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftAck>, Status> {
         let mut stream = req.into_inner();
         let first = stream.message().await?.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))?;
-        self.check_sender(first.cluster_id, first.from)?;
+        self.check_sender(first.cluster_id, first.from, "")?;
         let msg = decode_snapshot_message(&first).map_err(Status::invalid_argument)?;
         let Ok(_one_at_a_time) = self.receiving.try_lock() else {
             return Err(Status::unavailable("already receiving a snapshot"));
@@ -622,7 +645,11 @@ mod tests {
         let (tx, rx) = crossbeam_channel::bounded(8);
         let svc = PeerService {
             cluster_id: 7,
-            members: Arc::new(parking_lot::RwLock::new(Peers { members: [1, 2].into(), removed: HashSet::new() })),
+            members: Arc::new(parking_lot::RwLock::new(Peers {
+                members: [1, 2].into(),
+                removed: [5].into(),
+                learned: HashMap::new(),
+            })),
             raft_tx: tx,
             source: Arc::new(NoSnapshots),
             metrics: Arc::new(Metrics::default()),
@@ -633,21 +660,28 @@ mod tests {
 
     fn batch(cluster_id: u64, from: u64, msg_from: u64) -> RaftBatch {
         let m = Message { from: msg_from, to: 1, ..Default::default() };
-        RaftBatch { cluster_id, from, to: 1, messages: vec![m.write_to_bytes().unwrap()] }
+        RaftBatch { cluster_id, from, to: 1, messages: vec![m.write_to_bytes().unwrap()], from_url: String::new() }
     }
 
     #[tokio::test]
-    async fn only_configured_members_of_this_cluster_reach_raft() {
+    async fn only_members_of_this_cluster_reach_raft() {
         let (svc, rx) = service();
         let err = svc.send(Request::new(batch(8, 2, 2))).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::FailedPrecondition, "another cluster");
         let err = svc.send(Request::new(batch(7, 9, 9))).await.unwrap_err();
-        assert_eq!(err.code(), tonic::Code::PermissionDenied, "not a member");
+        assert_eq!(err.code(), tonic::Code::PermissionDenied, "not a member, and no URL to answer it at");
+        let err = svc.send(Request::new(batch(7, 5, 5))).await.unwrap_err();
+        assert_eq!((err.code(), err.message()), (tonic::Code::PermissionDenied, REMOVED), "removed");
         let err = svc.send(Request::new(batch(7, 2, 9))).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "a message claiming another sender");
         assert!(rx.try_recv().is_err(), "nothing reached raft");
         svc.send(Request::new(batch(7, 2, 2))).await.unwrap();
         assert!(matches!(rx.try_recv(), Ok(Input::Step(m)) if m.from == 2));
+        // A member added while this one was away is taken, and answered at its URL.
+        let newcomer = RaftBatch { from_url: "http://127.0.0.1:9".into(), ..batch(7, 9, 9) };
+        svc.send(Request::new(newcomer)).await.unwrap();
+        assert!(matches!(rx.try_recv(), Ok(Input::Step(m)) if m.from == 9));
+        assert_eq!(svc.members.read().learned.get(&9).map(String::as_str), Some("http://127.0.0.1:9"));
     }
 
     #[tokio::test]
@@ -656,7 +690,7 @@ mod tests {
         let mut snap = Message { from: 2, to: 1, ..Default::default() };
         snap.set_msg_type(raft::eraftpb::MessageType::MsgSnapshot);
         let raw = snap.write_to_bytes().unwrap();
-        let batch = RaftBatch { cluster_id: 7, from: 2, to: 1, messages: vec![raw.clone()] };
+        let batch = RaftBatch { cluster_id: 7, from: 2, to: 1, messages: vec![raw.clone()], from_url: String::new() };
         let err = svc.send(Request::new(batch)).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "its body would be missing");
         assert!(rx.try_recv().is_err(), "nothing reached raft");

@@ -235,8 +235,10 @@ impl EtcdStateMachine {
                 self.version.update(&members);
                 Ok(Applied::Done)
             }
-            // Only an update is a plain entry; the others are configuration changes.
-            Request::MemberChange(change) => self.change_members(&change),
+            // Only an update is a plain entry; the others are configuration
+            // changes, which must change raft's configuration with the list.
+            Request::MemberChange(change) if change.kind == MemberKind::Update as i32 => self.change_members(&change),
+            Request::MemberChange(_) => Err(Error::MemberBadUrls),
         }
     }
 }

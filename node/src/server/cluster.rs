@@ -103,7 +103,11 @@ impl Members {
                 });
             }
             Kind::Remove => {
-                self.get(id).ok_or(Error::MemberNotFound)?;
+                let m = self.get(id).ok_or(Error::MemberNotFound)?;
+                // Raft cannot remove its last voter.
+                if !m.is_learner && self.0.iter().filter(|v| !v.is_learner).count() == 1 {
+                    return Err(Error::NotEnoughStartedMembers);
+                }
                 self.0.retain(|m| m.id != id);
             }
             Kind::Update => {
@@ -135,12 +139,25 @@ impl Members {
     /// reconfiguration check, which keeps a change from costing the cluster
     /// its quorum.
     pub fn keeps_quorum(&self, change: &MemberChange) -> bool {
+        // etcd checks adding, removing and promoting voters only.
+        let kind = Kind::try_from(change.kind);
+        let voter = self.get(change.member_id).is_some_and(|m| !m.is_learner);
+        let checked = match kind {
+            Ok(Kind::Add) => !change.is_learner,
+            Ok(Kind::Remove) => voter,
+            Ok(Kind::Promote) => true,
+            _ => false,
+        };
         let mut after = self.clone();
-        if after.apply(change).is_err() {
-            return true; // apply will refuse it with the reason
+        if !checked || after.apply(change).is_err() {
+            return true; // not checked, or apply refuses it with the reason
         }
         let voters: Vec<&MemberInfo> = after.0.iter().filter(|m| !m.is_learner).collect();
-        let started = voters.iter().filter(|m| !m.name.is_empty()).count();
+        // A learner being promoted counts as started: it has been replicating.
+        let started = voters
+            .iter()
+            .filter(|m| !m.name.is_empty() || (kind == Ok(Kind::Promote) && m.id == change.member_id))
+            .count();
         // etcd lets a one-member cluster add its second voter (how a
         // restored member grows back into a cluster).
         let growing_one = change.kind == Kind::Add as i32 && voters.len() == 2 && started == 1;
