@@ -16,7 +16,6 @@ pub mod raft;
 pub mod server;
 pub mod snapshot;
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
 
@@ -254,8 +253,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     let _ = raft_status.set(node.status());
     let chan = raft::driver::channel();
     let raft_tx = chan.0.clone();
-    let peers: HashMap<u64, String> =
-        members.0.iter().filter_map(|m| m.peer_urls.first().map(|u| (m.id, u.clone()))).collect();
+    let peers = members.peers();
     let reports = Arc::new(raft::SnapshotReports::default());
     let client_tls = listener_tls(
         &cfg.client_tls,

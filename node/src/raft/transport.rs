@@ -98,8 +98,8 @@ impl ActivePeers {
     pub fn active_for(&self, id: u64, for_at_least: Duration) -> bool {
         self.0.lock().get(&id).is_some_and(|since| since.elapsed() >= for_at_least)
     }
-    /// Whether `id` has been reachable at all since its link started.
-    pub fn ever_active(&self, id: u64) -> bool {
+    /// Whether `id` is reachable now (its last send did not fail).
+    pub fn is_active(&self, id: u64) -> bool {
         self.0.lock().contains_key(&id)
     }
 }

@@ -115,7 +115,8 @@ impl ClusterService {
     /// etcd's guard on removing a voter: on the leader (whose links reach
     /// every member, so it knows who is up), the voters that stay and have
     /// been reachable for [`HEALTH_INTERVAL`] must still be a quorum. A
-    /// member that has never been reachable may always go.
+    /// member that is unreachable now may always go (it is not part of the
+    /// active quorum).
     fn check_active_quorum(&self, id: u64) -> Result<()> {
         let me = self.server.member_id;
         let members = Members::load(&self.server.mvcc);
@@ -123,7 +124,7 @@ impl ClusterService {
         if !voters.contains(&id) {
             return Ok(());
         }
-        if id != me && !self.active.ever_active(id) {
+        if id != me && !self.active.is_active(id) {
             return Ok(());
         }
         let active = 1 + voters.iter().filter(|v| **v != me && self.active.active_for(**v, HEALTH_INTERVAL)).count();
