@@ -233,7 +233,6 @@ impl<S: StateMachine> RaftNode<S> {
         let status = Arc::new(RaftStatus::new(cfg.id));
         status.applied.store(sm.applied(), Ordering::Relaxed);
         status.term.store(raw.raft.term, Ordering::Relaxed);
-        status.learner.store(raw.raft.prs().conf().learners().contains(&cfg.id), Ordering::Relaxed);
         // A one-member cluster elects itself at once instead of waiting out an election timeout.
         let mut node = Self {
             raw,
@@ -246,6 +245,7 @@ impl<S: StateMachine> RaftNode<S> {
             role: StateRole::Follower,
             compact_to: None,
         };
+        node.note_learner();
         if node.raw.raft.prs().conf().voters().ids().len() == 1 && node.raw.raft.promotable() {
             node.raw.campaign()?;
         }
@@ -417,6 +417,7 @@ impl<S: StateMachine> RaftNode<S> {
             self.sm.restore(meta.index, &snap.data, &mut batch);
             self.raw.mut_store().apply_snapshot(meta, &mut batch);
             must_sync = true;
+            self.note_learner();
         }
         let committed = ready.take_committed_entries();
         self.apply(&committed, &mut batch)?;
@@ -454,9 +455,6 @@ impl<S: StateMachine> RaftNode<S> {
 
         let applied = self.sm.applied();
         self.status.applied.store(applied, Ordering::Relaxed);
-        let learner = self.raw.raft.prs().conf().learners().contains(&self.cfg.id);
-        self.status.learner.store(learner, Ordering::Relaxed);
-        self.metrics.is_learner.set(i64::from(learner));
         self.status.commit.store(self.raw.raft.raft_log.committed, Ordering::Relaxed);
         self.status.term.store(self.raw.raft.term, Ordering::Relaxed);
         self.metrics.proposals_committed.set(self.raw.raft.raft_log.committed as i64);
@@ -531,6 +529,7 @@ impl<S: StateMachine> RaftNode<S> {
         tracing::info!(index, change = ?cc.get_change_type(), member = format!("{:x}", cc.node_id),
             voters = ?cs.voters, learners = ?cs.learners, "applied a configuration change");
         self.raw.mut_store().set_conf_state(cs, batch);
+        self.note_learner();
         match cc.get_change_type() {
             ConfChangeType::AddNode | ConfChangeType::AddLearnerNode if newcomer => self.compact_to = Some(index),
             ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {}
@@ -541,6 +540,14 @@ impl<S: StateMachine> RaftNode<S> {
             ConfChangeType::RemoveNode => {}
         }
         Ok(())
+    }
+
+    /// Publishes whether this member is a learner; the configuration
+    /// changes only at open, by a configuration change, or by a snapshot.
+    fn note_learner(&self) {
+        let learner = self.raw.raft.prs().conf().learners().contains(&self.cfg.id);
+        self.status.learner.store(learner, Ordering::Relaxed);
+        self.metrics.is_learner.set(i64::from(learner));
     }
 
     /// The peers after a change of the member list, once (for the transport).

@@ -148,6 +148,16 @@ impl GrpcTransport {
     }
 }
 
+impl GrpcTransport {
+    /// Starts the link task to peer `id` at `url`.
+    fn link(&self, links: &mut HashMap<u64, (String, mpsc::Sender<Message>)>, id: u64, url: String) {
+        let (tx, rx) = mpsc::channel(PEER_QUEUE);
+        links.insert(id, (url.clone(), tx));
+        let link = PeerLink { ctx: self.ctx.clone(), to: id, snapshot_in_flight: Arc::new(AtomicBool::new(false)) };
+        self.runtime.spawn(link.run(url, rx));
+    }
+}
+
 impl Transport for GrpcTransport {
     /// Links to new peers start, links to removed ones stop (their queue
     /// closes), and a peer whose URL changed is dialed at the new one.
@@ -155,14 +165,9 @@ impl Transport for GrpcTransport {
         let mut links = self.links.lock();
         links.retain(|id, (url, _)| peers.get(id) == Some(url));
         for (id, url) in &peers {
-            if *id == self.ctx.self_id || links.contains_key(id) {
-                continue;
+            if *id != self.ctx.self_id && !links.contains_key(id) {
+                self.link(&mut links, *id, url.clone());
             }
-            let (tx, rx) = mpsc::channel(PEER_QUEUE);
-            links.insert(*id, (url.clone(), tx));
-            let link =
-                PeerLink { ctx: self.ctx.clone(), to: *id, snapshot_in_flight: Arc::new(AtomicBool::new(false)) };
-            self.runtime.spawn(link.run(url.clone(), rx));
         }
         *self.members.write() = Peers { members: peers.keys().copied().collect(), removed, learned: HashMap::new() };
     }
@@ -174,11 +179,7 @@ impl Transport for GrpcTransport {
             if !links.contains_key(&m.to) {
                 let Some(url) = self.members.read().learned.get(&m.to).cloned() else { continue };
                 tracing::info!(peer = format!("{:x}", m.to), %url, "answering a member not in the member list yet");
-                let (tx, rx) = mpsc::channel(PEER_QUEUE);
-                links.insert(m.to, (url.clone(), tx));
-                let snapshot_in_flight = Arc::new(AtomicBool::new(false));
-                let link = PeerLink { ctx: self.ctx.clone(), to: m.to, snapshot_in_flight };
-                self.runtime.spawn(link.run(url, rx));
+                self.link(&mut links, m.to, url);
             }
             let Some((_, tx)) = links.get(&m.to) else { continue };
             if let Err(mpsc::error::TrySendError::Full(m)) = tx.try_send(m) {
