@@ -43,7 +43,8 @@ pub struct DrillFlags {
     /// Writes per second through the gateway.
     #[arg(long, default_value_t = 200)]
     pub rate: u32,
-    /// How long the write load runs (the failure comes at a third of it).
+    /// How long the write load runs (the failure comes at a third of it). Until a write sent after
+    /// the failure is acknowledged, it runs on past this, up to the RTO budget after the failure.
     #[arg(long, default_value = "30s")]
     pub duration: String,
     /// Exit non-zero if the RTO is longer.
@@ -190,10 +191,14 @@ pub async fn run(dir: &Path, flags: &DrillFlags) -> Result<()> {
     // The load, with its own log.
     let acks = Arc::new(Mutex::new(Vec::<Ack>::new()));
     let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Set at the failure to its time plus the RTO budget, cleared once the RTO is measured: the
+    // load runs on past its duration while the RTO is still open, so a slow failover is measured
+    // against its budget rather than cut off by the end of the load.
+    let overtime = Arc::new(Mutex::new(None::<Instant>));
     let kv = KvClient::new(channel(gateway)?);
     let inflight = Arc::new(tokio::sync::Semaphore::new(512));
     let load = {
-        let (acks, failed, inflight) = (acks.clone(), failed.clone(), inflight.clone());
+        let (acks, failed, inflight, overtime) = (acks.clone(), failed.clone(), inflight.clone(), overtime.clone());
         let rate = flags.rate;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
@@ -201,7 +206,11 @@ pub async fn run(dir: &Path, flags: &DrillFlags) -> Result<()> {
             let mut n = 0u64;
             let end = t0 + duration;
             let mut tasks = tokio::task::JoinSet::new();
-            while Instant::now() < end {
+            let running = || {
+                let now = Instant::now();
+                now < end || overtime.lock().expect("lock").is_some_and(|until| now < until)
+            };
+            while running() {
                 tick.tick().await;
                 let Ok(permit) = inflight.clone().try_acquire_owned() else {
                     failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -258,6 +267,7 @@ pub async fn run(dir: &Path, flags: &DrillFlags) -> Result<()> {
 
     tokio::time::sleep(duration / 3).await;
     let injected = since();
+    *overtime.lock().expect("lock") = Some(Instant::now() + budget);
     let rejoin_needed = match flags.scenario.as_str() {
         "region-loss" => {
             admin(&addr, "kill", &old).await?;
@@ -294,6 +304,7 @@ pub async fn run(dir: &Path, flags: &DrillFlags) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
+    *overtime.lock().expect("lock") = None;
     match rto {
         Some(rto) => step(format!("first write acknowledged by the new primary: RTO {rto:.2} s")),
         None => step("no other region acknowledged a write after the failure".into()),

@@ -252,6 +252,19 @@ impl Lab {
         primary_of(self.region_states().iter()).ok_or_else(|| anyhow::anyhow!("no region answers as the primary"))
     }
 
+    /// Whether every member of `region` may take writes under the primary
+    /// lease now (`primary_lease_ms` is -1 without a topology cluster).
+    fn holds_primary_lease(&self, region: &str) -> Result<bool> {
+        let endpoints = self.layout.lock().expect("lock").endpoints(region, region);
+        for ep in endpoints {
+            let out = self.region_command(&["status".into(), "--endpoints".into(), ep, "-w".into(), "json".into()])?;
+            if serde_json::from_str::<serde_json::Value>(&out)?["primary_lease_ms"].as_i64().unwrap_or(0) == 0 {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// `promote REGION`: an unplanned failover, at once.
     pub fn promote(&self, region: &str) -> Result<String> {
         let eps = self.members(region)?;
@@ -363,8 +376,9 @@ pub async fn run(flags: &LabFlags, shutdown: impl std::future::Future<Output = (
     let bin = std::env::current_exe()?;
     let logs = dir.join("logs");
     let started = Instant::now();
-    // Steps: the start, the relays, the control cluster, each region, the mirrors and gateways.
-    let steps = 4 + layout.regions.len() as u64;
+    // Steps: the start, the relays, the control cluster, each region, the mirrors and gateways,
+    // the primary taking writes.
+    let steps = 5 + layout.regions.len() as u64;
     let progress = std::cell::RefCell::new(Progress::steps("starting the lab", steps, Lines::Stderr));
     let step = |what: &str| {
         let mut p = progress.borrow_mut();
@@ -459,6 +473,10 @@ pub async fn run(flags: &LabFlags, shutdown: impl std::future::Future<Output = (
         cut: Mutex::new(BTreeSet::new()),
     });
     let result = bring_up(&lab, &layout, &step).await;
+    let result = match result {
+        Ok(()) => writes_taken(&lab, Duration::from_secs(60)).await.map(|r| step(&format!("{r} takes writes"))),
+        e => e,
+    };
     progress.borrow_mut().finish();
     if let Err(e) = result {
         lab.procs.lock().expect("lock").clear();
@@ -506,6 +524,28 @@ pub async fn run(flags: &LabFlags, shutdown: impl std::future::Future<Output = (
     }
     eprintln!("stopped; `meridian lab` resumes it");
     Ok(())
+}
+
+/// Waits until the primary region's every member holds the primary lease,
+/// so the lab's first write, a user's or a drill's, is taken: a new primary
+/// takes writes only once it has confirmed the lease. Returns that region.
+async fn writes_taken(lab: &std::sync::Arc<Lab>, limit: Duration) -> Result<String> {
+    let lab = lab.clone();
+    tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + limit;
+        loop {
+            let why = match lab.primary().and_then(|region| Ok((lab.holds_primary_lease(&region)?, region))) {
+                Ok((true, region)) => return Ok(region),
+                Ok((false, region)) => format!("region {region} does not hold the primary lease yet"),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!("the lab takes no writes after {limit:?}: {why}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await?
 }
 
 /// Starts every process in order, each step once the previous is healthy.
