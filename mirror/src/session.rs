@@ -279,6 +279,12 @@ pub async fn run(cfg: &MirrorConfig, source: &[String], m: &Arc<Metrics>) -> any
         // bulk (RangeStream) rather than revision by revision through Watch.
         tracing::info!("the target is empty: copying the source's history");
         s.resync(0).await?;
+    } else if matches!(s.kind, Kind::Meridian) && (ts.epoch != s.epoch || ts.source_cluster_id != s.cluster_id) {
+        // The target records whom it follows (cluster, epoch, lineage, region)
+        // from each Apply: tell it now, not at the source's next revision,
+        // which may be long in coming (or was applied by the session before).
+        let req = s.request();
+        s.target.apply(req).await.context("apply the source's epoch on the target")?;
     }
     loop {
         let compacted = match s.catch_up().await? {
@@ -553,25 +559,24 @@ impl Session<'_> {
 
     /// Drops leases the source no longer has, and repeats the source's
     /// compactions (Meridian sources; etcd sources compact on their own).
-    /// With several sources: ends the session once this one is no longer
-    /// the primary and the target holds everything it has. The source's
-    /// lineage is refreshed on the way and handed to the target (an old
-    /// primary that now follows the new one carries the new lineage), so
-    /// the target may follow the new primary next without a copy.
+    /// With several sources: ends the session once its source is no longer
+    /// the primary at the epoch the session started with (see
+    /// [`crate::topology::moved`]): a source that is no longer the primary
+    /// once the target holds what it wrote as primary, one promoted or
+    /// demoted again at once. The source's lineage is refreshed on the way
+    /// and handed to the target (an old primary that now follows the new
+    /// one carries the new lineage), so the target may follow the new
+    /// primary next without a copy.
     async fn check_source_role(&mut self) -> anyhow::Result<()> {
         if self.cfg.sources.len() > 1 && matches!(self.kind, Kind::Meridian) {
             let s = RegionRpcClient::new(self.src.clone()).status(RegionStatusRequest {}).await?.into_inner();
-            if s.role != "primary" && self.checkpoint >= s.revision {
+            if let Some(why) = crate::topology::moved(self.epoch, self.checkpoint, &s) {
                 if s.lineage != self.lineage {
                     self.lineage = s.lineage.clone();
                     let req = self.request();
                     self.target.apply(req).await.context("lineage apply")?;
                 }
-                return Err(TopologyChanged(format!(
-                    "the source region {:?} is now a {} at epoch {}",
-                    s.region, s.role, s.epoch
-                ))
-                .into());
+                return Err(TopologyChanged(why).into());
             }
             self.lineage = s.lineage;
         }

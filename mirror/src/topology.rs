@@ -2,7 +2,9 @@
 //! several `--source` regions, the one that says it is the primary with the
 //! highest epoch; none while the target itself is that primary (the mirror
 //! idles). One source is followed whatever it says, as before (it may be an
-//! etcd cluster, or a secondary that a mirror chain reads from).
+//! etcd cluster, or a secondary that a mirror chain reads from). A session
+//! on a chosen source ends once that source is not the primary at the epoch
+//! the session started with ([`moved`]).
 
 use std::time::Duration;
 
@@ -70,5 +72,60 @@ pub async fn choose(cfg: &MirrorConfig) -> anyhow::Result<Choice> {
             // lost: wait and look again.
             Ok(Choice::Idle(format!("no source region is a reachable primary ({})", seen.join("; "))))
         }
+    }
+}
+
+/// Whether a session that started on a source at `epoch`, with the target
+/// at `checkpoint`, must end now that the source's status is `s`; why, if
+/// so. Every promotion and demotion raises a cluster's epoch, so an epoch
+/// other than the session's means the source changed role since, even when
+/// both changes fell between two looks (demoted, then promoted again): the
+/// session would go on stamping its old epoch on the target. A source that
+/// is the primary again at another epoch is left at once (the next session
+/// starts on it again, at its epoch). A source that is no longer the
+/// primary is drained first, up to its fence: the last revision it wrote as
+/// the primary. What it holds after that, when it follows the new primary,
+/// is the new primary's to send.
+pub fn moved(epoch: u64, checkpoint: i64, s: &RegionStatusResponse) -> Option<String> {
+    if s.role == "primary" {
+        return (s.epoch != epoch).then(|| {
+            format!("the source region {:?} is the primary at epoch {}, not at epoch {epoch}", s.region, s.epoch)
+        });
+    }
+    let own_up_to = if s.fence_revision > 0 { s.fence_revision.min(s.revision) } else { s.revision };
+    (checkpoint >= own_up_to)
+        .then(|| format!("the source region {:?} is now a {} at epoch {}", s.region, s.role, s.epoch))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(role: &str, epoch: u64, fence_revision: i64, revision: i64) -> RegionStatusResponse {
+        RegionStatusResponse {
+            region: "us-east".into(),
+            role: role.into(),
+            epoch,
+            fence_revision,
+            revision,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_session_ends_when_its_source_leaves_the_epoch_it_started_at() {
+        // Still the primary it started on: go on.
+        assert_eq!(moved(0, 5, &status("primary", 0, 0, 9)), None);
+        // Demoted at revision 5 (epoch 1): drained up to the fence, whatever
+        // it got since from the new primary's mirror.
+        assert_eq!(moved(0, 4, &status("secondary", 1, 5, 5)), None, "not drained yet");
+        assert!(moved(0, 5, &status("secondary", 1, 5, 5)).is_some());
+        assert!(moved(0, 5, &status("secondary", 1, 5, 7)).is_some(), "it follows the new primary");
+        assert!(moved(0, 7, &status("secondary", 1, 5, 7)).is_some(), "got some through it");
+        // Demoted and promoted again between two looks: the primary, but at
+        // epoch 2, not the session's 0; the next session starts at epoch 2.
+        assert!(moved(0, 9, &status("primary", 2, 9, 9)).is_some());
+        assert!(moved(0, 3, &status("primary", 2, 9, 10)).is_some(), "no drain: the same source goes on");
+        assert_eq!(moved(2, 10, &status("primary", 2, 9, 10)), None);
     }
 }

@@ -7,9 +7,8 @@
 //! - **ignored**: tuning and experimental knobs that mean nothing here; the
 //!   member starts and logs one warning naming them;
 //! - **refused**: flags whose effect a user relies on and Meridian does not
-//!   have (certificate name checks and revocation lists, auth, discovery,
-//!   proxy mode, the v2 API, forcing a new cluster); starting as if they
-//!   were absent would be silently wrong;
+//!   have (discovery, proxy mode, the v2 API, forcing a new cluster);
+//!   starting as if they were absent would be silently wrong;
 //! - flags with their default or a "disabled" value pass either way.
 //!
 //! Go's flag package takes `--flag=value`, `--flag value`, and for booleans
@@ -42,11 +41,8 @@ const OFF: &[&str] = &["", "false"];
 
 /// Every flag of `etcd --help` (3.4) that `meridian node` does not implement.
 const FLAGS: &[(&str, Arity, Fate)] = &[
-    ("auth-token", Value, RefuseUnless(&["", "simple"])),
-    ("auth-token-ttl", Value, Ignore),
     ("backend-batch-interval", Value, Ignore),
     ("backend-batch-limit", Value, Ignore),
-    ("bcrypt-cost", Value, Ignore),
     ("cors", Value, Ignore),
     ("debug", Bool, Ignore),
     ("discovery", Value, RefuseUnless(OFF)),
@@ -93,7 +89,6 @@ fn refusal(flag: &str, value: &str) -> String {
         "force-new-cluster" => "Meridian cannot force a new cluster from a member's data yet",
         "proxy" => "Meridian has no etcd proxy mode; see `meridian gateway` for one endpoint per region",
         f if f.starts_with("discovery") => "discovery is not supported; give --initial-cluster",
-        "auth-token" => "authentication is not supported yet",
         _ => "it is not supported",
     };
     format!("--{flag}={value}: {why}")
@@ -297,14 +292,13 @@ mod tests {
             (vec!["--force-new-cluster"], "cannot force a new cluster"),
             (vec!["--discovery=https://discovery.etcd.io/x"], "discovery is not supported"),
             (vec!["--proxy", "on"], "no etcd proxy mode"),
-            (vec!["--auth-token", "jwt,pub-key=k"], "authentication is not supported"),
         ] {
             let (_, found) = take_etcd_flags(args(&given));
             assert_eq!(found.refused.len(), 1, "{given:?}");
             assert!(found.refused[0].contains(want), "{given:?}: {:?}", found.refused);
         }
         // Their defaults pass.
-        let (_, found) = take_etcd_flags(args(&["--proxy=off", "--auth-token", "simple", "--discovery="]));
+        let (_, found) = take_etcd_flags(args(&["--proxy=off", "--discovery="]));
         assert_eq!(found, EtcdFlags::default());
     }
 
@@ -321,6 +315,9 @@ mod tests {
             "client-crl-file",
             "peer-crl-file",
             "cipher-suites",
+            "auth-token",
+            "auth-token-ttl",
+            "bcrypt-cost",
             "client-cert-allowed-hostname",
             "peer-cert-allowed-cn",
             "peer-cert-allowed-hostname",

@@ -152,6 +152,15 @@ pub struct NodeFlags {
     /// Peer certificates must be valid for this host name (or IP) (with --peer-client-cert-auth).
     #[arg(long)]
     pub peer_cert_allowed_hostname: Option<String>,
+    /// What Authenticate hands out: simple (random tokens, known to every member through raft).
+    #[arg(long)]
+    pub auth_token: Option<String>,
+    /// Seconds a simple token lasts past its last use.
+    #[arg(long)]
+    pub auth_token_ttl: Option<u64>,
+    /// The bcrypt cost of password hashes (4 to 31).
+    #[arg(long)]
+    pub bcrypt_cost: Option<u32>,
     /// The cross-region topology cluster (one member per region), comma-separated: with it a
     /// primary holds the primary lease and refuses writes without it. For three or more regions.
     #[arg(long)]
@@ -276,6 +285,12 @@ pub struct Settings {
     /// etcd's YAML spelling of the peer TLS settings.
     #[serde(alias = "peer-transport-security")]
     pub peer_transport_security: TransportSecurity,
+    #[serde(alias = "auth-token")]
+    pub auth_token: String,
+    #[serde(alias = "auth-token-ttl")]
+    pub auth_token_ttl: u64,
+    #[serde(alias = "bcrypt-cost")]
+    pub bcrypt_cost: u32,
     #[serde(alias = "topology-endpoints")]
     pub topology_endpoints: String,
     #[serde(alias = "primary-lease-ttl")]
@@ -349,6 +364,9 @@ impl Default for Settings {
             peer_transport_security: TransportSecurity::default(),
             topology_endpoints: String::new(),
             primary_lease_ttl: "5s".into(),
+            auth_token: "simple".into(),
+            auth_token_ttl: 300,
+            bcrypt_cost: bcrypt::DEFAULT_COST,
             auto_failover: false,
             failover_after: "10s".into(),
             etcd_warnings: Vec::new(),
@@ -466,6 +484,8 @@ pub struct NodeConfig {
     pub cipher_suites: Vec<String>,
     /// The primary lease and auto-failover; `None` without a topology cluster.
     pub topology: Option<crate::server::primary_lease::TopologyConfig>,
+    /// `--auth-token`, `--auth-token-ttl`, `--bcrypt-cost`.
+    pub auth: crate::server::auth::store::AuthConfig,
     /// etcd settings of the config file that Meridian accepts and ignores.
     pub etcd_warnings: Vec<String>,
 }
@@ -550,6 +570,9 @@ impl Settings {
             client_cert_allowed_hostname,
             peer_cert_allowed_cn,
             peer_cert_allowed_hostname,
+            auth_token,
+            auth_token_ttl,
+            bcrypt_cost,
             topology_endpoints,
             primary_lease_ttl,
             failover_after
@@ -614,6 +637,27 @@ impl Settings {
             auto_failover: self.auto_failover,
             failover_after: positive_duration("--failover-after", &self.failover_after)?,
         }))
+    }
+
+    /// `--auth-token` and the settings that go with it.
+    fn auth(&self) -> Result<crate::server::auth::store::AuthConfig> {
+        match self.auth_token.split(',').next().unwrap_or_default() {
+            "" | "simple" => {}
+            "jwt" => {
+                return Err(Error::Config("--auth-token jwt: JWT tokens are not supported yet; use simple".into()))
+            }
+            other => return Err(Error::Config(format!("unknown token type: {other}"))),
+        }
+        if !(4..=31).contains(&self.bcrypt_cost) {
+            return Err(Error::Config(format!("--bcrypt-cost {}: between 4 and 31", self.bcrypt_cost)));
+        }
+        if self.auth_token_ttl == 0 {
+            return Err(Error::Config("--auth-token-ttl must be > 0".into()));
+        }
+        Ok(crate::server::auth::store::AuthConfig {
+            token_ttl: Duration::from_secs(self.auth_token_ttl),
+            bcrypt_cost: self.bcrypt_cost,
+        })
     }
 
     /// Checks every value and parses it into its type.
@@ -747,6 +791,7 @@ impl Settings {
             initial_role,
             primary_region,
             topology: self.topology()?,
+            auth: self.auth()?,
             etcd_warnings,
             name: self.name,
             initial_cluster_token: self.initial_cluster_token,

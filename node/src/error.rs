@@ -92,6 +92,16 @@ pub enum Error {
     InvalidAuthToken,
     #[error("etcdserver: invalid auth management")]
     InvalidAuthMgmt,
+    /// The auth store changed between the check of a request and its apply:
+    /// the client authenticates again and retries.
+    #[error("etcdserver: revision of auth store is old")]
+    AuthOldRevision,
+    #[error("etcdserver: permission not given")]
+    PermissionNotGiven,
+    /// Authenticate for a user added with no password. etcd 3.4 answers it
+    /// with its internal error, code Unknown.
+    #[error("auth: authentication failed, password was given for no password user")]
+    NoPasswordUser,
     /// A client write on a read-only secondary; names the primary's region.
     /// FAILED_PRECONDITION, a code etcd clients do not retry.
     #[error("meridian: read-only secondary of region {0:?}; send writes to the primary or a gateway")]
@@ -150,7 +160,8 @@ impl Error {
             EmptyKey | KeyNotFound | ValueProvided | LeaseProvided | TooManyOps | DuplicateKey | RequestTooLarge => {
                 Code::InvalidArgument
             }
-            MemberBadUrls | UserEmpty | RoleEmpty | AuthFailed | InvalidAuthMgmt => Code::InvalidArgument,
+            MemberBadUrls | UserEmpty | RoleEmpty | AuthFailed | InvalidAuthMgmt | AuthOldRevision
+            | PermissionNotGiven => Code::InvalidArgument,
             RootUserNotExist | RootRoleNotExist | UserExists | UserNotFound | RoleExists | RoleNotFound
             | RoleNotGranted | PermissionNotGranted | AuthNotEnabled => Code::FailedPrecondition,
             PermissionDenied => Code::PermissionDenied,
@@ -169,7 +180,7 @@ impl Error {
                 Code::FailedPrecondition
             }
             TooManyRequests => Code::ResourceExhausted,
-            LeaderTransferTimeout => Code::Unknown,
+            LeaderTransferTimeout | NoPasswordUser => Code::Unknown,
             LeaseTtlTooLarge => Code::OutOfRange,
             NoLeader | Timeout | LeaderChanged | Stopped | NoPrimaryLease(_) => Code::Unavailable,
             Config(_) => Code::InvalidArgument,
@@ -224,6 +235,9 @@ impl Error {
             | AuthNotEnabled
             | InvalidAuthToken
             | InvalidAuthMgmt
+            | AuthOldRevision
+            | PermissionNotGiven
+            | NoPasswordUser
             | BadLeaderTransferee
             | ReadOnly(_)
             | Fenced(_)

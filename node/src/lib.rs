@@ -19,6 +19,7 @@ pub mod snapshot;
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
 
+use meridian_proto::etcdserverpb::auth_server::AuthServer;
 use meridian_proto::etcdserverpb::cluster_server::ClusterServer;
 use meridian_proto::etcdserverpb::kv_server::KvServer;
 use meridian_proto::etcdserverpb::lease_server::LeaseServer;
@@ -220,6 +221,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         metrics.clone(),
     );
     let lessor = Arc::new(Lessor::new(cfg.election));
+    let auth = Arc::new(server::auth::store::AuthStore::load(&mvcc, cfg.auth.clone()));
     let sm = EtcdStateMachine::new(
         mvcc.clone(),
         waiters.clone(),
@@ -228,6 +230,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         lessor.clone(),
         role.clone(),
         version.clone(),
+        auth.clone(),
     );
     let ticks = (cfg.election.as_millis() / cfg.heartbeat.as_millis()) as usize;
     let raft_cfg = RaftConfig {
@@ -305,6 +308,8 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         limits,
         role.clone(),
         version,
+        auth,
+        lessor.clone(),
     ));
 
     let cluster =
@@ -331,7 +336,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
     for url in &cfg.listen_peer_urls {
         tasks.push(serve(url, peer_routes.clone(), stop_rx.clone(), None, peer_tls.clone()).await?);
     }
-    let watch = WatchService::new(hub.clone(), header.clone());
+    let watch = WatchService::new(hub.clone(), header.clone(), server.auth.clone());
     let leases = LeaseService {
         server: server.clone(),
         lessor: lessor.clone(),
@@ -347,6 +352,7 @@ pub async fn run(cfg: NodeConfig, shutdown: impl Future<Output = ()>) -> Result<
         lease: leases,
         maintenance: Arc::new(MaintenanceService { server: server.clone(), scratch_dir: data_dir.clone() }),
         cluster,
+        auth: Arc::new(server::auth::service::AuthService { server: server.clone() }),
         lock: Arc::new(LockService(recipes.clone())),
         election: Arc::new(ElectionService(recipes)),
         hub,
@@ -441,6 +447,7 @@ fn client_routes(
         .add_service(KvServer::from_arc(api.kv.clone()).max_decoding_message_size(max))
         .add_service(MaintenanceServer::from_arc(api.maintenance.clone()).max_decoding_message_size(max))
         .add_service(ClusterServer::from_arc(api.cluster.clone()).max_decoding_message_size(max))
+        .add_service(AuthServer::from_arc(api.auth.clone()).max_decoding_message_size(max))
         .clone()
         .routes();
     let metrics = server.metrics.clone();

@@ -162,6 +162,7 @@ mod tests {
             id: 1,
             request: Some(internal_request::Request::Put(PutRequest::default())),
             traceparent: String::new(),
+            auth: None,
         };
         assert_eq!(internal.encode_to_vec(), vec![0x08, 1, 0x12, 0]);
     }

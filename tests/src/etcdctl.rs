@@ -117,6 +117,28 @@ pub fn decode_b64(s: &str) -> Result<Vec<u8>> {
     base64::engine::general_purpose::STANDARD.decode(s).with_context(|| format!("not base64: {s:?}"))
 }
 
+/// Every run of 10 to 16 lowercase hex digits (a member or cluster id) becomes `ID`.
+pub fn mask_hex_ids(s: &str) -> String {
+    let mut out = String::new();
+    let mut word = String::new();
+    let flush = |word: &mut String, out: &mut String| {
+        let hex =
+            (10..=16).contains(&word.len()) && word.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
+        out.push_str(if hex && word.chars().any(|c| c.is_ascii_digit()) { "ID" } else { word });
+        word.clear();
+    };
+    for c in s.chars() {
+        if c.is_ascii_alphanumeric() {
+            word.push(c);
+        } else {
+            flush(&mut word, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut word, &mut out);
+    out
+}
+
 /// Replaces the values of `cluster_id`, `member_id` and `raft_term` in JSON
 /// output with `N`: they differ between any two clusters by nature.
 pub fn mask_ids(s: &str) -> String {

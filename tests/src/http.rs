@@ -31,11 +31,17 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
 /// A plain HTTP/1.1 POST of `body` (JSON) to `path` on `addr`: the status code and the body,
 /// as `curl -X POST -d` sends it.
 pub fn http_post(addr: SocketAddr, path: &str, body: &str) -> Result<(u16, String)> {
+    http_post_with(addr, path, &[], body)
+}
+
+/// [`http_post`] with more header lines (`("Authorization", token)`).
+pub fn http_post_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)], body: &str) -> Result<(u16, String)> {
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     http_request(
         addr,
         &format!(
             "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n\
-             Content-Length: {}\r\n\r\n{body}",
+             {extra}Content-Length: {}\r\n\r\n{body}",
             body.len()
         ),
     )

@@ -496,8 +496,17 @@ async fn mirrors_follow_the_topology_through_a_switchover_and_a_failover() -> Re
     let rev = ca.put("k", "from-a-again", None).await?.header().map_or(0, |h| h.revision());
     wait_revision(&c, rev, Duration::from_secs(20)).await?;
     ensure!(contents(&c).await? == contents(&a).await?, "ap-south differs from the new primary");
-    let st = status_json(&c)?;
-    ensure!(st["epoch"] == 2 && st["primary_region"] == "us-east", "{st}");
+    // The new epoch comes with the mirror's next look at its source (every 250 ms), which may
+    // be after the write above came through the session it had before.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let st = loop {
+        let st = status_json(&c)?;
+        if st["epoch"] == 2 || Instant::now() >= deadline {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ensure!(st["epoch"] == 2 && st["primary_region"] == "us-east", "{st}\nmc log:\n{}", mc.log());
     ensure!(mc.status()?["copies_total"] == first_copies, "a secondary was copied again: {}", mc.status()?);
     drop((ma, mb));
     Ok(())

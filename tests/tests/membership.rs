@@ -6,29 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use meridian_tests::{etcdctl, Cluster, ClusterOpts, Server};
-
-/// Every run of 10 to 16 lowercase hex digits (a member or cluster id) becomes `ID`.
-fn mask_hex_ids(s: &str) -> String {
-    let mut out = String::new();
-    let mut word = String::new();
-    let flush = |word: &mut String, out: &mut String| {
-        let hex =
-            (10..=16).contains(&word.len()) && word.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase());
-        out.push_str(if hex && word.chars().any(|c| c.is_ascii_digit()) { "ID" } else { word });
-        word.clear();
-    };
-    for c in s.chars() {
-        if c.is_ascii_alphanumeric() {
-            word.push(c);
-        } else {
-            flush(&mut word, &mut out);
-            out.push(c);
-        }
-    }
-    flush(&mut word, &mut out);
-    out
-}
+use meridian_tests::{etcdctl, mask_hex_ids, Cluster, ClusterOpts, Server};
 
 /// What a command printed, comparable across clusters: ids masked, ports replaced by the member
 /// names they belong to, etcdctl's own log lines dropped, and lines (and the list inside

@@ -13,7 +13,7 @@ use meridian_proto::etcdserverpb::{
 use meridian_proto::meridian::v1::internal_request::Request;
 use meridian_proto::meridian::v1::member_change::Kind as MemberKind;
 use meridian_proto::meridian::v1::{
-    InternalRequest, KvRecord, MemberChange, MirrorApplyRequest, RegionChange, SnapshotData,
+    InternalRequest, KvRecord, MemberChange, MirrorApplyRequest, RegionChange, RequestAuth, SnapshotData,
 };
 use meridian_wire::telemetry;
 use parking_lot::Mutex;
@@ -21,6 +21,7 @@ use prost::Message;
 use raft::eraftpb::ConfChange;
 use tokio::sync::oneshot;
 
+use super::auth::store::AuthStore;
 use super::cluster::{Alarms, Members};
 use super::lease::Lessor;
 use super::lease::LEASE_META_PREFIX;
@@ -54,6 +55,8 @@ pub enum Applied {
     Alarm(AlarmResponse),
     /// A membership change; the member list after it.
     Members(Members),
+    /// An auth change; the simple token it handed out, if it was one.
+    Auth(Option<String>),
     Done,
 }
 
@@ -86,6 +89,7 @@ pub struct EtcdStateMachine {
     role: RoleCell,
     version: VersionCell,
     lessor: Arc<Lessor>,
+    auth: Arc<AuthStore>,
     /// Where published changes go.
     watch: WatchHub,
     waiters: Arc<Waiters>,
@@ -111,6 +115,7 @@ impl EtcdStateMachine {
         lessor: Arc<Lessor>,
         role: RoleCell,
         version: VersionCell,
+        auth: Arc<AuthStore>,
     ) -> Self {
         let nospace = Alarms::load(&mvcc).has(AlarmType::Nospace);
         lessor.rebuild(&mvcc);
@@ -120,6 +125,7 @@ impl EtcdStateMachine {
             role,
             version,
             lessor,
+            auth,
             watch,
             waiters,
             metrics,
@@ -131,17 +137,34 @@ impl EtcdStateMachine {
         }
     }
 
-    fn execute(&mut self, request: Request, batch: &mut OwnedWriteBatch) -> Result<Applied> {
+    /// Applies the request of the entry at raft `index`.
+    fn execute(
+        &mut self,
+        index: u64,
+        request: Request,
+        auth: Option<RequestAuth>,
+        batch: &mut OwnedWriteBatch,
+    ) -> Result<Applied> {
         // A secondary takes no client writes, even one proposed just before
         // it became a secondary: the check is part of apply.
         let client_write = match &request {
             Request::Put(_) | Request::DeleteRange(_) | Request::Compaction(_) => true,
             Request::LeaseGrant(_) | Request::LeaseRevoke(_) => true,
             Request::Txn(t) => !ops::txn_is_read_only(t),
+            // A secondary's users and roles are its primary's; a token it
+            // may hand out, so that its readers can authenticate.
+            Request::AuthChange(c) => {
+                !matches!(c.change, Some(meridian_proto::meridian::v1::auth_change::Change::SimpleToken(_)))
+            }
             _ => false,
         };
         if client_write {
             self.role.check_writable()?;
+        }
+        // A client's request: its user's permissions as of this entry.
+        if let Some(auth) = &auth {
+            let lessor = &self.lessor;
+            self.auth.state().permits(auth, &request, &|id| lessor.keys(id).unwrap_or_default())?;
         }
         match request {
             Request::Put(p) => {
@@ -239,6 +262,11 @@ impl EtcdStateMachine {
             // changes, which must change raft's configuration with the list.
             Request::MemberChange(change) if change.kind == MemberKind::Update as i32 => self.change_members(&change),
             Request::MemberChange(_) => Err(Error::MemberBadUrls),
+            Request::AuthChange(c) => {
+                let change = c.change.ok_or(Error::InvalidAuthMgmt)?;
+                let token = self.auth.apply(&change, index, &self.mvcc)?;
+                Ok(Applied::Auth(token))
+            }
         }
     }
 }
@@ -443,7 +471,7 @@ impl StateMachine for EtcdStateMachine {
     fn apply(&mut self, entries: &[Committed<'_>], batch: &mut OwnedWriteBatch) {
         for e in entries {
             if !e.data.is_empty() {
-                let (id, request, traceparent) = decode_entry(e.index, e.data);
+                let (id, request, traceparent, auth) = decode_entry(e.index, e.data);
                 let started = std::time::Instant::now();
                 // A traced proposal: its commit and its apply continue the trace.
                 let span = (!traceparent.is_empty() && telemetry::enabled()).then(|| {
@@ -452,7 +480,8 @@ impl StateMachine for EtcdStateMachine {
                     tracing::info_span!(target: telemetry::TARGET, parent: &commit, "apply", raft.index = e.index)
                 });
                 let entered = span.as_ref().map(tracing::Span::enter);
-                let result = failpoint::before_apply(&self.mvcc).and_then(|()| self.execute(request, batch));
+                let result =
+                    failpoint::before_apply(&self.mvcc).and_then(|()| self.execute(e.index, request, auth, batch));
                 drop(entered);
                 if let Some(span) = &span {
                     self.traced.push((self.mvcc.staged_marks().current, telemetry::traceparent(span)));
@@ -505,7 +534,7 @@ impl StateMachine for EtcdStateMachine {
             self.mvcc.stage(batch);
             return true;
         }
-        let (id, request, _) = decode_entry(index, &cc.context);
+        let (id, request, ..) = decode_entry(index, &cc.context);
         let result = match request {
             Request::MemberChange(change) if change.member_id == cc.node_id => self.change_members(&change),
             other => panic!("configuration change at {index} carries {other:?}, not its member change"),
@@ -539,6 +568,7 @@ impl StateMachine for EtcdStateMachine {
         self.restored = true;
         self.peers_changed = true;
         self.lessor.rebuild(&self.mvcc);
+        self.auth.reload(&self.mvcc);
         if let Some(role) = RoleState::load(&self.mvcc) {
             self.role.set(role);
         }
@@ -556,9 +586,9 @@ impl StateMachine for EtcdStateMachine {
 /// this binary does not know (a newer binary proposed it, which the cluster
 /// version should have prevented), stops the member: skipping it would make
 /// this replica diverge from those that applied it.
-fn decode_entry(index: u64, data: &[u8]) -> (u64, Request, String) {
+fn decode_entry(index: u64, data: &[u8]) -> (u64, Request, String, Option<RequestAuth>) {
     match InternalRequest::decode(data) {
-        Ok(InternalRequest { id, request: Some(request), traceparent }) => (id, request, traceparent),
+        Ok(InternalRequest { id, request: Some(request), traceparent, auth }) => (id, request, traceparent, auth),
         Ok(InternalRequest { request: None, .. }) => panic!(
             "entry {index} has a kind this binary does not apply (it applies entry version {}): \
              run the same or a newer meridian on every member",

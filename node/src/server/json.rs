@@ -24,6 +24,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
+use meridian_proto::etcdserverpb::auth_server::Auth;
 use meridian_proto::etcdserverpb::cluster_server::Cluster;
 use meridian_proto::etcdserverpb::kv_server::Kv;
 use meridian_proto::etcdserverpb::lease_server::Lease;
@@ -38,13 +39,14 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tonic::Status;
 
+use super::auth::service::AuthService;
 use super::kv::KvService;
 use super::lease::service::{keep_alive_once, LeaseService};
 use super::maintenance::MaintenanceService;
 use super::membership::ClusterService;
 use super::recipes::{ElectionService, LockService};
 use super::watch::hub::HeaderFn;
-use super::watch::service::{created_response, spec_of};
+use super::watch::service::{created_response, permitted, spec_of};
 use super::watch::WatchHub;
 
 /// The largest JSON body taken (a request is at most `--max-request-bytes`
@@ -59,6 +61,7 @@ pub struct JsonApi {
     pub lease: Arc<LeaseService>,
     pub maintenance: Arc<MaintenanceService>,
     pub cluster: Arc<ClusterService>,
+    pub auth: Arc<AuthService>,
     pub lock: Arc<LockService>,
     pub election: Arc<ElectionService>,
     pub hub: WatchHub,
@@ -186,6 +189,22 @@ pub fn routes(into: Router, api: Arc<JsonApi>) -> Router {
     route!(router, api, "/maintenance/defragment", maintenance, Maintenance::defragment);
     route!(router, api, "/maintenance/hash", maintenance, Maintenance::hash_kv);
     route!(router, api, "/maintenance/transfer-leadership", maintenance, Maintenance::move_leader);
+    route!(router, api, "/auth/enable", auth, Auth::auth_enable);
+    route!(router, api, "/auth/disable", auth, Auth::auth_disable);
+    route!(router, api, "/auth/authenticate", auth, Auth::authenticate);
+    route!(router, api, "/auth/user/add", auth, Auth::user_add);
+    route!(router, api, "/auth/user/get", auth, Auth::user_get);
+    route!(router, api, "/auth/user/list", auth, Auth::user_list);
+    route!(router, api, "/auth/user/delete", auth, Auth::user_delete);
+    route!(router, api, "/auth/user/changepw", auth, Auth::user_change_password);
+    route!(router, api, "/auth/user/grant", auth, Auth::user_grant_role);
+    route!(router, api, "/auth/user/revoke", auth, Auth::user_revoke_role);
+    route!(router, api, "/auth/role/add", auth, Auth::role_add);
+    route!(router, api, "/auth/role/get", auth, Auth::role_get);
+    route!(router, api, "/auth/role/list", auth, Auth::role_list);
+    route!(router, api, "/auth/role/delete", auth, Auth::role_delete);
+    route!(router, api, "/auth/role/grant", auth, Auth::role_grant_permission);
+    route!(router, api, "/auth/role/revoke", auth, Auth::role_revoke_permission);
     route!(router, api, "/lock/lock", lock, Lock::lock);
     route!(router, api, "/lock/unlock", lock, Lock::unlock);
     route!(router, api, "/election/campaign", election, Election::campaign);
@@ -195,7 +214,10 @@ pub fn routes(into: Router, api: Arc<JsonApi>) -> Router {
     for prefix in ["/v3", "/v3beta"] {
         let (api2, api3, api4, api5) = (api.clone(), api.clone(), api.clone(), api.clone());
         router = router
-            .route(&format!("{prefix}/watch"), post(move |body: Bytes| watch(api2.clone(), body)))
+            .route(
+                &format!("{prefix}/watch"),
+                post(move |headers: HeaderMap, body: Bytes| watch(api2.clone(), headers, body)),
+            )
             .route(&format!("{prefix}/lease/keepalive"), post(move |body: Bytes| keep_alive(api3.clone(), body)))
             .route(
                 &format!("{prefix}/election/observe"),
@@ -204,10 +226,6 @@ pub fn routes(into: Router, api: Arc<JsonApi>) -> Router {
             .route(
                 &format!("{prefix}/maintenance/snapshot"),
                 post(move |headers: HeaderMap, body: Bytes| snapshot(api5.clone(), headers, body)),
-            )
-            .route(
-                &format!("{prefix}/auth/{{*rest}}"),
-                post(|| async { error(&Status::unimplemented("meridian: authentication is not supported yet")) }),
             )
             // An unknown path is 404, as etcd's gateway answers it (not a gRPC status).
             .route(&format!("{prefix}/{{*rest}}"), axum::routing::any(not_found));
@@ -344,7 +362,7 @@ fn stream_line<T: Serialize>(msg: &T) -> Bytes {
 
 /// `/v3/watch`: every `create_request` in the body becomes a watcher; the
 /// answer streams until the client leaves.
-async fn watch(api: Arc<JsonApi>, body: Bytes) -> Response {
+async fn watch(api: Arc<JsonApi>, headers: HeaderMap, body: Bytes) -> Response {
     if body.len() > MAX_BODY {
         return error(&Status::invalid_argument("request too large"));
     }
@@ -360,10 +378,15 @@ async fn watch(api: Arc<JsonApi>, body: Bytes) -> Response {
     let (out, mut events) = mpsc::channel(64);
     let (tx, rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(64);
     let (hub, header) = (api.hub.clone(), api.header.clone());
+    let metadata = request((), &headers).metadata().clone();
+    let auth = api.kv.server.auth.clone();
     tokio::spawn(async move {
         let _close = Close(hub.clone(), stream);
         for c in creates {
-            let created = hub.create(stream, spec_of(&c), out.clone());
+            let created = match permitted(&auth, &metadata, &c) {
+                Ok(()) => hub.create(stream, spec_of(&c), out.clone()),
+                Err(reason) => Err(reason),
+            };
             if tx.send(Ok(stream_line(&created_response(&header, &created)))).await.is_err() {
                 return;
             }

@@ -51,6 +51,11 @@ impl KvService {
         Ok(())
     }
 
+    /// The keys lease `id` holds (none for a lease that does not exist).
+    fn lease_keys(&self, id: i64) -> Vec<Vec<u8>> {
+        self.server.lease_keys(id)
+    }
+
     fn unexpected(a: Applied) -> Status {
         Status::internal(format!("unexpected apply result {a:?}"))
     }
@@ -107,9 +112,11 @@ impl Kv for KvService {
 /// The bodies of the traced RPCs, run inside their spans.
 impl KvService {
     async fn range_traced(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
+        let who = self.server.auth_info(req.metadata()).await?;
         let r = req.into_inner();
         self.server.check_message_size(r.encoded_len())?;
         ops::check_range(&r)?;
+        self.server.auth.state().check_range(&who.user, &r.key, &r.range_end)?;
         if !r.serializable {
             if self.server.raft.status().is_learner() {
                 return Err(Error::NotSupportedForLearner.into());
@@ -132,12 +139,14 @@ impl KvService {
     }
 
     async fn put_traced(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
+        let who = self.server.auth_info(req.metadata()).await?;
         let r = req.into_inner();
         self.server.check_message_size(r.encoded_len())?;
         ops::check_put(&r)?;
+        self.server.auth.state().check_put(&who.user, &r, &|id| self.lease_keys(id))?;
         self.server.check_writable()?;
         self.check_quota(put_cost(&r))?;
-        match self.server.propose(Internal::Put(r)).await? {
+        match self.server.propose_as(Internal::Put(r), &who).await? {
             Applied::Put(mut resp) => {
                 resp.header = Some(self.server.header(resp.header.map(|h| h.revision).unwrap_or_default()));
                 Ok(Response::new(resp))
@@ -150,11 +159,13 @@ impl KvService {
         &self,
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
+        let who = self.server.auth_info(req.metadata()).await?;
         let r = req.into_inner();
         self.server.check_message_size(r.encoded_len())?;
         ops::check_delete(&r)?;
+        self.server.auth.state().check_delete(&who.user, &r)?;
         self.server.check_writable()?;
-        match self.server.propose(Internal::DeleteRange(r)).await? {
+        match self.server.propose_as(Internal::DeleteRange(r), &who).await? {
             Applied::DeleteRange(mut resp) => {
                 resp.header = Some(self.server.header(resp.header.map(|h| h.revision).unwrap_or_default()));
                 Ok(Response::new(resp))
@@ -164,9 +175,11 @@ impl KvService {
     }
 
     async fn txn_traced(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
+        let who = self.server.auth_info(req.metadata()).await?;
         let r = req.into_inner();
         self.server.check_message_size(r.encoded_len())?;
         ops::check_txn(&r, self.server.limits.max_txn_ops)?;
+        self.server.auth.state().check_txn(&who.user, &r, &|id| self.lease_keys(id))?;
         let mut resp = if ops::txn_is_read_only(&r) {
             // Reads need no log entry: serve them here, after a barrier unless serializable.
             if !ops::txn_is_serializable(&r) {
@@ -177,7 +190,7 @@ impl KvService {
         } else {
             self.server.check_writable()?;
             self.check_quota(txn_cost(&r))?;
-            match self.server.propose(Internal::Txn(r)).await? {
+            match self.server.propose_as(Internal::Txn(r), &who).await? {
                 Applied::Txn(resp) => resp,
                 other => return Err(Self::unexpected(other)),
             }
@@ -187,9 +200,11 @@ impl KvService {
     }
 
     async fn compact_traced(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
+        let who = self.server.auth_info(req.metadata()).await?;
         let r = req.into_inner();
+        self.server.auth.state().check_admin(&who.user)?;
         self.server.check_writable()?;
-        match self.server.propose(Internal::Compaction(r)).await? {
+        match self.server.propose_as(Internal::Compaction(r), &who).await? {
             Applied::Compaction(rev) => Ok(Response::new(CompactionResponse { header: Some(self.server.header(rev)) })),
             other => Err(Self::unexpected(other)),
         }

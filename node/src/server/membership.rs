@@ -230,6 +230,8 @@ fn forwarded(status: &Status) -> Error {
 #[tonic::async_trait]
 impl Cluster for ClusterService {
     async fn member_add(&self, req: Request<MemberAddRequest>) -> Result<Response<MemberAddResponse>, Status> {
+        // Membership changes are root's, as in etcd.
+        self.server.check_admin(req.metadata()).await?;
         let r = req.into_inner();
         check_urls(&r.peer_ur_ls)?;
         let resp = if self.server.raft.status().is_leader() {
@@ -241,6 +243,8 @@ impl Cluster for ClusterService {
     }
 
     async fn member_remove(&self, req: Request<MemberRemoveRequest>) -> Result<Response<MemberRemoveResponse>, Status> {
+        // Membership changes are root's, as in etcd.
+        self.server.check_admin(req.metadata()).await?;
         let r = req.into_inner();
         let resp = if self.server.raft.status().is_leader() {
             self.remove_here(r.id).await?
@@ -251,6 +255,8 @@ impl Cluster for ClusterService {
     }
 
     async fn member_update(&self, req: Request<MemberUpdateRequest>) -> Result<Response<MemberUpdateResponse>, Status> {
+        // Membership changes are root's, as in etcd.
+        self.server.check_admin(req.metadata()).await?;
         let r = req.into_inner();
         check_urls(&r.peer_ur_ls)?;
         let change =
@@ -268,6 +274,8 @@ impl Cluster for ClusterService {
         &self,
         req: Request<MemberPromoteRequest>,
     ) -> Result<Response<MemberPromoteResponse>, Status> {
+        // Membership changes are root's, as in etcd.
+        self.server.check_admin(req.metadata()).await?;
         let r = req.into_inner();
         let status = self.server.raft.status();
         let resp = if status.is_leader() {

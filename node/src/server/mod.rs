@@ -39,7 +39,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use meridian_proto::etcdserverpb::ResponseHeader;
 use meridian_proto::meridian::v1::internal_request::Request;
-use meridian_proto::meridian::v1::InternalRequest;
+use meridian_proto::meridian::v1::{InternalRequest, RequestAuth};
 use meridian_wire::telemetry;
 use parking_lot::Mutex;
 use prost::Message;
@@ -98,6 +98,10 @@ pub struct EtcdServer {
     pub freshness: freshness::Freshness,
     /// With a topology cluster: whether this primary holds the primary lease.
     pub primary_lease: primary_lease::PrimaryLease,
+    /// Users, roles and tokens; kept current by apply.
+    pub auth: Arc<auth::store::AuthStore>,
+    /// The leases, for the keys each holds (auth checks a lease's keys).
+    pub lessor: Arc<lease::Lessor>,
     ids: IdGen,
     /// Proposals (count, bytes) accepted and not yet answered.
     pending: Mutex<(usize, usize)>,
@@ -116,6 +120,8 @@ impl EtcdServer {
         limits: Limits,
         role: RoleCell,
         version: VersionCell,
+        auth: Arc<auth::store::AuthStore>,
+        lessor: Arc<lease::Lessor>,
     ) -> Self {
         Self {
             member_id,
@@ -130,6 +136,8 @@ impl EtcdServer {
             version,
             freshness: freshness::Freshness::default(),
             primary_lease: primary_lease::PrimaryLease::default(),
+            auth,
+            lessor,
             ids: IdGen::new(member_id),
             pending: Mutex::new((0, 0)),
             detached: Arc::new(Semaphore::new(MAX_DETACHED_PROPOSALS)),
@@ -207,6 +215,65 @@ impl EtcdServer {
         self.propose_sized(request, self.limits.max_request_bytes).await
     }
 
+    /// [`EtcdServer::propose`] for a client's request, made by `who`: apply
+    /// checks their permissions again, as of the entry.
+    ///
+    /// # Errors
+    ///
+    /// As [`EtcdServer::propose`], and the auth errors of apply's check.
+    pub async fn propose_as(&self, request: Request, who: &auth::store::AuthInfo) -> Result<Applied> {
+        let limit = self.limits.max_request_bytes;
+        let auth = Some(who.header());
+        if !telemetry::in_trace() {
+            return self.propose_traced(request, limit, String::new(), auth).await;
+        }
+        let span = tracing::info_span!(target: telemetry::TARGET, "raft.propose");
+        let traceparent = telemetry::traceparent(&span);
+        self.propose_traced(request, limit, traceparent, auth).instrument(span).await
+    }
+
+    /// The keys lease `id` holds (none for a lease that does not exist).
+    pub fn lease_keys(&self, id: i64) -> Vec<Vec<u8>> {
+        self.lessor.keys(id).unwrap_or_default()
+    }
+
+    /// Who `metadata`'s token names (see [`auth::store::AuthStore::info`]).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidAuthToken`].
+    pub async fn auth_info(&self, metadata: &tonic::metadata::MetadataMap) -> Result<auth::store::AuthInfo> {
+        match self.auth.info(metadata) {
+            Err(Error::InvalidAuthToken) => {}
+            known => return known,
+        }
+        // A token handed out at an index this member has not applied yet
+        // (the client authenticated at another member): wait for it, a
+        // bounded time.
+        let index = auth::store::token_of(metadata).and_then(auth::store::token_index).unwrap_or(0);
+        if index <= self.mvcc.marks().applied {
+            return Err(Error::InvalidAuthToken);
+        }
+        let deadline = tokio::time::Instant::now() + self.request_timeout();
+        while self.mvcc.marks().applied < index && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.auth.info(metadata)
+    }
+
+    /// Refuses `metadata`'s caller unless auth is off or they hold the role
+    /// `root`; returns who they are.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidAuthToken`], [`Error::UserEmpty`],
+    /// [`Error::PermissionDenied`].
+    pub async fn check_admin(&self, metadata: &tonic::metadata::MetadataMap) -> Result<auth::store::AuthInfo> {
+        let who = self.auth_info(metadata).await?;
+        self.auth.state().check_admin(&who.user)?;
+        Ok(who)
+    }
+
     /// [`EtcdServer::propose`] with its own size limit (mirror batches).
     ///
     /// # Errors
@@ -214,11 +281,11 @@ impl EtcdServer {
     /// As [`EtcdServer::propose`].
     pub async fn propose_sized(&self, request: Request, limit: usize) -> Result<Applied> {
         if !telemetry::in_trace() {
-            return self.propose_traced(request, limit, String::new()).await;
+            return self.propose_traced(request, limit, String::new(), None).await;
         }
         let span = tracing::info_span!(target: telemetry::TARGET, "raft.propose");
         let traceparent = telemetry::traceparent(&span);
-        self.propose_traced(request, limit, traceparent).instrument(span).await
+        self.propose_traced(request, limit, traceparent, None).instrument(span).await
     }
 
     /// Proposes a membership change as a raft configuration change of
@@ -235,7 +302,9 @@ impl EtcdServer {
         node_id: u64,
     ) -> Result<Applied> {
         let limit = self.limits.max_request_bytes;
-        self.propose_with(request, limit, String::new(), move |context, dropped| {
+        // The member that took the call checked its caller is root: a
+        // follower hands adds and removals to the leader, which proposes.
+        self.propose_with(request, limit, String::new(), None, move |context, dropped| {
             let mut cc = raft::eraftpb::ConfChange::default();
             cc.set_change_type(change_type);
             cc.node_id = node_id;
@@ -246,8 +315,14 @@ impl EtcdServer {
     }
 
     /// Proposes with the proposal's `traceparent` in the entry ("" untraced).
-    async fn propose_traced(&self, request: Request, limit: usize, traceparent: String) -> Result<Applied> {
-        self.propose_with(request, limit, traceparent, |data, dropped| Input::Propose { data, dropped }).await
+    async fn propose_traced(
+        &self,
+        request: Request,
+        limit: usize,
+        traceparent: String,
+        auth: Option<RequestAuth>,
+    ) -> Result<Applied> {
+        self.propose_with(request, limit, traceparent, auth, |data, dropped| Input::Propose { data, dropped }).await
     }
 
     /// Registers the proposal's waiter and hands the encoded entry to raft
@@ -257,11 +332,12 @@ impl EtcdServer {
         request: Request,
         limit: usize,
         traceparent: String,
+        auth: Option<RequestAuth>,
         input: impl FnOnce(Vec<u8>, oneshot::Sender<Error>) -> Input,
     ) -> Result<Applied> {
         version::check(&request, self.version.get())?;
         let id = self.ids.next();
-        let data = InternalRequest { id, request: Some(request), traceparent }.encode_to_vec();
+        let data = InternalRequest { id, request: Some(request), traceparent, auth }.encode_to_vec();
         if data.len() > limit {
             return Err(Error::RequestTooLarge);
         }

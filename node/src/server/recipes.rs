@@ -44,6 +44,7 @@ use meridian_proto::v3lockpb::{LockRequest, LockResponse, UnlockRequest, UnlockR
 use meridian_wire::etcd::prefix_end;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use super::kv::KvService;
@@ -56,6 +57,26 @@ use crate::mvcc::KeyRange;
 const SESSION_TTL: i64 = 60;
 /// Watch streams of `Observe` calls, numbered apart from clients' streams.
 static NEXT_STREAM: AtomicU64 = AtomicU64::new(1 << 62);
+
+tokio::task_local! {
+    /// The metadata of the call a recipe runs for, so that its KV and lease
+    /// calls carry the caller's token and are checked as theirs.
+    static CALLER: MetadataMap;
+}
+
+/// A request made on behalf of the call being served (see [`CALLER`]).
+fn as_caller<T>(msg: T) -> Request<T> {
+    let mut req = Request::new(msg);
+    if let Ok(metadata) = CALLER.try_with(Clone::clone) {
+        *req.metadata_mut() = metadata;
+    }
+    req
+}
+
+/// Runs `work` as the caller whose call carried `metadata`.
+async fn as_caller_of<F: std::future::Future>(metadata: &MetadataMap, work: F) -> F::Output {
+    CALLER.scope(metadata.clone(), work).await
+}
 
 /// What the two services share: the member's KV and Lease services, and its watchers.
 pub struct Recipes {
@@ -70,16 +91,16 @@ impl Recipes {
     }
 
     async fn txn(&self, req: TxnRequest) -> Result<TxnResponse, Status> {
-        Ok(Kv::txn(&self.kv, Request::new(req)).await?.into_inner())
+        Ok(Kv::txn(&self.kv, as_caller(req)).await?.into_inner())
     }
 
     async fn range(&self, req: RangeRequest) -> Result<RangeResponse, Status> {
-        Ok(Kv::range(&self.kv, Request::new(req)).await?.into_inner())
+        Ok(Kv::range(&self.kv, as_caller(req)).await?.into_inner())
     }
 
     async fn delete(&self, key: Vec<u8>) -> Result<ResponseHeader, Status> {
         let req = DeleteRangeRequest { key, ..Default::default() };
-        Ok(Kv::delete_range(&self.kv, Request::new(req)).await?.into_inner().header.unwrap_or_default())
+        Ok(Kv::delete_range(&self.kv, as_caller(req)).await?.into_inner().header.unwrap_or_default())
     }
 
     /// The lease a call's key lives on: the one named, or a new 60 s one.
@@ -88,7 +109,7 @@ impl Recipes {
             return Ok(lease);
         }
         let req = LeaseGrantRequest { ttl: SESSION_TTL, id: 0 };
-        let granted = Lease::lease_grant(&*self.leases, Request::new(req)).await?.into_inner();
+        let granted = Lease::lease_grant(&*self.leases, as_caller(req)).await?.into_inner();
         Ok(granted.id)
     }
 
@@ -253,11 +274,12 @@ impl Drop for Withdraw {
             return;
         }
         let (recipes, key, rev) = (self.recipes.clone(), std::mem::take(&mut self.key), self.rev);
-        tokio::spawn(async move {
+        let caller = CALLER.try_with(Clone::clone).unwrap_or_default();
+        tokio::spawn(CALLER.scope(caller, async move {
             if let Err(e) = recipes.txn(delete_if_created_at(key, rev)).await {
                 tracing::warn!(error = %e, "could not withdraw an abandoned lock or campaign key");
             }
-        });
+        }));
     }
 }
 
@@ -267,29 +289,37 @@ pub struct LockService(pub Arc<Recipes>);
 #[tonic::async_trait]
 impl Lock for LockService {
     async fn lock(&self, req: Request<LockRequest>) -> Result<Response<LockResponse>, Status> {
-        let req = req.into_inner();
-        let recipes = &self.0;
-        let (lease, prefix, key) = recipes.queue_key(&req.name, req.lease).await?;
-        let work = async {
-            let (rev, resp) = recipes.enqueue(&key, Vec::new(), lease).await?;
-            let mut withdraw = Withdraw { recipes: recipes.clone(), key: key.clone(), rev, armed: true };
-            let holder = recipes.first_created(&prefix).await?;
-            let header = match holder.kvs.first() {
-                Some(kv) if kv.create_revision != rev => recipes.wait_deletes(&prefix, rev - 1).await?,
-                _ => resp.header.unwrap_or_default(),
+        let metadata = req.metadata().clone();
+        as_caller_of(&metadata, async move {
+            let req = req.into_inner();
+            let recipes = &self.0;
+            let (lease, prefix, key) = recipes.queue_key(&req.name, req.lease).await?;
+            let work = async {
+                let (rev, resp) = recipes.enqueue(&key, Vec::new(), lease).await?;
+                let mut withdraw = Withdraw { recipes: recipes.clone(), key: key.clone(), rev, armed: true };
+                let holder = recipes.first_created(&prefix).await?;
+                let header = match holder.kvs.first() {
+                    Some(kv) if kv.create_revision != rev => recipes.wait_deletes(&prefix, rev - 1).await?,
+                    _ => resp.header.unwrap_or_default(),
+                };
+                withdraw.armed = false;
+                Ok(LockResponse { header: Some(header), key: key.clone() })
             };
-            withdraw.armed = false;
-            Ok(LockResponse { header: Some(header), key: key.clone() })
-        };
-        tokio::select! {
-            r = work => r.map(Response::new),
-            e = recipes.keep_alive(lease) => Err(e),
-        }
+            tokio::select! {
+                r = work => r.map(Response::new),
+                e = recipes.keep_alive(lease) => Err(e),
+            }
+        })
+        .await
     }
 
     async fn unlock(&self, req: Request<UnlockRequest>) -> Result<Response<UnlockResponse>, Status> {
-        let header = self.0.delete(req.into_inner().key).await?;
-        Ok(Response::new(UnlockResponse { header: Some(header) }))
+        let metadata = req.metadata().clone();
+        as_caller_of(&metadata, async move {
+            let header = self.0.delete(req.into_inner().key).await?;
+            Ok(Response::new(UnlockResponse { header: Some(header) }))
+        })
+        .await
     }
 }
 
@@ -305,63 +335,80 @@ type ObserveStream = Pin<Box<dyn Stream<Item = Result<LeaderResponse, Status>> +
 #[tonic::async_trait]
 impl Election for ElectionService {
     async fn campaign(&self, req: Request<CampaignRequest>) -> Result<Response<CampaignResponse>, Status> {
-        let req = req.into_inner();
-        let recipes = &self.0;
-        let (lease, prefix, key) = recipes.queue_key(&req.name, req.lease).await?;
-        let work = async {
-            let (rev, resp) = recipes.enqueue(&key, req.value.clone(), lease).await?;
-            let mut withdraw = Withdraw { recipes: recipes.clone(), key: key.clone(), rev, armed: true };
-            if !resp.succeeded && range_kvs(&resp, 0).first().is_some_and(|kv| kv.value != req.value) {
-                let (ok, _) = recipes.put_if_created_at(&key, rev, req.value.clone(), lease).await?;
-                if !ok {
-                    return Err(Status::unknown("election: not leader"));
+        let metadata = req.metadata().clone();
+        as_caller_of(&metadata, async move {
+            let req = req.into_inner();
+            let recipes = &self.0;
+            let (lease, prefix, key) = recipes.queue_key(&req.name, req.lease).await?;
+            let work = async {
+                let (rev, resp) = recipes.enqueue(&key, req.value.clone(), lease).await?;
+                let mut withdraw = Withdraw { recipes: recipes.clone(), key: key.clone(), rev, armed: true };
+                if !resp.succeeded && range_kvs(&resp, 0).first().is_some_and(|kv| kv.value != req.value) {
+                    let (ok, _) = recipes.put_if_created_at(&key, rev, req.value.clone(), lease).await?;
+                    if !ok {
+                        return Err(Status::unknown("election: not leader"));
+                    }
                 }
+                recipes.wait_deletes(&prefix, rev - 1).await?;
+                withdraw.armed = false;
+                let leader = LeaderKey { name: req.name.clone(), key: key.clone(), rev, lease };
+                Ok(CampaignResponse { header: resp.header, leader: Some(leader) })
+            };
+            tokio::select! {
+                r = work => r.map(Response::new),
+                e = recipes.keep_alive(lease) => Err(e),
             }
-            recipes.wait_deletes(&prefix, rev - 1).await?;
-            withdraw.armed = false;
-            let leader = LeaderKey { name: req.name.clone(), key: key.clone(), rev, lease };
-            Ok(CampaignResponse { header: resp.header, leader: Some(leader) })
-        };
-        tokio::select! {
-            r = work => r.map(Response::new),
-            e = recipes.keep_alive(lease) => Err(e),
-        }
+        })
+        .await
     }
 
     async fn proclaim(&self, req: Request<ProclaimRequest>) -> Result<Response<ProclaimResponse>, Status> {
-        let req = req.into_inner();
-        let leader = req.leader.ok_or_else(no_leader_key)?;
-        let (ok, header) = self.0.put_if_created_at(&leader.key, leader.rev, req.value, leader.lease).await?;
-        if !ok {
-            return Err(Status::unknown("election: not leader"));
-        }
-        Ok(Response::new(ProclaimResponse { header: Some(header) }))
+        let metadata = req.metadata().clone();
+        as_caller_of(&metadata, async move {
+            let req = req.into_inner();
+            let leader = req.leader.ok_or_else(no_leader_key)?;
+            let (ok, header) = self.0.put_if_created_at(&leader.key, leader.rev, req.value, leader.lease).await?;
+            if !ok {
+                return Err(Status::unknown("election: not leader"));
+            }
+            Ok(Response::new(ProclaimResponse { header: Some(header) }))
+        })
+        .await
     }
 
     async fn leader(&self, req: Request<LeaderRequest>) -> Result<Response<LeaderResponse>, Status> {
-        let resp = self.0.first_created(&prefix_of(&req.into_inner().name)).await?;
-        let kv = resp.kvs.into_iter().next().ok_or_else(|| Status::unknown("election: no leader"))?;
-        Ok(Response::new(LeaderResponse { header: resp.header, kv: Some(kv) }))
+        let metadata = req.metadata().clone();
+        as_caller_of(&metadata, async move {
+            let resp = self.0.first_created(&prefix_of(&req.into_inner().name)).await?;
+            let kv = resp.kvs.into_iter().next().ok_or_else(|| Status::unknown("election: no leader"))?;
+            Ok(Response::new(LeaderResponse { header: resp.header, kv: Some(kv) }))
+        })
+        .await
     }
 
     type ObserveStream = ObserveStream;
 
     async fn observe(&self, req: Request<LeaderRequest>) -> Result<Response<ObserveStream>, Status> {
+        let metadata = req.metadata().clone();
         let prefix = prefix_of(&req.into_inner().name);
         let (tx, rx) = mpsc::channel(16);
         let recipes = self.0.clone();
-        tokio::spawn(async move {
+        tokio::spawn(CALLER.scope(metadata, async move {
             if let Err(e) = observe(&recipes, &prefix, &tx).await {
                 let _ = tx.send(Err(e)).await;
             }
-        });
+        }));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn resign(&self, req: Request<ResignRequest>) -> Result<Response<ResignResponse>, Status> {
-        let leader = req.into_inner().leader.ok_or_else(no_leader_key)?;
-        let resp = self.0.txn(delete_if_created_at(leader.key, leader.rev)).await?;
-        Ok(Response::new(ResignResponse { header: resp.header }))
+        let metadata = req.metadata().clone();
+        as_caller_of(&metadata, async move {
+            let leader = req.into_inner().leader.ok_or_else(no_leader_key)?;
+            let resp = self.0.txn(delete_if_created_at(leader.key, leader.rev)).await?;
+            Ok(Response::new(ResignResponse { header: resp.header }))
+        })
+        .await
     }
 }
 

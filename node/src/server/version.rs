@@ -27,7 +27,7 @@ use super::cluster::Members;
 use crate::error::{Error, Result};
 
 /// The newest entry version this binary applies.
-pub const APPLY_VERSION: u32 = 3;
+pub const APPLY_VERSION: u32 = 4;
 
 /// The version of the cluster whose members are `members`: the lowest one
 /// any member published, and the base version while any has published none.
@@ -76,6 +76,7 @@ pub fn required(request: &Request) -> u32 {
         | Request::AutoCompaction(_) => 1,
         Request::RegionChange(_) => 2,
         Request::MemberChange(_) => 3,
+        Request::AuthChange(_) => 4,
     }
 }
 

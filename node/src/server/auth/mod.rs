@@ -18,7 +18,10 @@
 //! - A user's roles are kept sorted; granting a role twice is no error.
 //! - A role's permissions are kept sorted by key; granting the same key and
 //!   range again replaces its type.
-//! - Every change that succeeds moves the auth revision on.
+//! - Every change that succeeds moves the auth revision on, but enabling
+//!   auth and granting a role already held. A new store is at revision 1.
+//! - A user added with no password cannot authenticate with one (only by
+//!   a client certificate).
 //!
 //! # Permission check
 //!
@@ -75,7 +78,7 @@ pub struct Role {
 }
 
 /// The whole auth store.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AuthState {
     pub enabled: bool,
     /// etcd's auth revision: moves on with every change that succeeds.
@@ -86,6 +89,12 @@ pub struct AuthState {
 
 /// An interval of keys: `[start, end)`, `None` for no end.
 type Interval = (Vec<u8>, Option<Vec<u8>>);
+
+impl Default for AuthState {
+    fn default() -> Self {
+        Self { enabled: false, revision: 1, users: BTreeMap::new(), roles: BTreeMap::new() }
+    }
+}
 
 /// The keys `[key, range_end)` names, etcd's way.
 fn interval(key: &[u8], range_end: &[u8]) -> Interval {
@@ -120,8 +129,9 @@ impl AuthState {
         if !root.roles.iter().any(|r| r == ROOT) {
             return Err(Error::RootRoleNotExist);
         }
+        // As etcd: enabling does not move the revision on (disabling does).
         self.enabled = true;
-        self.changed()
+        Ok(())
     }
 
     pub fn disable(&mut self) -> Result<()> {
@@ -295,6 +305,10 @@ impl AuthState {
         }
     }
 }
+
+pub mod check;
+pub mod service;
+pub mod store;
 
 #[cfg(test)]
 mod tests;

@@ -157,6 +157,8 @@ pub struct LeaseService {
 #[tonic::async_trait]
 impl Lease for LeaseService {
     async fn lease_grant(&self, req: Request<LeaseGrantRequest>) -> Result<Response<LeaseGrantResponse>, Status> {
+        // Any user may grant a lease (etcd 3.4.42 and later ask for one).
+        let who = self.server.auth_info(req.metadata()).await?;
         let mut r = req.into_inner();
         self.server.check_writable()?;
         if r.ttl > MAX_LEASE_TTL {
@@ -165,7 +167,7 @@ impl Lease for LeaseService {
         if r.id == 0 {
             r.id = self.server.next_lease_id();
         }
-        match self.server.propose(Internal::LeaseGrant(r)).await? {
+        match self.server.propose_as(Internal::LeaseGrant(r), &who).await? {
             Applied::LeaseGrant(mut resp) => {
                 resp.header = Some(self.server.header(self.server.mvcc.marks().current));
                 Ok(Response::new(resp))
@@ -175,8 +177,12 @@ impl Lease for LeaseService {
     }
 
     async fn lease_revoke(&self, req: Request<LeaseRevokeRequest>) -> Result<Response<LeaseRevokeResponse>, Status> {
+        let who = self.server.auth_info(req.metadata()).await?;
+        let r = req.into_inner();
+        // WRITE over every key the lease holds.
+        self.server.auth.state().check_lease(&who.user, r.id, &|id| self.server.lease_keys(id))?;
         self.server.check_writable()?;
-        match self.server.propose(Internal::LeaseRevoke(req.into_inner())).await? {
+        match self.server.propose_as(Internal::LeaseRevoke(r), &who).await? {
             Applied::LeaseRevoke(rev) => {
                 Ok(Response::new(LeaseRevokeResponse { header: Some(self.server.header(rev)) }))
             }

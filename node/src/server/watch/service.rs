@@ -1,6 +1,7 @@
 //! etcd's Watch service: one bidirectional stream carries many watchers.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use meridian_proto::etcdserverpb::watch_create_request::FilterType;
 use meridian_proto::etcdserverpb::watch_request::RequestUnion;
@@ -8,10 +9,12 @@ use meridian_proto::etcdserverpb::watch_server::Watch;
 use meridian_proto::etcdserverpb::{WatchCreateRequest, WatchRequest, WatchResponse};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::hub::{HeaderFn, Spec, WatchHub};
 use crate::mvcc::KeyRange;
+use crate::server::auth::store::AuthStore;
 
 /// Responses queued per stream before its watchers count as slow and fall
 /// back to catch-up from the store.
@@ -20,13 +23,30 @@ const STREAM_BUFFER: usize = 256;
 pub struct WatchService {
     pub hub: WatchHub,
     pub header: HeaderFn,
+    pub auth: Arc<AuthStore>,
     next_stream: AtomicU64,
 }
 
 impl WatchService {
-    pub fn new(hub: WatchHub, header: HeaderFn) -> Self {
-        Self { hub, header, next_stream: AtomicU64::new(1) }
+    pub fn new(hub: WatchHub, header: HeaderFn, auth: Arc<AuthStore>) -> Self {
+        Self { hub, header, auth, next_stream: AtomicU64::new(1) }
     }
+}
+
+/// Whether the stream's caller may watch what `c` names (READ over it), as
+/// of now: etcd checks each create with the token the stream came with. A
+/// refusal is no stream error but a created-and-canceled answer whose
+/// reason is the gRPC status as Go prints it.
+pub(crate) fn permitted(auth: &AuthStore, metadata: &MetadataMap, c: &WatchCreateRequest) -> Result<(), String> {
+    if !auth.enabled() {
+        return Ok(());
+    }
+    let key = if c.key.is_empty() { vec![0] } else { c.key.clone() };
+    let checked = auth.info(metadata).and_then(|who| auth.state().check_range(&who.user, &key, &c.range_end));
+    checked.map_err(|e| {
+        let status = Status::from(e);
+        format!("rpc error: code = {:?} desc = {}", status.code(), status.message())
+    })
 }
 
 /// etcd's normalization of a create request's keys: an empty key is the
@@ -69,7 +89,9 @@ impl Watch for WatchService {
     type WatchStream = ReceiverStream<Result<WatchResponse, Status>>;
 
     async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
+        let metadata = req.metadata().clone();
         let mut inbound = req.into_inner();
+        let auth = self.auth.clone();
         let (out, rx) = mpsc::channel(STREAM_BUFFER);
         let stream = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let hub = self.hub.clone();
@@ -84,7 +106,10 @@ impl Watch for WatchService {
                 let Ok(Some(msg)) = msg else { break };
                 let reply = match msg.request_union {
                     Some(RequestUnion::CreateRequest(c)) => {
-                        let created = hub.create(stream, spec_of(&c), out.clone());
+                        let created = match permitted(&auth, &metadata, &c) {
+                            Ok(()) => hub.create(stream, spec_of(&c), out.clone()),
+                            Err(reason) => Err(reason),
+                        };
                         let reply = created_response(&header, &created);
                         if let Ok((id, _)) = created {
                             if out.send(Ok(reply)).await.is_err() {

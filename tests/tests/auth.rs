@@ -1,0 +1,315 @@
+//! Auth beside etcd 3.4: the same etcdctl session (users, roles, permissions on a key, a prefix,
+//! a range and from a key; then every operation by every user) runs against a real etcd and a
+//! Meridian member and prints the same thing; and, on three members of each, a token handed out
+//! by one member is taken at once by the others, a watch outside the user's permissions is
+//! refused as etcd refuses it, and users and roles outlive a restart.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use meridian_proto::etcdserverpb::auth_client::AuthClient;
+use meridian_proto::etcdserverpb::kv_client::KvClient;
+use meridian_proto::etcdserverpb::watch_client::WatchClient;
+use meridian_proto::etcdserverpb::watch_request::RequestUnion;
+use meridian_proto::etcdserverpb::{
+    AuthenticateRequest, PutRequest, RangeRequest, WatchCreateRequest, WatchRequest, WatchResponse,
+};
+use meridian_tests::{
+    etcdctl, etcdctl_with_input, etcdctl_with_timeout, http_post_with, mask_hex_ids, Cluster, ClusterOpts, Server,
+};
+
+/// What etcdctl printed, comparable across servers: the exit, stdout, and the `Error:` lines,
+/// with ids masked and the member's address named.
+fn run_as(c: &Cluster, user: Option<&str>, args: &[&str], input: &str) -> Result<String> {
+    let mut all: Vec<String> = user.map(|u| format!("--user={u}")).into_iter().collect();
+    all.extend(args.iter().map(|a| a.to_string()));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    let out = etcdctl_with_input(&[c.endpoint(1)], &all, input)?;
+    let errors: Vec<&str> = out.stderr.lines().filter(|l| l.starts_with("Error:")).collect();
+    let text = format!(
+        "$ etcdctl {}\nexit={}\n{}{}",
+        all.join(" "),
+        out.status.code().unwrap_or(-1),
+        out.stdout,
+        errors.join("\n")
+    );
+    Ok(mask_hex_ids(&text).replace(&c.endpoint(1), "<member>"))
+}
+
+/// The users of the matrix, as `--user` takes them (`None`: no credentials).
+const USERS: [Option<&str>; 8] = [
+    Some("root:rootpw"),
+    Some("alice:apw"),
+    Some("bob:bpw"),
+    Some("carol:cpw"),
+    Some("dave:dpw"),
+    Some("erin:epw"),
+    Some("alice:wrong"),
+    None,
+];
+
+/// Every operation of the matrix, for one user. Writes leave the store as they found it (or
+/// change it the same way on both servers), so every user meets the same keys.
+fn operations(c: &Cluster, user: Option<&str>, dir: &std::path::Path) -> Result<Vec<String>> {
+    let snapshot = dir.join("snap.db");
+    let snapshot = snapshot.to_str().context("path")?;
+    let txn = "value(\"app/x\") = \"1\"\n\nput cfg from-txn\n\nput m2 from-txn\n";
+    let mut seen = Vec::new();
+    for (args, input) in [
+        (vec!["get", "app/x"], ""),
+        (vec!["get", "app/", "--prefix"], ""),
+        (vec!["get", "", "--prefix", "--keys-only"], ""),
+        (vec!["get", "k1"], ""),
+        (vec!["get", "k2"], ""),
+        (vec!["put", "app/x", "1"], ""),
+        (vec!["put", "cfg", "2"], ""),
+        (vec!["put", "cfg", "3", "--prev-kv"], ""),
+        (vec!["get", "cfg"], ""),
+        (vec!["get", "m", "n"], ""),
+        (vec!["put", "m1", "2"], ""),
+        (vec!["del", "m1", "--prev-kv"], ""),
+        (vec!["put", "m1", "1"], ""),
+        (vec!["get", "z9"], ""),
+        (vec!["get", "z", "--from-key"], ""),
+        (vec!["put", "zz", "1"], ""),
+        (vec!["del", "zz"], ""),
+        (vec!["txn"], txn),
+        (vec!["user", "get", "alice"], ""),
+        (vec!["user", "get", "bob"], ""),
+        (vec!["role", "get", "reader"], ""),
+        (vec!["user", "list"], ""),
+        (vec!["role", "list"], ""),
+        (vec!["snapshot", "save", snapshot], ""),
+        (vec!["defrag"], ""),
+        (vec!["lock", "app/lock", "true"], ""),
+    ] {
+        seen.push(run_as(c, user, &args, input)?.replace(snapshot, "<file>"));
+    }
+    // A watch: refused at once outside the user's permissions, or open until stopped.
+    let mut watch: Vec<String> = user.map(|u| format!("--user={u}")).into_iter().collect();
+    watch.extend(["watch".to_string(), "k1".to_string()]);
+    let watch: Vec<&str> = watch.iter().map(String::as_str).collect();
+    seen.push(format!(
+        "$ etcdctl {}\n{}",
+        watch.join(" "),
+        etcdctl_with_timeout(&[c.endpoint(1)], &watch, Duration::from_millis(1500))?
+    ));
+    Ok(seen)
+}
+
+/// The session; what each step printed, in order.
+fn session(server: Server) -> Result<Vec<String>> {
+    let c = Cluster::start_server(server, 1, ClusterOpts::fast())?;
+    let dir = tempfile::tempdir()?;
+    let mut seen = Vec::new();
+    let root = Some("root:rootpw");
+    for (args, input) in [
+        (vec!["user", "add", "root:rootpw"], ""),
+        (vec!["auth", "enable"], ""),
+        (vec!["user", "add", "alice:apw"], ""),
+        (vec!["user", "add", "bob:bpw"], ""),
+        (vec!["user", "add", "carol:cpw"], ""),
+        (vec!["user", "add", "dave:dpw"], ""),
+        (vec!["user", "add", "erin:epw"], ""),
+        (vec!["user", "add", "nopw", "--no-password"], ""),
+        (vec!["role", "add", "reader"], ""),
+        (vec!["role", "grant-permission", "reader", "read", "app/", "--prefix"], ""),
+        (vec!["role", "grant-permission", "reader", "read", "k1"], ""),
+        (vec!["role", "add", "writer"], ""),
+        (vec!["role", "grant-permission", "writer", "write", "cfg"], ""),
+        (vec!["role", "grant-permission", "writer", "readwrite", "m", "n"], ""),
+        (vec!["role", "add", "tail"], ""),
+        (vec!["role", "grant-permission", "tail", "readwrite", "z", "--from-key"], ""),
+        (vec!["role", "grant-permission", "tail", "read", "app/lock", "--prefix"], ""),
+        (vec!["role", "grant-permission", "tail", "write", "app/lock", "--prefix"], ""),
+        (vec!["user", "grant-role", "alice", "reader"], ""),
+        (vec!["user", "grant-role", "bob", "writer"], ""),
+        (vec!["user", "grant-role", "carol", "reader"], ""),
+        (vec!["user", "grant-role", "carol", "writer"], ""),
+        (vec!["user", "grant-role", "carol", "writer"], ""),
+        (vec!["user", "grant-role", "erin", "tail"], ""),
+        (vec!["put", "app/x", "1"], ""),
+        (vec!["put", "cfg", "1"], ""),
+        (vec!["put", "m1", "1"], ""),
+        (vec!["put", "z9", "1"], ""),
+        (vec!["put", "k1", "1"], ""),
+        (vec!["role", "get", "reader"], ""),
+        (vec!["role", "get", "writer"], ""),
+        (vec!["role", "get", "tail"], ""),
+        (vec!["role", "get", "root"], ""),
+        (vec!["user", "get", "carol", "--detail"], ""),
+        (vec!["user", "list"], ""),
+        (vec!["role", "list"], ""),
+    ] {
+        seen.push(run_as(&c, root, &args, input)?);
+    }
+    for user in USERS {
+        for out in operations(&c, user, dir.path())? {
+            seen.push(out);
+        }
+    }
+    // The refusals of auth management, and changes that take effect at once.
+    for (user, args, input) in [
+        (root, vec!["user", "delete", "root"], ""),
+        (root, vec!["user", "revoke-role", "root", "root"], ""),
+        (root, vec!["role", "delete", "root"], ""),
+        (root, vec!["user", "add", "alice:again"], ""),
+        (root, vec!["role", "add", "reader"], ""),
+        (root, vec!["user", "grant-role", "alice", "nosuch"], ""),
+        (root, vec!["user", "revoke-role", "alice", "writer"], ""),
+        (root, vec!["role", "revoke-permission", "reader", "nokey"], ""),
+        (root, vec!["user", "get", "nosuch"], ""),
+        (Some("nopw:x"), vec!["get", "k1"], ""),
+        (Some("alice:apw"), vec!["auth", "disable"], ""),
+        (Some("alice:apw"), vec!["user", "add", "mallory:m"], ""),
+        (root, vec!["user", "passwd", "alice", "--interactive=false"], "newpw\n"),
+        (Some("alice:apw"), vec!["get", "k1"], ""),
+        (Some("alice:newpw"), vec!["get", "k1"], ""),
+        (root, vec!["role", "revoke-permission", "reader", "k1"], ""),
+        (Some("alice:newpw"), vec!["get", "k1"], ""),
+        (root, vec!["role", "revoke-permission", "reader", "app/", "--prefix"], ""),
+        (root, vec!["user", "revoke-role", "carol", "writer"], ""),
+        (Some("carol:cpw"), vec!["put", "cfg", "4"], ""),
+        (root, vec!["role", "delete", "writer"], ""),
+        (root, vec!["user", "get", "bob"], ""),
+        (Some("bob:bpw"), vec!["put", "cfg", "5"], ""),
+        (root, vec!["user", "delete", "bob"], ""),
+        (Some("bob:bpw"), vec!["get", "cfg"], ""),
+        (root, vec!["auth", "disable"], ""),
+        (None, vec!["get", "cfg"], ""),
+        (Some("alice:wrong"), vec!["get", "cfg"], ""),
+        (None, vec!["auth", "enable"], ""),
+        (None, vec!["get", "cfg"], ""),
+    ] {
+        seen.push(run_as(&c, user, &args, input)?);
+    }
+    // etcd's JSON gateway: a token from /v3/auth/authenticate in the Authorization header.
+    let addr = c.endpoint(1).parse()?;
+    let (code, body) = http_post_with(addr, "/v3/kv/range", &[], r#"{"key":"Y2Zn"}"#)?;
+    seen.push(format!("POST /v3/kv/range without a token: {code} {body}"));
+    let (code, body) = http_post_with(addr, "/v3/auth/authenticate", &[], r#"{"name":"root","password":"rootpw"}"#)?;
+    let token: serde_json::Value = serde_json::from_str(&body).with_context(|| format!("{code} {body}"))?;
+    let token = token["token"].as_str().with_context(|| format!("no token: {body}"))?.to_string();
+    let (code, body) = http_post_with(addr, "/v3/kv/range", &[("Authorization", &token)], r#"{"key":"Y2Zn"}"#)?;
+    seen.push(format!("POST /v3/kv/range with root's token: {code} value {}", body.contains("\"value\":\"Mw==\"")));
+    let (code, body) = http_post_with(addr, "/v3/auth/user/list", &[("Authorization", "nosuchtoken.1")], "{}")?;
+    seen.push(format!("POST /v3/auth/user/list with a bad token: {code} {body}"));
+    Ok(seen)
+}
+
+#[test]
+fn etcdctl_auth_session_prints_what_etcd_prints() -> Result<()> {
+    let etcd = session(Server::Etcd)?;
+    let meridian = session(Server::Meridian)?;
+    for (i, (e, m)) in etcd.iter().zip(&meridian).enumerate() {
+        assert_eq!(m, e, "step {i}: meridian (left) and etcd (right) differ");
+    }
+    assert_eq!(meridian.len(), etcd.len());
+    // The session checks something: each refusal showed, and permitted reads saw values.
+    let all = etcd.join("\n");
+    for expected in [
+        "etcdserver: permission denied",
+        "etcdserver: user name is empty",
+        "etcdserver: authentication failed, invalid user ID or password",
+        "etcdserver: invalid auth management",
+        "auth: permission denied",
+        "auth: authentication failed, password was given for no password user",
+        "watch was canceled (rpc error: code = PermissionDenied desc = etcdserver: permission denied)",
+        "Snapshot saved at <file>",
+        "Permission of key k1 is revoked from role reader",
+        "\"code\":16",
+    ] {
+        assert!(all.contains(expected), "the session never showed {expected:?}:\n{all}");
+    }
+    Ok(())
+}
+
+fn with_token<T>(msg: T, token: &str) -> Result<tonic::Request<T>> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert("token", token.parse()?);
+    Ok(req)
+}
+
+async fn authenticate(url: String, name: &str, password: &str) -> Result<String> {
+    let mut auth = AuthClient::connect(url).await?;
+    let req = AuthenticateRequest { name: name.into(), password: password.into() };
+    Ok(auth.authenticate(req).await?.into_inner().token)
+}
+
+/// The first answer of a watch on `key` with `token`.
+async fn first_watch_answer(url: String, token: &str, key: &str) -> Result<WatchResponse> {
+    let mut watch = WatchClient::connect(url).await?;
+    let create = WatchRequest {
+        request_union: Some(RequestUnion::CreateRequest(WatchCreateRequest { key: key.into(), ..Default::default() })),
+    };
+    let mut stream = watch.watch(with_token(tokio_stream::once(create), token)?).await?.into_inner();
+    let answer = tokio::time::timeout(Duration::from_secs(5), stream.message()).await??;
+    answer.context("the watch stream ended")
+}
+
+/// On three members: a token is taken by every member at once; a watch is checked as etcd
+/// checks it; users, roles and grants outlive a restart of every member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_work_on_every_member_and_auth_outlives_a_restart() -> Result<()> {
+    for server in [Server::Etcd, Server::Meridian] {
+        let mut c = Cluster::start_server(server, 3, ClusterOpts::fast())?;
+        let eps = [c.endpoint(1)];
+        for args in [
+            vec!["user", "add", "root:rootpw"],
+            vec!["user", "grant-role", "root", "root"],
+            vec!["user", "add", "alice:apw"],
+            vec!["role", "add", "reader"],
+            vec!["role", "grant-permission", "reader", "readwrite", "app/", "--prefix"],
+            vec!["user", "grant-role", "alice", "reader"],
+            vec!["auth", "enable"],
+        ] {
+            let out = etcdctl(&eps, &args)?;
+            ensure!(out.success(), "{server:?}: etcdctl {args:?}: {}", out.stderr);
+        }
+        for round in ["before", "after"] {
+            let token = authenticate(c.client_url(1), "alice", "apw").await?;
+            for i in [3, 2] {
+                let mut kv = KvClient::connect(c.client_url(i)).await?;
+                let put = PutRequest { key: format!("app/{i}").into(), value: b"v".to_vec(), ..Default::default() };
+                kv.put(with_token(put, &token)?).await.with_context(|| format!("{server:?} {round}: put at m{i}"))?;
+                let denied =
+                    kv.put(with_token(PutRequest { key: b"other".to_vec(), ..Default::default() }, &token)?).await;
+                ensure!(
+                    denied.as_ref().is_err_and(|s| s.code() == tonic::Code::PermissionDenied),
+                    "{server:?} {round}: {denied:?}"
+                );
+                let got = kv
+                    .range(with_token(RangeRequest { key: format!("app/{i}").into(), ..Default::default() }, &token)?)
+                    .await?;
+                ensure!(got.into_inner().kvs.len() == 1, "{server:?} {round}: app/{i} not read back at m{i}");
+            }
+            let bad = KvClient::connect(c.client_url(2))
+                .await?
+                .range(with_token(RangeRequest { key: b"app/3".to_vec(), ..Default::default() }, "nosuch.1")?)
+                .await;
+            ensure!(
+                bad.as_ref().is_err_and(
+                    |s| s.code() == tonic::Code::Unauthenticated && s.message() == "etcdserver: invalid auth token"
+                ),
+                "{server:?}: {bad:?}"
+            );
+            let ok = first_watch_answer(c.client_url(2), &token, "app/3").await?;
+            ensure!(ok.created && !ok.canceled, "{server:?} {round}: {ok:?}");
+            let refused = first_watch_answer(c.client_url(3), &token, "other").await?;
+            ensure!(
+                refused.created
+                    && refused.canceled
+                    && refused.watch_id == -1
+                    && refused.cancel_reason
+                        == "rpc error: code = PermissionDenied desc = etcdserver: permission denied",
+                "{server:?} {round}: {refused:?}"
+            );
+            if round == "before" {
+                c.restart_all()?;
+            }
+        }
+        let out = etcdctl(&eps, &["--user=root:rootpw", "role", "get", "reader"])?;
+        ensure!(out.stdout.contains("[app/, app0) (prefix app/)"), "{server:?}: {}", out.stdout);
+    }
+    Ok(())
+}
