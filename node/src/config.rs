@@ -152,7 +152,8 @@ pub struct NodeFlags {
     /// Peer certificates must be valid for this host name (or IP) (with --peer-client-cert-auth).
     #[arg(long)]
     pub peer_cert_allowed_hostname: Option<String>,
-    /// What Authenticate hands out: simple (random tokens, known to every member through raft).
+    /// What Authenticate hands out: simple (random tokens, known to every member through raft),
+    /// or jwt,pub-key=FILE,priv-key=FILE,sign-method=RS256[,ttl=5m] (signed tokens).
     #[arg(long)]
     pub auth_token: Option<String>,
     /// Seconds a simple token lasts past its last use.
@@ -641,13 +642,15 @@ impl Settings {
 
     /// `--auth-token` and the settings that go with it.
     fn auth(&self) -> Result<crate::server::auth::store::AuthConfig> {
-        match self.auth_token.split(',').next().unwrap_or_default() {
-            "" | "simple" => {}
-            "jwt" => {
-                return Err(Error::Config("--auth-token jwt: JWT tokens are not supported yet; use simple".into()))
-            }
-            other => return Err(Error::Config(format!("unknown token type: {other}"))),
-        }
+        let (kind, options) = self.auth_token.split_once(',').unwrap_or((&self.auth_token, ""));
+        let jwt = match kind {
+            "" | "simple" => None,
+            "jwt" => Some(std::sync::Arc::new(
+                crate::server::auth::jwt::Jwt::parse(options)
+                    .map_err(|e| Error::Config(format!("--auth-token {}: {e}", self.auth_token)))?,
+            )),
+            other => return Err(Error::Config(format!("--auth-token: unknown token type: {other}"))),
+        };
         if !(4..=31).contains(&self.bcrypt_cost) {
             return Err(Error::Config(format!("--bcrypt-cost {}: between 4 and 31", self.bcrypt_cost)));
         }
@@ -657,6 +660,7 @@ impl Settings {
         Ok(crate::server::auth::store::AuthConfig {
             token_ttl: Duration::from_secs(self.auth_token_ttl),
             bcrypt_cost: self.bcrypt_cost,
+            jwt,
         })
     }
 

@@ -102,6 +102,9 @@ pub enum Error {
     /// with its internal error, code Unknown.
     #[error("auth: authentication failed, password was given for no password user")]
     NoPasswordUser,
+    /// Authenticate on a member given a JWT public key only (code Unknown, as etcd's).
+    #[error("auth: token signing attempted with verify-only key")]
+    JwtVerifyOnly,
     /// A client write on a read-only secondary; names the primary's region.
     /// FAILED_PRECONDITION, a code etcd clients do not retry.
     #[error("meridian: read-only secondary of region {0:?}; send writes to the primary or a gateway")]
@@ -180,7 +183,7 @@ impl Error {
                 Code::FailedPrecondition
             }
             TooManyRequests => Code::ResourceExhausted,
-            LeaderTransferTimeout | NoPasswordUser => Code::Unknown,
+            LeaderTransferTimeout | NoPasswordUser | JwtVerifyOnly => Code::Unknown,
             LeaseTtlTooLarge => Code::OutOfRange,
             NoLeader | Timeout | LeaderChanged | Stopped | NoPrimaryLease(_) => Code::Unavailable,
             Config(_) => Code::InvalidArgument,
@@ -238,6 +241,7 @@ impl Error {
             | AuthOldRevision
             | PermissionNotGiven
             | NoPasswordUser
+            | JwtVerifyOnly
             | BadLeaderTransferee
             | ReadOnly(_)
             | Fenced(_)

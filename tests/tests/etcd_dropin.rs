@@ -36,7 +36,10 @@ fn etcd_flags_whose_effect_matters_are_refused() -> Result<()> {
     let dir = tempfile::tempdir()?;
     for (args, want) in [
         (vec!["--enable-v2=true"], "--enable-v2=true: the etcd v2 API is out of scope"),
-        (vec!["--auth-token", "jwt,pub-key=k"], "--auth-token jwt: JWT tokens are not supported yet"),
+        (
+            vec!["--auth-token", "jwt,pub-key=k,sign-method=RS256"],
+            "--auth-token jwt,pub-key=k,sign-method=RS256: pub-key k:",
+        ),
         (vec!["--force-new-cluster"], "--force-new-cluster=true"),
         (vec!["--discovery", "https://discovery.example/x"], "discovery is not supported"),
     ] {

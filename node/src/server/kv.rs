@@ -116,7 +116,9 @@ impl KvService {
         let r = req.into_inner();
         self.server.check_message_size(r.encoded_len())?;
         ops::check_range(&r)?;
-        self.server.auth.state().check_range(&who.user, &r.key, &r.range_end)?;
+        let auth = self.server.auth.state();
+        auth.check_fresh(&who)?;
+        auth.check_range(&who.user, &r.key, &r.range_end)?;
         if !r.serializable {
             if self.server.raft.status().is_learner() {
                 return Err(Error::NotSupportedForLearner.into());
@@ -143,7 +145,9 @@ impl KvService {
         let r = req.into_inner();
         self.server.check_message_size(r.encoded_len())?;
         ops::check_put(&r)?;
-        self.server.auth.state().check_put(&who.user, &r, &|id| self.lease_keys(id))?;
+        let auth = self.server.auth.state();
+        auth.check_fresh(&who)?;
+        auth.check_put(&who.user, &r, &|id| self.lease_keys(id))?;
         self.server.check_writable()?;
         self.check_quota(put_cost(&r))?;
         match self.server.propose_as(Internal::Put(r), &who).await? {
@@ -163,7 +167,9 @@ impl KvService {
         let r = req.into_inner();
         self.server.check_message_size(r.encoded_len())?;
         ops::check_delete(&r)?;
-        self.server.auth.state().check_delete(&who.user, &r)?;
+        let auth = self.server.auth.state();
+        auth.check_fresh(&who)?;
+        auth.check_delete(&who.user, &r)?;
         self.server.check_writable()?;
         match self.server.propose_as(Internal::DeleteRange(r), &who).await? {
             Applied::DeleteRange(mut resp) => {
@@ -179,7 +185,9 @@ impl KvService {
         let r = req.into_inner();
         self.server.check_message_size(r.encoded_len())?;
         ops::check_txn(&r, self.server.limits.max_txn_ops)?;
-        self.server.auth.state().check_txn(&who.user, &r, &|id| self.lease_keys(id))?;
+        let auth = self.server.auth.state();
+        auth.check_fresh(&who)?;
+        auth.check_txn(&who.user, &r, &|id| self.lease_keys(id))?;
         let mut resp = if ops::txn_is_read_only(&r) {
             // Reads need no log entry: serve them here, after a barrier unless serializable.
             if !ops::txn_is_serializable(&r) {

@@ -307,6 +307,7 @@ impl AuthState {
 }
 
 pub mod check;
+pub mod jwt;
 pub mod service;
 pub mod store;
 

@@ -96,6 +96,12 @@ impl Auth for AuthService {
     async fn authenticate(&self, req: Request<AuthenticateRequest>) -> Result<Response<AuthenticateResponse>, Status> {
         let r = req.into_inner();
         self.server.auth.check_password(&r.name, &r.password).await?;
+        if let Some(jwt) = &self.server.auth.config.jwt {
+            // Signed here, at the revision of everything acknowledged before.
+            self.server.read_barrier().await?;
+            let token = jwt.sign(&r.name, self.server.auth.state().revision)?;
+            return Ok(Response::new(AuthenticateResponse { header: Some(self.header()), token }));
+        }
         let prefix = AuthStore::new_token_prefix();
         let (header, token) =
             self.propose(Change::SimpleToken(SimpleToken { user: r.name, token: prefix }), None).await?;

@@ -49,11 +49,13 @@ pub fn token_of(metadata: &MetadataMap) -> Option<&str> {
 pub struct AuthConfig {
     pub token_ttl: Duration,
     pub bcrypt_cost: u32,
+    /// `--auth-token jwt,...`: JWTs in place of simple tokens.
+    pub jwt: Option<Arc<super::jwt::Jwt>>,
 }
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { token_ttl: Duration::from_secs(300), bcrypt_cost: bcrypt::DEFAULT_COST }
+        Self { token_ttl: Duration::from_secs(300), bcrypt_cost: bcrypt::DEFAULT_COST, jwt: None }
     }
 }
 
@@ -131,6 +133,10 @@ impl AuthStore {
         let Some(token) = token_of(metadata) else {
             return Ok(AuthInfo { user: String::new(), revision: state.revision });
         };
+        if let Some(jwt) = &self.config.jwt {
+            let (user, revision) = jwt.check(token).ok_or(Error::InvalidAuthToken)?;
+            return Ok(AuthInfo { user, revision });
+        }
         let now = Instant::now();
         let mut tokens = self.tokens.lock();
         match tokens.get_mut(token) {

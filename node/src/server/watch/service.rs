@@ -42,7 +42,10 @@ pub(crate) fn permitted(auth: &AuthStore, metadata: &MetadataMap, c: &WatchCreat
         return Ok(());
     }
     let key = if c.key.is_empty() { vec![0] } else { c.key.clone() };
-    let checked = auth.info(metadata).and_then(|who| auth.state().check_range(&who.user, &key, &c.range_end));
+    let state = auth.state();
+    let checked = auth
+        .info(metadata)
+        .and_then(|who| state.check_fresh(&who).and_then(|()| state.check_range(&who.user, &key, &c.range_end)));
     checked.map_err(|e| {
         let status = Status::from(e);
         format!("rpc error: code = {:?} desc = {}", status.code(), status.message())
