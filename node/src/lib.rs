@@ -454,7 +454,8 @@ fn client_routes(
     let status = server.raft.status().clone();
     let router = routes
         .into_axum_router()
-        .layer(axum::middleware::from_fn(move |req, next| learner_guard(status.clone(), req, next)));
+        .layer(axum::middleware::from_fn(move |req, next| learner_guard(status.clone(), req, next)))
+        .layer(axum::middleware::from_fn(client_cn));
     let router = router.layer(tower::util::MapRequestLayer::new(move |req: http::Request<axum::body::Body>| {
         count_client_request(&metrics, &req);
         req
@@ -670,14 +671,38 @@ impl tokio::io::AsyncWrite for Either {
     }
 }
 
+/// What a connection's requests carry in their extensions: its addresses,
+/// and the CN of the client certificate the listener verified.
+#[derive(Clone, Debug)]
+pub struct ClientConn {
+    pub tcp: tonic::transport::server::TcpConnectInfo,
+    pub common_name: Option<String>,
+}
+
 impl tonic::transport::server::Connected for Either {
-    type ConnectInfo = tonic::transport::server::TcpConnectInfo;
+    type ConnectInfo = ClientConn;
     fn connect_info(&self) -> Self::ConnectInfo {
-        match self {
-            Either::Plain(s) => s.connect_info(),
-            Either::Fixed(s, _) => s.connect_info(),
-        }
+        let s = match self {
+            Either::Plain(s) => s,
+            Either::Fixed(s, _) => s.get_ref(),
+        };
+        ClientConn { tcp: s.connect_info(), common_name: s.peer_common_name() }
     }
+}
+
+/// With `--client-cert-auth`, the verified certificate's CN is the user of
+/// a request that carries no token, as in etcd. It travels as metadata
+/// ([`server::auth::store::CLIENT_CN`]), so calls made on a client's behalf
+/// (Lock, Election) carry it too; whatever a client sent under that name is
+/// dropped first. The JSON gateway builds its own requests, without it, as
+/// etcd ignores the CN of requests through its gateway.
+async fn client_cn(mut req: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    req.headers_mut().remove(server::auth::store::CLIENT_CN);
+    let cn = req.extensions().get::<ClientConn>().and_then(|c| c.common_name.clone());
+    if let Some(value) = cn.and_then(|cn| http::HeaderValue::from_str(&cn).ok()) {
+        req.headers_mut().insert(server::auth::store::CLIENT_CN, value);
+    }
+    next.run(req).await
 }
 
 /// Tells systemd the member is serving (`sd_notify(READY=1)`), so a

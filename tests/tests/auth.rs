@@ -394,3 +394,80 @@ async fn jwt_tokens_behave_as_etcds() -> Result<()> {
     ensure!(revisions[0] == revisions[1], "auth revisions differ (etcd, meridian): {revisions:?}");
     Ok(())
 }
+
+/// With `--client-cert-auth`, a client certificate's CN is the user of a request without a
+/// token, beside etcd: a user added with no password acts by certificate only, a token wins over
+/// the certificate, and a CN that names no user is refused as etcd refuses it.
+#[test]
+fn the_client_certificate_cn_is_the_user_as_in_etcd() -> Result<()> {
+    let ca = meridian_tests::TestCa::new("client CA")?;
+    let server_pair = ca.server("server")?;
+    let (root, alice, ghost) = (ca.client("root")?, ca.client("alice")?, ca.client("ghost")?);
+    let flags: Vec<String> = [
+        "--cert-file",
+        server_pair.cert(),
+        "--key-file",
+        server_pair.key(),
+        "--trusted-ca-file",
+        ca.ca(),
+        "--client-cert-auth",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut outputs = Vec::new();
+    for server in [Server::Etcd, Server::Meridian] {
+        let opts = ClusterOpts { client_https: true, extra_args: flags.clone(), ..ClusterOpts::fast() };
+        let c = Cluster::start_server(server, 1, opts)?;
+        let eps = c.client_urls();
+        let mut seen = Vec::new();
+        for (who, user, args) in [
+            (&root, None, vec!["user", "add", "root:rootpw"]),
+            (&root, None, vec!["user", "add", "alice", "--no-password"]),
+            (&root, None, vec!["role", "add", "reader"]),
+            (&root, None, vec!["role", "grant-permission", "reader", "readwrite", "app/", "--prefix"]),
+            (&root, None, vec!["user", "grant-role", "alice", "reader"]),
+            (&root, None, vec!["auth", "enable"]),
+            (&root, None, vec!["put", "other", "1"]),
+            (&root, None, vec!["user", "list"]),
+            (&alice, None, vec!["put", "app/x", "1"]),
+            (&alice, None, vec!["get", "app/x", "--print-value-only"]),
+            (&alice, None, vec!["put", "other", "2"]),
+            (&alice, None, vec!["user", "list"]),
+            (&alice, None, vec!["lock", "app/l", "true"]),
+            (&alice, Some("alice:x"), vec!["get", "app/x"]),
+            (&alice, Some("root:rootpw"), vec!["put", "other", "3"]),
+            (&ghost, None, vec!["get", "app/x"]),
+            (&ghost, None, vec!["user", "list"]),
+        ] {
+            let mut all = vec!["--cacert", ca.ca(), "--cert", who.cert(), "--key", who.key()];
+            let user = user.map(|u| format!("--user={u}"));
+            all.extend(user.as_deref());
+            all.extend(args.iter().copied());
+            let out = etcdctl(&eps, &all)?;
+            let errors: Vec<&str> = out.stderr.lines().filter(|l| l.starts_with("Error:")).collect();
+            seen.push(format!(
+                "{} {user:?} {args:?}: exit={} {}{}",
+                if std::ptr::eq(who, &root) {
+                    "root"
+                } else if std::ptr::eq(who, &alice) {
+                    "alice"
+                } else {
+                    "ghost"
+                },
+                out.status.code().unwrap_or(-1),
+                mask_hex_ids(&out.stdout),
+                errors.join("\n")
+            ));
+        }
+        outputs.push(seen);
+    }
+    for (i, (e, m)) in outputs[0].iter().zip(&outputs[1]).enumerate() {
+        assert_eq!(m, e, "step {i}: meridian (left) and etcd (right) differ");
+    }
+    let all = outputs[0].join("\n");
+    for expected in ["etcdserver: permission denied", "etcdserver: user name not found", "exit=0 1\n"] {
+        assert!(all.contains(expected), "the session never showed {expected:?}:\n{all}");
+    }
+    Ok(())
+}

@@ -462,6 +462,17 @@ pub enum Stream<T> {
 /// A connection a listener accepted.
 pub type ServerStream = Stream<tokio_rustls::server::TlsStream<Io>>;
 
+impl ServerStream {
+    /// The subject CN of the certificate the client presented, which the
+    /// listener verified (`--client-cert-auth`); `None` without one.
+    pub fn peer_common_name(&self) -> Option<String> {
+        match self {
+            Stream::Plain(_) => None,
+            Stream::Tls(s) => policy::common_name(s.get_ref().1.peer_certificates()?.first()?),
+        }
+    }
+}
+
 impl<T: UnderTls> Stream<T> {
     fn io(&self) -> &Io {
         match self {

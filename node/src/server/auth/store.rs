@@ -30,6 +30,9 @@ pub const META_KEY: &str = "auth";
 /// The gRPC metadata keys a token comes in: etcd's clients send `token`;
 /// its JSON gateway passes the `Authorization` header on.
 const TOKEN_KEYS: [&str; 2] = ["token", "authorization"];
+/// The metadata key a client certificate's CN travels in, set by the
+/// client listener (never taken from a client).
+pub const CLIENT_CN: &str = "x-meridian-client-cn";
 /// Tokens held at most; past it the one nearest to expiry goes first.
 const MAX_TOKENS: usize = 100_000;
 const LETTERS: &[u8] = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
@@ -118,8 +121,9 @@ impl AuthStore {
     }
 
     /// Who `metadata`'s token names. With auth off, nobody (and no check
-    /// follows). A request without a token is nobody too: the check refuses
-    /// it with `user name is empty`.
+    /// follows). A request without a token is its client certificate's CN
+    /// (see [`CLIENT_CN`]), or nobody: the check refuses it with `user name
+    /// is empty`. A token wins over a certificate, even a bad token.
     ///
     /// # Errors
     ///
@@ -131,7 +135,9 @@ impl AuthStore {
             return Ok(AuthInfo { user: String::new(), revision: state.revision });
         }
         let Some(token) = token_of(metadata) else {
-            return Ok(AuthInfo { user: String::new(), revision: state.revision });
+            // No token: the client certificate's CN, if it showed one.
+            let cn = metadata.get(CLIENT_CN).and_then(|v| v.to_str().ok()).unwrap_or_default();
+            return Ok(AuthInfo { user: cn.to_string(), revision: state.revision });
         };
         if let Some(jwt) = &self.config.jwt {
             let (user, revision) = jwt.check(token).ok_or(Error::InvalidAuthToken)?;
