@@ -31,6 +31,7 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
+use meridian_proto::etcdserverpb::auth_server::AuthServer;
 use meridian_proto::etcdserverpb::cluster_server::ClusterServer;
 use meridian_proto::etcdserverpb::kv_server::KvServer;
 use meridian_proto::etcdserverpb::lease_server::LeaseServer;
@@ -46,7 +47,9 @@ use tonic::service::Routes;
 pub use config::{GatewayConfig, GatewayFlags};
 use meridian_proto::v3electionpb::election_server::ElectionServer;
 use meridian_proto::v3lockpb::lock_server::LockServer;
-use proxy::{ClusterProxy, ElectionProxy, Gateway, KvProxy, LeaseProxy, LockProxy, MaintenanceProxy, WatchProxy};
+use proxy::{
+    AuthProxy, ClusterProxy, ElectionProxy, Gateway, KvProxy, LeaseProxy, LockProxy, MaintenanceProxy, WatchProxy,
+};
 
 /// Largest message the gateway takes from a client or an upstream; the
 /// regions refuse oversized requests themselves, with etcd's messages.
@@ -71,6 +74,7 @@ pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Resu
         .add_service(WatchServer::new(WatchProxy(gw.clone())).max_decoding_message_size(MAX_MESSAGE))
         .add_service(LeaseServer::new(LeaseProxy(gw.clone())).max_decoding_message_size(MAX_MESSAGE))
         .add_service(ClusterServer::new(ClusterProxy(gw.clone())).max_decoding_message_size(MAX_MESSAGE))
+        .add_service(AuthServer::new(AuthProxy(gw.clone())).max_decoding_message_size(MAX_MESSAGE))
         .add_service(LockServer::new(LockProxy(gw.clone())).max_decoding_message_size(MAX_MESSAGE))
         .add_service(ElectionServer::new(ElectionProxy(gw.clone())).max_decoding_message_size(MAX_MESSAGE))
         .add_service(

@@ -25,7 +25,9 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
+mod auth;
 mod recipes;
+pub use auth::AuthProxy;
 pub use recipes::{ElectionProxy, LockProxy};
 
 use crate::config::GatewayConfig;

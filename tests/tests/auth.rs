@@ -471,3 +471,43 @@ fn the_client_certificate_cn_is_the_user_as_in_etcd() -> Result<()> {
     }
     Ok(())
 }
+
+/// Through a gateway (one region, the primary): etcdctl authenticates through it, its token
+/// rides on every request the gateway routes, and the member's checks answer as without it.
+#[test]
+fn etcdctl_with_a_user_works_through_a_gateway() -> Result<()> {
+    let region = ClusterOpts { extra_args: ["--region", "us-east"].map(String::from).to_vec(), ..ClusterOpts::fast() };
+    let c = Cluster::start(1, region)?;
+    let eps = [c.endpoint(1)];
+    for args in [
+        vec!["user", "add", "root:rootpw"],
+        vec!["user", "add", "alice:apw"],
+        vec!["role", "add", "app"],
+        vec!["role", "grant-permission", "app", "readwrite", "app/", "--prefix"],
+        vec!["user", "grant-role", "alice", "app"],
+        vec!["auth", "enable"],
+    ] {
+        let out = etcdctl(&eps, &args)?;
+        ensure!(out.success(), "etcdctl {args:?}: {}", out.stderr);
+    }
+    let gateway = meridian_tests::GatewayProcess::start("gw", "us-east", &[("us-east", c.endpoints())], &[])?;
+    let gw = [gateway.endpoint()];
+    let ok = |args: &[&str]| -> Result<String> {
+        let out = etcdctl(&gw, args)?;
+        ensure!(out.success(), "etcdctl {args:?} through the gateway: {}", out.stderr);
+        Ok(out.stdout)
+    };
+    ok(&["--user=alice:apw", "put", "app/x", "1"])?;
+    ensure!(ok(&["--user=alice:apw", "get", "app/x", "--print-value-only"])?.trim() == "1");
+    ensure!(ok(&["--user=root:rootpw", "user", "list"])?.contains("alice"));
+    for (args, want) in [
+        (vec!["--user=alice:apw", "put", "other", "1"], "etcdserver: permission denied"),
+        (vec!["get", "app/x"], "etcdserver: user name is empty"),
+        (vec!["--user=alice:wrong", "get", "app/x"], "etcdserver: authentication failed, invalid user ID or password"),
+        (vec!["--user=alice:apw", "user", "list"], "etcdserver: permission denied"),
+    ] {
+        let out = etcdctl(&gw, &args)?;
+        ensure!(!out.success() && out.stderr.contains(want), "etcdctl {args:?}: {}", out.stderr);
+    }
+    Ok(())
+}
