@@ -21,7 +21,6 @@ use meridian_proto::mvccpb::Event;
 use tokio::sync::mpsc;
 use tokio::task::{JoinError, JoinHandle};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 
 /// Revisions per segment: what etcd gives one watcher in one sync pass.
 pub const SEGMENT_REVS: i64 = 1000;
@@ -61,7 +60,12 @@ impl Drop for Fetch {
 }
 
 /// Starts fetching the events of revisions `from..to` whose keys `keep` accepts.
-pub fn spawn(src: Channel, keep: impl Fn(&[u8]) -> bool + Send + 'static, from: i64, to: i64) -> Fetch {
+pub fn spawn(
+    src: crate::session::Upstream,
+    keep: impl Fn(&[u8]) -> bool + Send + 'static,
+    from: i64,
+    to: i64,
+) -> Fetch {
     Fetch(tokio::spawn(fetch(src, keep, from, to)))
 }
 
@@ -70,7 +74,12 @@ pub fn spawn(src: Channel, keep: impl Fn(&[u8]) -> bool + Send + 'static, from: 
 /// revision proves the segment complete. (A progress request cannot: etcd
 /// 3.4 answers one with its current revision even while the watcher is
 /// still replaying.)
-async fn fetch(src: Channel, keep: impl Fn(&[u8]) -> bool, from: i64, to: i64) -> anyhow::Result<Segment> {
+async fn fetch(
+    src: crate::session::Upstream,
+    keep: impl Fn(&[u8]) -> bool,
+    from: i64,
+    to: i64,
+) -> anyhow::Result<Segment> {
     let (tx, rx) = mpsc::channel(1);
     let create = WatchCreateRequest { key: vec![0], range_end: vec![0], start_revision: from, ..Default::default() };
     tx.send(WatchRequest { request_union: Some(RequestUnion::CreateRequest(create)) }).await?;

@@ -47,6 +47,14 @@ pub struct MirrorFlags {
     /// Key of --dest-cert (default: --key).
     #[arg(long)]
     pub dest_key: Option<PathBuf>,
+    /// The source's user, NAME:PASSWORD, when auth is on there: one with the role root, or
+    /// mirror with read over what is mirrored (MERIDIAN_MIRROR_USER).
+    #[arg(long)]
+    pub user: Option<String>,
+    /// The target's user, NAME:PASSWORD, once auth is on there (default: --user; the target
+    /// takes the source's users): one with the role root or mirror.
+    #[arg(long)]
+    pub dest_user: Option<String>,
     /// TOML file with any of the settings above (snake_case keys).
     #[arg(long)]
     pub config_file: Option<PathBuf>,
@@ -77,6 +85,9 @@ pub struct MirrorConfig {
     pub allow_source_change: bool,
     /// Where traces go (OTLP/gRPC); `None` when tracing is off.
     pub otlp_endpoint: Option<String>,
+    /// `--user` and `--dest-user`: NAME:PASSWORD.
+    pub user: Option<String>,
+    pub dest_user: Option<String>,
     /// For `https://` sources.
     #[serde(skip)]
     pub source_tls: ClientTls,
@@ -105,6 +116,8 @@ struct FileConfig {
     dest_cacert: Option<PathBuf>,
     dest_cert: Option<PathBuf>,
     dest_key: Option<PathBuf>,
+    user: Option<String>,
+    dest_user: Option<String>,
 }
 
 /// Parses a comma-separated endpoint list (`host:port` or URLs) into URLs.
@@ -170,6 +183,8 @@ impl MirrorConfig {
             token: meridian_wire::token::read_token(&token_file).map_err(anyhow::Error::msg)?,
             allow_source_change: flags.allow_source_change || file.allow_source_change.unwrap_or(false),
             otlp_endpoint: pick(&flags.otlp_endpoint, file.otlp_endpoint).filter(|e| !e.is_empty()),
+            user: pick(&flags.user, file.user.clone()),
+            dest_user: pick(&flags.dest_user, file.dest_user).or(pick(&flags.user, file.user)),
         };
         anyhow::ensure!(!cfg.sources.is_empty(), "--source is required");
         anyhow::ensure!(!cfg.target.is_empty(), "--target is required");

@@ -8,20 +8,21 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use meridian_proto::etcdserverpb::auth_client::AuthClient;
 use meridian_proto::etcdserverpb::kv_client::KvClient;
 use meridian_proto::etcdserverpb::lease_client::LeaseClient;
 use meridian_proto::etcdserverpb::watch_client::WatchClient;
 use meridian_proto::etcdserverpb::watch_request::RequestUnion;
 use meridian_proto::etcdserverpb::{
-    LeaseLeasesRequest, LeaseTimeToLiveRequest, RangeRequest, ResponseHeader, WatchCreateRequest, WatchProgressRequest,
-    WatchRequest,
+    AuthenticateRequest, LeaseLeasesRequest, LeaseTimeToLiveRequest, RangeRequest, ResponseHeader, WatchCreateRequest,
+    WatchProgressRequest, WatchRequest,
 };
 use meridian_proto::meridian::v1::mirror_client::MirrorClient;
 use meridian_proto::meridian::v1::region_client::RegionClient as RegionRpcClient;
 use meridian_proto::meridian::v1::{
     KvRecord, MirrorApplyRequest, MirrorLease, MirrorRevision, MirrorStatusRequest, RangeStreamRequest,
 };
-use meridian_proto::meridian::v1::{LineageEntry, MirrorHeartbeat, RegionStatusRequest};
+use meridian_proto::meridian::v1::{LineageEntry, MirrorAuthRequest, MirrorHeartbeat, RegionStatusRequest};
 use meridian_proto::mvccpb::event::EventType;
 use meridian_proto::mvccpb::Event;
 use meridian_wire::progress::{Lines, Progress};
@@ -58,16 +59,44 @@ const PROGRESS_LOG_EVERY: Duration = Duration::from_secs(5);
 /// How long the first probe of the source or the target may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Puts the mirror token on every call to the target.
-#[derive(Clone)]
-struct Token(AsciiMetadataValue);
+/// What the mirror shows on every call to one side: the mirror token (to
+/// the target), and the token its user got there (`--user`, `--dest-user`)
+/// when auth is on on that side.
+#[derive(Clone, Default)]
+pub(crate) struct Creds {
+    mirror: Option<AsciiMetadataValue>,
+    user: Option<AsciiMetadataValue>,
+}
 
-impl tonic::service::Interceptor for Token {
+impl tonic::service::Interceptor for Creds {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        req.metadata_mut().insert(TOKEN_METADATA, self.0.clone());
+        if let Some(t) = &self.mirror {
+            req.metadata_mut().insert(TOKEN_METADATA, t.clone());
+        }
+        if let Some(t) = &self.user {
+            req.metadata_mut().insert("token", t.clone());
+        }
         // Inside a traced apply, the secondary continues the trace.
         meridian_wire::telemetry::inject(req.metadata_mut());
         Ok(req)
+    }
+}
+
+/// A channel to one side, with the mirror's credentials there.
+pub(crate) type Upstream = InterceptedService<Channel, Creds>;
+
+/// Authenticates `user` (NAME:PASSWORD) on `channel`'s cluster: the token
+/// to show there, or none when no user is given or auth is off there (the
+/// mirror authenticates again at its next session, so auth turned on later
+/// is picked up then).
+async fn authenticate(channel: &Channel, user: Option<&str>, side: &str) -> anyhow::Result<Option<AsciiMetadataValue>> {
+    let Some(user) = user else { return Ok(None) };
+    let (name, password) = user.split_once(':').unwrap_or((user, ""));
+    let req = AuthenticateRequest { name: name.to_string(), password: password.to_string() };
+    match AuthClient::new(channel.clone()).authenticate(req).await {
+        Ok(r) => Ok(Some(r.into_inner().token.parse().context("the token is not valid gRPC metadata")?)),
+        Err(s) if s.message() == "etcdserver: authentication is not enabled" => Ok(None),
+        Err(s) => Err(anyhow::anyhow!("authenticate {name:?} on the {side}: {}", s.message())),
     }
 }
 
@@ -77,7 +106,7 @@ impl tonic::service::Interceptor for Token {
 struct Heartbeats(tokio::task::JoinHandle<()>);
 
 impl Heartbeats {
-    fn start(target: &RegionClient, m: &Arc<Metrics>, token: Token, cluster_id: u64) -> Self {
+    fn start(target: &RegionClient, m: &Arc<Metrics>, token: Creds, cluster_id: u64) -> Self {
         let mut members: Vec<_> = target
             .members
             .iter()
@@ -130,14 +159,16 @@ enum Kind {
 struct Session<'a> {
     cfg: &'a MirrorConfig,
     m: &'a Metrics,
-    src: Channel,
+    src: Upstream,
     kind: Kind,
     cluster_id: u64,
     epoch: u64,
     region: String,
     /// The source's lineage, which the target keeps as its own.
     lineage: Vec<LineageEntry>,
-    target: MirrorClient<InterceptedService<Channel, Token>>,
+    target: MirrorClient<Upstream>,
+    /// The auth revision of the source's store the target has (0: none sent).
+    auth_revision: u64,
     checkpoint: i64,
     /// Source compact revision last repeated on the target.
     compacted: i64,
@@ -169,13 +200,13 @@ async fn connect(endpoints: &[String], tls: &ClientTls) -> anyhow::Result<Region
 }
 
 /// Every lease id a cluster has.
-async fn lease_ids(channel: Channel) -> anyhow::Result<HashSet<i64>> {
+async fn lease_ids(channel: Upstream) -> anyhow::Result<HashSet<i64>> {
     let leases = LeaseClient::new(channel).lease_leases(LeaseLeasesRequest {}).await?.into_inner().leases;
     Ok(leases.iter().map(|l| l.id).collect())
 }
 
 /// The header of a cheap read on the source: its cluster id and current revision.
-async fn source_header(src: &Channel) -> anyhow::Result<ResponseHeader> {
+async fn source_header(src: &Upstream) -> anyhow::Result<ResponseHeader> {
     let r = KvClient::new(src.clone())
         .range(RangeRequest { key: vec![0], count_only: true, ..Default::default() })
         .await
@@ -191,10 +222,15 @@ pub async fn run(cfg: &MirrorConfig, source: &[String], m: &Arc<Metrics>) -> any
     let src_region = connect(source, &cfg.source_tls).await.context("source")?;
     let dst_region = connect(&cfg.target, &cfg.target_tls).await.context("target")?;
     let (src, dst) = (src_region.channel().0, dst_region.channel().0);
-    let token = Token(cfg.token.parse().context("the mirror token is not valid gRPC metadata")?);
-    let mut target = MirrorClient::with_interceptor(dst.clone(), token.clone())
-        .max_decoding_message_size(usize::MAX)
-        .max_encoding_message_size(usize::MAX);
+    let src_creds = Creds { mirror: None, user: authenticate(&src, cfg.user.as_deref(), "source").await? };
+    let token = Creds {
+        mirror: Some(cfg.token.parse().context("the mirror token is not valid gRPC metadata")?),
+        user: authenticate(&dst, cfg.dest_user.as_deref(), "target").await?,
+    };
+    let src = InterceptedService::new(src, src_creds);
+    let dst = InterceptedService::new(dst, token.clone());
+    let mut target =
+        MirrorClient::new(dst.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
     let ts = target.status(MirrorStatusRequest {}).await.context("target status")?.into_inner();
     anyhow::ensure!(ts.role == "secondary", "the target is a {}, not a secondary", ts.role);
 
@@ -245,6 +281,7 @@ pub async fn run(cfg: &MirrorConfig, source: &[String], m: &Arc<Metrics>) -> any
         region,
         lineage,
         target,
+        auth_revision: 0,
         checkpoint: ts.revision,
         compacted: ts.compact_revision,
         known_leases,
@@ -286,6 +323,8 @@ pub async fn run(cfg: &MirrorConfig, source: &[String], m: &Arc<Metrics>) -> any
         let req = s.request();
         s.target.apply(req).await.context("apply the source's epoch on the target")?;
     }
+    // The source's users and roles first: the target enforces them from now.
+    s.housekeeping().await?;
     loop {
         let compacted = match s.catch_up().await? {
             Some(compacted) => compacted,
@@ -583,6 +622,35 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// A Meridian source's auth store, when it moved on since the target got
+    /// it. `None` too when the source does not give it to this mirror (no
+    /// `--user` with the role root or mirror there, or, with auth off, no
+    /// mirror token there): the target keeps the users it has.
+    async fn source_auth_store(&self) -> anyhow::Result<Option<(u64, Vec<u8>)>> {
+        if !matches!(self.kind, Kind::Meridian) {
+            return Ok(None);
+        }
+        match MirrorClient::new(self.src.clone()).auth_store(MirrorAuthRequest {}).await {
+            Ok(r) => {
+                let r = r.into_inner();
+                Ok((r.revision != self.auth_revision).then_some((r.revision, r.store)))
+            }
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::PermissionDenied
+                        | tonic::Code::Unauthenticated
+                        | tonic::Code::InvalidArgument
+                        | tonic::Code::Unimplemented
+                ) =>
+            {
+                tracing::debug!(error = s.message(), "the source does not give this mirror its auth store");
+                Ok(None)
+            }
+            Err(e) => Err(e).context("source auth store"),
+        }
+    }
+
     async fn housekeeping(&mut self) -> anyhow::Result<()> {
         let mut req = self.request();
         if !self.known_leases.is_empty() {
@@ -595,11 +663,19 @@ impl Session<'_> {
                 req.compact_revision = s.compact_revision;
             }
         }
-        if req.revoked_leases.is_empty() && req.compact_revision == 0 {
+        let auth = self.source_auth_store().await?;
+        if let Some((_, store)) = &auth {
+            req.auth_store = store.clone();
+        }
+        if req.revoked_leases.is_empty() && req.compact_revision == 0 && req.auth_store.is_empty() {
             return Ok(());
         }
         let (revoked, compacted) = (req.revoked_leases.clone(), req.compact_revision);
         self.target.apply(req).await.context("housekeeping apply")?;
+        if let Some((revision, _)) = auth {
+            tracing::info!(auth_revision = revision, "the source's users and roles are on the target");
+            self.auth_revision = revision;
+        }
         for id in &revoked {
             self.known_leases.remove(id);
         }

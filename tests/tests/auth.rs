@@ -18,6 +18,15 @@ use meridian_tests::{
     etcdctl, etcdctl_with_input, etcdctl_with_timeout, http_post_with, mask_hex_ids, Cluster, ClusterOpts, Server,
 };
 
+/// A fast cluster whose password hashes are cheap (`--bcrypt-cost 4`, which etcd takes too):
+/// every etcdctl call with `--user` checks a password, and the default cost makes a session of
+/// hundreds of them spend most of its time in bcrypt.
+fn opts(extra: Vec<String>) -> ClusterOpts {
+    let mut extra_args = vec!["--bcrypt-cost=4".to_string()];
+    extra_args.extend(extra);
+    ClusterOpts { extra_args, ..ClusterOpts::fast() }
+}
+
 /// What etcdctl printed, comparable across servers: the exit, stdout, and the `Error:` lines,
 /// with ids masked and the member's address named.
 fn run_as(c: &Cluster, user: Option<&str>, args: &[&str], input: &str) -> Result<String> {
@@ -99,7 +108,7 @@ fn operations(c: &Cluster, user: Option<&str>, dir: &std::path::Path) -> Result<
 
 /// The session; what each step printed, in order.
 fn session(server: Server) -> Result<Vec<String>> {
-    let c = Cluster::start_server(server, 1, ClusterOpts::fast())?;
+    let c = Cluster::start_server(server, 1, opts(Vec::new()))?;
     let dir = tempfile::tempdir()?;
     let mut seen = Vec::new();
     let root = Some("root:rootpw");
@@ -252,7 +261,7 @@ async fn first_watch_answer(url: String, token: &str, key: &str) -> Result<Watch
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_work_on_every_member_and_auth_outlives_a_restart() -> Result<()> {
     for server in [Server::Etcd, Server::Meridian] {
-        let mut c = Cluster::start_server(server, 3, ClusterOpts::fast())?;
+        let mut c = Cluster::start_server(server, 3, opts(Vec::new()))?;
         let eps = [c.endpoint(1)];
         for args in [
             vec!["user", "add", "root:rootpw"],
@@ -336,8 +345,7 @@ async fn jwt_tokens_behave_as_etcds() -> Result<()> {
     );
     let mut revisions = Vec::new();
     for server in [Server::Etcd, Server::Meridian] {
-        let opts = ClusterOpts { extra_args: vec![flag.clone()], ..ClusterOpts::fast() };
-        let mut c = Cluster::start_server(server, 3, opts)?;
+        let mut c = Cluster::start_server(server, 3, opts(vec![flag.clone()]))?;
         let eps = [c.endpoint(1)];
         for args in [
             vec!["user", "add", "root:rootpw"],
@@ -417,8 +425,7 @@ fn the_client_certificate_cn_is_the_user_as_in_etcd() -> Result<()> {
     .collect();
     let mut outputs = Vec::new();
     for server in [Server::Etcd, Server::Meridian] {
-        let opts = ClusterOpts { client_https: true, extra_args: flags.clone(), ..ClusterOpts::fast() };
-        let c = Cluster::start_server(server, 1, opts)?;
+        let c = Cluster::start_server(server, 1, ClusterOpts { client_https: true, ..opts(flags.clone()) })?;
         let eps = c.client_urls();
         let mut seen = Vec::new();
         for (who, user, args) in [
@@ -476,8 +483,7 @@ fn the_client_certificate_cn_is_the_user_as_in_etcd() -> Result<()> {
 /// rides on every request the gateway routes, and the member's checks answer as without it.
 #[test]
 fn etcdctl_with_a_user_works_through_a_gateway() -> Result<()> {
-    let region = ClusterOpts { extra_args: ["--region", "us-east"].map(String::from).to_vec(), ..ClusterOpts::fast() };
-    let c = Cluster::start(1, region)?;
+    let c = Cluster::start(1, opts(["--region", "us-east"].map(String::from).to_vec()))?;
     let eps = [c.endpoint(1)];
     for args in [
         vec!["user", "add", "root:rootpw"],
@@ -509,5 +515,81 @@ fn etcdctl_with_a_user_works_through_a_gateway() -> Result<()> {
         let out = etcdctl(&gw, &args)?;
         ensure!(!out.success() && out.stderr.contains(want), "etcdctl {args:?}: {}", out.stderr);
     }
+    Ok(())
+}
+
+/// Auth on a primary reaches its secondary through the mirror: the mirror reads the source as a
+/// user with the role `mirror` (`--user`), writes into the secondary as that user once auth is on
+/// there, and the secondary enforces the primary's users, roles and grants, changes included.
+#[test]
+fn a_secondary_enforces_its_primarys_users_and_roles() -> Result<()> {
+    let primary_flags = vec![
+        "--region".to_string(),
+        "us-east".to_string(),
+        "--mirror-token-file".to_string(),
+        meridian_tests::mirror_token_file()?.display().to_string(),
+    ];
+    let primary = Cluster::start(1, opts(primary_flags))?;
+    let secondary = Cluster::start(
+        1,
+        ClusterOpts { extra_args: meridian_tests::secondary_flags("eu-west", "us-east")?, ..ClusterOpts::fast() },
+    )?;
+    let p = [primary.endpoint(1)];
+    let s = [secondary.endpoint(1)];
+    for args in [
+        vec!["user", "add", "root:rootpw"],
+        vec!["user", "add", "alice:apw"],
+        vec!["user", "add", "mirrorer:mpw"],
+        vec!["role", "add", "reader"],
+        vec!["role", "grant-permission", "reader", "read", "app/", "--prefix"],
+        vec!["role", "add", "mirror"],
+        vec!["role", "grant-permission", "mirror", "read", "", "--prefix"],
+        vec!["user", "grant-role", "alice", "reader"],
+        vec!["user", "grant-role", "mirrorer", "mirror"],
+        vec!["put", "app/x", "1"],
+        vec!["auth", "enable"],
+    ] {
+        let out = etcdctl(&p, &args)?;
+        ensure!(out.success(), "etcdctl {args:?}: {}", out.stderr);
+    }
+    let mirror = meridian_tests::MirrorProcess::start(&primary.endpoints(), &secondary, &["--user", "mirrorer:mpw"])?;
+    let put = |key: &str| -> Result<i64> {
+        let out = etcdctl(&p, &["--user=root:rootpw", "-w", "json", "put", key, "v"])?;
+        ensure!(out.success(), "put {key}: {}", out.stderr);
+        let json: serde_json::Value = serde_json::from_str(&out.stdout)?;
+        json["header"]["revision"].as_i64().context("revision")
+    };
+    let wait = |what: &str, check: &dyn Fn() -> Result<bool>| -> Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !check()? {
+            ensure!(std::time::Instant::now() < deadline, "{what}; mirror log:\n{}", mirror.log());
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Ok(())
+    };
+    mirror.wait_applied(put("app/y")?, Duration::from_secs(20))?;
+    // The secondary takes the primary's users: alice reads there, within her grants only.
+    wait("alice cannot read app/x on the secondary", &|| {
+        Ok(etcdctl(&s, &["--user=alice:apw", "get", "app/x", "--print-value-only"])?.stdout.trim() == "1")
+    })?;
+    for (args, want) in [
+        (vec!["get", "app/x"], "etcdserver: user name is empty"),
+        (vec!["--user=alice:apw", "get", "other"], "etcdserver: permission denied"),
+        (vec!["--user=alice:wrong", "get", "app/x"], "etcdserver: authentication failed, invalid user ID or password"),
+        (vec!["--user=root:rootpw", "user", "add", "bob:b"], "read-only secondary"),
+    ] {
+        let out = etcdctl(&s, &args)?;
+        ensure!(!out.success() && out.stderr.contains(want), "etcdctl {args:?} on the secondary: {}", out.stderr);
+    }
+    let users = etcdctl(&s, &["--user=root:rootpw", "user", "list"])?;
+    ensure!(users.stdout.split_whitespace().collect::<Vec<_>>() == ["alice", "mirrorer", "root"], "{users:?}");
+    // Writes still reach the secondary (the mirror writes as its user now), and a revoked grant
+    // is revoked there too.
+    mirror.wait_applied(put("app/z")?, Duration::from_secs(20))?;
+    let out = etcdctl(&p, &["--user=root:rootpw", "user", "revoke-role", "alice", "reader"])?;
+    ensure!(out.success(), "{}", out.stderr);
+    wait("alice still reads on the secondary", &|| {
+        Ok(etcdctl(&s, &["--user=alice:apw", "get", "app/x"])?.stderr.contains("etcdserver: permission denied"))
+    })?;
     Ok(())
 }

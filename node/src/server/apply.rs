@@ -420,6 +420,10 @@ impl EtcdStateMachine {
             role.store(&self.mvcc);
             self.role.set(role);
         }
+        // The source's users and roles, so this secondary enforces the same.
+        if !m.auth_store.is_empty() {
+            self.auth.replace(&m.auth_store, &self.mvcc)?;
+        }
         if m.reset {
             // The source's retained history replaces the store: state at its
             // compact revision, then every revision after it.
@@ -440,6 +444,10 @@ impl EtcdStateMachine {
             let mut meta = self.mvcc.all_meta();
             meta.retain(|name, _| !name.starts_with(LEASE_META_PREFIX));
             self.mvcc.import(Marks { current, compacted: m.compact_revision, applied }, records, meta, batch)?;
+            if !m.auth_store.is_empty() {
+                // Again: the import replaced the metadata.
+                self.auth.replace(&m.auth_store, &self.mvcc)?;
+            }
             self.lessor.rebuild(&self.mvcc);
             for l in m.granted_leases {
                 self.lessor.adopt(&self.mvcc, l.id, l.ttl, l.remaining_ttl);

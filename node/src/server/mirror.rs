@@ -11,8 +11,8 @@ use futures::Stream;
 use meridian_proto::meridian::v1::internal_request::Request as Internal;
 use meridian_proto::meridian::v1::mirror_server::Mirror;
 use meridian_proto::meridian::v1::{
-    MirrorApplyRequest, MirrorApplyResponse, MirrorHeartbeat, MirrorHeartbeatResponse, MirrorStatusRequest,
-    MirrorStatusResponse, RangeStreamChunk, RangeStreamRequest,
+    MirrorApplyRequest, MirrorApplyResponse, MirrorAuthRequest, MirrorAuthResponse, MirrorHeartbeat,
+    MirrorHeartbeatResponse, MirrorStatusRequest, MirrorStatusResponse, RangeStreamChunk, RangeStreamRequest,
 };
 use meridian_wire::token::{self, TOKEN_METADATA};
 use tonic::{Request, Response, Status};
@@ -54,14 +54,55 @@ impl MirrorService {
         Self { server, token }
     }
 
-    /// Until auth exists, only a caller holding the token configured on this
-    /// secondary may write into it, and only a secondary takes mirror writes.
-    fn check_apply(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
-        check_token(self.token.as_deref(), metadata, "mirror writes (Mirror.Apply, Mirror.Heartbeat)")?;
+    /// Only a secondary takes mirror writes, and only from a caller holding
+    /// its mirror token, or, with auth on, a user with the role `root` or
+    /// [`MIRROR_ROLE`] (see [`MirrorService::check_mirror_user`]).
+    async fn check_apply(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+        const WHAT: &str = "mirror writes (Mirror.Apply, Mirror.Heartbeat)";
+        if self.server.auth.enabled() {
+            self.check_mirror_user(metadata).await?;
+        } else {
+            check_token(self.token.as_deref(), metadata, WHAT)?;
+        }
         if !self.server.role.is_secondary() {
             return Err(Error::Fenced("mirror writes go to a secondary; this cluster is a primary".into()).into());
         }
         Ok(())
+    }
+}
+
+/// The role that lets a user mirror, besides `root`: read a source's raw
+/// history and auth store, and write into a secondary.
+pub const MIRROR_ROLE: &str = "mirror";
+
+impl MirrorService {
+    /// With auth on: the caller's token must name a user with the role
+    /// `root` or [`MIRROR_ROLE`].
+    async fn check_mirror_user(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Status> {
+        let who = self.server.auth_info(metadata).await?;
+        let state = self.server.auth.state();
+        if who.user.is_empty() {
+            return Err(Error::UserEmpty.into());
+        }
+        let roles = state.users.get(&who.user).map(|u| u.roles.as_slice()).unwrap_or_default();
+        if roles.iter().any(|r| r == super::auth::ROOT || r == MIRROR_ROLE) {
+            Ok(())
+        } else {
+            Err(Error::PermissionDenied.into())
+        }
+    }
+
+    /// A source's raw history and auth store: with auth on, for a user with
+    /// the role `root` or [`MIRROR_ROLE`]; with it off, history for anyone
+    /// (it is what Watch serves) and the auth store for the mirror token.
+    async fn check_source_read(&self, metadata: &tonic::metadata::MetadataMap, auth_store: bool) -> Result<(), Status> {
+        if self.server.auth.enabled() {
+            self.check_mirror_user(metadata).await
+        } else if auth_store {
+            check_token(self.token.as_deref(), metadata, "reads of the auth store (Mirror.AuthStore)")
+        } else {
+            Ok(())
+        }
     }
 }
 
@@ -94,7 +135,7 @@ impl Mirror for MirrorService {
     }
 
     async fn heartbeat(&self, req: Request<MirrorHeartbeat>) -> Result<Response<MirrorHeartbeatResponse>, Status> {
-        self.check_apply(req.metadata())?;
+        self.check_apply(req.metadata()).await?;
         let h = req.into_inner();
         let source = self.server.role.get().source_cluster_id;
         if source != 0 && source != h.source_cluster_id {
@@ -143,12 +184,21 @@ impl Mirror for MirrorService {
         }))
     }
 
+    async fn auth_store(&self, req: Request<MirrorAuthRequest>) -> Result<Response<MirrorAuthResponse>, Status> {
+        self.check_source_read(req.metadata(), true).await?;
+        self.server.read_barrier().await?;
+        let state = self.server.auth.state();
+        let store = serde_json::to_vec(&*state).map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(MirrorAuthResponse { revision: state.revision, store }))
+    }
+
     type RangeStreamStream = Pin<Box<dyn Stream<Item = Result<RangeStreamChunk, Status>> + Send>>;
 
     async fn range_stream(
         &self,
         req: Request<RangeStreamRequest>,
     ) -> Result<Response<Self::RangeStreamStream>, Status> {
+        self.check_source_read(req.metadata(), false).await?;
         let r = req.into_inner();
         let key = if r.key.is_empty() { vec![0] } else { r.key };
         let range = KeyRange::new(&key, &r.range_end);
@@ -201,7 +251,7 @@ impl MirrorService {
         // One source revision may carry as much as one source request, plus
         // the record fields etcd keeps per key; allow twice the client limit.
         let limit = 2 * self.server.limits.max_request_bytes;
-        self.check_apply(req.metadata())?;
+        self.check_apply(req.metadata()).await?;
         let req = req.into_inner();
         let report = MirrorReport {
             apply_rate: req.apply_rate,

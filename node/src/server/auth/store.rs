@@ -235,6 +235,26 @@ impl AuthStore {
         Ok(None)
     }
 
+    /// Replaces the whole store with a primary's (`store` as
+    /// `Mirror.AuthStore` gives it), on a secondary, in apply.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Fenced`] for a store that does not decode; nothing changes.
+    pub fn replace(&self, store: &[u8], mvcc: &Mvcc) -> Result<()> {
+        let next: AuthState = serde_json::from_slice(store)
+            .map_err(|e| Error::Fenced(format!("the source's auth store does not decode: {e}")))?;
+        // Tokens go with their user, as a deletion or a new password here would take them.
+        let old = self.state();
+        let kept = |user: &str| old.users.get(user).map(|u| &u.password) == next.users.get(user).map(|u| &u.password);
+        let mut tokens = self.tokens.lock();
+        tokens.retain(|_, t| next.enabled && next.users.contains_key(&t.user) && kept(&t.user));
+        drop(tokens);
+        mvcc.set_meta(META_KEY, store.to_vec());
+        *self.state.write() = Arc::new(next);
+        Ok(())
+    }
+
     fn keep_token(&self, token: &str, user: &str) {
         let now = Instant::now();
         let mut tokens = self.tokens.lock();
