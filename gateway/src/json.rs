@@ -31,7 +31,8 @@ fn error(status: &Status, http: StatusCode) -> Response {
 
 pub async fn forward(gw: Arc<Gateway>, req: Request) -> Response {
     let conn = req.extensions().get::<TcpConnectInfo>().and_then(|c| c.remote_addr);
-    if let Err(status) = gw.admit(Class::Write, conn) {
+    let meta = tonic::metadata::MetadataMap::from_headers(req.headers().clone());
+    if let Err(status) = gw.admit(Class::Write, conn, &meta) {
         return error(&status, StatusCode::TOO_MANY_REQUESTS);
     }
     let Some(pick) = gw.regions.primary() else {

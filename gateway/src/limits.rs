@@ -1,8 +1,11 @@
 //! Rate limits per client and per class (governor): `[rate_limits]` in the
 //! config file gives each class a rate per client per second (0 or absent:
-//! none). A client is its peer IP address (the auth user, once auth
-//! exists). Over its limit a client gets etcd's `etcdserver: too many
-//! requests` (`RESOURCE_EXHAUSTED`), which clientv3 does not retry.
+//! none). A client is its auth user when its token is one this gateway saw
+//! handed out (Authenticate goes through it), else its peer IP address: a
+//! user has one budget over all their connections and addresses, and
+//! authenticating again does not give a new one. Over its limit a client
+//! gets etcd's `etcdserver: too many requests` (`RESOURCE_EXHAUSTED`),
+//! which clientv3 does not retry.
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
@@ -26,9 +29,23 @@ pub struct RateLimits {
     pub lease: u32,
 }
 
+/// Whom a limit counts against.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Client {
+    User(String),
+    Ip(IpAddr),
+}
+
+impl Client {
+    /// The user when known, else the peer address.
+    pub fn of(user: Option<String>, conn: Option<SocketAddr>) -> Option<Self> {
+        user.map(Client::User).or(conn.map(|c| Client::Ip(c.ip())))
+    }
+}
+
 /// The limiters, one per limited class.
 pub struct Limiter {
-    classes: [(LimitedClass, Option<DefaultKeyedRateLimiter<IpAddr>>); 4],
+    classes: [(LimitedClass, Option<DefaultKeyedRateLimiter<Client>>); 4],
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -67,11 +84,11 @@ impl Limiter {
     /// # Errors
     ///
     /// `RESOURCE_EXHAUSTED` "etcdserver: too many requests" over the limit.
-    pub fn admit(&self, class: Class, client: Option<SocketAddr>) -> Result<(), Status> {
-        let (Some(limited), Some(addr)) = (of(class), client) else { return Ok(()) };
+    pub fn admit(&self, class: Class, client: Option<Client>) -> Result<(), Status> {
+        let (Some(limited), Some(client)) = (of(class), client) else { return Ok(()) };
         let limiter = self.classes.iter().find(|(c, _)| *c == limited).and_then(|(_, l)| l.as_ref());
         match limiter {
-            Some(l) if l.check_key(&addr.ip()).is_err() => {
+            Some(l) if l.check_key(&client).is_err() => {
                 Err(Status::resource_exhausted(meridian_wire::etcd::TOO_MANY_REQUESTS))
             }
             _ => Ok(()),
@@ -101,16 +118,21 @@ mod tests {
     #[test]
     fn each_client_and_class_has_its_own_budget() {
         let limiter = Limiter::new(&RateLimits { write: 2, ..Default::default() });
-        let a: SocketAddr = "127.0.0.1:1000".parse().unwrap();
-        let b: SocketAddr = "127.0.0.2:1000".parse().unwrap();
-        assert!(limiter.admit(Class::Write, Some(a)).is_ok());
-        assert!(limiter.admit(Class::Write, Some(a)).is_ok());
-        let refused = limiter.admit(Class::Write, Some(a)).unwrap_err();
+        let a = Client::of(None, "127.0.0.1:1000".parse().ok());
+        let b = Client::of(None, "127.0.0.2:1000".parse().ok());
+        let alice = |port: u16| Client::of(Some("alice".into()), format!("127.0.0.{port}:1000").parse().ok());
+        assert!(limiter.admit(Class::Write, a.clone()).is_ok());
+        assert!(limiter.admit(Class::Write, a.clone()).is_ok());
+        let refused = limiter.admit(Class::Write, a.clone()).unwrap_err();
         assert_eq!(
             (refused.code(), refused.message()),
             (tonic::Code::ResourceExhausted, "etcdserver: too many requests")
         );
-        assert!(limiter.admit(Class::Write, Some(b)).is_ok(), "another client has its own budget");
-        assert!(limiter.admit(Class::Read(Consistency::Linearizable), Some(a)).is_ok(), "reads are not limited here");
+        assert!(limiter.admit(Class::Write, b).is_ok(), "another client has its own budget");
+        assert!(limiter.admit(Class::Read(Consistency::Linearizable), a).is_ok(), "reads are not limited here");
+        // A user's budget is theirs from any address, and apart from the address's.
+        assert!(limiter.admit(Class::Write, alice(1)).is_ok());
+        assert!(limiter.admit(Class::Write, alice(2)).is_ok());
+        assert!(limiter.admit(Class::Write, alice(3)).is_err(), "the same user from a third address");
     }
 }

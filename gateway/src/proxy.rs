@@ -39,6 +39,8 @@ use crate::route::{self, Class, Consistency};
 /// etcd clients retry, at once rather than after a timeout.
 pub const NO_PRIMARY: &str = "meridian: no primary region is reachable through this gateway";
 /// Client connections whose last revision is remembered, at most.
+/// Tokens whose user the gateway remembers, at most.
+const KNOWN_TOKENS: usize = 100_000;
 const SEEN_CONNECTIONS: usize = 100_000;
 /// How long a linearizable read waits for a nearer region to apply the
 /// primary's revision before the primary serves it.
@@ -56,6 +58,9 @@ pub struct Gateway {
     /// The highest revision each client connection wrote or read, so no
     /// later read on it is served from a region behind that.
     seen: Mutex<HashMap<SocketAddr, i64>>,
+    /// The user of each token this gateway saw handed out (Authenticate
+    /// through it), for per-user rate limits; at most [`KNOWN_TOKENS`].
+    users: Mutex<HashMap<String, String>>,
     read_index: Arc<crate::linear::ReadIndex>,
     /// Test faults, so the history checkers can be shown to catch a gateway
     /// that breaks its promise: `MERIDIAN_FAILPOINT=gateway-stale-reads`
@@ -84,6 +89,7 @@ impl Gateway {
             metrics,
             member_id,
             seen: Mutex::new(HashMap::new()),
+            users: Mutex::new(HashMap::new()),
             read_index: Default::default(),
             stale_reads,
             ignores_bounds,
@@ -93,10 +99,27 @@ impl Gateway {
     }
 
     /// The rate limit for `class`, counted as a refused request when over.
-    pub(crate) fn admit(&self, class: Class, conn: Option<SocketAddr>) -> Result<(), Status> {
-        self.limiter.admit(class, conn).inspect_err(|_| {
+    /// Admits a request of `class` from the client `conn` and `meta` name
+    /// (see `limits`).
+    pub(crate) fn admit(&self, class: Class, conn: Option<SocketAddr>, meta: &MetadataMap) -> Result<(), Status> {
+        let user = ["token", "authorization"]
+            .iter()
+            .find_map(|k| meta.get(*k))
+            .and_then(|t| t.to_str().ok())
+            .and_then(|t| self.users.lock().get(t).cloned());
+        self.limiter.admit(class, crate::limits::Client::of(user, conn)).inspect_err(|_| {
             self.metrics.rate_limited.with_label_values(&[class.label()]).inc();
         })
+    }
+
+    /// Remembers that `token` is `user`'s.
+    pub(crate) fn learn_token(&self, token: String, user: String) {
+        let mut users = self.users.lock();
+        if users.len() >= KNOWN_TOKENS && !users.contains_key(&token) {
+            // Forgetting only makes a user count as their address again.
+            users.clear();
+        }
+        users.insert(token, user);
     }
 
     fn seen(&self, conn: Option<SocketAddr>) -> i64 {
@@ -177,7 +200,7 @@ impl Gateway {
         Fut: std::future::Future<Output = Result<Response<R>, Status>>,
     {
         let conn = req.remote_addr();
-        self.admit(class, conn)?;
+        self.admit(class, conn, req.metadata())?;
         let pick = self.pick(class, conn)?;
         let started = Instant::now();
         let (channel, _) = pick.region.channel();
@@ -197,7 +220,7 @@ impl Gateway {
     async fn linearizable_range(&self, req: Request<RangeRequest>) -> Result<Response<RangeResponse>, Status> {
         let class = Class::Read(Consistency::Linearizable);
         let conn = req.remote_addr();
-        self.admit(class, conn)?;
+        self.admit(class, conn, req.metadata())?;
         let started = Instant::now();
         let primary = self.pick(class, conn)?;
         // A read of an older revision goes to the primary: a compaction does
@@ -231,7 +254,7 @@ impl Gateway {
     ) -> Result<Response<RangeResponse>, Status> {
         let class = Class::Read(Consistency::Bounded { max_staleness, min_revision });
         let conn = req.remote_addr();
-        self.admit(class, conn)?;
+        self.admit(class, conn, req.metadata())?;
         let started = Instant::now();
         let need = min_revision.max(self.seen(conn));
         let near = if self.ignores_bounds {
@@ -445,7 +468,7 @@ impl Watch for WatchProxy {
     async fn watch(&self, req: Request<Streaming<WatchRequest>>) -> Result<Response<Self::WatchStream>, Status> {
         let gw = &self.0;
         let conn = req.remote_addr();
-        gw.admit(Class::Watch, conn)?;
+        gw.admit(Class::Watch, conn, req.metadata())?;
         let pick = gw.pick(Class::Watch, conn)?;
         let started = Instant::now();
         let (meta, _, inbound) = req.into_parts();
@@ -493,7 +516,7 @@ impl Lease for LeaseProxy {
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
         let gw = &self.0;
         let conn = req.remote_addr();
-        gw.admit(Class::Lease, conn)?;
+        gw.admit(Class::Lease, conn, req.metadata())?;
         let pick = gw.pick(Class::Lease, conn)?;
         let started = Instant::now();
         let (meta, _, inbound) = req.into_parts();

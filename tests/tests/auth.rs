@@ -593,3 +593,66 @@ fn a_secondary_enforces_its_primarys_users_and_roles() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// `[rate_limits]` per user through a gateway: a user past their write budget is refused with
+/// etcd's "too many requests", while another user on the same address keeps their own budget
+/// (by address alone they would share one), and a fresh token of the first user gives no new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_rate_limits_count_per_user() -> Result<()> {
+    let c = Cluster::start(1, opts(["--region", "us-east"].map(String::from).to_vec()))?;
+    let eps = [c.endpoint(1)];
+    for args in [
+        vec!["user", "add", "root:rootpw"],
+        vec!["user", "grant-role", "root", "root"],
+        vec!["role", "add", "app"],
+        vec!["role", "grant-permission", "app", "readwrite", "app/", "--prefix"],
+        vec!["user", "add", "alice:apw"],
+        vec!["user", "add", "bob:bpw"],
+        vec!["user", "grant-role", "alice", "app"],
+        vec!["user", "grant-role", "bob", "app"],
+        vec!["auth", "enable"],
+    ] {
+        let out = etcdctl(&eps, &args)?;
+        ensure!(out.success(), "etcdctl {args:?}: {}", out.stderr);
+    }
+    let dir = tempfile::tempdir()?;
+    let file = dir.path().join("gateway.toml");
+    std::fs::write(&file, "[rate_limits]\nwrite = 5\n")?;
+    let gateway = meridian_tests::GatewayProcess::start(
+        "gw",
+        "us-east",
+        &[("us-east", c.endpoints())],
+        &["--config-file", &file.display().to_string()],
+    )?;
+    let url = format!("http://{}", gateway.endpoint());
+    // Writes in a burst until the first refusal: how many went through, and the refusal.
+    let burst = |token: String| {
+        let url = url.clone();
+        async move {
+            let mut kv = KvClient::connect(url).await?;
+            for n in 0..20 {
+                let put =
+                    PutRequest { key: b"app/k".to_vec(), value: n.to_string().into_bytes(), ..Default::default() };
+                if let Err(e) = kv.put(with_token(put, &token)?).await {
+                    return Ok::<_, anyhow::Error>((n, Some(e)));
+                }
+            }
+            Ok((20, None))
+        }
+    };
+    let alice = authenticate(url.clone(), "alice", "apw").await?;
+    let (accepted, refused) = burst(alice).await?;
+    let refused = refused.context("20 writes in a burst were all accepted under a limit of 5/s")?;
+    ensure!(
+        (refused.code(), refused.message()) == (tonic::Code::ResourceExhausted, "etcdserver: too many requests"),
+        "{refused:?}"
+    );
+    ensure!((5..=7).contains(&accepted), "{accepted} writes accepted before the limit");
+    let again = authenticate(url.clone(), "alice", "apw").await?;
+    let (more, _) = burst(again).await?;
+    ensure!(more <= 2, "a new token of the same user got a new budget: {more} writes");
+    let bob = authenticate(url.clone(), "bob", "bpw").await?;
+    let (bobs, _) = burst(bob).await?;
+    ensure!(bobs >= 4, "another user on the same address was held back: {bobs} writes");
+    Ok(())
+}

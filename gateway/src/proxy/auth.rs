@@ -1,6 +1,7 @@
 //! etcd's Auth service through the gateway: every call goes to the primary
 //! region's leader, as a write does (a token it hands out is the primary's,
-//! and the requests the gateway routes carry it on).
+//! and the requests the gateway routes carry it on). The gateway remembers
+//! whose each token it passed back is, so rate limits count per user.
 
 use std::sync::Arc;
 
@@ -19,6 +20,24 @@ macro_rules! to_primary {
     ($($method:ident($req:ty) -> $resp:ty;)*) => {
         #[tonic::async_trait]
         impl Auth for AuthProxy {
+            /// Also learns whose the token is, for per-user rate limits.
+            async fn authenticate(
+                &self,
+                req: Request<AuthenticateRequest>,
+            ) -> Result<Response<AuthenticateResponse>, Status> {
+                let user = req.get_ref().name.clone();
+                let resp = self
+                    .0
+                    .unary(
+                        Class::Write,
+                        req,
+                        |c, r| async move { AuthClient::new(c).authenticate(r).await },
+                        |r| rev(&r.header),
+                    )
+                    .await?;
+                self.0.learn_token(resp.get_ref().token.clone(), user);
+                Ok(resp)
+            }
             $(
                 async fn $method(&self, req: Request<$req>) -> Result<Response<$resp>, Status> {
                     self.0
@@ -38,7 +57,6 @@ macro_rules! to_primary {
 to_primary! {
     auth_enable(AuthEnableRequest) -> AuthEnableResponse;
     auth_disable(AuthDisableRequest) -> AuthDisableResponse;
-    authenticate(AuthenticateRequest) -> AuthenticateResponse;
     user_add(AuthUserAddRequest) -> AuthUserAddResponse;
     user_get(AuthUserGetRequest) -> AuthUserGetResponse;
     user_list(AuthUserListRequest) -> AuthUserListResponse;

@@ -65,7 +65,7 @@ impl Election for ElectionProxy {
     async fn observe(&self, req: Request<LeaderRequest>) -> Result<Response<Self::ObserveStream>, Status> {
         let gw = &self.0;
         let conn = req.remote_addr();
-        gw.admit(Class::Write, conn)?;
+        gw.admit(Class::Write, conn, req.metadata())?;
         let pick = gw.pick(Class::Write, conn)?;
         let started = Instant::now();
         let (meta, _, msg) = req.into_parts();
