@@ -367,7 +367,7 @@ impl Default for Settings {
             primary_lease_ttl: "5s".into(),
             auth_token: "simple".into(),
             auth_token_ttl: 300,
-            bcrypt_cost: bcrypt::DEFAULT_COST,
+            bcrypt_cost: crate::server::auth::store::DEFAULT_BCRYPT_COST,
             auto_failover: false,
             failover_after: "10s".into(),
             etcd_warnings: Vec::new(),

@@ -17,7 +17,8 @@
 //!   members          id in hex -> {"id","peerURLs","name","clientURLs","isLearner"} (JSON)
 //!   members_removed  (empty)
 //!   auth             authRevision -> u64be; authEnabled -> 0/1 once ever enabled
-//!   authUsers, authRoles  (empty: Meridian has no users yet)
+//!   authUsers        name -> authpb.User {name, bcrypt hash, roles (sorted), options}
+//!   authRoles        name -> authpb.Role {name, permissions sorted by key}
 //! ```
 //!
 //! Meridian keeps the same history, so the mapping is one record to one
@@ -30,6 +31,7 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
 
+use meridian_proto::authpb::{Permission, Role, User, UserAddOptions};
 use meridian_proto::etcdserverpb::AlarmMember;
 use meridian_proto::meridian::v1::KvRecord;
 use meridian_proto::mvccpb::KeyValue;
@@ -38,6 +40,8 @@ use serde::Serialize;
 
 use crate::error::{Error, Result};
 use crate::mvcc::{Marks, Mvcc, StoreImage};
+use crate::server::auth::store::META_KEY as AUTH_META_KEY;
+use crate::server::auth::{AuthState, Perm, PermKind};
 use crate::server::cluster::{Alarms, Members};
 use crate::server::lease::{decode_lease_meta, encode_lease_meta, LEASE_META_PREFIX};
 use crate::server::maintenance::ETCD_CLUSTER_VERSION;
@@ -116,10 +120,36 @@ pub fn write_etcd_db(image: &StoreImage, file: File) -> Result<u64> {
     for a in alarms {
         w.put(&a, b"")?;
     }
+    let auth: AuthState = meta.get(AUTH_META_KEY).and_then(|b| serde_json::from_slice(b).ok()).unwrap_or_default();
     w.bucket(b"auth")?;
-    w.put(b"authRevision", &1u64.to_be_bytes())?;
+    if auth.enabled {
+        w.put(b"authEnabled", &[1])?;
+    }
+    w.put(b"authRevision", &auth.revision.to_be_bytes())?;
     w.bucket(b"authRoles")?;
+    for (name, role) in &auth.roles {
+        let perms = role.perms.iter().map(|p| Permission {
+            perm_type: match p.kind {
+                PermKind::Read => 0,
+                PermKind::Write => 1,
+                PermKind::ReadWrite => 2,
+            },
+            key: p.key.clone(),
+            range_end: p.range_end.clone(),
+        });
+        let role = Role { name: name.as_bytes().to_vec(), key_permission: perms.collect() };
+        w.put(name.as_bytes(), &role.encode_to_vec())?;
+    }
     w.bucket(b"authUsers")?;
+    for (name, user) in &auth.users {
+        let record = User {
+            name: name.as_bytes().to_vec(),
+            password: user.password.clone().unwrap_or_default().into_bytes(),
+            roles: user.roles.clone(),
+            options: user.password.is_none().then_some(UserAddOptions { no_password: true }),
+        };
+        w.put(name.as_bytes(), &record.encode_to_vec())?;
+    }
     w.bucket(b"cluster")?;
     w.put(b"clusterVersion", ETCD_CLUSTER_VERSION.as_bytes())?;
 
@@ -209,23 +239,11 @@ pub struct Imported {
 ///
 /// # Errors
 ///
-/// IO errors; [`Error::Corrupt`] for a file that is not etcd's backend;
-/// [`Error::Config`] for one with auth enabled (Meridian would drop its
-/// users and roles, so it refuses rather than serve the data to anyone).
+/// IO errors; [`Error::Corrupt`] for a file that is not etcd's backend.
+/// Its users, roles and grants come with it, auth on or off as it was.
 pub fn import_etcd_db(path: &Path, mvcc: &Mvcc, batch: &mut fjall::OwnedWriteBatch) -> Result<Imported> {
     let db = bbolt::Reader::open(path)?;
-    let mut auth_enabled = false;
-    db.for_each(b"auth", |k, v| {
-        if k == b"authEnabled" && v.first() == Some(&1) {
-            auth_enabled = true;
-        }
-        Ok(())
-    })?;
-    if auth_enabled {
-        return Err(Error::Config(
-            "the backend has auth enabled; Meridian does not serve auth yet: run `etcdctl auth disable` on the source and take the snapshot again".into(),
-        ));
-    }
+    let auth = read_auth(&db)?;
     let mut compacted = 0;
     db.for_each(b"meta", |k, v| {
         if k == b"finishedCompactRev" {
@@ -263,10 +281,59 @@ pub fn import_etcd_db(path: &Path, mvcc: &Mvcc, batch: &mut fjall::OwnedWriteBat
         return Err(Error::Corrupt(format!("{} has no key bucket: not an etcd backend", path.display())));
     }
     let leases = meta.len();
+    meta.insert(AUTH_META_KEY.to_string(), serde_json::to_vec(&auth).expect("the auth store encodes"));
     received.meta = meta;
     let marks = Marks { current: current.max(compacted), compacted, applied: 0 };
     mvcc.install_received(received, marks, batch)?;
     Ok(Imported { marks, revisions, leases })
+}
+
+/// The auth store of an etcd backend: the `auth`, `authUsers` and
+/// `authRoles` buckets.
+fn read_auth(db: &bbolt::Reader) -> Result<AuthState> {
+    let bad = |what: &str, e: &dyn std::fmt::Display| Error::Corrupt(format!("etcd backend: {what}: {e}"));
+    let text = |b: Vec<u8>, what: &str| String::from_utf8(b).map_err(|e| bad(what, &e));
+    let mut auth = AuthState::default();
+    db.for_each(b"auth", |k, v| {
+        match k {
+            b"authEnabled" => auth.enabled = v.first() == Some(&1),
+            b"authRevision" => {
+                let bytes: [u8; 8] = v.try_into().map_err(|_| bad("authRevision", &"not 8 bytes"))?;
+                auth.revision = u64::from_be_bytes(bytes);
+            }
+            _ => {}
+        }
+        Ok(())
+    })?;
+    db.for_each(b"authUsers", |_, v| {
+        let u = User::decode(v).map_err(|e| bad("authUsers", &e))?;
+        let no_password = u.options.is_some_and(|o| o.no_password) || u.password.is_empty();
+        let mut roles = u.roles;
+        roles.sort();
+        let password = (!no_password).then(|| text(u.password, "a password hash")).transpose()?;
+        auth.users.insert(text(u.name, "a user name")?, crate::server::auth::User { password, roles });
+        Ok(())
+    })?;
+    db.for_each(b"authRoles", |_, v| {
+        let r = Role::decode(v).map_err(|e| bad("authRoles", &e))?;
+        let mut perms: Vec<Perm> = r
+            .key_permission
+            .into_iter()
+            .map(|p| Perm {
+                kind: match p.perm_type {
+                    1 => PermKind::Write,
+                    2 => PermKind::ReadWrite,
+                    _ => PermKind::Read,
+                },
+                key: p.key,
+                range_end: p.range_end,
+            })
+            .collect();
+        perms.sort_by(|a, b| (&a.key, &a.range_end).cmp(&(&b.key, &b.range_end)));
+        auth.roles.insert(text(r.name, "a role name")?, crate::server::auth::Role { perms });
+        Ok(())
+    })?;
+    Ok(auth)
 }
 
 #[cfg(test)]

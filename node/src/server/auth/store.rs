@@ -47,6 +47,10 @@ pub fn token_of(metadata: &MetadataMap) -> Option<&str> {
     TOKEN_KEYS.iter().find_map(|k| metadata.get(*k)).and_then(|v| v.to_str().ok())
 }
 
+/// etcd's `--bcrypt-cost` default (Go's bcrypt.DefaultCost; the bcrypt
+/// crate's own default is 12).
+pub const DEFAULT_BCRYPT_COST: u32 = 10;
+
 /// `--auth-token`, `--auth-token-ttl` and `--bcrypt-cost`.
 #[derive(Clone, Debug)]
 pub struct AuthConfig {
@@ -58,7 +62,7 @@ pub struct AuthConfig {
 
 impl Default for AuthConfig {
     fn default() -> Self {
-        Self { token_ttl: Duration::from_secs(300), bcrypt_cost: bcrypt::DEFAULT_COST, jwt: None }
+        Self { token_ttl: Duration::from_secs(300), bcrypt_cost: DEFAULT_BCRYPT_COST, jwt: None }
     }
 }
 
