@@ -50,6 +50,10 @@ pub struct Metrics {
     pub open_read_txns: IntGauge,
     pub db_total_size_debugging: IntGauge,
     pub is_learner: IntGauge,
+    /// The auth store's revision.
+    pub auth_revision: IntGauge,
+    /// Learners this member promoted while it led.
+    pub learner_promotions: IntCounter,
     pub cluster_version: IntGaugeVec,
     pub peer_sent_bytes: IntCounterVec,
     pub peer_received_bytes: IntCounterVec,
@@ -309,6 +313,11 @@ impl Metrics {
             is_learner: gauge(
                 "etcd_server_is_learner",
                 "Whether or not this member is a learner. 1 if is, 0 otherwise.",
+            ),
+            auth_revision: gauge("etcd_debugging_auth_revision", "The current revision of auth store."),
+            learner_promotions: counter(
+                "etcd_server_learner_promote_successes",
+                "The total number of successful learner promotions while this member is leader.",
             ),
             cluster_version: reg(
                 &r,

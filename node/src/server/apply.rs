@@ -118,6 +118,7 @@ impl EtcdStateMachine {
         auth: Arc<AuthStore>,
     ) -> Self {
         let nospace = Alarms::load(&mvcc).has(AlarmType::Nospace);
+        metrics.auth_revision.set(auth.state().revision as i64);
         lessor.rebuild(&mvcc);
         version.update(&Members::load(&mvcc));
         Self {
@@ -524,6 +525,7 @@ impl StateMachine for EtcdStateMachine {
         }
         self.traced.clear();
         self.metrics.current_revision.set(marks.current);
+        self.metrics.auth_revision.set(self.auth.state().revision as i64);
         self.metrics.compact_revision.set(marks.compacted);
         for c in self.mvcc.take_compactions() {
             self.metrics.compaction_keys.inc_by(c.keys);

@@ -175,6 +175,7 @@ impl ClusterService {
         self.learner_ready(id).await?;
         let change = MemberChange { kind: Kind::Promote as i32, member_id: id, ..Default::default() };
         let members = self.change(change, Some(ConfChangeType::AddNode)).await?;
+        self.server.metrics.learner_promotions.inc();
         Ok(MemberPromoteResponse { header: Some(self.header()), members: to_members(&members) })
     }
 
