@@ -2,13 +2,14 @@
 //! region that has applied the primary's committed revision as of a moment
 //! after the read began: then it cannot miss a write that completed before
 //! it. [`ReadIndex`] obtains that revision from the primary's leader (a
-//! linearizable count-only Range: the leader's own ReadIndex), one request
-//! for the reads that arrive together.
+//! linearizable Mirror.Status: the leader's own ReadIndex, reading no key,
+//! so it needs no user when auth is on), one request for the reads that
+//! arrive together.
 
 use std::sync::Arc;
 
-use meridian_proto::etcdserverpb::kv_client::KvClient;
-use meridian_proto::etcdserverpb::RangeRequest;
+use meridian_proto::meridian::v1::mirror_client::MirrorClient;
+use meridian_proto::meridian::v1::MirrorStatusRequest;
 use parking_lot::Mutex;
 use tokio::sync::oneshot;
 use tonic::Status;
@@ -74,10 +75,13 @@ impl ReadIndex {
 
 async fn barrier(regions: &Regions) -> Result<i64, Status> {
     let primary = regions.primary().ok_or_else(|| Status::unavailable(crate::proxy::NO_PRIMARY))?;
-    let probe = RangeRequest { key: vec![0], count_only: true, limit: 1, ..Default::default() };
-    let mut client = KvClient::new(primary.region.channel().0);
-    let resp = tokio::time::timeout(BARRIER_TIMEOUT, client.range(probe))
+    // Mirror.Status after a read barrier reads no key, so it needs no
+    // user: one read index serves every user's reads (it is a revision, no
+    // data is shared).
+    let probe = MirrorStatusRequest { linearizable: true };
+    let mut client = MirrorClient::new(primary.region.channel().0);
+    let resp = tokio::time::timeout(BARRIER_TIMEOUT, client.status(probe))
         .await
         .map_err(|_| Status::unavailable("meridian: the primary's leader did not answer the read index"))??;
-    Ok(resp.get_ref().header.as_ref().map_or(0, |h| h.revision))
+    Ok(resp.get_ref().revision)
 }

@@ -39,6 +39,13 @@ use crate::route::{self, Class, Consistency};
 /// etcd clients retry, at once rather than after a timeout.
 pub const NO_PRIMARY: &str = "meridian: no primary region is reachable through this gateway";
 /// Client connections whose last revision is remembered, at most.
+/// A user a token of this gateway's names, and their tokens in the other
+/// regions.
+pub(crate) struct Identity {
+    pub user: String,
+    pub regions: HashMap<String, tonic::metadata::AsciiMetadataValue>,
+}
+
 /// Tokens whose user the gateway remembers, at most.
 const KNOWN_TOKENS: usize = 100_000;
 const SEEN_CONNECTIONS: usize = 100_000;
@@ -58,9 +65,11 @@ pub struct Gateway {
     /// The highest revision each client connection wrote or read, so no
     /// later read on it is served from a region behind that.
     seen: Mutex<HashMap<SocketAddr, i64>>,
-    /// The user of each token this gateway saw handed out (Authenticate
-    /// through it), for per-user rate limits; at most [`KNOWN_TOKENS`].
-    users: Mutex<HashMap<String, String>>,
+    /// Each token this gateway handed out (Authenticate through it): whose
+    /// it is, for per-user rate limits, and the tokens the same user got in
+    /// the other regions, for the calls it sends there; at most
+    /// [`KNOWN_TOKENS`].
+    users: Mutex<HashMap<String, Identity>>,
     read_index: Arc<crate::linear::ReadIndex>,
     /// Test faults, so the history checkers can be shown to catch a gateway
     /// that breaks its promise: `MERIDIAN_FAILPOINT=gateway-stale-reads`
@@ -106,20 +115,55 @@ impl Gateway {
             .iter()
             .find_map(|k| meta.get(*k))
             .and_then(|t| t.to_str().ok())
-            .and_then(|t| self.users.lock().get(t).cloned());
+            .and_then(|t| self.users.lock().get(t).map(|i| i.user.clone()));
         self.limiter.admit(class, crate::limits::Client::of(user, conn)).inspect_err(|_| {
             self.metrics.rate_limited.with_label_values(&[class.label()]).inc();
         })
     }
 
-    /// Remembers that `token` is `user`'s.
-    pub(crate) fn learn_token(&self, token: String, user: String) {
+    /// Remembers that `token` is `user`'s, and what they got in other regions.
+    pub(crate) fn learn_token(&self, token: String, identity: Identity) {
         let mut users = self.users.lock();
         if users.len() >= KNOWN_TOKENS && !users.contains_key(&token) {
-            // Forgetting only makes a user count as their address again.
+            // Forgetting only makes a user count as their address again, and
+            // their calls go on with the primary's token (the user
+            // authenticates again once a region answers `invalid auth token`).
             users.clear();
         }
-        users.insert(token, user);
+        users.insert(token, identity);
+    }
+
+    /// Authenticates `ask` in every region but the primary, at once: the
+    /// tokens each handed out (a region that is down, has auth off or
+    /// refuses is left out; calls there carry the primary's token).
+    pub(crate) async fn authenticate_elsewhere(
+        &self,
+        ask: &meridian_proto::etcdserverpb::AuthenticateRequest,
+    ) -> HashMap<String, tonic::metadata::AsciiMetadataValue> {
+        let primary = self.regions.primary().map(|p| p.region.name.clone());
+        let asks = self.regions.all.iter().filter(|r| Some(&r.name) != primary.as_ref()).map(|r| {
+            let (r, ask) = (r.clone(), ask.clone());
+            async move {
+                let mut client = meridian_proto::etcdserverpb::auth_client::AuthClient::new(r.channel().0);
+                let call = client.authenticate(ask);
+                let token = tokio::time::timeout(std::time::Duration::from_secs(2), call).await.ok()?.ok()?;
+                Some((r.name.clone(), token.into_inner().token.parse().ok()?))
+            }
+        });
+        futures::future::join_all(asks).await.into_iter().flatten().collect()
+    }
+
+    /// `meta` for a call into `region`: a token this gateway handed out is
+    /// swapped for the one its user got in that region (a simple token is
+    /// known only to the cluster that handed it out).
+    pub(crate) fn meta_for(&self, region: &str, meta: &MetadataMap) -> MetadataMap {
+        let token = meta.get("token").and_then(|t| t.to_str().ok());
+        let theirs = token.and_then(|t| self.users.lock().get(t).and_then(|i| i.regions.get(region).cloned()));
+        let mut meta = meta.clone();
+        if let Some(t) = theirs {
+            meta.insert("token", t);
+        }
+        meta
     }
 
     fn seen(&self, conn: Option<SocketAddr>) -> i64 {
@@ -205,6 +249,7 @@ impl Gateway {
         let started = Instant::now();
         let (channel, _) = pick.region.channel();
         let (meta, _, msg) = req.into_parts();
+        let meta = self.meta_for(&pick.region.name, &meta);
         let result = call(channel, forward(&meta, msg)).await;
         self.answer(class, &pick, conn, started, result, revision, true)
     }
@@ -284,6 +329,7 @@ impl Gateway {
         need: i64,
     ) -> Option<Response<RangeResponse>> {
         let deadline = tokio::time::Instant::now() + LINEARIZABLE_WAIT;
+        let meta = &self.meta_for(&pick.region.name, meta);
         loop {
             let mut client = KvClient::new(pick.region.read_channel());
             match tokio::time::timeout_at(deadline, client.range(forward(meta, msg.clone()))).await {
@@ -472,7 +518,7 @@ impl Watch for WatchProxy {
         let pick = gw.pick(Class::Watch, conn)?;
         let started = Instant::now();
         let (meta, _, inbound) = req.into_parts();
-        let result = match crate::watches::open(&pick, &meta).await {
+        let result = match crate::watches::open(gw, &pick, &meta).await {
             Ok(up) => {
                 let (out, rx) = tokio::sync::mpsc::channel(256);
                 tokio::spawn(crate::watches::Session::new(gw.clone(), meta, out).run(inbound, up));

@@ -242,7 +242,7 @@ async fn probe(region: Arc<Region>) {
     if view.has_leader() {
         let mut client = MirrorClient::new(region.client.channel().0);
         mirror_sent = Instant::now();
-        match tokio::time::timeout(PROBE_TIMEOUT, client.status(MirrorStatusRequest {})).await {
+        match tokio::time::timeout(PROBE_TIMEOUT, client.status(MirrorStatusRequest::default())).await {
             Ok(Ok(resp)) => mirror = Some(resp.into_inner()),
             Ok(Err(status)) => error = Some(format!("Mirror.Status: {}", status.message())),
             Err(_) => error = Some("Mirror.Status: no answer".to_string()),

@@ -73,9 +73,10 @@ pub struct Upstream {
 }
 
 /// Opens an upstream Watch stream in `pick`'s region.
-pub async fn open(pick: &Pick, meta: &MetadataMap) -> Result<Upstream, Status> {
+pub async fn open(gw: &Gateway, pick: &Pick, meta: &MetadataMap) -> Result<Upstream, Status> {
     let (requests, rx) = mpsc::channel(BUFFER);
-    let resp = WatchClient::new(pick.region.channel().0).watch(forward(meta, ReceiverStream::new(rx))).await?;
+    let meta = gw.meta_for(&pick.region.name, meta);
+    let resp = WatchClient::new(pick.region.channel().0).watch(forward(&meta, ReceiverStream::new(rx))).await?;
     Ok(Upstream { region: pick.region.name.clone(), requests, responses: resp.into_inner() })
 }
 
@@ -481,7 +482,7 @@ impl Session {
         loop {
             let pick = self.gw.regions.nearest_named(|name, _| avoid.as_deref() != Some(name));
             if let Some(pick) = pick {
-                if let Ok(up) = open(&pick, &self.meta).await {
+                if let Ok(up) = open(&self.gw, &pick, &self.meta).await {
                     tracing::info!(from = failed, to = %up.region, watchers = self.watchers.len(), "moved a watch stream");
                     self.gw.metrics.watch_failovers.inc();
                     if self.recreate(&up).await {
@@ -753,7 +754,7 @@ impl Group {
         create: WatchCreateRequest,
     ) -> Option<(mpsc::Sender<Result<WatchRequest, Status>>, mpsc::Receiver<Result<WatchResponse, Status>>)> {
         let pick = self.gw.regions.nearest(|_| true)?;
-        let up = open(&pick, &meta).await.ok()?;
+        let up = open(&self.gw, &pick, &meta).await.ok()?;
         let (to_session, inbound) = mpsc::channel(16);
         let (out, from_session) = mpsc::channel(BUFFER);
         tokio::spawn(Session::internal(self.gw.clone(), meta, out).run(ReceiverStream::new(inbound), up));

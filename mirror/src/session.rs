@@ -169,6 +169,9 @@ struct Session<'a> {
     target: MirrorClient<Upstream>,
     /// The auth revision of the source's store the target has (0: none sent).
     auth_revision: u64,
+    /// Whether the mirror shows the target a user's token (auth was on there
+    /// when the session started).
+    target_user: bool,
     checkpoint: i64,
     /// Source compact revision last repeated on the target.
     compacted: i64,
@@ -179,9 +182,10 @@ struct Session<'a> {
     trace: Option<String>,
 }
 
-/// A session ends with this when its source is no longer the primary and
-/// other sources are configured: not a failure, the next session follows
-/// the new primary.
+/// A session ends with this when it must start again, not as a failure:
+/// its source is no longer the primary and other sources are configured
+/// (the next session follows the new primary), or auth came on at the
+/// target (the next session authenticates there).
 #[derive(Debug)]
 pub struct TopologyChanged(pub String);
 
@@ -231,20 +235,21 @@ pub async fn run(cfg: &MirrorConfig, source: &[String], m: &Arc<Metrics>) -> any
     let dst = InterceptedService::new(dst, token.clone());
     let mut target =
         MirrorClient::new(dst.clone()).max_decoding_message_size(usize::MAX).max_encoding_message_size(usize::MAX);
-    let ts = target.status(MirrorStatusRequest {}).await.context("target status")?.into_inner();
+    let ts = target.status(MirrorStatusRequest::default()).await.context("target status")?.into_inner();
     anyhow::ensure!(ts.role == "secondary", "the target is a {}, not a secondary", ts.role);
 
-    let (kind, cluster_id, epoch, region) = match MirrorClient::new(src.clone()).status(MirrorStatusRequest {}).await {
-        Ok(s) => {
-            let s = s.into_inner();
-            (Kind::Meridian, s.header.map_or(0, |h| h.cluster_id), s.epoch, s.region)
-        }
-        // No Mirror service: an etcd cluster, read through the public API only.
-        Err(s) if s.code() == tonic::Code::Unimplemented => {
-            (Kind::Etcd, source_header(&src).await?.cluster_id, 0, String::new())
-        }
-        Err(e) => return Err(e).context("source status"),
-    };
+    let (kind, cluster_id, epoch, region) =
+        match MirrorClient::new(src.clone()).status(MirrorStatusRequest::default()).await {
+            Ok(s) => {
+                let s = s.into_inner();
+                (Kind::Meridian, s.header.map_or(0, |h| h.cluster_id), s.epoch, s.region)
+            }
+            // No Mirror service: an etcd cluster, read through the public API only.
+            Err(s) if s.code() == tonic::Code::Unimplemented => {
+                (Kind::Etcd, source_header(&src).await?.cluster_id, 0, String::new())
+            }
+            Err(e) => return Err(e).context("source status"),
+        };
     let lineage = match kind {
         Kind::Meridian => RegionRpcClient::new(src.clone())
             .status(RegionStatusRequest {})
@@ -260,6 +265,7 @@ pub async fn run(cfg: &MirrorConfig, source: &[String], m: &Arc<Metrics>) -> any
         .unwrap_or_default();
     let known_leases = lease_ids(dst).await.context("target leases")?;
     *m.labels.lock() = format!("region={:?},source_region={:?}", ts.region, ts.primary_region);
+    let target_user = token.user.is_some();
     let _heartbeats = Heartbeats::start(&dst_region, m, token, cluster_id);
     m.applied_revision.store(ts.revision, Ordering::Relaxed);
     tracing::info!(
@@ -282,6 +288,7 @@ pub async fn run(cfg: &MirrorConfig, source: &[String], m: &Arc<Metrics>) -> any
         lineage,
         target,
         auth_revision: 0,
+        target_user,
         checkpoint: ts.revision,
         compacted: ts.compact_revision,
         known_leases,
@@ -658,7 +665,7 @@ impl Session<'_> {
             req.revoked_leases = self.known_leases.iter().filter(|id| !live.contains(id)).copied().collect();
         }
         if matches!(self.kind, Kind::Meridian) {
-            let s = MirrorClient::new(self.src.clone()).status(MirrorStatusRequest {}).await?.into_inner();
+            let s = MirrorClient::new(self.src.clone()).status(MirrorStatusRequest::default()).await?.into_inner();
             if s.compact_revision > self.compacted && s.compact_revision <= self.checkpoint {
                 req.compact_revision = s.compact_revision;
             }
@@ -672,9 +679,13 @@ impl Session<'_> {
         }
         let (revoked, compacted) = (req.revoked_leases.clone(), req.compact_revision);
         self.target.apply(req).await.context("housekeeping apply")?;
-        if let Some((revision, _)) = auth {
+        if let Some((revision, store)) = auth {
             tracing::info!(auth_revision = revision, "the source's users and roles are on the target");
             self.auth_revision = revision;
+            let enabled = serde_json::from_slice::<serde_json::Value>(&store).is_ok_and(|v| v["enabled"] == true);
+            if enabled && !self.target_user && self.cfg.dest_user.is_some() {
+                return Err(TopologyChanged("auth is on at the target now: authenticating there".into()).into());
+            }
         }
         for id in &revoked {
             self.known_leases.remove(id);

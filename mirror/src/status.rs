@@ -20,7 +20,7 @@ pub async fn print_status(flags: &StatusFlags) -> anyhow::Result<()> {
         let mut last = None;
         for ep in endpoints("--target", target)? {
             match MirrorClient::connect(ep.clone()).await {
-                Ok(mut c) => match c.status(MirrorStatusRequest {}).await {
+                Ok(mut c) => match c.status(MirrorStatusRequest::default()).await {
                     Ok(s) => {
                         let s = s.into_inner();
                         println!("target:            {ep} ({} of region {:?})", s.role, s.region);

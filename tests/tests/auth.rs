@@ -583,6 +583,45 @@ fn a_secondary_enforces_its_primarys_users_and_roles() -> Result<()> {
     }
     let users = etcdctl(&s, &["--user=root:rootpw", "user", "list"])?;
     ensure!(users.stdout.split_whitespace().collect::<Vec<_>>() == ["alice", "mirrorer", "root"], "{users:?}");
+
+    // Through a gateway in the secondary's region (the primary 25 ms away): a token the gateway
+    // handed out reads from the secondary, which has its own token for the same user.
+    let to_primary = meridian_tests::LatencyProxy::start(&primary.endpoint(1), Duration::from_millis(25))?;
+    let gateway = meridian_tests::GatewayProcess::start(
+        "gw-eu",
+        "eu-west",
+        &[("us-east", vec![to_primary.endpoint()]), ("eu-west", secondary.endpoints())],
+        &[],
+    )?;
+    gateway.wait_regions(Duration::from_secs(20), |doc| {
+        doc["regions"].as_array().is_some_and(|rs| {
+            rs.iter().all(|r| r["healthy"] == true && r["staleness_seconds"].as_f64().is_some_and(|s| s >= 0.0))
+        })
+    })?;
+    let url = format!("http://{}", gateway.endpoint());
+    let served = tokio::runtime::Runtime::new()?.block_on(async {
+        let token = authenticate(url.clone(), "alice", "apw").await?;
+        let mut kv = KvClient::connect(url).await?;
+        let mut regions = Vec::new();
+        for serializable in [true, false] {
+            let req = RangeRequest { key: b"app/x".to_vec(), serializable, ..Default::default() };
+            let resp =
+                kv.range(with_token(req, &token)?).await.with_context(|| format!("serializable {serializable}"))?;
+            let region =
+                resp.metadata().get("x-meridian-region").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            ensure!(resp.into_inner().kvs.first().is_some_and(|kv| kv.value == b"1"), "app/x through the gateway");
+            regions.push(region);
+        }
+        let denied = kv
+            .range(with_token(
+                RangeRequest { key: b"other".to_vec(), serializable: true, ..Default::default() },
+                &token,
+            )?)
+            .await;
+        ensure!(denied.as_ref().is_err_and(|s| s.code() == tonic::Code::PermissionDenied), "{denied:?}");
+        Ok::<_, anyhow::Error>(regions)
+    })?;
+    ensure!(served == ["eu-west", "eu-west"], "reads were not served by the secondary: {served:?}");
     // Writes still reach the secondary (the mirror writes as its user now), and a revoked grant
     // is revoked there too.
     mirror.wait_applied(put("app/z")?, Duration::from_secs(20))?;

@@ -25,7 +25,7 @@ macro_rules! to_primary {
                 &self,
                 req: Request<AuthenticateRequest>,
             ) -> Result<Response<AuthenticateResponse>, Status> {
-                let user = req.get_ref().name.clone();
+                let ask = req.get_ref().clone();
                 let resp = self
                     .0
                     .unary(
@@ -35,7 +35,9 @@ macro_rules! to_primary {
                         |r| rev(&r.header),
                     )
                     .await?;
-                self.0.learn_token(resp.get_ref().token.clone(), user);
+                let regions = self.0.authenticate_elsewhere(&ask).await;
+                let identity = crate::proxy::Identity { user: ask.name, regions };
+                self.0.learn_token(resp.get_ref().token.clone(), identity);
                 Ok(resp)
             }
             $(

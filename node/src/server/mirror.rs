@@ -155,7 +155,10 @@ impl Mirror for MirrorService {
         }))
     }
 
-    async fn status(&self, _: Request<MirrorStatusRequest>) -> Result<Response<MirrorStatusResponse>, Status> {
+    async fn status(&self, req: Request<MirrorStatusRequest>) -> Result<Response<MirrorStatusResponse>, Status> {
+        if req.get_ref().linearizable {
+            self.server.read_barrier().await?;
+        }
         let marks = self.server.mvcc.marks();
         let role = self.server.role.get();
         let f = self.server.freshness();
