@@ -156,14 +156,17 @@ impl Gateway {
     /// `meta` for a call into `region`: a token this gateway handed out is
     /// swapped for the one its user got in that region (a simple token is
     /// known only to the cluster that handed it out).
-    pub(crate) fn meta_for(&self, region: &str, meta: &MetadataMap) -> MetadataMap {
+    pub(crate) fn meta_for<'m>(&self, region: &str, meta: &'m MetadataMap) -> std::borrow::Cow<'m, MetadataMap> {
         let token = meta.get("token").and_then(|t| t.to_str().ok());
         let theirs = token.and_then(|t| self.users.lock().get(t).and_then(|i| i.regions.get(region).cloned()));
-        let mut meta = meta.clone();
-        if let Some(t) = theirs {
-            meta.insert("token", t);
+        match theirs {
+            Some(t) => {
+                let mut meta = meta.clone();
+                meta.insert("token", t);
+                std::borrow::Cow::Owned(meta)
+            }
+            None => std::borrow::Cow::Borrowed(meta),
         }
-        meta
     }
 
     fn seen(&self, conn: Option<SocketAddr>) -> i64 {

@@ -139,6 +139,24 @@ pub fn mask_hex_ids(s: &str) -> String {
     out
 }
 
+/// Asserts that a session run against Meridian printed, step by step, what the same session
+/// printed against etcd, and that etcd's showed each of `expected` (so the session checks
+/// something).
+///
+/// # Panics
+///
+/// On the first step that differs, a different number of steps, or an expected text missing.
+pub fn assert_same_steps(etcd: &[String], meridian: &[String], expected: &[&str]) {
+    for (i, (e, m)) in etcd.iter().zip(meridian).enumerate() {
+        assert_eq!(m, e, "step {i}: meridian (left) and etcd (right) differ");
+    }
+    assert_eq!(meridian.len(), etcd.len(), "the sessions have different numbers of steps");
+    let all = etcd.join("\n");
+    for want in expected {
+        assert!(all.contains(want), "the session never showed {want:?}:\n{all}");
+    }
+}
+
 /// Replaces the values of `cluster_id`, `member_id` and `raft_term` in JSON
 /// output with `N`: they differ between any two clusters by nature.
 pub fn mask_ids(s: &str) -> String {

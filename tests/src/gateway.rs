@@ -133,6 +133,16 @@ impl GatewayProcess {
         }
     }
 
+    /// Waits until every region is healthy and each one's staleness is known (a secondary's
+    /// once the mirror's heartbeats reached it).
+    pub fn wait_every_region_known(&self, timeout: Duration) -> Result<()> {
+        self.wait_regions(timeout, |doc| {
+            doc["regions"].as_array().is_some_and(|rs| {
+                rs.iter().all(|r| r["healthy"] == true && r["staleness_seconds"].as_f64().is_some_and(|s| s >= 0.0))
+            })
+        })
+    }
+
     /// Waits until `check` holds for the `/v1/regions` document.
     pub fn wait_regions(&self, timeout: Duration, check: impl Fn(&serde_json::Value) -> bool) -> Result<()> {
         let deadline = Instant::now() + timeout;

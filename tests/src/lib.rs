@@ -82,8 +82,8 @@ pub use bins::{etcd_bin, etcdctl_bin, meridian_bin};
 pub use certs::{Pair, TestCa};
 pub use cluster::{Cluster, ClusterOpts, EtcdCluster, Server};
 pub use etcdctl::{
-    decode_b64, etcdctl, etcdctl_json, etcdctl_ok, etcdctl_with_input, etcdctl_with_timeout, mask_hex_ids, mask_ids,
-    CtlOutput,
+    assert_same_steps, decode_b64, etcdctl, etcdctl_json, etcdctl_ok, etcdctl_with_input, etcdctl_with_timeout,
+    mask_hex_ids, mask_ids, CtlOutput,
 };
 pub use gateway::GatewayProcess;
 pub use http::{check_health, http_get, http_post, http_post_with};
