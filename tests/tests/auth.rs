@@ -55,6 +55,17 @@ fn etcdctl_each(eps: &[String], commands: &[&[&str]]) -> Result<()> {
     Ok(())
 }
 
+/// root, and alice with READWRITE over `app/`; then auth on.
+const ALICE_OWNS_APP: &[&[&str]] = &[
+    &["user", "add", "root:rootpw"],
+    &["user", "grant-role", "root", "root"],
+    &["user", "add", "alice:apw"],
+    &["role", "add", "reader"],
+    &["role", "grant-permission", "reader", "readwrite", "app/", "--prefix"],
+    &["user", "grant-role", "alice", "reader"],
+    &["auth", "enable"],
+];
+
 /// The users of the matrix, as `--user` takes them (`None`: no credentials).
 const USERS: [Option<&str>; 8] = [
     Some("root:rootpw"),
@@ -267,18 +278,7 @@ async fn tokens_work_on_every_member_and_auth_outlives_a_restart() -> Result<()>
     for server in [Server::Etcd, Server::Meridian] {
         let mut c = Cluster::start_server(server, 3, opts(Vec::new()))?;
         let eps = [c.endpoint(1)];
-        etcdctl_each(
-            &eps,
-            &[
-                &["user", "add", "root:rootpw"],
-                &["user", "grant-role", "root", "root"],
-                &["user", "add", "alice:apw"],
-                &["role", "add", "reader"],
-                &["role", "grant-permission", "reader", "readwrite", "app/", "--prefix"],
-                &["user", "grant-role", "alice", "reader"],
-                &["auth", "enable"],
-            ],
-        )?;
+        etcdctl_each(&eps, ALICE_OWNS_APP)?;
         for round in ["before", "after"] {
             let token = authenticate(c.client_url(1), "alice", "apw").await?;
             for i in [3, 2] {
@@ -351,18 +351,7 @@ async fn jwt_tokens_behave_as_etcds() -> Result<()> {
     for server in [Server::Etcd, Server::Meridian] {
         let mut c = Cluster::start_server(server, 3, opts(vec![flag.clone()]))?;
         let eps = [c.endpoint(1)];
-        etcdctl_each(
-            &eps,
-            &[
-                &["user", "add", "root:rootpw"],
-                &["user", "grant-role", "root", "root"],
-                &["user", "add", "alice:apw"],
-                &["role", "add", "reader"],
-                &["role", "grant-permission", "reader", "readwrite", "app/", "--prefix"],
-                &["user", "grant-role", "alice", "reader"],
-                &["auth", "enable"],
-            ],
-        )?;
+        etcdctl_each(&eps, ALICE_OWNS_APP)?;
         let token = authenticate(c.client_url(1), "alice", "apw").await?;
         let claimed = claims(&token)?;
         ensure!(claimed["username"] == "alice" && claimed["exp"].is_u64(), "{server:?}: {claimed}");
