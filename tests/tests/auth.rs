@@ -736,3 +736,61 @@ async fn a_gateway_never_shares_a_watch_between_users() -> Result<()> {
     ensure!(!matches!(&leaked, Ok(Ok(Some(r))) if !r.events.is_empty()), "Bob saw Alice's event: {leaked:?}");
     Ok(())
 }
+
+/// Where etcd 3.4.23 checks nothing, Meridian checks as later 3.4 releases do: a keep-alive
+/// needs a user who may write the lease's keys, a TTL with its keys one who may read them, the
+/// lease list a user; raising or clearing an alarm and compacting are root's. Reading alarms is
+/// anyone's.
+#[test]
+fn leases_alarms_and_compaction_are_checked_as_later_34_releases_check_them() -> Result<()> {
+    let c = Cluster::start(1, opts(Vec::new()))?;
+    let eps = [c.endpoint(1)];
+    etcdctl_each(&eps, ALICE_OWNS_APP)?;
+    etcdctl_each(&eps, &[&["--user=root:rootpw", "user", "add", "bob:bpw"]])?;
+    let granted = etcdctl(&eps, &["--user=alice:apw", "lease", "grant", "60"])?;
+    let id = granted.stdout.split_whitespace().nth(1).context("no lease id")?.to_string();
+    etcdctl_each(&eps, &[&["--user=alice:apw", "put", "app/k", "v", "--lease", &id]])?;
+    for (args, want) in [
+        (vec!["--user=alice:apw", "lease", "keep-alive", "--once", &id], Ok("keepalived with TTL")),
+        (vec!["--user=bob:bpw", "lease", "keep-alive", "--once", &id], Err("etcdserver: permission denied")),
+        (vec!["--user=alice:apw", "lease", "timetolive", &id, "--keys"], Ok("attached keys")),
+        (vec!["--user=bob:bpw", "lease", "timetolive", &id, "--keys"], Err("etcdserver: permission denied")),
+        (vec!["--user=bob:bpw", "lease", "timetolive", &id], Ok("remaining")),
+        (vec!["lease", "timetolive", &id], Err("etcdserver: user name is empty")),
+        (vec!["lease", "list"], Err("etcdserver: user name is empty")),
+        (vec!["--user=bob:bpw", "lease", "list"], Ok("found 1 leases")),
+        (vec!["alarm", "list"], Ok("")),
+        (vec!["--user=alice:apw", "compact", "2"], Err("etcdserver: permission denied")),
+        (vec!["--user=root:rootpw", "compact", "2"], Ok("compacted revision 2")),
+    ] {
+        let out = etcdctl(&eps, &args)?;
+        match want {
+            Ok(text) => {
+                ensure!(out.success() && out.stdout.contains(text), "etcdctl {args:?}: {}{}", out.stdout, out.stderr)
+            }
+            Err(text) => {
+                ensure!(!out.success() && out.stderr.contains(text), "etcdctl {args:?}: {}{}", out.stdout, out.stderr)
+            }
+        }
+    }
+    // Raising an alarm (etcdctl only clears the alarms it lists): bob may not, root may.
+    tokio::runtime::Runtime::new()?.block_on(async {
+        use meridian_proto::etcdserverpb::maintenance_client::MaintenanceClient;
+        use meridian_proto::etcdserverpb::{alarm_request::AlarmAction, AlarmRequest, AlarmType};
+        let raise =
+            AlarmRequest { action: AlarmAction::Activate as i32, member_id: 1, alarm: AlarmType::Nospace as i32 };
+        let mut m = MaintenanceClient::connect(c.client_url(1)).await?;
+        let bob = authenticate(c.client_url(1), "bob", "bpw").await?;
+        let refused = m.alarm(with_token(raise.clone(), &bob)?).await;
+        ensure!(refused.as_ref().is_err_and(|s| s.code() == tonic::Code::PermissionDenied), "{refused:?}");
+        let root = authenticate(c.client_url(1), "root", "rootpw").await?;
+        m.alarm(with_token(raise, &root)?).await.context("root raises an alarm")?;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let listed = etcdctl(&eps, &["alarm", "list"])?;
+    ensure!(listed.stdout.contains("NOSPACE"), "anyone reads the alarms: {listed:?}");
+    let cleared = etcdctl(&eps, &["--user=bob:bpw", "alarm", "disarm"])?;
+    ensure!(!cleared.success() && cleared.stderr.contains("etcdserver: permission denied"), "{cleared:?}");
+    etcdctl_each(&eps, &[&["--user=root:rootpw", "alarm", "disarm"]])?;
+    Ok(())
+}

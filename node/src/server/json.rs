@@ -218,7 +218,10 @@ pub fn routes(into: Router, api: Arc<JsonApi>) -> Router {
                 &format!("{prefix}/watch"),
                 post(move |headers: HeaderMap, body: Bytes| watch(api2.clone(), headers, body)),
             )
-            .route(&format!("{prefix}/lease/keepalive"), post(move |body: Bytes| keep_alive(api3.clone(), body)))
+            .route(
+                &format!("{prefix}/lease/keepalive"),
+                post(move |headers: HeaderMap, body: Bytes| keep_alive(api3.clone(), headers, body)),
+            )
             .route(
                 &format!("{prefix}/election/observe"),
                 post(move |headers: HeaderMap, body: Bytes| observe(api4.clone(), headers, body)),
@@ -279,7 +282,11 @@ fn streamed(lines: mpsc::Receiver<Result<Bytes, std::io::Error>>) -> Response {
 
 /// `/v3/lease/keepalive`: one answer line per `{"ID": ...}` in the body,
 /// as the gRPC stream answers them; the first error ends it.
-async fn keep_alive(api: Arc<JsonApi>, body: Bytes) -> Response {
+async fn keep_alive(api: Arc<JsonApi>, headers: HeaderMap, body: Bytes) -> Response {
+    let who = match api.lease.server.auth_info(request((), &headers).metadata()).await {
+        Ok(who) => who,
+        Err(e) => return error(&Status::from(e)),
+    };
     let mut ids = Vec::new();
     for msg in serde_json::Deserializer::from_slice(&body).into_iter::<LeaseKeepAliveRequest>() {
         match msg {
@@ -289,7 +296,7 @@ async fn keep_alive(api: Arc<JsonApi>, body: Bytes) -> Response {
     }
     let mut out = Vec::new();
     for id in ids {
-        match keep_alive_once(&api.lease.server, &api.lease.leader, id).await {
+        match keep_alive_once(&api.lease.server, &api.lease.leader, &who, id).await {
             Ok(r) => out.extend_from_slice(&stream_line(&r)),
             Err(status) => {
                 out.extend_from_slice(&stream_error(&status));

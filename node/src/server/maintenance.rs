@@ -106,12 +106,15 @@ impl MaintenanceService {
 #[tonic::async_trait]
 impl Maintenance for MaintenanceService {
     async fn alarm(&self, req: Request<AlarmRequest>) -> Result<Response<AlarmResponse>, Status> {
+        let metadata = req.metadata().clone();
         let r = req.into_inner();
         let rev = self.server.mvcc.marks().current;
         if r.action == AlarmAction::Get as i32 {
             let alarms = Alarms::load(&self.server.mvcc);
             return Ok(Response::new(AlarmResponse { header: Some(self.server.header(rev)), alarms: alarms.0 }));
         }
+        // Raising or clearing an alarm is root's (etcd 3.4.42 and later; 3.4.23 lets anyone).
+        self.server.check_admin(&metadata).await?;
         match self.server.propose(Internal::Alarm(r)).await? {
             Applied::Alarm(mut resp) => {
                 resp.header = Some(self.server.header(self.server.mvcc.marks().current));

@@ -3,11 +3,13 @@
 //! READ too when it asks for the previous values; a txn each of its compares
 //! READ and every request of both branches what it needs alone; attaching
 //! a key to a lease, or revoking one, WRITE over every key the lease holds
-//! (a user who could not revoke a lease must not extend it); granting one,
-//! a user. Membership and auth changes, compaction, and the maintenance
-//! calls that read or move the whole store need the role `root`. (etcd
-//! 3.4.23 leaves compaction, lease grants, nested txns and a txn put's
-//! previous value unchecked; later 3.4 releases check them as here.)
+//! (a user who could not revoke a lease must not extend it, nor keep it
+//! alive); granting one or listing them, a user; a lease's TTL with its
+//! keys, READ over them. Membership and auth changes, compaction, alarms
+//! raised or cleared, and the maintenance calls that read or move the whole
+//! store need the role `root`. (etcd 3.4.23 leaves compaction, leases,
+//! alarms, nested txns and a txn put's previous value unchecked; later 3.4
+//! releases check them as here.)
 //!
 //! The same checks run when the member takes the call and again in apply,
 //! against the auth store as of that entry (see [`AuthState::permits`]).

@@ -24,6 +24,7 @@ use tonic::{Request, Response, Status, Streaming};
 use super::{Lessor, MAX_LEASE_TTL};
 use crate::error::{Error, Result};
 use crate::server::apply::Applied;
+use crate::server::auth::store::AuthInfo;
 use crate::server::cluster::Members;
 use crate::server::EtcdServer;
 
@@ -134,11 +135,22 @@ fn renew_here(server: &Arc<EtcdServer>, lessor: &Lessor, id: i64) -> Result<i64>
 pub async fn keep_alive_once(
     server: &Arc<EtcdServer>,
     leader: &LeaderLink,
+    who: &AuthInfo,
     id: i64,
 ) -> std::result::Result<LeaseKeepAliveResponse, Status> {
+    check_lease_user(server, who, id)?;
     server.check_writable()?;
     let ttl = leader.renew(id).await?;
     Ok(LeaseKeepAliveResponse { header: Some(server.header(server.mvcc.marks().current)), id, ttl })
+}
+
+/// With auth on, a keep-alive needs a user who may write every key the
+/// lease holds (root may always), as etcd 3.4.42 and later ask: a user who
+/// could not revoke the lease must not keep it alive either.
+fn check_lease_user(server: &EtcdServer, who: &AuthInfo, id: i64) -> Result<()> {
+    let state = server.auth.state();
+    state.check_fresh(who)?;
+    state.check_lease(&who.user, id, &|id| server.lease_keys(id))
 }
 
 /// A forwarded call that failed: the leader moved or is unreachable.
@@ -196,12 +208,14 @@ impl Lease for LeaseService {
         &self,
         req: Request<Streaming<LeaseKeepAliveRequest>>,
     ) -> Result<Response<Self::LeaseKeepAliveStream>, Status> {
+        // The stream's user, from the token it came with.
+        let who = self.server.auth_info(req.metadata()).await?;
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let (server, leader) = (self.server.clone(), self.leader.clone());
         tokio::spawn(async move {
             while let Ok(Some(r)) = inbound.message().await {
-                let reply = keep_alive_once(&server, &leader, r.id).await;
+                let reply = keep_alive_once(&server, &leader, &who, r.id).await;
                 let failed = reply.is_err();
                 if tx.send(reply).await.is_err() || failed {
                     break;
@@ -215,7 +229,16 @@ impl Lease for LeaseService {
         &self,
         req: Request<LeaseTimeToLiveRequest>,
     ) -> Result<Response<LeaseTimeToLiveResponse>, Status> {
+        // A user; with the keys asked for, one who may read each (root may always).
+        let who = self.server.auth_info(req.metadata()).await?;
         let r = req.into_inner();
+        let state = self.server.auth.state();
+        state.check_fresh(&who)?;
+        if r.keys {
+            for key in self.server.lease_keys(r.id) {
+                state.check_range(&who.user, &key, &[])?;
+            }
+        }
         let (ttl, granted_ttl, keys) = self.leader.time_to_live(r.id, r.keys).await?;
         Ok(Response::new(LeaseTimeToLiveResponse {
             header: Some(self.server.header(self.server.mvcc.marks().current)),
@@ -226,7 +249,10 @@ impl Lease for LeaseService {
         }))
     }
 
-    async fn lease_leases(&self, _: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
+    async fn lease_leases(&self, req: Request<LeaseLeasesRequest>) -> Result<Response<LeaseLeasesResponse>, Status> {
+        // A user (the ids alone say nothing of the keys).
+        let who = self.server.auth_info(req.metadata()).await?;
+        self.server.auth.state().check_fresh(&who)?;
         Ok(Response::new(LeaseLeasesResponse {
             header: Some(self.server.header(self.server.mvcc.marks().current)),
             leases: self.lessor.leases().into_iter().map(|id| LeaseStatus { id }).collect(),
