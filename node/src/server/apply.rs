@@ -266,6 +266,7 @@ impl EtcdStateMachine {
             Request::AuthChange(c) => {
                 let change = c.change.ok_or(Error::InvalidAuthMgmt)?;
                 let token = self.auth.apply(&change, index, &self.mvcc)?;
+                self.auth_changed();
                 Ok(Applied::Auth(token))
             }
         }
@@ -273,6 +274,11 @@ impl EtcdStateMachine {
 }
 
 impl EtcdStateMachine {
+    /// The auth store changed (a change, a primary's copy, a snapshot): its revision gauge follows.
+    fn auth_changed(&self) {
+        self.metrics.auth_revision.set(self.auth.state().revision as i64);
+    }
+
     /// Applies a change to the member list, with etcd's refusals.
     fn change_members(&mut self, change: &MemberChange) -> Result<Applied> {
         let mut members = Members::load(&self.mvcc);
@@ -424,6 +430,7 @@ impl EtcdStateMachine {
         // The source's users and roles, so this secondary enforces the same.
         if !m.auth_store.is_empty() {
             self.auth.replace(&m.auth_store, &self.mvcc)?;
+            self.auth_changed();
         }
         if m.reset {
             // The source's retained history replaces the store: state at its
@@ -525,7 +532,6 @@ impl StateMachine for EtcdStateMachine {
         }
         self.traced.clear();
         self.metrics.current_revision.set(marks.current);
-        self.metrics.auth_revision.set(self.auth.state().revision as i64);
         self.metrics.compact_revision.set(marks.compacted);
         for c in self.mvcc.take_compactions() {
             self.metrics.compaction_keys.inc_by(c.keys);
@@ -579,6 +585,7 @@ impl StateMachine for EtcdStateMachine {
         self.peers_changed = true;
         self.lessor.rebuild(&self.mvcc);
         self.auth.reload(&self.mvcc);
+        self.auth_changed();
         if let Some(role) = RoleState::load(&self.mvcc) {
             self.role.set(role);
         }

@@ -60,13 +60,17 @@ impl AuthState {
     ///
     /// [`Error::UserEmpty`], [`Error::AuthOldRevision`].
     pub fn check_fresh(&self, who: &AuthInfo) -> Result<()> {
+        self.fresh(&who.user, who.revision)
+    }
+
+    fn fresh(&self, user: &str, revision: u64) -> Result<()> {
         if !self.enabled {
             return Ok(());
         }
-        if who.user.is_empty() {
+        if user.is_empty() {
             return Err(Error::UserEmpty);
         }
-        if who.revision < self.revision {
+        if revision < self.revision {
             return Err(Error::AuthOldRevision);
         }
         Ok(())
@@ -159,17 +163,12 @@ impl AuthState {
                 return Ok(());
             }
         }
-        if auth.user.is_empty() {
-            return Err(Error::UserEmpty);
-        }
         let user = auth.user.as_str();
         // Admin calls do not look at the revision, as in etcd.
         if let Request::AuthChange(_) | Request::MemberChange(_) | Request::Compaction(_) = request {
             return self.check_admin(user);
         }
-        if auth.revision < self.revision {
-            return Err(Error::AuthOldRevision);
-        }
+        self.fresh(user, auth.revision)?;
         match request {
             Request::Put(p) => self.check_put(user, p, lease_keys),
             Request::DeleteRange(d) => self.check_delete(user, d),
