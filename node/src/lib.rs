@@ -35,6 +35,7 @@ use meridian_proto::meridian::v1::region_server::RegionServer;
 use meridian_proto::meridian::v1::MemberAttributes;
 use meridian_proto::v3electionpb::election_server::ElectionServer;
 use meridian_proto::v3lockpb::lock_server::LockServer;
+use meridian_wire::coalesce::Coalesce;
 use meridian_wire::tls::{ClientTls, ServerStream, ServerTls};
 use tokio::sync::watch;
 use tokio_stream::StreamExt;
@@ -555,7 +556,7 @@ async fn serve(
     let tls = tls.filter(|_| url.is_tls());
     let incoming = meridian_wire::tls::incoming(listener, tls).map(move |conn| {
         conn.map(|s| match &metrics {
-            Some(m) => Either::Fixed(AuthorityFix::new(s), m.clone()),
+            Some(m) => Either::Fixed(AuthorityFix::new(Coalesce::new(s)), m.clone()),
             None => Either::Plain(s),
         })
     });
@@ -584,10 +585,10 @@ async fn serve(
 }
 
 /// An accepted connection: a peer's or a metrics client's as it is, or an
-/// etcd client's with the `:authority` fix and its bytes counted.
+/// etcd client's with the `:authority` fix, its writes coalesced and its bytes counted.
 enum Either {
     Plain(ServerStream),
-    Fixed(AuthorityFix<ServerStream>, Arc<Metrics>),
+    Fixed(AuthorityFix<Coalesce<ServerStream>>, Arc<Metrics>),
 }
 
 macro_rules! either {
@@ -684,7 +685,7 @@ impl tonic::transport::server::Connected for Either {
     fn connect_info(&self) -> Self::ConnectInfo {
         let s = match self {
             Either::Plain(s) => s,
-            Either::Fixed(s, _) => s.get_ref(),
+            Either::Fixed(s, _) => s.get_ref().get_ref(),
         };
         ClientConn { tcp: s.connect_info(), common_name: s.peer_common_name() }
     }

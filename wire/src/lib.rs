@@ -15,8 +15,11 @@
 //! - [`tls`]: rustls for listeners and for clients of `https://` URLs;
 //! - [`authority`]: lets etcd Go clients' schemed HTTP/2 `:authority` through
 //!   a client port (members and gateways).
+//! - [`coalesce`]: gathers a connection's writes into fewer syscalls (every
+//!   client port, and every client of [`tls::ClientTls`]).
 
 pub mod authority;
+pub mod coalesce;
 pub mod delay;
 pub mod duration;
 pub mod etcd;

@@ -345,14 +345,10 @@ impl ClientTls {
         }
     }
 
-    /// A lazy channel to `endpoint`: through rustls for `https://` and
-    /// `unixs://` (tonic dials `unix://` itself).
+    /// A lazy channel to `endpoint`, dialed by [`Connector`]: writes
+    /// coalesced, and through rustls for `https://` and `unixs://`.
     pub fn channel(&self, endpoint: &Endpoint) -> Channel {
-        if matches!(endpoint.uri().scheme_str(), Some("https" | "unixs")) {
-            endpoint.connect_with_connector_lazy(Connector(self.clone()))
-        } else {
-            endpoint.connect_lazy()
-        }
+        endpoint.connect_with_connector_lazy(Connector(self.clone()))
     }
 
     /// A connection to `uri` (`http`, `https`, `unix` or `unixs`), for a
@@ -361,14 +357,14 @@ impl ClientTls {
     /// # Errors
     ///
     /// What dialing or the handshake failed with.
-    pub async fn dial(
-        &self,
-        uri: http::Uri,
-    ) -> io::Result<hyper_util::rt::TokioIo<Stream<tokio_rustls::client::TlsStream<Io>>>> {
+    pub async fn dial(&self, uri: http::Uri) -> io::Result<hyper_util::rt::TokioIo<ClientStream>> {
         use tower::Service;
         Connector(self.clone()).call(uri).await
     }
 }
+
+/// A connection [`ClientTls`] dialed, its writes coalesced.
+pub type ClientStream = crate::coalesce::Coalesce<Stream<tokio_rustls::client::TlsStream<Io>>>;
 
 /// Dials for tonic (and the gateway's JSON forwarding): TCP (no Nagle), or the socket file of
 /// `unix(s)://`, then rustls for `https://` and `unixs://`.
@@ -376,7 +372,7 @@ impl ClientTls {
 struct Connector(ClientTls);
 
 impl tower::Service<http::Uri> for Connector {
-    type Response = hyper_util::rt::TokioIo<Stream<tokio_rustls::client::TlsStream<Io>>>;
+    type Response = hyper_util::rt::TokioIo<ClientStream>;
     type Error = io::Error;
     type Future = Pin<Box<dyn std::future::Future<Output = io::Result<Self::Response>> + Send>>;
 
@@ -399,13 +395,14 @@ impl tower::Service<http::Uri> for Connector {
                 let _ = tcp.set_nodelay(true);
                 Io::Tcp(tcp)
             };
+            let coalesce = |s| hyper_util::rt::TokioIo::new(crate::coalesce::Coalesce::new(s));
             if !matches!(uri.scheme_str(), Some("https" | "unixs")) {
-                return Ok(hyper_util::rt::TokioIo::new(Stream::Plain(io)));
+                return Ok(coalesce(Stream::Plain(io)));
             }
             let name = ServerName::try_from(host.clone())
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, format!("{host}: {e}")))?;
             let stream = tokio_rustls::TlsConnector::from(tls.config()).connect(name, io).await?;
-            Ok(hyper_util::rt::TokioIo::new(Stream::Tls(Box::new(stream))))
+            Ok(coalesce(Stream::Tls(Box::new(stream))))
         })
     }
 }

@@ -8,27 +8,34 @@
 //!
 //! [`AuthorityFix`] sits between the socket and the HTTP/2 server on the
 //! read side only. It parses the frame layer of the client's byte stream;
-//! header blocks (HEADERS plus CONTINUATION) are HPACK-decoded, a schemed
-//! `:authority` is cut to `host:port`, and the block is re-encoded with an
-//! encoder whose table mirrors the server's decoder. Every other frame, and
-//! every byte of a non-HTTP/2 connection (plain HTTP/1 for /health),
-//! passes through untouched.
+//! in each header block (HEADERS plus CONTINUATION) a literal `:authority`
+//! with a scheme is cut to `host:port` ([`hpack`] says how the server's
+//! HPACK table stays in step). A block with none passes as it came, and so
+//! does every other frame, and every byte of a non-HTTP/2 connection (plain
+//! HTTP/1 for /health).
 //!
 //! Memory is bounded by the limits the HTTP/2 server itself is configured
 //! with ([`MAX_FRAME`], [`MAX_HEADER_LIST`]), before h2 sees a byte: a frame
-//! that declares more than the frame limit, or a header block (compressed,
-//! or decoded) past the header list limit, is never buffered. The connection
-//! is then closed with a protocol error: the server is handed a frame header
-//! over its frame limit, which h2 answers with GOAWAY(FRAME_SIZE_ERROR), and
-//! nothing more is read from the client.
+//! that declares more than the frame limit, or a compressed header block
+//! past what a header list within the limit can take, is never buffered.
+//! The connection is then closed with a protocol error: the server is
+//! handed a frame header over its frame limit, which h2 answers with
+//! GOAWAY(FRAME_SIZE_ERROR), and nothing more is read from the client. The
+//! decoded size of a block is h2's to bound (it is configured with the same
+//! header list limit); the fix decodes no indexed field, so a small block
+//! that names large entries costs it nothing.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::{Buf, BufMut, BytesMut};
-use loona_hpack::{Decoder, Encoder};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+mod hpack;
+#[cfg(test)]
+use hpack::strip_scheme;
+use hpack::Scanner;
 
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const FRAME_HEADER: usize = 9;
@@ -73,8 +80,7 @@ pub struct AuthorityFix<S> {
     ready: BytesMut,
     mode: Mode,
     block: Option<Block>,
-    decoder: Decoder<'static>,
-    encoder: Encoder<'static>,
+    hpack: Scanner,
 }
 
 impl<S> AuthorityFix<S> {
@@ -85,8 +91,7 @@ impl<S> AuthorityFix<S> {
             ready: BytesMut::new(),
             mode: Mode::Preface,
             block: None,
-            decoder: Decoder::new(),
-            encoder: Encoder::new(),
+            hpack: Scanner::default(),
         }
     }
 
@@ -138,7 +143,7 @@ impl<S> AuthorityFix<S> {
                     let kind = frame[3];
                     let in_block = self.block.is_some();
                     if kind == HEADERS && !in_block {
-                        self.start_block(&frame)?;
+                        self.start_block(frame)?;
                     } else if kind == CONTINUATION && in_block {
                         let flags = frame[4];
                         let Some(b) = self.block.as_mut() else { continue };
@@ -177,7 +182,10 @@ impl<S> AuthorityFix<S> {
         self.mode = Mode::Closed;
     }
 
-    fn start_block(&mut self, frame: &[u8]) -> io::Result<()> {
+    /// A HEADERS frame: a whole block passes as it came unless it needs
+    /// a rewrite; the start of one spread over CONTINUATION frames waits
+    /// for the rest.
+    fn start_block(&mut self, frame: BytesMut) -> io::Result<()> {
         let flags = frame[4];
         let stream = u32::from_be_bytes([frame[5], frame[6], frame[7], frame[8]]) & 0x7fff_ffff;
         let mut payload = &frame[FRAME_HEADER..];
@@ -197,61 +205,64 @@ impl<S> AuthorityFix<S> {
         }
         let fragment = payload
             .get(..payload.len().checked_sub(pad).ok_or_else(|| bad("padding longer than frame"))?)
-            .ok_or_else(|| bad("bad padding"))?
-            .to_vec();
-        self.block = Some(Block { stream, flags, priority, fragment });
-        if flags & END_HEADERS != 0 {
-            self.finish_block()?;
+            .ok_or_else(|| bad("bad padding"))?;
+        if flags & END_HEADERS == 0 {
+            self.block = Some(Block { stream, flags, priority, fragment: fragment.to_vec() });
+            return Ok(());
+        }
+        match self.hpack.rewrite(fragment) {
+            Ok(None) => self.ready.unsplit(frame),
+            Ok(Some(block)) => self.put_block(stream, flags, priority, &block),
+            Err(_) => self.malformed(frame),
         }
         Ok(())
+    }
+
+    /// A block the scanner cannot follow goes to the server as it is (it
+    /// decodes it too, and ends the connection), with all that follows.
+    fn malformed(&mut self, rest: BytesMut) {
+        self.ready.unsplit(rest);
+        let rest = self.raw.split();
+        self.ready.unsplit(rest);
+        self.mode = Mode::Passthrough;
     }
 
     fn finish_block(&mut self) -> io::Result<()> {
         let Some(block) = self.block.take() else {
             return Ok(());
         };
-        // Decoded size is counted as HTTP/2 does, and nothing past the
-        // limit is kept: indexed fields make a small block decode large.
-        let (mut headers, mut size) = (Vec::new(), 0usize);
-        self.decoder
-            .decode_with_cb(&block.fragment, |name, value| {
-                size = size.saturating_add(name.len() + value.len() + 32);
-                if size <= MAX_HEADER_LIST {
-                    let value = match &*name {
-                        b":authority" => strip_scheme(&value).unwrap_or_else(|| value.into_owned()),
-                        _ => value.into_owned(),
-                    };
-                    headers.push((name.into_owned(), value));
-                }
-            })
-            .map_err(|e| bad(&format!("HPACK: {e:?}")))?;
-        if size > MAX_HEADER_LIST {
-            let mut header = [0u8; FRAME_HEADER];
-            header[3] = HEADERS;
-            header[5..].copy_from_slice(&block.stream.to_be_bytes());
-            self.close_with(&header);
-            return Ok(());
+        match self.hpack.rewrite(&block.fragment) {
+            Ok(None) => self.put_block(block.stream, block.flags, block.priority, &block.fragment),
+            Ok(Some(rewritten)) => self.put_block(block.stream, block.flags, block.priority, &rewritten),
+            Err(_) => {
+                self.put_block(block.stream, block.flags, block.priority, &block.fragment);
+                self.malformed(BytesMut::new());
+            }
         }
-        let encoded = self.encoder.encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        Ok(())
+    }
+
+    /// `encoded` as a HEADERS frame, and CONTINUATION frames for what does
+    /// not fit in one.
+    fn put_block(&mut self, stream: u32, flags: u8, priority: Option<[u8; 5]>, encoded: &[u8]) {
         let mut first_payload = Vec::with_capacity(encoded.len() + 5);
-        if let Some(p) = block.priority {
+        if let Some(p) = priority {
             first_payload.extend_from_slice(&p);
         }
         let room = MAX_FRAME - first_payload.len();
         let (head, mut rest) = encoded.split_at(encoded.len().min(room));
         first_payload.extend_from_slice(head);
-        let mut flags = block.flags & (END_STREAM | PRIORITY);
+        let mut flags = flags & (END_STREAM | PRIORITY);
         if rest.is_empty() {
             flags |= END_HEADERS;
         }
-        self.put_frame(HEADERS, flags, block.stream, &first_payload);
+        self.put_frame(HEADERS, flags, stream, &first_payload);
         while !rest.is_empty() {
             let (chunk, tail) = rest.split_at(rest.len().min(MAX_FRAME));
             rest = tail;
             let flags = if rest.is_empty() { END_HEADERS } else { 0 };
-            self.put_frame(CONTINUATION, flags, block.stream, chunk);
+            self.put_frame(CONTINUATION, flags, stream, chunk);
         }
-        Ok(())
     }
 
     fn put_frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
@@ -262,14 +273,6 @@ impl<S> AuthorityFix<S> {
         self.ready.put_u32(stream);
         self.ready.put_slice(payload);
     }
-}
-
-/// `http://host:port[/...]` → `host:port`; `None` when there is no scheme.
-fn strip_scheme(value: &[u8]) -> Option<Vec<u8>> {
-    let at = value.windows(3).position(|w| w == b"://")?;
-    let rest = &value[at + 3..];
-    let end = rest.iter().position(|b| *b == b'/').unwrap_or(rest.len());
-    Some(rest[..end].to_vec())
 }
 
 /// Bytes read from the connection at a time while frames are rewritten.
@@ -347,6 +350,7 @@ impl<S: tonic::transport::server::Connected> tonic::transport::server::Connected
 #[cfg(test)]
 mod tests {
     use super::*;
+    use loona_hpack::{Decoder, Encoder};
 
     fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
@@ -375,6 +379,9 @@ mod tests {
             let len = u32::from_be_bytes([0, out[at], out[at + 1], out[at + 2]]) as usize;
             let (kind, flags) = (out[at + 3], out[at + 4]);
             let mut payload = &out[at + FRAME_HEADER..at + FRAME_HEADER + len];
+            if kind == HEADERS && flags & PADDED != 0 {
+                payload = &payload[1..payload.len() - payload[0] as usize];
+            }
             if kind == HEADERS && flags & PRIORITY != 0 {
                 payload = &payload[5..];
             }
@@ -472,27 +479,69 @@ mod tests {
     }
 
     #[test]
-    fn a_small_block_that_decodes_large_is_refused() {
+    fn a_small_block_that_decodes_large_passes_unread() {
         // One literal of 4,000 bytes indexed into the table, then 100 one-byte
-        // references to it: 400 KB decoded from 4 KB on the wire.
+        // references to it: 400 KB decoded from 4 KB on the wire. The fix
+        // decodes no indexed field; the bytes go to h2, which bounds them.
         let mut enc = Encoder::new();
         let value = vec![b'x'; 4000];
         let first = enc.encode([(&b"big"[..], &value[..])]);
         let mut input = PREFACE.to_vec();
         input.extend(frame(HEADERS, END_HEADERS, 1, &first));
-        let mut bomb = Vec::new();
-        for _ in 0..100 {
-            bomb.push(0x80 | 62); // indexed: the newest dynamic table entry
-        }
+        let bomb = vec![0x80 | 62; 100]; // indexed: the newest dynamic table entry
         input.extend(frame(HEADERS, END_HEADERS, 3, &bomb));
-        let mut fix = AuthorityFix::new(());
-        fix.raw.extend_from_slice(&input);
-        fix.process().unwrap();
-        let out = fix.ready.to_vec();
-        let (head, tail) = out.split_at(out.len() - FRAME_HEADER);
-        assert_closed(tail, 0);
-        assert_eq!((tail[3], &tail[5..]), (HEADERS, &3u32.to_be_bytes()[..]), "refused on stream 3");
-        assert_eq!(headers_out(head).len(), 1, "the first block passes");
+        assert_eq!(run(&input), input);
+    }
+
+    /// How Rust's HTTP/2 client sends a request: the path as a
+    /// Huffman-coded literal without indexing (here "www.example.com",
+    /// RFC 7541 C.4.1), the rest indexed.
+    #[test]
+    fn blocks_without_a_schemed_authority_pass_byte_for_byte() {
+        let huffman_path = [0x80 | 12, 0xf1, 0xe3, 0xc2, 0xe5, 0xf2, 0x3a, 0x6b, 0xa0, 0xab, 0x90, 0xf4, 0xff];
+        let mut block = vec![0x83, 0x86]; // :method POST, :scheme http
+        block.push(0x04); // literal without indexing, name :path (static 4)
+        block.extend_from_slice(&huffman_path);
+        block.push(0x81); // :authority "" from the static table
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(HEADERS, END_HEADERS, 1, &block));
+        input.extend(frame(HEADERS, END_HEADERS | PADDED, 3, &[[1u8].as_slice(), &block, &[0]].concat()));
+        assert_eq!(run(&input), input);
+        let blocks = headers_out(&input);
+        assert_eq!(blocks[0][2], (b":path".to_vec(), b"www.example.com".to_vec()));
+    }
+
+    /// Every kind of literal `:authority`: with incremental indexing (then
+    /// indexed), without indexing, never indexed, with a literal name, and
+    /// with its name from a dynamic entry; each reaches the server cut,
+    /// and the fields around it as they were.
+    #[test]
+    fn every_literal_kind_of_authority_is_cut() {
+        let lit = |first: u8, v: &[u8]| [vec![first, v.len() as u8], v.to_vec()].concat();
+        let auth = b"http://10.0.0.1:2379";
+        let blocks = [
+            // incremental indexing, static name: the entry is 62 from now on
+            [lit(0x41, auth), lit(0x40 | 58, b"grpc-go/1.26")].concat(),
+            // indexed: the dynamic entry (63 now: user-agent is newer)
+            vec![0x80 | 63],
+            // without indexing, name from the dynamic :authority entry
+            [vec![0x0f, 63 - 15, auth.len() as u8], auth.to_vec()].concat(),
+            // never indexed, literal name
+            [vec![0x10, 10], b":authority".to_vec(), vec![auth.len() as u8], auth.to_vec()].concat(),
+            // an unschemed authority passes
+            lit(0x01, b"10.0.0.1:2379"),
+        ];
+        let mut input = PREFACE.to_vec();
+        for (i, b) in blocks.iter().enumerate() {
+            input.extend(frame(HEADERS, END_HEADERS, 1 + 2 * i as u32, b));
+        }
+        let out = headers_out(&run(&input));
+        assert_eq!(out.len(), blocks.len());
+        for (i, b) in out.iter().enumerate() {
+            let a: Vec<_> = b.iter().filter(|(n, _)| n == b":authority").map(|(_, v)| v.clone()).collect();
+            assert_eq!(a, vec![b"10.0.0.1:2379".to_vec()], "block {i}: {b:?}");
+        }
+        assert_eq!(out[0][1], (b"user-agent".to_vec(), b"grpc-go/1.26".to_vec()));
     }
 
     #[test]
