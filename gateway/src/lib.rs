@@ -14,6 +14,7 @@
 //!                              the chosen region's leader (tonic Channel)
 //! ```
 
+pub mod batch;
 pub mod config;
 pub mod dashboard;
 pub mod http;
@@ -38,6 +39,7 @@ use meridian_proto::etcdserverpb::lease_server::LeaseServer;
 use meridian_proto::etcdserverpb::maintenance_server::MaintenanceServer;
 use meridian_proto::etcdserverpb::watch_server::WatchServer;
 use meridian_wire::authority::{AuthorityFix, MAX_FRAME, MAX_HEADER_LIST};
+use meridian_wire::coalesce::Coalesce;
 use meridian_wire::tls::ServerTls;
 use meridian_wire::url::Url;
 use tokio::sync::watch;
@@ -62,7 +64,7 @@ const MAX_MESSAGE: usize = 128 << 20;
 /// A listener that cannot bind, or a bad upstream URL.
 pub async fn run(cfg: GatewayConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     let metrics = Arc::new(metrics::Metrics::new(&cfg.region));
-    let regions = Arc::new(regions::Regions::new(&cfg.region, &cfg.upstreams, &cfg.upstream_tls)?);
+    let regions = Arc::new(regions::Regions::new(&cfg.region, &cfg.upstreams, &cfg.upstream_tls, &metrics)?);
     let history = Arc::new(dashboard::History::new());
     tokio::spawn(regions::run_probes(regions.clone(), cfg.probe_interval, metrics.clone(), history.clone()));
     tokio::spawn(dashboard::run_peers(history.clone(), cfg.peer_gateways.clone()));
@@ -128,7 +130,8 @@ async fn serve(
     let listener = meridian_wire::tls::Listener::bind(url).await.with_context(|| format!("listen on {url}"))?;
     tracing::info!(%url, "listening");
     let tls = tls.clone().filter(|_| url.is_tls());
-    let incoming = meridian_wire::tls::incoming(listener, tls).map(|conn| conn.map(AuthorityFix::new));
+    let incoming =
+        meridian_wire::tls::incoming(listener, tls).map(|conn| conn.map(|s| AuthorityFix::new(Coalesce::new(s))));
     Ok(tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .accept_http1(true)

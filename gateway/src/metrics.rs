@@ -26,6 +26,9 @@ pub struct Metrics {
     /// watchers in the group that changed last.
     pub watch_groups: IntGauge,
     pub watch_coalesced: IntGauge,
+    /// Point reads sent to a region together in one Txn, and those Txns.
+    pub reads_gathered: IntCounterVec,
+    pub read_batches: IntCounterVec,
     region_rtt: GaugeVec,
     region_revision: IntGaugeVec,
     region_staleness: GaugeVec,
@@ -91,6 +94,19 @@ impl Metrics {
                 "Client watchers in the watch group that last changed (a sample of coalescing).",
             ))
             .expect("valid metric"),
+            reads_gathered: IntCounterVec::new(
+                opts(
+                    "meridian_gateway_reads_gathered_total",
+                    "Point reads sent to a region together with others, in one read-only Txn.",
+                ),
+                &["upstream_region"],
+            )
+            .expect("valid metric"),
+            read_batches: IntCounterVec::new(
+                opts("meridian_gateway_read_batches_total", "Read-only Txns that carried gathered point reads."),
+                &["upstream_region"],
+            )
+            .expect("valid metric"),
             rate_limited: IntCounterVec::new(
                 opts(
                     "meridian_gateway_rate_limited_total",
@@ -119,6 +135,8 @@ impl Metrics {
         reg(Box::new(m.keepalive_failovers.clone()));
         reg(Box::new(m.watch_groups.clone()));
         reg(Box::new(m.watch_coalesced.clone()));
+        reg(Box::new(m.reads_gathered.clone()));
+        reg(Box::new(m.read_batches.clone()));
         reg(Box::new(m.region_rtt.clone()));
         reg(Box::new(m.region_revision.clone()));
         reg(Box::new(m.region_staleness.clone()));

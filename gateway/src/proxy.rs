@@ -286,7 +286,7 @@ impl Gateway {
                 return self.answer(class, &near, conn, started, Ok(resp), |r| rev(&r.header), true);
             }
         }
-        let result = KvClient::new(primary.region.channel().0).range(forward(&meta, msg)).await;
+        let result = kv(primary.region.channel().0).range(forward(&meta, msg)).await;
         self.answer(class, &primary, conn, started, result, |r| rev(&r.header), true)
     }
 
@@ -317,7 +317,7 @@ impl Gateway {
             }
         }
         let primary = self.pick(Class::Write, conn)?;
-        let result = KvClient::new(primary.region.channel().0).range(forward(&meta, msg)).await;
+        let result = kv(primary.region.channel().0).range(forward(&meta, msg)).await;
         self.answer(class, &primary, conn, started, result, |r| rev(&r.header), true)
     }
 
@@ -334,8 +334,8 @@ impl Gateway {
         let deadline = tokio::time::Instant::now() + LINEARIZABLE_WAIT;
         let meta = &self.meta_for(&pick.region.name, meta);
         loop {
-            let mut client = KvClient::new(pick.region.read_channel());
-            match tokio::time::timeout_at(deadline, client.range(forward(meta, msg.clone()))).await {
+            let read = pick.region.reads.range(&pick.region, meta, msg.clone());
+            match tokio::time::timeout_at(deadline, read).await {
                 Ok(Ok(resp)) if rev(&resp.get_ref().header) >= need => return Some(resp),
                 Ok(Ok(_)) if tokio::time::Instant::now() < deadline => {
                     tokio::time::sleep(std::time::Duration::from_millis(2)).await
@@ -407,7 +407,7 @@ impl Gateway {
             let probes = secondaries.iter().filter(|r| !confirmed.contains(&r.name)).map(|r| async move {
                 let probe =
                     RangeRequest { key: vec![0], count_only: true, serializable: true, limit: 1, ..Default::default() };
-                let resp = tokio::time::timeout_at(until, KvClient::new(r.channel().0).range(probe)).await;
+                let resp = tokio::time::timeout_at(until, kv(r.channel().0).range(probe)).await;
                 (r.name.clone(), matches!(resp, Ok(Ok(resp)) if rev(&resp.get_ref().header) >= revision))
             });
             for (name, has) in futures::future::join_all(probes).await {
@@ -429,6 +429,13 @@ impl Gateway {
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
+}
+
+/// A KV client of `channel` that takes answers of any size, as etcd's
+/// clients do (tonic's default limit is 4 MiB; a large range would fail
+/// through the gateway and not straight to a member).
+pub(crate) fn kv(channel: tonic::transport::Channel) -> KvClient<tonic::transport::Channel> {
+    KvClient::new(channel).max_decoding_message_size(usize::MAX)
 }
 
 /// A request for the upstream, with the client's credentials (etcd's
@@ -744,20 +751,20 @@ impl KvProxy {
     }
 
     async fn put_traced(&self, req: Request<PutRequest>) -> Result<Response<PutResponse>, Status> {
-        self.0.write(req, |c, r| async move { KvClient::new(c).put(r).await }, |r| rev(&r.header)).await
+        self.0.write(req, |c, r| async move { kv(c).put(r).await }, |r| rev(&r.header)).await
     }
 
     async fn delete_range_traced(
         &self,
         req: Request<DeleteRangeRequest>,
     ) -> Result<Response<DeleteRangeResponse>, Status> {
-        self.0.write(req, |c, r| async move { KvClient::new(c).delete_range(r).await }, |r| rev(&r.header)).await
+        self.0.write(req, |c, r| async move { kv(c).delete_range(r).await }, |r| rev(&r.header)).await
     }
 
     async fn txn_traced(&self, req: Request<TxnRequest>) -> Result<Response<TxnResponse>, Status> {
         let gw = &self.0;
         if !meridian_wire::etcd::txn_is_read_only(req.get_ref()) {
-            return gw.write(req, |c, r| async move { KvClient::new(c).txn(r).await }, |r| rev(&r.header)).await;
+            return gw.write(req, |c, r| async move { kv(c).txn(r).await }, |r| rev(&r.header)).await;
         }
         let class = {
             Class::Read(route::consistency(
@@ -766,12 +773,10 @@ impl KvProxy {
                 gw.cfg.max_staleness,
             )?)
         };
-        gw.unary(class, req, |c, r| async move { KvClient::new(c).txn(r).await }, |r| rev(&r.header)).await
+        gw.unary(class, req, |c, r| async move { kv(c).txn(r).await }, |r| rev(&r.header)).await
     }
 
     async fn compact_traced(&self, req: Request<CompactionRequest>) -> Result<Response<CompactionResponse>, Status> {
-        self.0
-            .unary(Class::Write, req, |c, r| async move { KvClient::new(c).compact(r).await }, |r| rev(&r.header))
-            .await
+        self.0.unary(Class::Write, req, |c, r| async move { kv(c).compact(r).await }, |r| rev(&r.header)).await
     }
 }

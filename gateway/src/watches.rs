@@ -76,7 +76,11 @@ pub struct Upstream {
 pub async fn open(gw: &Gateway, pick: &Pick, meta: &MetadataMap) -> Result<Upstream, Status> {
     let (requests, rx) = mpsc::channel(BUFFER);
     let meta = gw.meta_for(&pick.region.name, meta);
-    let resp = WatchClient::new(pick.region.channel().0).watch(forward(&meta, ReceiverStream::new(rx))).await?;
+    // One revision's events come in one response, however large (as from a member).
+    let resp = WatchClient::new(pick.region.channel().0)
+        .max_decoding_message_size(usize::MAX)
+        .watch(forward(&meta, ReceiverStream::new(rx)))
+        .await?;
     Ok(Upstream { region: pick.region.name.clone(), requests, responses: resp.into_inner() })
 }
 
