@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Gateway benchmark, in one run, with etcd's benchmark tool (64 clients):
 #   cost:   put and serializable range through a gateway beside the same workload sent straight to
-#           the members (a 3-member primary; the gateway in its region): throughput and p50/p99;
+#           the members (a 3-member primary; the gateway in its region): throughput and p50/p99, and
+#           one client's serializable range, where the extra hop is all the difference;
 #   remote: a 3-member primary and a 1-member secondary with its mirror, BENCH_DELAY (25ms) each way
 #           between the regions (`meridian delay-proxy`, userspace): serializable and linearizable
 #           ranges through the secondary's gateway beside the same ranges sent across to the primary.
-# Every figure is the median of BENCH_RUNS (3) runs. Prints markdown tables (also
+# Every figure is the median of BENCH_RUNS (3) runs. The cost table also gives the server CPU per
+# request (user + system time of the members and the gateway, from /proc, over the run's requests):
+# on a shared machine it moves less than throughput does. Prints markdown tables (also
 # target/bench/gateway-results.md). Env: BENCH_RUNS, BENCH_GW_TOTAL (20000), BENCH_REMOTE_TOTAL
 # (4000), BENCH_DELAY, MERIDIAN_BIN (else cargo build --release).
 set -euo pipefail
@@ -16,15 +19,23 @@ RUNS=${BENCH_RUNS:-3}
 GW_TOTAL=${BENCH_GW_TOTAL:-20000}
 REMOTE_TOTAL=${BENCH_REMOTE_TOTAL:-4000}
 DELAY=${BENCH_DELAY:-25ms}
-declare -A RPS_RUNS P50_RUNS P99_RUNS
+declare -A RPS_RUNS P50_RUNS P99_RUNS CPU_RUNS
+CPU_PIDS=()   # the servers whose CPU time bench_case counts
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+
+cpu_ticks() { local s=0 p; for p in "$@"; do s=$((s + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo "$s"; }
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
 
 # bench_case LABEL ENDPOINTS ARGS...: one run; appends its req/s, p50 and p99 (ms) to the label's runs.
 bench_case() {
-  local label=$1 eps=$2 raw; shift 2
+  local label=$1 eps=$2 raw t0 t1 total; shift 2
   raw=$OUT/gateway-$label-$(( $(wc -w <<<"${RPS_RUNS[$label]:-}") + 1 )).txt
+  t0=$(cpu_ticks "${CPU_PIDS[@]}")
   "$BENCH_TOOL" --endpoints="$eps" "$@" >"$raw" 2>&1 || { tail -n 20 "$raw" >&2; die "$label: benchmark failed"; }
+  t1=$(cpu_ticks "${CPU_PIDS[@]}")
+  total=$(grep -o -- '--total=[0-9]*' <<<"$*" | cut -d= -f2)
+  CPU_RUNS[$label]+=" $(( (t1 - t0) * TICK_US / total ))"
   RPS_RUNS[$label]+=" $(awk '$1 == "Requests/sec:" { v = $2 } END { printf "%.0f", v }' "$raw")"
   P50_RUNS[$label]+=" $(awk '$1 == "50%" && $2 == "in" { v = $3 } END { printf "%.3f", v * 1000 }' "$raw")"
   P99_RUNS[$label]+=" $(awk '$1 == "99%" && $2 == "in" { v = $3 } END { printf "%.3f", v * 1000 }' "$raw")"
@@ -47,12 +58,16 @@ start_gateway() {
 }
 
 row() {
-  local a=$1 b=$2 ra rb pa pb qa qb
+  local a=$1 b=$2 ra rb pa pb qa qb cpu=
   ra=$(median <<<"${RPS_RUNS[$a]}"); rb=$(median <<<"${RPS_RUNS[$b]}")
   pa=$(median <<<"${P50_RUNS[$a]}"); pb=$(median <<<"${P50_RUNS[$b]}")
   qa=$(median <<<"${P99_RUNS[$a]}"); qb=$(median <<<"${P99_RUNS[$b]}")
-  printf '| %s | %s | %s | %s | %s / %s ms | %s / %s ms | %s / %s |\n' "$3" "$ra" "$rb" "$(ratio "$ra" "$rb")" \
-    "$pa" "$qa" "$pb" "$qb" "$(ratio "$pa" "$pb")" "$(ratio "$qa" "$qb")"
+  case ${4:-} in
+    cpu) cpu=" $(median <<<"${CPU_RUNS[$a]}") / $(median <<<"${CPU_RUNS[$b]}") |" ;;
+    -) cpu=" - |" ;;
+  esac
+  printf '| %s | %s | %s | %s | %s / %s ms | %s / %s ms | %s / %s |%s\n' "$3" "$ra" "$rb" "$(ratio "$ra" "$rb")" \
+    "$pa" "$qa" "$pb" "$qb" "$(ratio "$pa" "$pb")" "$(ratio "$qa" "$qb")" "$cpu"
 }
 
 main_gateway() {
@@ -68,6 +83,7 @@ main_gateway() {
   # Cost: the same workload straight to the members and through a gateway in the same region.
   start_gateway gw-us us-east "us-east=$primary_eps"
   local gw_us=$GW_EP
+  CPU_PIDS=("${primary_pids[@]}" "${PIDS[-1]}")
   for ((run = 1; run <= RUNS; run++)); do
     log "cost, run $run of $RUNS"
     bench_case put-direct "$primary_eps" "${c64[@]}" put --key-size="$KEY_SIZE" --val-size="$VAL_SIZE" \
@@ -76,8 +92,11 @@ main_gateway() {
       --key-space-size="$KEY_SPACE" --total="$GW_TOTAL"
     bench_case range-s-direct "$primary_eps" "${c64[@]}" range "$RANGE_KEY" --consistency=s --total="$GW_TOTAL"
     bench_case range-s-gateway "$gw_us" "${c64[@]}" range "$RANGE_KEY" --consistency=s --total="$GW_TOTAL"
+    bench_case range-s-c1-direct "$primary_eps" --clients=1 --conns=1 range "$RANGE_KEY" --consistency=s --total=2000
+    bench_case range-s-c1-gateway "$gw_us" --clients=1 --conns=1 range "$RANGE_KEY" --consistency=s --total=2000
   done
 
+  CPU_PIDS=()
   # Remote: a secondary region BENCH_DELAY away, its mirror and its gateway reaching the primary
   # through delaying relays, and clients in the secondary's region.
   local token=$TMP/mirror.token relays=() far_eps="" ep
@@ -107,10 +126,12 @@ main_gateway() {
   {
     echo "Gateway cost (a 3-member primary; 64 clients; median of $RUNS runs):"
     echo
-    echo "| workload | direct req/s | gateway req/s | ratio | direct p50 / p99 | gateway p50 / p99 | p50 / p99 ratio |"
-    echo "|---|---:|---:|---:|---:|---:|---:|"
-    row put-direct put-gateway put-c64
-    row range-s-direct range-s-gateway range-s-c64
+    echo "| workload | direct req/s | gateway req/s | ratio | direct p50 / p99 | gateway p50 / p99 | p50 / p99 ratio | server CPU µs/req, direct / gateway |"
+    echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+    row put-direct put-gateway put-c64 cpu
+    row range-s-direct range-s-gateway range-s-c64 cpu
+    # One client's run is mostly idle time: its CPU is the members' ticks, not the reads'.
+    row range-s-c1-direct range-s-c1-gateway "range-s-c1 (one client: the hop alone)" -
     echo
     echo "Reads in a region $DELAY away from the primary, each way (64 clients; median of $RUNS runs):"
     echo

@@ -104,7 +104,7 @@ pub struct RaftStatus {
 }
 
 impl RaftStatus {
-    fn new(id: u64) -> Self {
+    pub(crate) fn new(id: u64) -> Self {
         Self {
             id,
             leader: AtomicU64::new(0),

@@ -1,10 +1,14 @@
 //! The peer transport: raft messages over gRPC (`meridian.v1.RaftTransport`).
 //!
-//! Each peer has one task and one in-flight RPC. Messages produced while an
-//! RPC is on the wire queue up and leave together in the next batch, so the
+//! Each peer has one task and one long-lived stream (`Stream`), with at
+//! most [`WINDOW`] batches unacknowledged on it. Messages produced while the
+//! window is full queue up and leave together in the next batch, so the
 //! batch size grows with load and the per-message cost falls; a batch stays
-//! under the peer's message limit. A failed send drops its batch (raft
-//! retransmits) and tells raft the peer is unreachable.
+//! under the peer's message limit. Each batch costs one HTTP/2 DATA frame
+//! each way, not a call. A failed send (or an ack that does not come within
+//! [`ACK_TIMEOUT`]) drops what was out and queued (raft retransmits), ends
+//! the stream and tells raft the peer is unreachable. A peer without
+//! `Stream` (an older member) is sent one unary `Send` at a time.
 //!
 //! A snapshot leaves on a stream of its own (`InstallSnapshot`), beside the
 //! batches: the MsgSnapshot first, then the state machine's body in chunks
@@ -49,6 +53,10 @@ pub const DEFAULT_MAX_PEER_MESSAGE: usize = 64 << 20;
 /// message adds to it (a field tag and a length).
 const BATCH_SLACK: usize = 4096;
 const PER_MESSAGE_FRAMING: usize = 6;
+/// Batches on a peer's stream not yet acknowledged, at most.
+const WINDOW: usize = 4;
+/// A batch not acknowledged within this counts as a failed send.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
 /// Snapshot body chunks already read and not yet on the wire, per stream.
 const CHUNKS_AHEAD: usize = 4;
 /// A snapshot stream that sends nothing for this long is given up.
@@ -233,13 +241,56 @@ impl PeerLink {
         let mut failing = false;
         // An encoded message that did not fit the last batch: it opens the next.
         let mut carry: Option<Vec<u8>> = None;
+        // The stream to the peer, once open; `None` in `unary` mode too.
+        let mut open: Option<Open> = None;
+        let mut unary = false;
         loop {
+            // Wait for what comes first: an ack (or the stream's end, or the
+            // oldest batch's deadline) while batches are out, or a message
+            // to send while the window has room.
+            let mut first = carry.take().map(Pending::Raw);
+            if first.is_none() {
+                let event = match open.as_mut().filter(|o| !o.unacked.is_empty()) {
+                    Some(o) => {
+                        let deadline = o.unacked.front().map(|(at, _)| *at + ACK_TIMEOUT).expect("batches are out");
+                        let room = o.unacked.len() < WINDOW;
+                        tokio::select! {
+                            biased;
+                            ack = o.acks.message() => Event::Ack(ack),
+                            _ = tokio::time::sleep_until(deadline.into()) => {
+                                Event::Ack(Err(Status::deadline_exceeded("the peer did not acknowledge a batch")))
+                            }
+                            m = rx.recv(), if room => Event::Message(m),
+                        }
+                    }
+                    None => Event::Message(rx.recv().await),
+                };
+                match event {
+                    Event::Message(None) => break,
+                    Event::Message(Some(m)) => first = Some(Pending::Message(m)),
+                    Event::Ack(Ok(Some(_))) => {
+                        let o = open.as_mut().expect("an ack comes on an open stream");
+                        let (_, bytes) = o.unacked.pop_front().expect("an ack is for a batch that is out");
+                        self.delivered(bytes, &mut failing, &to_label);
+                        continue;
+                    }
+                    Event::Ack(Ok(None)) => {
+                        open = None;
+                        self.failed(Status::unavailable("the peer ended the stream"), &mut failing, &mut rx).await;
+                        continue;
+                    }
+                    Event::Ack(Err(status)) => {
+                        open = None;
+                        self.failed(status, &mut failing, &mut rx).await;
+                        continue;
+                    }
+                }
+            }
             let mut batch = Batch { budget, ..Batch::default() };
-            if let Some(raw) = carry.take() {
-                batch.push(raw);
-            } else {
-                let Some(m) = rx.recv().await else { break };
-                self.take(m, &mut batch, &mut carry, &client);
+            match first {
+                Some(Pending::Raw(raw)) => batch.push(raw),
+                Some(Pending::Message(m)) => self.take(m, &mut batch, &mut carry, &client),
+                None => continue,
             }
             while batch.messages.len() < MAX_BATCH && carry.is_none() {
                 match rx.try_recv() {
@@ -254,42 +305,75 @@ impl PeerLink {
             let (cluster_id, from, from_url) = (self.ctx.cluster_id, self.ctx.self_id, self.ctx.self_url.clone());
             let batch = RaftBatch { cluster_id, from, to: self.to, messages: batch, from_url };
             let bytes = batch.encoded_len() as u64;
-            let mut req = Request::new(batch);
-            req.set_timeout(Duration::from_secs(5));
-            match client.clone().send(req).await {
-                Ok(_) => {
-                    self.ctx.active.up(self.to);
-                    if failing {
-                        tracing::info!(peer = %to_label, "peer reachable again");
-                        failing = false;
+            if open.is_none() && !unary {
+                match Open::start(&client).await {
+                    Ok(o) => open = Some(o),
+                    Err(status) if status.code() == tonic::Code::Unimplemented => {
+                        tracing::info!(peer = %to_label, "the peer has no raft stream; sending it one batch at a time");
+                        unary = true;
                     }
-                    self.ctx.metrics.peer_sent_bytes.with_label_values(&[&to_label]).inc_by(bytes);
+                    Err(status) => {
+                        self.failed(status, &mut failing, &mut rx).await;
+                        carry = None;
+                        continue;
+                    }
                 }
-                Err(status) => {
-                    self.ctx.active.down(self.to);
-                    if status.code() == tonic::Code::PermissionDenied && status.message() == REMOVED {
-                        tracing::warn!(peer = %to_label, "a peer says this member was removed from the cluster");
-                        self.ctx.status.mark_removed();
-                    }
-                    if !failing {
-                        tracing::warn!(peer = %to_label, error = %status.message(), "cannot reach peer");
-                        failing = true;
-                    }
-                    self.ctx.metrics.peer_sent_failures.with_label_values(&[&to_label]).inc();
-                    let _ = try_input(&self.ctx.raft_tx, Input::Unreachable(self.to));
-                    // Messages queued meanwhile are stale; raft resends what
-                    // matters, and a dropped snapshot is reported so raft
-                    // offers it again.
+            }
+            if let Some(o) = open.as_mut() {
+                // The window bounds what is out, and the channel holds as much.
+                if o.batches.send(batch).await.is_ok() {
+                    o.unacked.push_back((Instant::now(), bytes));
+                } else {
+                    open = None;
+                    self.failed(Status::unavailable("the raft stream closed"), &mut failing, &mut rx).await;
                     carry = None;
-                    while let Ok(m) = rx.try_recv() {
-                        if is_snapshot(&m) {
-                            self.ctx.report_snapshot(self.to, false);
-                        }
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                continue;
+            }
+            let mut req = Request::new(batch);
+            req.set_timeout(ACK_TIMEOUT);
+            match client.clone().send(req).await {
+                Ok(_) => self.delivered(bytes, &mut failing, &to_label),
+                Err(status) => {
+                    self.failed(status, &mut failing, &mut rx).await;
+                    carry = None;
                 }
             }
         }
+    }
+
+    /// A batch reached the peer.
+    fn delivered(&self, bytes: u64, failing: &mut bool, to_label: &str) {
+        self.ctx.active.up(self.to);
+        if *failing {
+            tracing::info!(peer = %to_label, "peer reachable again");
+            *failing = false;
+        }
+        self.ctx.metrics.peer_sent_bytes.with_label_values(&[to_label]).inc_by(bytes);
+    }
+
+    /// A send failed: raft hears the peer is unreachable, and the messages
+    /// queued meanwhile, stale now, are dropped (raft resends what matters;
+    /// a dropped snapshot is reported so raft offers it again).
+    async fn failed(&self, status: Status, failing: &mut bool, rx: &mut mpsc::Receiver<Message>) {
+        let to_label = format!("{:x}", self.to);
+        self.ctx.active.down(self.to);
+        if status.code() == tonic::Code::PermissionDenied && status.message() == REMOVED {
+            tracing::warn!(peer = %to_label, "a peer says this member was removed from the cluster");
+            self.ctx.status.mark_removed();
+        }
+        if !*failing {
+            tracing::warn!(peer = %to_label, error = %status.message(), "cannot reach peer");
+            *failing = true;
+        }
+        self.ctx.metrics.peer_sent_failures.with_label_values(&[&to_label]).inc();
+        let _ = try_input(&self.ctx.raft_tx, Input::Unreachable(self.to));
+        while let Ok(m) = rx.try_recv() {
+            if is_snapshot(&m) {
+                self.ctx.report_snapshot(self.to, false);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
     /// Adds `m` to the batch, or to `carry` when the batch is full; a
@@ -314,6 +398,37 @@ impl PeerLink {
         } else {
             batch.push(raw);
         }
+    }
+}
+
+/// What the link waits on.
+enum Event {
+    Ack(Result<Option<RaftAck>, Status>),
+    Message(Option<Message>),
+}
+
+/// What opens the next batch.
+enum Pending {
+    Raw(Vec<u8>),
+    Message(Message),
+}
+
+/// An open raft stream to a peer.
+struct Open {
+    batches: mpsc::Sender<RaftBatch>,
+    acks: Streaming<RaftAck>,
+    /// When each batch out was sent, and its size, oldest first.
+    unacked: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl Open {
+    async fn start(client: &RaftTransportClient<Channel>) -> Result<Self, Status> {
+        let (batches, rx) = mpsc::channel(WINDOW);
+        let acks = tokio::time::timeout(ACK_TIMEOUT, client.clone().stream(ReceiverStream::new(rx)))
+            .await
+            .map_err(|_| Status::deadline_exceeded("the peer did not open the raft stream"))??
+            .into_inner();
+        Ok(Self { batches, acks, unacked: Default::default() })
     }
 }
 
@@ -442,6 +557,47 @@ pub struct PeerService {
 }
 
 impl PeerService {
+    fn inbox(&self) -> Inbox {
+        Inbox {
+            cluster_id: self.cluster_id,
+            members: self.members.clone(),
+            raft_tx: self.raft_tx.clone(),
+            metrics: self.metrics.clone(),
+        }
+    }
+
+    fn check_sender(&self, cluster_id: u64, from: u64, from_url: &str) -> Result<(), Status> {
+        self.inbox().check_sender(cluster_id, from, from_url)
+    }
+}
+
+/// What delivering a batch needs, owned (a stream of batches holds it).
+struct Inbox {
+    cluster_id: u64,
+    members: PeerSet,
+    raft_tx: Sender<Input>,
+    metrics: Arc<Metrics>,
+}
+
+impl Inbox {
+    /// Checks the sender, then steps each message into raft.
+    fn deliver(&self, batch: RaftBatch) -> Result<(), Status> {
+        self.check_sender(batch.cluster_id, batch.from, &batch.from_url)?;
+        let from_label = format!("{:x}", batch.from);
+        let bytes = batch.messages.iter().map(|m| m.len() as u64).sum::<u64>();
+        for msg in decode_messages(&batch).map_err(Status::invalid_argument)? {
+            if is_snapshot(&msg) {
+                // Its body would be missing: snapshots come by InstallSnapshot.
+                return Err(Status::invalid_argument("a snapshot must come by InstallSnapshot"));
+            }
+            // A full raft channel refuses the rest of the batch; the sender
+            // counts it as failed and raft resends.
+            try_input(&self.raft_tx, Input::Step(msg)).map_err(|e| Status::unavailable(e.to_string()))?;
+        }
+        self.metrics.peer_received_bytes.with_label_values(&[&from_label]).inc_by(bytes);
+        Ok(())
+    }
+
     /// A sender must be of this cluster and not removed from it. One not in
     /// this member's list yet is taken (this member may have missed its
     /// addition), and answered at `from_url`.
@@ -466,7 +622,9 @@ impl PeerService {
         }
         Ok(())
     }
+}
 
+impl PeerService {
     /// Stores the body that follows a snapshot's first chunk, on a blocking
     /// thread, a few chunks at a time.
     async fn receive_body(
@@ -517,21 +675,28 @@ impl PeerService {
 #[tonic::async_trait]
 impl RaftTransport for PeerService {
     async fn send(&self, req: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
-        let batch = req.into_inner();
-        self.check_sender(batch.cluster_id, batch.from, &batch.from_url)?;
-        let from_label = format!("{:x}", batch.from);
-        let bytes = batch.messages.iter().map(|m| m.len() as u64).sum::<u64>();
-        for msg in decode_messages(&batch).map_err(Status::invalid_argument)? {
-            if is_snapshot(&msg) {
-                // Its body would be missing: snapshots come by InstallSnapshot.
-                return Err(Status::invalid_argument("a snapshot must come by InstallSnapshot"));
-            }
-            // A full raft channel refuses the rest of the batch; the sender
-            // counts it as failed and raft resends.
-            try_input(&self.raft_tx, Input::Step(msg)).map_err(|e| Status::unavailable(e.to_string()))?;
-        }
-        self.metrics.peer_received_bytes.with_label_values(&[&from_label]).inc_by(bytes);
+        self.inbox().deliver(req.into_inner())?;
         Ok(Response::new(RaftAck {}))
+    }
+
+    type StreamStream = std::pin::Pin<Box<dyn futures::Stream<Item = Result<RaftAck, Status>> + Send>>;
+
+    /// An ack per batch delivered, in order; a refused batch ends the
+    /// stream with its error.
+    async fn stream(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<Self::StreamStream>, Status> {
+        let acks = futures::stream::unfold(Some((req.into_inner(), self.inbox())), |state| async move {
+            let (mut batches, inbox) = state?;
+            let answer = match batches.message().await {
+                Ok(None) => return None,
+                Ok(Some(batch)) => inbox.deliver(batch),
+                Err(status) => Err(status),
+            };
+            match answer {
+                Ok(()) => Some((Ok(RaftAck {}), Some((batches, inbox)))),
+                Err(status) => Some((Err(status), None)),
+            }
+        });
+        Ok(Response::new(Box::pin(acks)))
     }
 
     async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftAck>, Status> {
@@ -624,6 +789,7 @@ pub fn decode_messages(batch: &RaftBatch) -> Result<Vec<Message>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use meridian_proto::meridian::v1::raft_transport_server::RaftTransportServer;
 
     /// Refuses every snapshot: these tests send none.
     struct NoSnapshots;
@@ -643,7 +809,12 @@ mod tests {
     }
 
     fn service() -> (PeerService, crossbeam_channel::Receiver<Input>) {
-        let (tx, rx) = crossbeam_channel::bounded(8);
+        service_with(8)
+    }
+
+    /// A peer service whose raft channel holds `capacity` inputs.
+    fn service_with(capacity: usize) -> (PeerService, crossbeam_channel::Receiver<Input>) {
+        let (tx, rx) = crossbeam_channel::bounded(capacity);
         let svc = PeerService {
             cluster_id: 7,
             members: Arc::new(parking_lot::RwLock::new(Peers {
@@ -706,6 +877,107 @@ mod tests {
 
     fn batch_message(from: u64) -> Vec<u8> {
         Message { from, ..Default::default() }.write_to_bytes().unwrap()
+    }
+
+    /// A peer as an older member serves it: `Send` only, `Stream` unknown.
+    struct SendOnly(PeerService);
+
+    #[tonic::async_trait]
+    impl RaftTransport for SendOnly {
+        async fn send(&self, req: Request<RaftBatch>) -> Result<Response<RaftAck>, Status> {
+            self.0.send(req).await
+        }
+        type StreamStream = <PeerService as RaftTransport>::StreamStream;
+        async fn stream(&self, _: Request<Streaming<RaftBatch>>) -> Result<Response<Self::StreamStream>, Status> {
+            Err(Status::unimplemented("no Stream here"))
+        }
+        async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftAck>, Status> {
+            self.0.install_snapshot(req).await
+        }
+    }
+
+    /// Member 2's transport to member 1 at `url`.
+    fn transport_to(url: String) -> GrpcTransport {
+        let (raft_tx, _) = crossbeam_channel::bounded(8);
+        let ctx = Arc::new(PeerContext {
+            cluster_id: 7,
+            self_id: 2,
+            raft_tx,
+            images: Default::default(),
+            max_message: DEFAULT_MAX_PEER_MESSAGE,
+            reports: Default::default(),
+            metrics: Arc::new(Metrics::default()),
+            tls: Default::default(),
+            active: Default::default(),
+            status: Arc::new(crate::raft::RaftStatus::new(2)),
+            self_url: String::new(),
+        });
+        GrpcTransport::start(ctx, HashMap::from([(1, url)]), HashSet::new(), Default::default())
+    }
+
+    /// Messages reach the peer on the stream, in order; a peer without `Stream` gets them by
+    /// `Send`, one batch at a time.
+    #[tokio::test]
+    async fn messages_reach_a_peer_by_stream_or_by_send() {
+        for old in [false, true] {
+            let (svc, rx) = service_with(1024);
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let url = format!("http://{}", listener.local_addr().unwrap());
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let router = if old {
+                tonic::transport::Server::builder().add_service(RaftTransportServer::new(SendOnly(svc)))
+            } else {
+                tonic::transport::Server::builder().add_service(RaftTransportServer::new(svc))
+            };
+            let server = tokio::spawn(router.serve_with_incoming(incoming));
+            let transport = transport_to(url);
+            for round in 0..20u64 {
+                let msgs = (0..3).map(|i| Message { from: 2, to: 1, index: round * 3 + i, ..Default::default() });
+                transport.send(msgs.collect());
+            }
+            let mut got = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while got.len() < 60 {
+                assert!(Instant::now() < deadline, "old peer {old}: {} of 60 messages", got.len());
+                match rx.try_recv() {
+                    Ok(Input::Step(m)) => got.push(m.index),
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                }
+            }
+            assert_eq!(got, (0..60).collect::<Vec<_>>(), "old peer {old}: every message once, in order");
+            server.abort();
+        }
+    }
+
+    /// A batch the peer refuses (its raft channel is full) ends the stream; what was queued is
+    /// dropped (raft resends), and the next messages go out on a new stream.
+    #[tokio::test]
+    async fn a_refused_batch_ends_the_stream_and_the_next_messages_open_another() {
+        let (svc, rx) = service_with(8);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let router = tonic::transport::Server::builder().add_service(RaftTransportServer::new(svc));
+        let server = tokio::spawn(router.serve_with_incoming(incoming));
+        let transport = transport_to(url);
+        for index in 0..60 {
+            transport.send(vec![Message { from: 2, to: 1, index, ..Default::default() }]);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let first: Vec<u64> =
+            rx.try_iter().filter_map(|i| if let Input::Step(m) = i { Some(m.index) } else { None }).collect();
+        assert_eq!(first, (0..8).collect::<Vec<_>>(), "the raft channel took 8, in order");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            transport.send(vec![Message { from: 2, to: 1, index: 1000, ..Default::default() }]);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if rx.try_iter().any(|i| matches!(i, Input::Step(m) if m.index == 1000)) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "nothing got through after the refused batch");
+        }
+        server.abort();
     }
 
     #[test]
