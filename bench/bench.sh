@@ -16,6 +16,8 @@
 #   BENCH_TOOL         a prebuilt etcd benchmark binary              (default target/etcd-benchmark/benchmark)
 #   MERIDIAN_BIN       a prebuilt meridian binary; unset: this script runs `cargo build --release`
 #
+# CPU: the members' user + system time (from /proc, all three together) per 1,000 requests, beside
+# throughput: on a shared machine it moves less than req/s does.
 # Output: a markdown table on stdout (also target/bench/results.md); every raw benchmark output in
 # target/bench/<server>-<workload>.txt and every server log in target/bench/<server>-m<i>.log.
 #
@@ -208,18 +210,29 @@ workload_args() {
   esac
 }
 
-declare -A RPS P99
+declare -A RPS P99 CPU
+TICK_MS=$(awk -v t="$(getconf CLK_TCK)" 'BEGIN { print 1000 / t }')
+
+# cpu_ticks PID...: the user + system time of the processes so far, in clock ticks.
+cpu_ticks() { local s=0 p; for p in "$@"; do s=$((s + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo "$s"; }
+
 # run_workloads SERVER: runs every workload against ENDPOINTS; raw output in $OUT/SERVER-WORKLOAD.txt.
+# CPU[SERVER,WORKLOAD] is the members' CPU time (all three, user + system) per 1,000 requests, in ms
+# (per 1,000 puts for the watch workloads).
 run_workloads() {
-  local server=$1 w raw args
+  local server=$1 w raw args t0 t1 total
   ETCDCTL_API=3 etcdctl --endpoints="$ENDPOINTS" --command-timeout=10s \
     put "$RANGE_KEY" "$(head -c "$VAL_SIZE" /dev/zero | tr '\0' v)" >/dev/null
   for w in "${WORKLOADS[@]}"; do
     mapfile -t args < <(workload_args "$w")
     raw=$OUT/$server-$w.txt
     log "$server $w: benchmark ${args[*]}"
+    t0=$(cpu_ticks "${CLUSTER_PIDS[@]}")
     "$BENCH_TOOL" --endpoints="$ENDPOINTS" "${args[@]}" >"$raw" 2>&1 \
       || { tail -n 20 "$raw" >&2; die "$server $w: benchmark failed (see $raw)"; }
+    t1=$(cpu_ticks "${CLUSTER_PIDS[@]}")
+    total=$(printf '%s\n' "${args[@]}" | sed -n 's/^--\(put-\)\{0,1\}total=//p' | head -n 1)
+    CPU[$server,$w]=$(awk -v d=$((t1 - t0)) -v ms="$TICK_MS" -v n="$total" 'BEGIN { printf "%.1f", d * ms * 1000 / n }')
     # The last summary counts (watch prints creation first, then delivery).
     RPS[$server,$w]=$(awk '$1 == "Requests/sec:" { v = $2 } END { if (v != "") printf "%.0f", v }' "$raw")
     P99[$server,$w]=$(awk '$1 == "99%" && $2 == "in" { v = $3 } END { if (v != "") printf "%.2f", v * 1000 }' "$raw")
@@ -243,13 +256,14 @@ ratio() { awk -v a="${1:-}" -v b="${2:-}" 'BEGIN { if (a == "" || b == "" || a +
 
 print_table() {
   local w e m ep mp
-  echo "| workload | etcd req/s | meridian req/s | ratio | etcd p99 | meridian p99 | p99 ratio |"
-  echo "|---|---:|---:|---:|---:|---:|---:|"
+  echo "| workload | etcd req/s | meridian req/s | ratio | etcd p99 | meridian p99 | p99 ratio | CPU ms / 1k req, etcd / meridian | CPU ratio |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
   for w in "${WORKLOADS[@]}"; do
     e=${RPS[etcd,$w]:-}; m=${RPS[meridian,$w]:-}
     ep=${P99[etcd,$w]:+${P99[etcd,$w]} ms}; mp=${P99[meridian,$w]:+${P99[meridian,$w]} ms}
-    printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$w" "${e:--}" "${m:--}" "$(ratio "$e" "$m")" \
-      "${ep:--}" "${mp:--}" "$(ratio "${P99[etcd,$w]:-}" "${P99[meridian,$w]:-}")"
+    printf '| %s | %s | %s | %s | %s | %s | %s | %s / %s | %s |\n' "$w" "${e:--}" "${m:--}" "$(ratio "$e" "$m")" \
+      "${ep:--}" "${mp:--}" "$(ratio "${P99[etcd,$w]:-}" "${P99[meridian,$w]:-}")" \
+      "${CPU[etcd,$w]:--}" "${CPU[meridian,$w]:--}" "$(ratio "${CPU[etcd,$w]:-}" "${CPU[meridian,$w]:-}")"
   done
 }
 

@@ -97,6 +97,9 @@ impl Reads {
     fn release(self: &Arc<Self>, region: &Arc<Region>) {
         let batch = {
             let mut st = self.state.lock();
+            while st.waiting.front().is_some_and(|w| w.tx.is_closed()) {
+                st.waiting.pop_front();
+            }
             let Some(first) = st.waiting.front() else {
                 st.in_flight -= 1;
                 return;
@@ -105,6 +108,9 @@ impl Reads {
             let mut batch = Vec::new();
             let mut rest = VecDeque::with_capacity(st.waiting.len());
             for w in st.waiting.drain(..) {
+                if w.tx.is_closed() {
+                    continue; // its caller gave up waiting (its deadline passed)
+                }
                 if batch.len() < MAX_BATCH && w.creds == creds {
                     batch.push(w);
                 } else {

@@ -557,7 +557,7 @@ async fn serve(
     let incoming = meridian_wire::tls::incoming(listener, tls).map(move |conn| {
         conn.map(|s| match &metrics {
             Some(m) => Either::Fixed(AuthorityFix::new(Coalesce::new(s)), m.clone()),
-            None => Either::Plain(s),
+            None => Either::Plain(Coalesce::new(s)),
         })
     });
     let mut builder = tonic::transport::Server::builder()
@@ -584,10 +584,11 @@ async fn serve(
     }))
 }
 
-/// An accepted connection: a peer's or a metrics client's as it is, or an
-/// etcd client's with the `:authority` fix, its writes coalesced and its bytes counted.
+/// An accepted connection, its writes coalesced: a peer's or a metrics
+/// client's as it is, or an etcd client's with the `:authority` fix and its
+/// bytes counted.
 enum Either {
-    Plain(ServerStream),
+    Plain(Coalesce<ServerStream>),
     Fixed(AuthorityFix<Coalesce<ServerStream>>, Arc<Metrics>),
 }
 
@@ -684,7 +685,7 @@ impl tonic::transport::server::Connected for Either {
     type ConnectInfo = ClientConn;
     fn connect_info(&self) -> Self::ConnectInfo {
         let s = match self {
-            Either::Plain(s) => s,
+            Either::Plain(s) => s.get_ref(),
             Either::Fixed(s, _) => s.get_ref().get_ref(),
         };
         ClientConn { tcp: s.connect_info(), common_name: s.peer_common_name() }

@@ -16,7 +16,8 @@
 //! - [`authority`]: lets etcd Go clients' schemed HTTP/2 `:authority` through
 //!   a client port (members and gateways).
 //! - [`coalesce`]: gathers a connection's writes into fewer syscalls (every
-//!   client port, and every client of [`tls::ClientTls`]).
+//!   connection a member or gateway accepts, and every one [`tls::ClientTls`]
+//!   dials).
 
 pub mod authority;
 pub mod coalesce;
