@@ -77,6 +77,7 @@ mod latency;
 mod mirror;
 mod ports;
 mod process;
+pub mod regions;
 
 pub use bins::{etcd_bin, etcdctl_bin, meridian_bin};
 pub use certs::{Pair, TestCa};
