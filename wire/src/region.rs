@@ -18,17 +18,42 @@ use crate::tls::ClientTls;
 /// One member endpoint of a region.
 pub struct Member {
     pub url: String,
-    channels: Vec<Channel>,
+    endpoint: Endpoint,
+    tls: ClientTls,
+    channels: RwLock<Vec<Channel>>,
     turn: AtomicUsize,
 }
 
 impl Member {
+    fn new(url: &str, endpoint: Endpoint, connections: usize, tls: &ClientTls) -> Self {
+        let channels = (0..connections.max(1)).map(|_| tls.channel(&endpoint)).collect();
+        Self {
+            url: url.to_string(),
+            endpoint,
+            tls: tls.clone(),
+            channels: RwLock::new(channels),
+            turn: AtomicUsize::new(0),
+        }
+    }
+
     /// One of the member's connections, in turn: requests from many callers
     /// share them, and one connection's stream bookkeeping is a point of
     /// contention.
     pub fn channel(&self) -> Channel {
         let turn = self.turn.fetch_add(1, Ordering::Relaxed);
-        self.channels[turn % self.channels.len()].clone()
+        let channels = self.channels.read();
+        channels[turn % channels.len()].clone()
+    }
+
+    /// New connections in place of the member's current ones, for the calls
+    /// that start from now on (calls under way finish on the old ones). A
+    /// connection whose bytes stopped moving (a peer gone silent, a link
+    /// that holds traffic back) would otherwise serve no call until HTTP/2
+    /// keepalive gives up on it, 20 s later.
+    fn redial(&self) {
+        let mut channels = self.channels.write();
+        let fresh = (0..channels.len()).map(|_| self.tls.channel(&self.endpoint)).collect();
+        *channels = fresh;
     }
 }
 
@@ -82,8 +107,7 @@ impl RegionClient {
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(10))
                     .keep_alive_timeout(Duration::from_secs(10));
-                let channels = (0..connections.max(1)).map(|_| tls.channel(&endpoint)).collect();
-                Ok(Member { url: url.clone(), channels, turn: AtomicUsize::new(0) })
+                Ok(Member::new(url, endpoint, connections, tls))
             })
             .collect::<Result<Vec<_>, _>>()?;
         Ok(Self { members, view: RwLock::new(Arc::default()), next_reader: AtomicUsize::new(0) })
@@ -134,6 +158,11 @@ impl RegionClient {
                 Err((timed_out, e)) => {
                     view.timed_out |= timed_out;
                     view.error = Some(format!("{}: {e}", self.members[i].url));
+                    if timed_out {
+                        // The next probe, and every call after it, dial anew.
+                        tracing::info!(url = %self.members[i].url, "no answer within the probe's timeout: dialing the member again");
+                        self.members[i].redial();
+                    }
                 }
             }
         }
