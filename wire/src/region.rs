@@ -22,7 +22,14 @@ pub struct Member {
     tls: ClientTls,
     channels: RwLock<Vec<Channel>>,
     turn: AtomicUsize,
+    /// Probes in a row that got no answer within their timeout.
+    silent: AtomicUsize,
 }
+
+/// Probes in a row without an answer before a member is dialed anew: one
+/// slow answer on a busy machine keeps its warm connection (new ones cost
+/// a handshake, which a loaded machine may not finish in a probe's time).
+const SILENT_PROBES_TO_REDIAL: usize = 3;
 
 impl Member {
     fn new(url: &str, endpoint: Endpoint, connections: usize, tls: &ClientTls) -> Self {
@@ -33,6 +40,7 @@ impl Member {
             tls: tls.clone(),
             channels: RwLock::new(channels),
             turn: AtomicUsize::new(0),
+            silent: AtomicUsize::new(0),
         }
     }
 
@@ -144,6 +152,7 @@ impl RegionClient {
         for (i, a) in answers.into_iter().enumerate() {
             match a {
                 Ok((status, rtt)) => {
+                    self.members[i].silent.store(0, Ordering::Relaxed);
                     view.answering.push(i);
                     view.min_rtt = Some(view.min_rtt.map_or(rtt, |m| m.min(rtt)));
                     let member = status.header.as_ref().map_or(0, |h| h.member_id);
@@ -158,10 +167,14 @@ impl RegionClient {
                 Err((timed_out, e)) => {
                     view.timed_out |= timed_out;
                     view.error = Some(format!("{}: {e}", self.members[i].url));
-                    if timed_out {
+                    let m = &self.members[i];
+                    if !timed_out {
+                        m.silent.store(0, Ordering::Relaxed);
+                    } else if m.silent.fetch_add(1, Ordering::Relaxed) + 1 >= SILENT_PROBES_TO_REDIAL {
                         // The next probe, and every call after it, dial anew.
-                        tracing::info!(url = %self.members[i].url, "no answer within the probe's timeout: dialing the member again");
-                        self.members[i].redial();
+                        tracing::info!(url = %m.url, "no answer to {SILENT_PROBES_TO_REDIAL} probes: dialing the member again");
+                        m.silent.store(0, Ordering::Relaxed);
+                        m.redial();
                     }
                 }
             }
