@@ -20,10 +20,7 @@ GW_TOTAL=${BENCH_GW_TOTAL:-20000}
 REMOTE_TOTAL=${BENCH_REMOTE_TOTAL:-4000}
 DELAY=${BENCH_DELAY:-25ms}
 declare -A RPS_RUNS P50_RUNS P99_RUNS CPU_RUNS
-CPU_PIDS=()   # the servers whose CPU time bench_case counts
-TICK_US=$((1000000 / $(getconf CLK_TCK)))
-
-cpu_ticks() { local s=0 p; for p in "$@"; do s=$((s + $(awk '{ print $14 + $15 }' "/proc/$p/stat"))); done; echo "$s"; }
+CPU_PIDS=()   # the servers whose CPU time bench_case counts (bench.sh's cpu_ticks)
 
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }'; }
 
@@ -35,7 +32,7 @@ bench_case() {
   "$BENCH_TOOL" --endpoints="$eps" "$@" >"$raw" 2>&1 || { tail -n 20 "$raw" >&2; die "$label: benchmark failed"; }
   t1=$(cpu_ticks "${CPU_PIDS[@]}")
   total=$(grep -o -- '--total=[0-9]*' <<<"$*" | cut -d= -f2)
-  CPU_RUNS[$label]+=" $(( (t1 - t0) * TICK_US / total ))"
+  CPU_RUNS[$label]+=" $(awk -v d=$((t1 - t0)) -v ms="$TICK_MS" -v n="$total" 'BEGIN { printf "%.0f", d * ms * 1000 / n }')"
   RPS_RUNS[$label]+=" $(awk '$1 == "Requests/sec:" { v = $2 } END { printf "%.0f", v }' "$raw")"
   P50_RUNS[$label]+=" $(awk '$1 == "50%" && $2 == "in" { v = $3 } END { printf "%.3f", v * 1000 }' "$raw")"
   P99_RUNS[$label]+=" $(awk '$1 == "99%" && $2 == "in" { v = $3 } END { printf "%.3f", v * 1000 }' "$raw")"

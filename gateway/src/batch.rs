@@ -24,7 +24,7 @@ use tokio::sync::oneshot;
 use tonic::metadata::MetadataMap;
 use tonic::{Response, Status};
 
-use crate::proxy::{forward, kv};
+use crate::proxy::{forward, kv, CREDENTIALS};
 use crate::regions::Region;
 
 /// Reads out to a region at once before the next ones wait to be gathered.
@@ -35,8 +35,7 @@ pub const MAX_BATCH: usize = 64;
 type Answer = Result<Response<RangeResponse>, Status>;
 
 struct Waiting {
-    /// The credentials the read goes with (`token`, `authorization`).
-    creds: (Option<Vec<u8>>, Option<Vec<u8>>),
+    /// The read's credentials, all it takes of the client's metadata.
     meta: MetadataMap,
     req: RangeRequest,
     tx: oneshot::Sender<Answer>,
@@ -77,7 +76,7 @@ impl Reads {
                 None
             } else {
                 let (tx, rx) = oneshot::channel();
-                st.waiting.push_back(Waiting { creds: creds(meta), meta: creds_only(meta), req: req.clone(), tx });
+                st.waiting.push_back(Waiting { meta: creds_only(meta), req: req.clone(), tx });
                 Some(rx)
             }
         };
@@ -97,21 +96,17 @@ impl Reads {
     fn release(self: &Arc<Self>, region: &Arc<Region>) {
         let batch = {
             let mut st = self.state.lock();
-            while st.waiting.front().is_some_and(|w| w.tx.is_closed()) {
-                st.waiting.pop_front();
-            }
+            // A caller that gave up waiting (its deadline passed) needs no answer.
+            st.waiting.retain(|w| !w.tx.is_closed());
             let Some(first) = st.waiting.front() else {
                 st.in_flight -= 1;
                 return;
             };
-            let creds = first.creds.clone();
+            let creds = first.meta.clone();
             let mut batch = Vec::new();
             let mut rest = VecDeque::with_capacity(st.waiting.len());
             for w in st.waiting.drain(..) {
-                if w.tx.is_closed() {
-                    continue; // its caller gave up waiting (its deadline passed)
-                }
-                if batch.len() < MAX_BATCH && w.creds == creds {
+                if batch.len() < MAX_BATCH && same_creds(&w.meta, &creds) {
                     batch.push(w);
                 } else {
                     rest.push_back(w);
@@ -145,7 +140,7 @@ impl Reads {
             ..Default::default()
         };
         let answer = kv(region.read_channel()).txn(forward(&batch[0].meta, txn)).await;
-        let mut responses = match answer {
+        let responses: Vec<Option<RangeResponse>> = match answer {
             Ok(resp) if resp.get_ref().responses.len() == batch.len() => {
                 let resp = resp.into_inner();
                 let header = resp.header;
@@ -153,7 +148,7 @@ impl Reads {
                     .into_iter()
                     .map(|op| match op.response {
                         Some(OpResponse::ResponseRange(mut r)) => {
-                            r.header = header.clone();
+                            r.header = header;
                             Some(r)
                         }
                         _ => None,
@@ -163,7 +158,7 @@ impl Reads {
             _ => vec![None; batch.len()],
         };
         let mut again = Vec::new();
-        for (w, r) in batch.into_iter().zip(responses.drain(..)) {
+        for (w, r) in batch.into_iter().zip(responses) {
             match r {
                 Some(r) => {
                     let _ = w.tx.send(Ok(Response::new(r)));
@@ -200,11 +195,8 @@ fn gatherable(req: &RangeRequest) -> bool {
     req.serializable && req.range_end.is_empty()
 }
 
-const CREDENTIALS: [&str; 2] = ["token", "authorization"];
-
-fn creds(meta: &MetadataMap) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
-    let get = |k: &str| meta.get(k).map(|v| v.as_bytes().to_vec());
-    (get(CREDENTIALS[0]), get(CREDENTIALS[1]))
+fn same_creds(a: &MetadataMap, b: &MetadataMap) -> bool {
+    CREDENTIALS.iter().all(|k| a.get(*k) == b.get(*k))
 }
 
 fn creds_only(meta: &MetadataMap) -> MetadataMap {

@@ -438,11 +438,15 @@ pub(crate) fn kv(channel: tonic::transport::Channel) -> KvClient<tonic::transpor
     KvClient::new(channel).max_decoding_message_size(usize::MAX)
 }
 
+/// The metadata that carries a client's credentials, all a call upstream
+/// takes from the client's.
+pub(crate) const CREDENTIALS: [&str; 2] = ["token", "authorization"];
+
 /// A request for the upstream, with the client's credentials (etcd's
 /// `token` metadata) and nothing else of its transport.
 pub(crate) fn forward<T>(meta: &MetadataMap, msg: T) -> Request<T> {
     let mut req = Request::new(msg);
-    for key in ["token", "authorization"] {
+    for key in CREDENTIALS {
         if let Some(v) = meta.get(key) {
             req.metadata_mut().insert(key, v.clone());
         }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use meridian_proto::etcdserverpb::kv_client::KvClient;
 use meridian_proto::etcdserverpb::PutRequest;
-use meridian_tests::{chromium, http_get, secondary_flags, Cluster, ClusterOpts, GatewayProcess, MirrorProcess};
+use meridian_tests::{chromium, http_get, GatewayProcess, MirrorProcess};
 
 /// The text of the first element that starts with `open` (e.g. `<tr data-region="eu-west"`), up
 /// to its `close` tag.
@@ -79,12 +79,7 @@ async fn put_many(kv: &mut KvClient<tonic::transport::Channel>, prefix: &str, n:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_lag_rise_and_fall_in_chromium() -> Result<()> {
-    let primary = Cluster::start(
-        1,
-        ClusterOpts { extra_args: ["--region", "us-east"].map(String::from).to_vec(), ..ClusterOpts::fast() },
-    )?;
-    let secondary =
-        Cluster::start(1, ClusterOpts { extra_args: secondary_flags("eu-west", "us-east")?, ..ClusterOpts::fast() })?;
+    let (primary, secondary) = meridian_tests::regions::regions_started()?;
     let mut mirror = MirrorProcess::start(&primary.endpoints(), &secondary, &[])?;
     let gateway = GatewayProcess::start(
         "gw-eu",

@@ -33,7 +33,7 @@ const SILENT_PROBES_TO_REDIAL: usize = 3;
 
 impl Member {
     fn new(url: &str, endpoint: Endpoint, connections: usize, tls: &ClientTls) -> Self {
-        let channels = (0..connections.max(1)).map(|_| tls.channel(&endpoint)).collect();
+        let channels = dial(&endpoint, tls, connections.max(1));
         Self {
             url: url.to_string(),
             endpoint,
@@ -60,9 +60,13 @@ impl Member {
     /// keepalive gives up on it, 20 s later.
     fn redial(&self) {
         let mut channels = self.channels.write();
-        let fresh = (0..channels.len()).map(|_| self.tls.channel(&self.endpoint)).collect();
-        *channels = fresh;
+        *channels = dial(&self.endpoint, &self.tls, channels.len());
     }
+}
+
+/// `n` lazy connections to `endpoint`.
+fn dial(endpoint: &Endpoint, tls: &ClientTls, n: usize) -> Vec<Channel> {
+    (0..n).map(|_| tls.channel(endpoint)).collect()
 }
 
 /// What the last probe saw of the members.

@@ -253,15 +253,19 @@ impl PeerLink {
             // Wait for what comes first: an ack (or the stream's end, or the
             // oldest batch's deadline) while batches are out, or a message
             // to send while the window has room.
-            let mut first = carry.take().map(Pending::Raw);
-            if first.is_none() {
+            let mut batch = Batch { budget, ..Batch::default() };
+            if let Some(raw) = carry.take() {
+                batch.push(raw);
+            } else {
                 let event = match open.as_mut().filter(|o| !o.unacked.is_empty()) {
                     Some(o) => {
                         let deadline = o.unacked.front().map(|(at, _)| *at + ACK_TIMEOUT).expect("batches are out");
                         let room = o.unacked.len() < WINDOW;
                         tokio::select! {
                             biased;
-                            ack = o.acks.message() => Event::Ack(ack),
+                            ack = o.acks.message() => {
+                                Event::Ack(ack.and_then(|a| a.ok_or_else(|| Status::unavailable("the peer ended the stream"))))
+                            }
                             _ = tokio::time::sleep_until(deadline.into()) => {
                                 Event::Ack(Err(Status::deadline_exceeded("the peer did not acknowledge a batch")))
                             }
@@ -272,30 +276,19 @@ impl PeerLink {
                 };
                 match event {
                     Event::Message(None) => break,
-                    Event::Message(Some(m)) => first = Some(Pending::Message(m)),
-                    Event::Ack(Ok(Some(_))) => {
+                    Event::Message(Some(m)) => self.take(m, &mut batch, &mut carry, &client),
+                    Event::Ack(Ok(_)) => {
                         let o = open.as_mut().expect("an ack comes on an open stream");
                         let (_, bytes) = o.unacked.pop_front().expect("an ack is for a batch that is out");
                         self.delivered(bytes, &mut failing, &to_label);
                         continue;
                     }
-                    Event::Ack(Ok(None)) => {
-                        open = None;
-                        self.failed(Status::unavailable("the peer ended the stream"), &mut failing, &mut rx).await;
-                        continue;
-                    }
                     Event::Ack(Err(status)) => {
                         open = None;
-                        self.failed(status, &mut failing, &mut rx).await;
+                        self.failed(status, &mut failing, &mut rx, &mut carry).await;
                         continue;
                     }
                 }
-            }
-            let mut batch = Batch { budget, ..Batch::default() };
-            match first {
-                Some(Pending::Raw(raw)) => batch.push(raw),
-                Some(Pending::Message(m)) => self.take(m, &mut batch, &mut carry, &client),
-                None => continue,
             }
             while batch.messages.len() < MAX_BATCH && carry.is_none() {
                 match rx.try_recv() {
@@ -318,8 +311,7 @@ impl PeerLink {
                         unary = true;
                     }
                     Err(status) => {
-                        self.failed(status, &mut failing, &mut rx).await;
-                        carry = None;
+                        self.failed(status, &mut failing, &mut rx, &mut carry).await;
                         continue;
                     }
                 }
@@ -330,8 +322,7 @@ impl PeerLink {
                     o.unacked.push_back((Instant::now(), bytes));
                 } else {
                     open = None;
-                    self.failed(Status::unavailable("the raft stream closed"), &mut failing, &mut rx).await;
-                    carry = None;
+                    self.failed(Status::unavailable("the raft stream closed"), &mut failing, &mut rx, &mut carry).await;
                 }
                 continue;
             }
@@ -339,10 +330,7 @@ impl PeerLink {
             req.set_timeout(ACK_TIMEOUT);
             match client.clone().send(req).await {
                 Ok(_) => self.delivered(bytes, &mut failing, &to_label),
-                Err(status) => {
-                    self.failed(status, &mut failing, &mut rx).await;
-                    carry = None;
-                }
+                Err(status) => self.failed(status, &mut failing, &mut rx, &mut carry).await,
             }
         }
     }
@@ -358,9 +346,16 @@ impl PeerLink {
     }
 
     /// A send failed: raft hears the peer is unreachable, and the messages
-    /// queued meanwhile, stale now, are dropped (raft resends what matters;
-    /// a dropped snapshot is reported so raft offers it again).
-    async fn failed(&self, status: Status, failing: &mut bool, rx: &mut mpsc::Receiver<Message>) {
+    /// queued meanwhile (and `carry`), stale now, are dropped (raft resends
+    /// what matters; a dropped snapshot is reported so raft offers it again).
+    async fn failed(
+        &self,
+        status: Status,
+        failing: &mut bool,
+        rx: &mut mpsc::Receiver<Message>,
+        carry: &mut Option<Vec<u8>>,
+    ) {
+        *carry = None;
         let to_label = format!("{:x}", self.to);
         self.ctx.active.down(self.to);
         if status.code() == tonic::Code::PermissionDenied && status.message() == REMOVED {
@@ -408,14 +403,8 @@ impl PeerLink {
 
 /// What the link waits on.
 enum Event {
-    Ack(Result<Option<RaftAck>, Status>),
+    Ack(Result<RaftAck, Status>),
     Message(Option<Message>),
-}
-
-/// What opens the next batch.
-enum Pending {
-    Raw(Vec<u8>),
-    Message(Message),
 }
 
 /// An open raft stream to a peer.
